@@ -1,0 +1,99 @@
+"""
+Checkpoints: one nanoGPT-style dict, written atomically, read with weights_only=True, and turned
+back into a model with its adapters. train.py writes them; sample.py (and every later reader)
+calls load_checkpoint + build_model.
+
+    {"format": FORMAT, "model": state_dict, "optimizer": state_dict, "model_type": "gpt",
+     "model_args": {...}, "iter_num": int, "best_val_loss": float, "config": {...},
+     "adapter": {"kind": "lora", "targets": [...], "settings": {...}, "train_embeddings": False},
+     "rng": {"torch": ByteTensor, "batches": ByteTensor}}
+
+The adapter-only file (adapter.pt) holds "format", "adapter", "model_type", "model_args", "base"
+(where the frozen weights came from) and "state" (adapters.adapter_state_dict).
+"""
+
+import os
+
+import torch
+
+from adapters import inject_adapters, load_adapter_state_dict
+from model import MODELS, GPTConfig
+
+FORMAT = "lowrank-gpt/1"
+NO_ADAPTER = {"kind": "none", "targets": [], "settings": {}, "train_embeddings": False}
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or foreign checkpoint; the message names the file and what is wrong."""
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file beside `path`, fsync, then rename: a crash leaves the old file whole."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or an out_dir holding ckpt.pt."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = checkpoint_path(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or fix the path")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): "
+                              f"{type(e).__name__}: {first_line}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a checkpoint of this repo or nanoGPT (found {keys}; expected "
+                              "'model' and 'model_args')")
+    if "format" not in ckpt:  # a nanoGPT checkpoint: plain GPT, maybe saved from a compiled model
+        ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+        ckpt.setdefault("model_type", "gpt")
+    elif ckpt["format"] != FORMAT:
+        raise CheckpointError(f"{path} has format {ckpt['format']!r}; this code reads {FORMAT!r}")
+    ckpt.setdefault("adapter", dict(NO_ADAPTER))
+    return ckpt
+
+
+def build_model(ckpt, load_weights=True):
+    """The model a checkpoint describes, adapters injected, weights loaded (on the CPU)."""
+    model_type = ckpt.get("model_type", "gpt")
+    if model_type not in MODELS:
+        raise CheckpointError(f"checkpoint model_type {model_type!r} is unknown; known: {sorted(MODELS)}")
+    model = MODELS[model_type](GPTConfig(**ckpt["model_args"]))
+    info = ckpt["adapter"]
+    if info["kind"] != "none":
+        inject_adapters(model, info["kind"], targets=info["targets"], train_embeddings=info["train_embeddings"],
+                        **info["settings"])
+    if load_weights:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint weights do not fit the model it describes: {str(e)[:300]}") from None
+    return model
+
+
+def load_adapter(model, path):
+    """Load an adapter.pt into a model that already has the same adapters injected."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable adapter file: {type(e).__name__}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state" not in blob:
+        raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state')")
+    load_adapter_state_dict(model, blob["state"])
+    return blob

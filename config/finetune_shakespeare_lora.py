@@ -1,0 +1,21 @@
+# LoRA on the baby GPT trained by config/train_shakespeare_char.py (its weights become the frozen base)
+# python train.py config/finetune_shakespeare_lora.py
+out_dir = "out-shakespeare-lora"
+init_from = "out-shakespeare-char"
+adapter = "lora"
+lora_rank = 8
+lora_alpha = 16.0
+eval_interval = 100
+eval_iters = 20
+log_interval = 25
+always_save_checkpoint = False
+dataset = "shakespeare_char"
+batch_size = 32
+block_size = 128
+dropout = 0.0
+learning_rate = 2e-3
+weight_decay = 0.0
+max_iters = 300
+lr_decay_iters = 300
+warmup_iters = 20
+min_lr = 2e-4

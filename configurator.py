@@ -1,0 +1,91 @@
+"""
+Configuration for every script, nanoGPT style but checked: defaults are a script's plain globals,
+then a config file (`python train.py config/finetune_lora.py`), then the environment variables that
+users already know (USE_LORA=True, LORA_RANK=...), then `--key=value` overrides.
+
+    config = configure(defaults, sys.argv[1:])   # a dict with the same keys as `defaults`
+
+An unknown key, a value of the wrong type or a missing config file raises ConfigError with a
+one-line message. An int may stand for a float (`--dropout=0`), never the other way round.
+"""
+
+import ast
+import os
+
+# environment variable -> config key. USE_LORA=True selects the adapter; TEST_MODE=True asks the
+# script for a tiny fast run (each script decides what that shrinks).
+ENV_KEYS = {"LORA_RANK": "lora_rank", "LORA_ALPHA": "lora_alpha", "LORA_DROPOUT": "lora_dropout",
+            "TEST_MODE": "test_mode"}
+
+
+class ConfigError(ValueError):
+    """A bad key, value or config file; the message names it and says the fix."""
+
+
+def _typed(key, value, default, source):
+    """Check `value` (already a Python object) against the type of the default."""
+    want = type(default)
+    if default is None or isinstance(value, want) and not (isinstance(value, bool) and want is not bool):
+        return value
+    if want is float and type(value) is int:
+        return float(value)
+    raise ConfigError(f"{source}: {key} must be {want.__name__} (like {default!r}), got {value!r}")
+
+
+def _parse(text, default=None):
+    """A command-line or environment string as a Python literal; anything else is a plain string.
+    A string key keeps the text as it is (a prompt of '42' stays '42'); a bool key takes 1/0/true/false."""
+    if isinstance(default, bool) and text.lower() in ("1", "0", "true", "false"):
+        return text.lower() in ("1", "true")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return text if isinstance(default, str) and not isinstance(value, str) else value
+
+
+def configure(defaults, argv, environ=None, test_overrides=None):
+    """defaults <- config files in argv <- environment <- --key=value in argv. With TEST_MODE=True (or
+    test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides."""
+    config = dict(defaults)
+    environ = os.environ if environ is None else environ
+    overrides = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")  # split on the first '=' only
+            if not eq:
+                raise ConfigError(f"argument {arg!r}: write --{key}=VALUE")
+            if key not in config:
+                raise ConfigError(f"unknown config key {key!r} in {arg!r}; known keys: {', '.join(sorted(config))}")
+            overrides[key] = _typed(key, _parse(text, defaults[key]), defaults[key], f"--{key}")
+        elif "=" in arg:
+            raise ConfigError(f"argument {arg!r}: overrides are written --key=value")
+        else:
+            config.update(_read_config_file(arg, defaults))
+
+    use_lora = _typed("USE_LORA", _parse(environ.get("USE_LORA", "False"), False), False, "environment variable")
+    if use_lora and "adapter" in config:
+        config["adapter"] = "lora"
+    for var, key in ENV_KEYS.items():
+        if var in environ and key in config:
+            config[key] = _typed(key, _parse(environ[var], defaults[key]), defaults[key], f"environment variable {var}")
+    if overrides.get("test_mode", config.get("test_mode")):
+        config.update(test_overrides or {})
+    config.update(overrides)
+    return config
+
+
+def _read_config_file(path, defaults):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (configs live in config/)")
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    values = {}
+    for key, value in scope.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        if key not in defaults:
+            raise ConfigError(f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+        values[key] = _typed(key, value, defaults[key], path)
+    return values

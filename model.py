@@ -1,0 +1,328 @@
+"""
+The language models: nanoGPT's GPT (loads OpenAI GPT-2 weights) and the small 'bigram' model
+of the seed design (separate key / query / value Linears). Knows nothing of adapters: those are
+injected by module name afterwards (adapters.py).
+
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65))
+    model = GPT.from_pretrained('gpt2')              # or a local folder with config.json + model.safetensors
+    logits, loss = model(idx, targets)               # idx (B, T) int64
+    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1 style configs)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def causal_attention(q, k, v, n_head, dropout, training):
+    """(B, T, C) q, k, v -> (B, T, C) causal multi-head attention through SDPA (flash on GPUs)."""
+    B, T, C = q.shape
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+    return y.transpose(1, 2).contiguous().view(B, T, C)
+
+
+# -----------------------------------------------------------------------------
+# shared by both models: optimizer groups, FLOPs, sampling
+
+
+class LanguageModel(nn.Module):
+    """What train.py and sample.py need of a model: forward(idx, targets) -> (logits, loss) and these."""
+
+    config: GPTConfig
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; position embeddings are subtracted (token embeddings are tied to the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.position_embedding().weight.numel()
+        return n
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # only trainable parameters: with adapters injected this is the adapter and nothing else.
+        params = [p for p in self.parameters() if p.requires_grad]
+        # matrices decay, vectors (biases, norms, gates) do not
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation against `peak_flops` (A100 bf16 by default). PaLM appendix B."""
+        cfg = self.config
+        N = self.get_num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens, sampling one at a time."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    def crop_block_size(self, block_size):
+        """Model surgery to use a smaller context than the one trained with (e.g. GPT-2's 1024)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        wpe = self.position_embedding()
+        wpe.weight = nn.Parameter(wpe.weight[:block_size])
+        wpe.num_embeddings = block_size
+
+    def _lm_output(self, x, targets):
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        # inference: only the last position's logits are needed (list index keeps the time dim)
+        return self.lm_head(x[:, [-1], :]), None
+
+
+# -----------------------------------------------------------------------------
+# GPT (nanoGPT layout: names match OpenAI's GPT-2 checkpoints)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v fused
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout = config.n_head, config.dropout
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
+        y = causal_attention(q, k, v, self.n_head, self.dropout, self.training)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(LanguageModel):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(_init_weights)
+        # scaled init of the residual projections, GPT-2 paper
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def position_embedding(self):
+        return self.transformer.wpe
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"sequence of length {t} > block_size {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
+        for block in self.transformer.h:
+            x = block(x)
+        return self._lm_output(self.transformer.ln_f(x), targets)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a
+        local folder in the same format (config.json + model.safetensors)."""
+        override_args = override_args or {}
+        assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
+        if os.path.isdir(name_or_path):
+            with open(os.path.join(name_or_path, "config.json")) as f:
+                hf = json.load(f)
+            weights = os.path.join(name_or_path, "model.safetensors")
+            args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+        elif name_or_path in GPT2_SIZES:
+            from huggingface_hub import hf_hub_download  # only needed for the download
+
+            weights = hf_hub_download(repo_id=f"openai-community/{name_or_path}", filename="model.safetensors")
+            args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024)
+        else:
+            raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
+                             "or a folder holding config.json and model.safetensors")
+        from safetensors.torch import load_file
+
+        args.update(bias=True, **override_args)  # GPT-2 checkpoints always have biases
+        model = cls(GPTConfig(**args))
+        model.load_state_dict(convert_hf_gpt2_state_dict(load_file(weights)), strict=False)
+        return model
+
+
+# (n_layer, n_head, n_embd) of the OpenAI checkpoints: 124M, 350M, 774M, 1558M parameters
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+# OpenAI's checkpoints use a Conv1D module whose weight is (in, out): transpose these once on load
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def convert_hf_gpt2_state_dict(sd):
+    """Hugging Face GPT-2 keys and layout -> this file's GPT. The head is tied to wte, so not loaded."""
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; the tied head
+        out["transformer." + k] = v.t().contiguous() if k.endswith(_CONV1D) else v
+    return out
+
+
+def _init_weights(module):
+    if isinstance(module, nn.Linear):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+# -----------------------------------------------------------------------------
+# the seed design's small language model: separate key / query / value Linears, ReLU MLP
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.key = nn.Linear(C, C, bias=config.bias)
+        self.query = nn.Linear(C, C, bias=config.bias)
+        self.value = nn.Linear(C, C, bias=config.bias)
+        self.proj = nn.Linear(C, C, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.n_head, self.p = config.n_head, config.dropout
+
+    def forward(self, x):
+        y = causal_attention(self.query(x), self.key(x), self.value(x), self.n_head, self.p, self.training)
+        return self.dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc2 = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.relu(self.fc1(x))))
+
+
+class BigramBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.sa = MultiHeadAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ffwd = FeedForward(config)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        return x + self.ffwd(self.ln2(x))
+
+
+class BigramLanguageModel(LanguageModel):
+    """Token + position embeddings, blocks, LM head (untied). Same config and interface as GPT."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList([BigramBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.apply(_init_weights)
+
+    def position_embedding(self):
+        return self.position_embedding_table
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"sequence of length {t} > block_size {self.config.block_size}"
+        pos = torch.arange(t, device=idx.device)
+        x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (b, t, n_embd)
+        for block in self.blocks:
+            x = block(x)
+        return self._lm_output(self.ln_f(x), targets)
+
+
+MODELS = {"gpt": GPT, "bigram": BigramLanguageModel}

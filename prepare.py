@@ -1,0 +1,191 @@
+"""
+Datasets to token files, nanoGPT-compatible: data/<name>/train.bin and val.bin (uint16 token ids)
+and meta.json (vocabulary and tokenizer; JSON, not pickle).
+
+    python prepare.py shakespeare_char                 # characters (65 symbols), downloads the text
+    python prepare.py shakespeare                      # GPT-2 BPE through tiktoken
+    python prepare.py openwebtext --num_proc=8         # Hugging Face datasets, tokenised in parallel
+    python prepare.py shakespeare_char --input=PATH    # any local text file instead of the download
+    python prepare.py openwebtext --input=DIR_OR_FILE  # local .txt / .json(l) / .parquet files
+    options: --out_dir=data/<name> --val_fraction=0.1 (0.0005 for openwebtext) --num_proc=N
+
+Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tried first, then
+`r50k_base`, which has the same ranks and <|endoftext|> id.
+"""
+
+import json
+import os
+import sys
+import urllib.request
+
+import numpy as np
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+EOT = 50256  # GPT-2's <|endoftext|>: separates documents
+
+
+def gpt2_encoding():
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # offline: gpt2's files cannot be fetched; r50k_base is the same encoding
+        try:
+            return tiktoken.get_encoding("r50k_base")
+        except Exception as e:
+            raise RuntimeError("cannot load the GPT-2 tokenizer offline: point TIKTOKEN_CACHE_DIR at a folder "
+                               f"holding tiktoken's cached ranks ({e})") from None
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for a dataset's meta.json contents; None means GPT-2 BPE."""
+    if meta and meta.get("tokenizer") == "char":
+        stoi, itos = meta["stoi"], {int(i): ch for i, ch in meta["itos"].items()}
+        unknown = lambda s: sorted({c for c in s if c not in stoi})  # noqa: E731
+
+        def encode(s):
+            if unknown(s):
+                raise ValueError(f"characters {unknown(s)} are not in the vocabulary of this dataset")
+            return [stoi[c] for c in s]
+
+        return encode, lambda ids: "".join(itos[i] for i in ids)
+    enc = gpt2_encoding()
+    return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_split(ids, out_dir, val_fraction):
+    """First (1 - val_fraction) of the stream to train.bin, the rest to val.bin, as nanoGPT does."""
+    ids = np.asarray(ids, dtype=np.uint16)
+    n = int(len(ids) * (1 - val_fraction))
+    for split, part in (("train", ids[:n]), ("val", ids[n:])):
+        atomic_write(os.path.join(out_dir, f"{split}.bin"), part.tofile)
+        print(f"{split}.bin: {len(part):,} tokens")
+
+
+def atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_meta(out_dir, meta):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    atomic_write(os.path.join(out_dir, "meta.json"), write)
+
+
+def read_shakespeare(input_path, out_dir):
+    """The local file if given; else out_dir/input.txt, downloaded once."""
+    if input_path:
+        if not os.path.isfile(input_path):
+            raise FileNotFoundError(f"--input {input_path!r} is not a file")
+        path = input_path
+    else:
+        path = os.path.join(out_dir, "input.txt")
+        if not os.path.exists(path):
+            print(f"downloading {SHAKESPEARE_URL}")
+            atomic_write(path, lambda tmp: urllib.request.urlretrieve(SHAKESPEARE_URL, tmp))
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1):
+    text = read_shakespeare(input_path, out_dir)
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    print(f"{len(text):,} characters, vocabulary of {len(chars)}")
+    write_split([stoi[c] for c in text], out_dir, val_fraction)
+    write_meta(out_dir, {"tokenizer": "char", "vocab_size": len(chars), "stoi": stoi,
+                         "itos": {i: ch for i, ch in enumerate(chars)}})
+
+
+def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1):
+    text = read_shakespeare(input_path, out_dir)
+    ids = gpt2_encoding().encode_ordinary(text)
+    print(f"{len(text):,} characters, {len(ids):,} GPT-2 tokens")
+    write_split(ids, out_dir, val_fraction)
+    write_meta(out_dir, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT})
+
+
+def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="openwebtext"):
+    """A Hugging Face text dataset, one document per row: BPE in parallel, <|endoftext|> after each
+    document, written to a memmap in shards with a progress bar (nanoGPT's openwebtext/prepare.py)."""
+    from datasets import load_dataset
+    from tqdm import tqdm
+
+    if input_path:  # local files: a .txt holds one document per line
+        files = [os.path.join(input_path, f) for f in sorted(os.listdir(input_path))] if os.path.isdir(input_path) else [input_path]
+        if not files:
+            raise FileNotFoundError(f"--input {input_path!r} holds no files")
+        ext = os.path.splitext(files[0])[1].lstrip(".")
+        builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        ds = load_dataset(builder, data_files=files, split="train")
+    else:
+        ds = load_dataset(name, split="train", num_proc=num_proc, trust_remote_code=True)
+    split = ds.train_test_split(test_size=val_fraction, seed=2357, shuffle=True)
+    enc = gpt2_encoding()
+
+    def tokenize(example):
+        ids = enc.encode_ordinary(example["text"]) + [EOT]
+        return {"ids": ids, "len": len(ids)}
+
+    for split_name, dset in (("train", split["train"]), ("val", split["test"])):
+        tok = dset.map(tokenize, remove_columns=dset.column_names, desc=f"tokenizing {split_name}",
+                       num_proc=min(num_proc, max(1, len(dset) // 64)))
+        total = int(np.sum(tok["len"], dtype=np.uint64))
+        path = os.path.join(out_dir, f"{split_name}.bin")
+        arr = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(total,))
+        shards, idx = min(1024, len(tok)), 0
+        for i in tqdm(range(shards), desc=f"writing {path}"):
+            batch = tok.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
+            ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
+            arr[idx : idx + len(ids)] = ids
+            idx += len(ids)
+        arr.flush()
+        del arr
+        os.replace(path + ".tmp", path)
+        print(f"{split_name}.bin: {total:,} tokens in {len(tok):,} documents")
+    write_meta(out_dir, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT})
+
+
+DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf}
+
+
+def main(argv):
+    if not argv or argv[0] not in DATASETS:
+        raise SystemExit(f"usage: python prepare.py {{{'|'.join(DATASETS)}}} [--input=PATH] [--out_dir=DIR] "
+                         "[--val_fraction=F] [--num_proc=N]")
+    name, opts = argv[0], {}
+    for arg in argv[1:]:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in ("input", "out_dir", "val_fraction", "num_proc"):
+            raise SystemExit(f"unknown option {arg!r}; options: --input=PATH --out_dir=DIR --val_fraction=F --num_proc=N")
+        opts[key] = value
+    out_dir = opts.pop("out_dir", os.path.join("data", name))
+    os.makedirs(out_dir, exist_ok=True)
+    kwargs = {"input_path": opts.get("input")}
+    if "val_fraction" in opts:
+        kwargs["val_fraction"] = float(opts["val_fraction"])
+    if "num_proc" in opts:
+        if name != "openwebtext":
+            raise SystemExit("--num_proc applies to openwebtext only")
+        kwargs["num_proc"] = int(opts["num_proc"])
+    DATASETS[name](out_dir, **kwargs)
+    print(f"wrote {out_dir}/train.bin, val.bin, meta.json")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")

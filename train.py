@@ -1,0 +1,416 @@
+"""
+One training loop for every model and adapter: pretraining, full fine-tuning, LoRA. Single process
+or DDP. Config: the globals below, then a config file, then environment variables (USE_LORA=True,
+LORA_RANK, LORA_ALPHA, LORA_DROPOUT, TEST_MODE=True), then --key=value.
+
+    python prepare.py shakespeare_char
+    python train.py config/train_shakespeare_char.py --device=cpu          # pretrain the baby GPT
+    python train.py config/finetune_shakespeare_lora.py --device=cpu       # LoRA on top of it
+    USE_LORA=True LORA_RANK=4 python train.py config/finetune_shakespeare_lora.py --device=cpu
+    TEST_MODE=True python train.py --device=cpu                            # a tiny run, seconds
+    python train.py config/finetune_shakespeare_lora.py --init_from=resume # continue where it stopped
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py --device=cpu
+    torchrun --standalone --nproc_per_node=8 train.py config/finetune_gpt2_lora.py   # 8 GPUs
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from adapters import ADAPTERS, AdapterError, adapter_state_dict, count_params, inject_adapters, merge_adapters
+from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
+from configurator import ConfigError, configure
+from model import GPT, MODELS, GPTConfig
+from prepare import read_meta
+
+# -----------------------------------------------------------------------------
+# defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
+out_dir = "out"
+eval_interval = 250
+log_interval = 10
+eval_iters = 200
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # else only when val improves
+overwrite = False  # allow a new run to replace the checkpoint already in out_dir
+init_from = "scratch"  # 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | path to a checkpoint file or an out_dir
+wandb_log = False  # WANDB_MODE=offline works without internet
+wandb_project = "lowrank-gpt"
+wandb_run_name = "run"
+# data
+dataset = "shakespeare_char"
+data_dir = ""  # '' = data/<dataset>
+gradient_accumulation_steps = 1  # micro-batches per step, over all processes
+batch_size = 64
+block_size = 256
+# model (ignored when init_from loads one)
+model_type = "gpt"  # 'gpt' | 'bigram'
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+bias = False
+# adapter
+adapter = "none"  # 'none' | 'lora'
+lora_rank = 8
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = ""  # comma-separated module-name patterns; '' = adapters.DEFAULT_TARGETS
+use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
+train_embeddings = False  # also train the token / position embeddings
+# AdamW
+learning_rate = 1e-3
+max_iters = 5000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0  # 0 disables
+# learning-rate schedule: linear warmup, cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 1e-4
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or 'float16'
+compile = False  # torch.compile the model (worth it on a GPU)
+backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
+seed = 1337
+test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
+                 n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
+ADAPTER_KINDS = ("none", *ADAPTERS)
+
+
+class DataError(FileNotFoundError):
+    """The data directory or its files are missing."""
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def adapter_settings(c):
+    """The adapter layer's keyword arguments, from the flat config keys."""
+    settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"])
+    if c["adapter"] == "lora":
+        settings["use_rslora"] = c["use_rslora"]
+    return settings
+
+
+def check_config(c):
+    if c["adapter"] not in ADAPTER_KINDS:
+        raise ConfigError(f"adapter must be one of {ADAPTER_KINDS}, got {c['adapter']!r}")
+    if c["model_type"] not in MODELS:
+        raise ConfigError(f"model_type must be one of {sorted(MODELS)}, got {c['model_type']!r}")
+    if c["dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
+    for key in ("max_iters", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
+                "eval_interval"):
+        if c[key] < (0 if key == "max_iters" else 1):
+            raise ConfigError(f"{key} must be positive, got {c[key]}")
+
+
+def open_data(c):
+    path = c["data_dir"] or os.path.join("data", c["dataset"])
+    for f in ("train.bin", "val.bin"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise DataError(f"data directory {path!r} has no {f}; run `python prepare.py {c['dataset']}` "
+                            "(or set --data_dir)")
+    # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
+    return path, read_meta(path)
+
+
+def get_batch(data_dir, split, ix, block_size, device):
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def num_tokens(data_dir, split):
+    return os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2
+
+
+def get_lr(it, c):
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if not c["decay_lr"]:
+        return c["learning_rate"]
+    if it < c["warmup_iters"]:
+        return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
+    if it > c["lr_decay_iters"]:
+        return c["min_lr"]
+    ratio = (it - c["warmup_iters"]) / max(1, c["lr_decay_iters"] - c["warmup_iters"])
+    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
+
+
+def load_base(c, meta):
+    """The model before any new adapter: from scratch, GPT-2, or another run's checkpoint (whose own
+    adapters, if any, are merged first: its weights become the frozen base)."""
+    source = c["init_from"]
+    if source == "scratch":
+        vocab = meta["vocab_size"] if meta else 50304
+        args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                    bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
+        return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
+    if source.startswith("gpt2"):
+        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"
+    if not os.path.exists(source):
+        raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
+    ckpt = load_checkpoint(source)
+    ckpt["model_args"]["dropout"] = c["dropout"]
+    return merge_adapters(build_model(ckpt)), ckpt["model_type"]
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+
+
+def train(argv=(), environ=None):
+    """Run training; returns the final {'iter', 'train_loss', 'val_loss', ...} metrics of rank 0."""
+    c = configure(DEFAULTS, list(argv), environ, test_overrides=TEST_MODE)
+    check_config(c)
+
+    # distributed set-up: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = c["device"]
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=c["backend"] or ("nccl" if device.startswith("cuda") else "gloo"))
+    try:
+        return _train(c, device, ddp, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(c, device, ddp, rank, world):
+    master = rank == 0
+    if c["gradient_accumulation_steps"] % world:
+        raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of "
+                          f"the {world} processes (it counts micro-batches over all of them)")
+    accum = c["gradient_accumulation_steps"] // world  # micro-batches per process per step
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
+    autocast = nullcontext() if device_type == "cpu" or ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    data_dir, meta = open_data(c)
+    out_dir = c["out_dir"]
+    ckpt_file = os.path.join(out_dir, "ckpt.pt")
+    metrics_file = os.path.join(out_dir, "metrics.jsonl")
+    resume = c["init_from"] == "resume"
+    if not resume and not c["overwrite"] and any(map(os.path.exists, (ckpt_file, metrics_file))):
+        raise ConfigError(f"{out_dir!r} already holds a run; continue it with --init_from=resume, choose "
+                          "another --out_dir, or pass --overwrite=True to replace it")
+
+    # the model: every process builds the same one (same seed), DDP then checks they agree
+    torch.manual_seed(c["seed"])
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_file)
+        saved = ckpt["adapter"]["kind"]
+        if saved != c["adapter"]:
+            raise CheckpointError(f"{ckpt_file} was trained with adapter={saved!r} but this run asks for "
+                                  f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
+        ckpt["model_args"]["dropout"] = c["dropout"]
+        model, model_type, info = build_model(ckpt), ckpt["model_type"], ckpt["adapter"]
+    else:
+        model, model_type = load_base(c, meta)
+        if meta and meta["vocab_size"] > model.config.vocab_size:
+            raise ConfigError(f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
+                              f"{model.config.vocab_size}: use a dataset with this model's tokenizer")
+        if c["block_size"] < model.config.block_size:
+            model.crop_block_size(c["block_size"])
+        info = dict(NO_ADAPTER)
+        if c["adapter"] != "none":
+            if c["init_from"] == "scratch" and master:
+                print("note: adapters on a randomly initialised frozen base (the SubLoRA setting); set "
+                      "init_from to fine-tune a trained model")
+            targets = [t.strip() for t in c["lora_targets"].split(",") if t.strip()] or None
+            settings = adapter_settings(c)
+            names = inject_adapters(model, c["adapter"], targets, c["train_embeddings"], **settings)
+            info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
+    if c["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size {c['block_size']} exceeds the model's context {model.config.block_size}")
+    model.to(device)
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    trainable, total = count_params(model)
+    torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not (below)
+
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
+    # training batches: one generator, the same on every process, drawing all micro-batches of a
+    # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
+    batches = torch.Generator().manual_seed(c["seed"])
+    iter_num, best_val_loss = 0, 1e9
+    if resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        batches.set_state(ckpt["rng"]["batches"])
+        if master:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+    ckpt = None  # free memory
+
+    raw_model = model
+    if c["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(metrics_file):
+            os.remove(metrics_file)  # --overwrite=True was given
+        print(f"model {model_type} {model_args}")
+        print(f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {trainable:,} of "
+              f"{total:,} parameters ({100 * trainable / total:.3f}%)")
+        print(f"{world} process(es), {accum} micro-batch(es) each; {tokens_per_iter:,} tokens per iteration")
+    wandb = None
+    if c["wandb_log"] and master:
+        import wandb  # noqa: F811
+
+        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c, resume="allow")
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared
+        among the processes."""
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(c["seed"] + 1)
+            n = num_tokens(data_dir, split) - c["block_size"]
+            ix = torch.randint(n, (c["eval_iters"], c["batch_size"]), generator=gen)
+            total_loss = torch.zeros(2, device=device)
+            for k in range(rank, c["eval_iters"], world):
+                X, Y = get_batch(data_dir, split, ix[k], c["block_size"], device)
+                with autocast:
+                    _, loss = model(X, Y)
+                total_loss += torch.stack([loss.float(), torch.ones((), device=device)])
+            if ddp:
+                dist.all_reduce(total_loss)
+            out[split] = (total_loss[0] / total_loss[1]).item()
+        model.train()
+        return out
+
+    def save_checkpoint():
+        ckpt = {"format": FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_type": model_type, "model_args": model_args, "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "config": c, "adapter": info,
+                "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()}}
+        save_atomic(ckpt, ckpt_file)
+        if info["kind"] != "none":
+            blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
+                    "base": c["init_from"], "state": adapter_state_dict(raw_model)}
+            save_atomic(blob, os.path.join(out_dir, "adapter.pt"))
+
+    def log(row):
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if wandb:
+            wandb.log(row, step=row["iter"])
+
+    n_train = num_tokens(data_dir, "train") - c["block_size"]
+    if n_train <= 0:
+        raise DataError(f"{data_dir}/train.bin is shorter than block_size {c['block_size']}")
+    model.train()
+    start_iter, t_start, dt_avg, last = iter_num, time.time(), None, {}
+    while True:
+        lr = get_lr(iter_num, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        row = None
+        first_of_resume = resume and iter_num == start_iter
+        evaluate = (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
+        if evaluate:
+            losses = estimate_loss()
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                row = dict(iter=iter_num, train_loss=None, val_loss=losses["val"], eval_train_loss=losses["train"],
+                           lr=lr, tokens_per_s=None, trainable_params=trainable)
+                improved = losses["val"] < best_val_loss
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0 and (improved or c["always_save_checkpoint"]):
+                    save_checkpoint()
+                    print(f"saved {ckpt_file}")
+        if c["eval_only"] or iter_num >= c["max_iters"]:
+            if row:
+                log(row)
+                last = row
+            break
+
+        # one optimizer step over `accum` micro-batches
+        t0 = time.time()
+        ix = torch.randint(n_train, (c["gradient_accumulation_steps"], c["batch_size"]), generator=batches)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            X, Y = get_batch(data_dir, "train", ix[rank * accum + micro_step], c["block_size"], device)
+            if ddp:  # all-reduce gradients only at the last micro-step
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with autocast:
+                _, loss = model(X, Y)
+            scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float()
+        if c["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        if iter_num % c["log_interval"] == 0 or evaluate:  # the same on every process
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            lossf = loss_sum.item() / accum  # mean over all micro-batches of the step (a sync point)
+            dt = time.time() - t0
+            if iter_num > start_iter:  # the first step pays for compilation and warm-up
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            if master:
+                eta = format_eta((c["max_iters"] - iter_num) * (dt_avg or dt))
+                print(f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta}")
+                row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
+                           trainable_params=trainable)
+                row.setdefault("val_loss", None)
+                log(row)
+                last = row
+        iter_num += 1
+
+    if master:
+        print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}; "
+              f"best val loss {best_val_loss:.4f}")
+    if wandb:
+        wandb.finish()
+    return last
+
+
+def main():
+    try:
+        train(sys.argv[1:])
+    except (ConfigError, AdapterError, CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
