@@ -195,7 +195,8 @@ def mark_trainable(model, train_embeddings=False):
         if isinstance(m, AdapterLinear):
             for n, p in m.named_parameters():
                 p.requires_grad_(not n.startswith("base."))
-        elif train_embeddings and isinstance(m, nn.Embedding):
+    for m in model.modules():  # after the adapters: a head tied to the embedding trains with it
+        if train_embeddings and isinstance(m, nn.Embedding):
             m.weight.requires_grad_(True)
 
 

@@ -40,7 +40,7 @@ eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # else only when val improves
 overwrite = False  # allow a new run to replace the checkpoint already in out_dir
-init_from = "scratch"  # 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | path to a checkpoint file or an out_dir
+init_from = "scratch"  # 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | a checkpoint file, out_dir or GPT-2 folder
 wandb_log = False  # WANDB_MODE=offline works without internet
 wandb_project = "lowrank-gpt"
 wandb_run_name = "run"
@@ -163,8 +163,8 @@ def load_base(c, meta):
         args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                     bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
-    if source.startswith("gpt2"):
-        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"
+    if source.startswith("gpt2") or os.path.isfile(os.path.join(source, "model.safetensors")):
+        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
     if not os.path.exists(source):
         raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
     ckpt = load_checkpoint(source)
@@ -348,7 +348,7 @@ def _train(c, device, ddp, rank, world):
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 row = dict(iter=iter_num, train_loss=None, val_loss=losses["val"], eval_train_loss=losses["train"],
-                           lr=lr, tokens_per_s=None, trainable_params=trainable)
+                           lr=lr, tokens_per_s=None, trainable_params=trainable, total_params=total)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or c["always_save_checkpoint"]):
@@ -391,7 +391,7 @@ def _train(c, device, ddp, rank, world):
                 print(f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta}")
                 row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
-                           trainable_params=trainable)
+                           trainable_params=trainable, total_params=total)
                 row.setdefault("val_loss", None)
                 log(row)
                 last = row
@@ -403,6 +403,23 @@ def _train(c, device, ddp, rank, world):
     if wandb:
         wandb.finish()
     return last
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def report(out_dirs):
+    """One line per run: val loss at its first and last eval, trainable fraction, speed."""
+    print(f"{'run':<28} {'iters':>6} {'val first':>10} {'val last':>9} {'trainable':>22} {'tok/s':>8}")
+    for d in out_dirs:
+        rows = read_metrics(d)
+        evals = [r for r in rows if r["val_loss"] is not None]
+        speed = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+        frac = f"{rows[-1]['trainable_params']:,} ({100 * rows[-1]['trainable_params'] / rows[-1]['total_params']:.2f}%)"
+        print(f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
+              f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}")
 
 
 def main():

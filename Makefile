@@ -1,0 +1,33 @@
+# make demo: install, prepare Tiny Shakespeare, pretrain a baby GPT, LoRA-fine-tune it, sample
+# make test: install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# offline machines: the repo's shared folder holds Tiny Shakespeare and tiktoken's GPT-2 ranks
+SHAKESPEARE := $(wildcard ../shared/data/tinyshakespeare/input.txt)
+ifneq ($(wildcard ../shared/tiktoken_cache),)
+export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken_cache)
+endif
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test clean
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+data/shakespeare_char/train.bin: | install
+	$(PY) prepare.py shakespeare_char $(if $(SHAKESPEARE),--input=$(SHAKESPEARE))
+
+demo: install data/shakespeare_char/train.bin
+	$(PY) train.py config/train_shakespeare_char.py --out_dir=out-demo-base --overwrite=True
+	$(PY) train.py config/finetune_shakespeare_lora.py --init_from=out-demo-base --out_dir=out-demo-lora --overwrite=True
+	$(PY) sample.py --out_dir=out-demo-lora --merge=True --num_samples=1 --max_new_tokens=300 --start="ROMEO:"
+	$(PY) -c "import train; train.report(['out-demo-base', 'out-demo-lora'])"
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf out-demo-base out-demo-lora .pytest_cache

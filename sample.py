@@ -1,0 +1,79 @@
+"""
+Text from a checkpoint (a base model or one with adapters) or from OpenAI's GPT-2.
+
+    python sample.py --out_dir=out-shakespeare-lora                      # adapters applied unmerged
+    python sample.py --out_dir=out-shakespeare-lora --merge=True         # merged into W first: plain model
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --temperature=0.8 --top_k=50
+    python sample.py --init_from=gpt2 --start="Hello, I'm a language model," --device=cpu
+"""
+
+import os
+import sys
+
+import torch
+
+from adapters import AdapterError, merge_adapters
+from checkpoint import CheckpointError, build_model, load_checkpoint
+from configurator import ConfigError, configure
+from model import GPT
+from prepare import load_tokenizer, read_meta
+
+init_from = "resume"  # 'resume' (the checkpoint in out_dir) or a gpt2 name
+out_dir = "out"  # an out_dir or a checkpoint file
+start = "\n"  # the prompt, or FILE:path to read it from a file
+num_samples = 2
+max_new_tokens = 500
+temperature = 0.8  # < 1 sharper, > 1 more random
+top_k = 200  # keep the top_k most likely tokens; 0 keeps all
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+merge = False  # fold the adapters into the base weights before sampling
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def sample(argv=(), environ=None):
+    """Returns the list of generated texts (prompt included) and prints them."""
+    c = configure(DEFAULTS, list(argv), environ)
+    if c["init_from"] == "resume":
+        ckpt = load_checkpoint(c["out_dir"])
+        model = build_model(ckpt)
+        cfg = ckpt.get("config", {})
+        meta = read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
+        if meta is None and ckpt["model_args"]["vocab_size"] < 50257:
+            raise CheckpointError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
+                                  f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it")
+        del ckpt
+    elif c["init_from"].startswith("gpt2"):
+        model, meta = GPT.from_pretrained(c["init_from"]), None
+    else:
+        raise ConfigError(f"init_from must be 'resume' or a gpt2 name, got {c['init_from']!r}")
+    if c["merge"]:
+        merge_adapters(model)
+    model.eval().to(c["device"])
+    encode, decode = load_tokenizer(meta)
+
+    prompt = c["start"]
+    if prompt.startswith("FILE:"):
+        with open(prompt[5:], encoding="utf-8") as f:
+            prompt = f.read()
+    ids = encode(prompt)
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenisation; give --start")
+    x = torch.tensor(ids, dtype=torch.long, device=c["device"])[None, ...]
+    gen = torch.Generator(device=c["device"]).manual_seed(c["seed"])
+    texts = []
+    for _ in range(c["num_samples"]):
+        y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"] or None,
+                           generator=gen)
+        texts.append(decode(y[0].tolist()))
+        print(texts[-1])
+        print("---------------")
+    return texts
+
+
+if __name__ == "__main__":
+    try:
+        sample(sys.argv[1:])
+    except (ConfigError, AdapterError, CheckpointError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")

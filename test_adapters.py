@@ -1,0 +1,223 @@
+"""
+LoRA layer, injection, counting, adapter-only state and merge, on tiny models of both layouts.
+
+    python -m pytest -q test_adapters.py
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adapters import (AdapterError, LoRALinear, adapter_layers, adapter_state_dict, count_params, find_targets,
+                      inject_adapters, load_adapter_state_dict, merge_adapters)
+from model import MODELS, GPTConfig
+
+CFG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0, bias=True)
+
+
+def tiny(model_type, seed=0):
+    torch.manual_seed(seed)
+    return MODELS[model_type](GPTConfig(**CFG))
+
+
+def tokens(seed=1, B=3, T=16):
+    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_adapters(model, seed=2):
+    """B = 0 at init makes merge trivially right; give every B non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in adapter_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def logits(model, idx):
+    model.eval()
+    return model(idx, idx)[0]  # targets given: logits at every position
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_output_equals_base_at_init(model_type):
+    base = tiny(model_type)
+    model = copy.deepcopy(base)
+    inject_adapters(model, "lora", rank=4, alpha=8.0)
+    idx = tokens()
+    assert torch.equal(logits(base, idx), logits(model, idx))
+
+
+def test_lora_forward_matches_closed_form():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 7)
+    layer = LoRALinear(copy.deepcopy(base), rank=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    W, b, A, B = base.weight, base.bias, layer.lora_A, layer.lora_B
+    expected = x @ W.T + b + 2.0 * (x @ A.T) @ B.T  # scaling alpha / r = 2
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.allclose(layer.delta_weight(), 2.0 * B @ A, atol=1e-6)
+    rs = LoRALinear(nn.Linear(12, 7), rank=4, alpha=6.0, use_rslora=True)
+    assert rs.scaling == pytest.approx(6.0 / 2.0)  # alpha / sqrt(r)
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_default_targets_and_trainable_count(model_type):
+    model = tiny(model_type)
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    names = inject_adapters(model, "lora", rank=4)
+    assert sorted(names) == sorted(linears)  # every Linear of both layouts is a default target
+    trainable, total = count_params(model)
+    assert trainable == sum(4 * (m.in_features + m.out_features) for m in linears.values())
+    assert total == sum(p.numel() for p in tiny(model_type).parameters()) + trainable
+    named = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert named == {f"{n}.lora_{x}" for n in names for x in "AB"}
+
+
+def test_train_embeddings_option():
+    model = tiny("gpt")
+    inject_adapters(model, "lora", rank=2, train_embeddings=True)
+    trainable, _ = count_params(model)
+    lora = sum(2 * (m.in_features + m.out_features) for m in adapter_layers(model).values())
+    wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+    assert trainable == lora + wte.numel() + wpe.numel()
+
+
+def test_base_weights_unchanged_after_steps():
+    model = tiny("gpt")
+    inject_adapters(model, "lora", rank=4, dropout=0.1)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    model.train()
+    for step in range(5):
+        idx = tokens(seed=step)
+        model(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        else:
+            assert not torch.equal(p, lora[n]), n
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_merged_equals_unmerged(model_type):
+    model = tiny(model_type)
+    inject_adapters(model, "lora", rank=4)
+    randomise_adapters(model)
+    idx = tokens()
+    unmerged = logits(model, idx)
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    assert torch.allclose(logits(model, idx), unmerged, atol=1e-5)
+    plain = merge_adapters(copy.deepcopy(model))
+    assert not adapter_layers(plain)
+    assert all(type(m) is nn.Linear for n, m in plain.named_modules() if n.endswith(("c_attn", "lm_head")))
+    assert torch.allclose(logits(plain, idx), unmerged, atol=1e-5)
+
+
+def test_merge_closed_form_idempotent_and_unmerge_restores():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 24), rank=4, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    W0 = layer.base.weight.detach().clone()
+    expected = W0 + 4.0 * layer.lora_B.detach() @ layer.lora_A.detach()
+    layer.merge()
+    layer.merge()  # a second merge is a no-op
+    assert layer.merged
+    assert torch.allclose(layer.base.weight, expected, atol=1e-6)
+    x = torch.randn(3, 16)
+    assert torch.allclose(layer(x), x @ expected.T + layer.base.bias, atol=1e-5)
+    layer.unmerge()
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.allclose(layer.base.weight, W0, atol=1e-6)
+
+
+def test_merging_the_tied_head_leaves_the_embedding():
+    """GPT ties lm_head to wte: merging the head's LoRA must not change the token embedding."""
+    model = tiny("gpt")
+    wte = model.transformer.wte.weight.detach().clone()
+    inject_adapters(model, "lora", rank=4)
+    randomise_adapters(model)
+    idx = tokens()
+    before = logits(model, idx)
+    merge_adapters(model)
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert torch.allclose(logits(model, idx), before, atol=1e-5)
+
+
+def test_merge_refuses_non_finite():
+    layer = LoRALinear(nn.Linear(8, 8), rank=2)
+    with torch.no_grad():
+        layer.lora_B.fill_(float("inf"))
+    W0 = layer.base.weight.detach().clone()
+    with pytest.raises(AdapterError, match="non-finite"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base.weight, W0)
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_adapter_state_round_trip(model_type, tmp_path):
+    model = tiny(model_type)
+    inject_adapters(model, "lora", rank=4, train_embeddings=True)
+    randomise_adapters(model)
+    with torch.no_grad():  # a trained token embedding (tied to the head in the GPT)
+        next(m for m in model.modules() if isinstance(m, nn.Embedding)).weight.add_(0.5)
+    state = adapter_state_dict(model)
+    n_adapter = sum(v.numel() for v in state.values())
+    assert n_adapter == count_params(model)[0]  # exactly the trainable tensors, nothing frozen
+    torch.save(state, tmp_path / "adapter.pt")
+
+    fresh = tiny(model_type)  # same seed: the same frozen base
+    inject_adapters(fresh, "lora", rank=4, train_embeddings=True)
+    idx = tokens()
+    assert not torch.allclose(logits(fresh, idx), logits(model, idx))
+    load_adapter_state_dict(fresh, torch.load(tmp_path / "adapter.pt", weights_only=True))
+    assert torch.equal(logits(fresh, idx), logits(model, idx))
+
+
+def test_adapter_state_mismatch_errors():
+    model = tiny("gpt")
+    inject_adapters(model, "lora", rank=4)
+    other = tiny("gpt")
+    inject_adapters(other, "lora", rank=2)
+    with pytest.raises(AdapterError, match="shape"):
+        load_adapter_state_dict(other, adapter_state_dict(model))
+    partial = tiny("gpt")
+    inject_adapters(partial, "lora", rank=4, targets=["c_attn"])
+    with pytest.raises(AdapterError, match="unknown keys"):
+        load_adapter_state_dict(partial, adapter_state_dict(model))
+
+
+def test_target_patterns():
+    model = tiny("gpt")
+    assert find_targets(model, ["transformer.h.0.attn.c_proj"]) == ["transformer.h.0.attn.c_proj"]
+    assert find_targets(model, ["attn.c_proj"]) == [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
+    assert find_targets(model, ["transformer.h.*.mlp.c_fc"]) == [f"transformer.h.{i}.mlp.c_fc" for i in range(2)]
+    assert find_targets(model, ["c_proj"]) == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+
+
+@pytest.mark.parametrize("targets, settings, message", [
+    (["nonexistent"], dict(rank=4), "matches no module"),
+    (["transformer.wte"], dict(rank=4), "not nn.Linear"),
+    (["c_attn"], dict(rank=0), "positive int"),
+    (["c_attn"], dict(rank=33), "larger than the layer"),
+])
+def test_bad_injection_errors(targets, settings, message):
+    with pytest.raises(AdapterError, match=message):
+        inject_adapters(tiny("gpt"), "lora", targets=targets, **settings)
+
+
+def test_unknown_kind_and_double_injection():
+    model = tiny("gpt")
+    with pytest.raises(AdapterError, match="unknown adapter"):
+        inject_adapters(model, "nope")
+    inject_adapters(model, "lora", rank=2)
+    with pytest.raises(AdapterError, match="already has adapters"):
+        inject_adapters(model, "lora", rank=2)

@@ -1,0 +1,100 @@
+"""
+The models: GPT-2 weight loading (Conv1D transposes), generation, cropping, optimizer groups.
+
+    python -m pytest -q test_model.py
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from adapters import inject_adapters
+from model import GPT, MODELS, GPTConfig, convert_hf_gpt2_state_dict
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def write_hf_gpt2(model, folder):
+    """Save a GPT in the layout of OpenAI's GPT-2 on the Hugging Face hub: no 'transformer.' prefix,
+    Conv1D weights stored (in, out), the tied head left out, old causal-mask buffers present."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        k = k.removeprefix("transformer.")
+        sd[k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    save_file(sd, str(folder / "model.safetensors"))
+    c = model.config
+    (folder / "config.json").write_text(json.dumps(dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                                        vocab_size=c.vocab_size, n_positions=c.block_size)))
+
+
+def test_from_pretrained_local_folder(tmp_path):
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True))
+    write_hf_gpt2(ref, tmp_path)
+    model = GPT.from_pretrained(str(tmp_path))
+    idx = torch.randint(0, 50, (2, 16))
+    ref.eval(), model.eval()
+    assert torch.equal(model(idx, idx)[0], ref(idx, idx)[0])
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    with pytest.raises(ValueError, match="unknown pretrained model"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_convert_transposes_exactly_the_conv1d_weights():
+    sd = {"transformer.h.0.attn.c_attn.weight": torch.arange(6.0).view(2, 3), "h.0.ln_1.weight": torch.ones(3),
+          "lm_head.weight": torch.zeros(2, 2), "h.0.attn.masked_bias": torch.zeros(1)}
+    out = convert_hf_gpt2_state_dict(sd)
+    assert sorted(out) == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.ln_1.weight"]
+    assert torch.equal(out["transformer.h.0.attn.c_attn.weight"], torch.arange(6.0).view(2, 3).t())
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_loss_is_cross_entropy_and_generate(model_type):
+    torch.manual_seed(0)
+    model = MODELS[model_type](GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11)).eval()
+    idx = torch.randint(0, 11, (2, 8))
+    logits, loss = model(idx, idx)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 11), idx.reshape(-1)))
+    last, none = model(idx)
+    assert none is None and torch.allclose(last[:, 0], logits[:, -1], atol=1e-6)
+    out = model.generate(idx[:, :3], max_new_tokens=12, top_k=5)  # runs past block_size: crops the context
+    assert out.shape == (2, 15) and torch.equal(out[:, :3], idx[:, :3]) and int(out.max()) < 11
+    # greedy (top_k=1) generation equals the argmax of the model's own next-token logits
+    greedy = model.generate(idx[:, :4], max_new_tokens=1, top_k=1)
+    assert torch.equal(greedy[:, -1], model(idx[:, :4])[0][:, -1].argmax(-1))
+
+
+def test_crop_block_size():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=11)).eval()
+    idx = torch.randint(0, 11, (1, 8))
+    before = model(idx)[0]
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 16)
+    assert torch.equal(model(idx)[0], before)
+
+
+def test_optimizer_holds_only_trainable_params_with_decay_on_matrices():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11, bias=True))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.get_num_params(False)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    inject_adapters(model, "lora", rank=2)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_" in names[id(p)] for g in opt.param_groups for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2 * len([m for m in model.modules() if hasattr(m, "lora_A")])
+
+
+def test_bigram_layout_has_separate_qkv():
+    model = MODELS["bigram"](GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {"blocks.0.sa.key", "blocks.0.sa.query", "blocks.0.sa.value", "blocks.0.sa.proj"} <= names
