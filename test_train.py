@@ -1,0 +1,208 @@
+"""
+train.py and sample.py end to end on Tiny Shakespeare with tiny models: pretrain, LoRA fine-tune,
+sample, resume, torchrun, bad input, atomic checkpoints, environment variables, wandb offline.
+
+    python -m pytest -q test_train.py
+"""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from adapters import adapter_layers
+from checkpoint import CheckpointError, load_checkpoint
+from configurator import ConfigError
+from prepare import read_meta
+from sample import sample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny(data_dir, out_dir, **kw):
+    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, block_size=32,
+                batch_size=8, eval_iters=4, eval_interval=20, log_interval=1, dropout=0.0, learning_rate=3e-3,
+                warmup_iters=5, lr_decay_iters=60, min_lr=3e-4, max_iters=20, dtype="float32")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def evals(out_dir):
+    return [r["val_loss"] for r in train.read_metrics(out_dir) if r["val_loss"] is not None]
+
+
+def step_losses(out_dir):
+    return {r["iter"]: r["train_loss"] for r in train.read_metrics(out_dir) if r["train_loss"] is not None}
+
+
+@pytest.fixture(scope="module")
+def pretrained(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    train.train(tiny(char_data, out, max_iters=60, eval_interval=30), environ={})
+    return str(out)
+
+
+def test_pretrain_lowers_val_loss(pretrained):
+    v = evals(pretrained)
+    assert len(v) == 3 and v[-1] < v[0] - 1.0  # from ~ln 65 = 4.17 to well below
+
+
+def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
+    out = tmp_path / "lora"
+    last = train.train(tiny(char_data, out, init_from=pretrained, adapter="lora", lora_rank=2, max_iters=30,
+                            eval_interval=15, learning_rate=3e-3, weight_decay=0.0), environ={})
+    v = evals(out)
+    assert v[0] == pytest.approx(evals(pretrained)[-1], abs=1e-6)  # starts exactly at the base model
+    assert v[-1] < v[0]
+    assert last["trainable_params"] / last["total_params"] < 0.05
+    ckpt = load_checkpoint(str(out))
+    base = load_checkpoint(pretrained)
+    for name, layer_state in ckpt["model"].items():  # the frozen base is the pretrained model, untouched
+        if ".base." in name:
+            assert torch.equal(layer_state, base["model"][name.replace(".base.", ".")])
+    assert os.path.getsize(out / "adapter.pt") < os.path.getsize(out / "ckpt.pt") / 5
+
+    vocab = set(read_meta(char_data)["stoi"])
+    for merge in (False, True):
+        texts = sample([f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=50", "--start=ROMEO:",
+                        "--device=cpu", f"--merge={merge}"], environ={})
+        assert len(texts) == 2
+        for t in texts:
+            assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 50 and set(t) <= vocab
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter):
+    # dropout on, so the restored RNG state matters too
+    kw = dict(adapter=adapter, dropout=0.1, lora_dropout=0.1, eval_interval=4, lr_decay_iters=8)
+    train.train(tiny(char_data, tmp_path / "full", max_iters=8, **kw), environ={})
+    train.train(tiny(char_data, tmp_path / "part", max_iters=4, **kw), environ={})
+    train.train(tiny(char_data, tmp_path / "part", max_iters=8, init_from="resume", **kw), environ={})
+    full, part = step_losses(tmp_path / "full"), step_losses(tmp_path / "part")
+    assert sorted(part) == list(range(8))
+    for it in range(8):
+        assert part[it] == pytest.approx(full[it], abs=1e-5), it
+    assert evals(tmp_path / "part")[-1] == pytest.approx(evals(tmp_path / "full")[-1], abs=1e-5)
+
+
+def test_torchrun_two_processes_match_one(char_data, tmp_path):
+    kw = dict(max_iters=6, eval_interval=3, gradient_accumulation_steps=2, adapter="lora")
+    train.train(tiny(char_data, tmp_path / "one", **kw), environ={})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *tiny(char_data, tmp_path / "two", **kw)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert sorted(two) == list(range(6))  # rank 0 alone wrote the metrics: one row per step
+    for it in range(6):
+        assert two[it] == pytest.approx(one[it], abs=1e-4), it
+    assert evals(tmp_path / "two") == pytest.approx(evals(tmp_path / "one"), abs=1e-4)
+
+
+def test_env_vars_select_lora(char_data, tmp_path):
+    env = {"USE_LORA": "True", "LORA_RANK": "2", "LORA_ALPHA": "4", "LORA_DROPOUT": "0.05", "TEST_MODE": "True"}
+    last = train.train([f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cpu"], environ=env)
+    assert last["iter"] == train.TEST_MODE["max_iters"]
+    info = load_checkpoint(str(tmp_path))["adapter"]
+    assert info["kind"] == "lora"
+    assert info["settings"] == dict(rank=2, alpha=4.0, dropout=0.05, use_rslora=False)
+
+
+def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
+    from model import GPT, GPTConfig
+    from prepare import prepare_shakespeare
+    from test_model import write_hf_gpt2
+
+    data = tmp_path / "bpe"
+    data.mkdir()
+    (tmp_path / "in.txt").write_text(shakespeare_text[:30000])
+    prepare_shakespeare(str(data), input_path=str(tmp_path / "in.txt"))
+    torch.manual_seed(0)
+    hf = tmp_path / "gpt2-tiny"
+    hf.mkdir()
+    write_hf_gpt2(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257, bias=True)), hf)
+    train.train(tiny(str(data), tmp_path / "out", init_from=str(hf), adapter="lora", lora_rank=2, max_iters=10,
+                     eval_interval=10, learning_rate=1e-2), environ={})
+    ckpt = load_checkpoint(str(tmp_path / "out"))
+    assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 32  # cropped
+    v = evals(tmp_path / "out")
+    assert v[-1] < v[0]
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    (["--lora_rnak=4"], ConfigError, "unknown config key 'lora_rnak'"),
+    (["--max_iters=ten"], ConfigError, "max_iters must be int"),
+    (["--adapter=lorax"], ConfigError, "adapter must be one of"),
+    (["--data_dir=/nonexistent/dir"], train.DataError, "prepare.py"),
+    (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
+])
+def test_bad_config(argv, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        train.train([f"--out_dir={tmp_path}", "--device=cpu", *argv], environ={})
+
+
+def test_cli_prints_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--lora_rnak=4"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown config key 'lora_rnak'")
+
+
+def test_corrupt_and_foreign_checkpoints(pretrained, char_data, tmp_path):
+    good = os.path.join(pretrained, "ckpt.pt")
+    with open(good, "rb") as f:
+        blob = f.read()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name, message in (("cut.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
+                          ("foreign.pt", "not a checkpoint of this repo")):
+        with pytest.raises(CheckpointError, match=message):
+            train.train(tiny(char_data, tmp_path / "o", init_from=str(tmp_path / name)), environ={})
+        with pytest.raises(CheckpointError, match=message):
+            sample([f"--out_dir={tmp_path / name}"], environ={})
+
+
+def test_resume_with_another_adapter_kind_and_overwrite_guard(pretrained, char_data, tmp_path):
+    out = tmp_path / "run"
+    train.train(tiny(char_data, out, max_iters=2, eval_interval=2), environ={})
+    with pytest.raises(CheckpointError, match="adapter='none'.*--adapter=none"):
+        train.train(tiny(char_data, out, init_from="resume", adapter="lora"), environ={})
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.train(tiny(char_data, out, max_iters=2), environ={})
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_atomic({"format": checkpoint.FORMAT, "x": torch.ones(3)}, path)
+    before = open(path, "rb").read()
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # the process dies while writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"x": torch.zeros(3)}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_wandb_offline(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train.train(tiny(char_data, tmp_path / "o", max_iters=2, eval_interval=2, wandb_log=True), environ={})
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+    assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
