@@ -117,7 +117,8 @@ def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1):
     write_meta(out_dir, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT})
 
 
-def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="openwebtext"):
+def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="Skylion007/openwebtext",
+               revision="refs/convert/parquet"):
     """A Hugging Face text dataset, one document per row: BPE in parallel, <|endoftext|> after each
     document, written to a memmap in shards with a progress bar (nanoGPT's openwebtext/prepare.py)."""
     from datasets import load_dataset
@@ -130,8 +131,8 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         ext = os.path.splitext(files[0])[1].lstrip(".")
         builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
         ds = load_dataset(builder, data_files=files, split="train")
-    else:
-        ds = load_dataset(name, split="train", num_proc=num_proc, trust_remote_code=True)
+    else:  # datasets >= 4 runs no loading scripts: read the hub's parquet conversion of OpenWebText
+        ds = load_dataset(name, split="train", num_proc=num_proc, revision=revision)
     split = ds.train_test_split(test_size=val_fraction, seed=2357, shuffle=True)
     enc = gpt2_encoding()
 

@@ -3,8 +3,8 @@
 out_dir = "out-shakespeare-lora"
 init_from = "out-shakespeare-char"
 adapter = "lora"
-lora_rank = 8
-lora_alpha = 16.0
+lora_rank = 4
+lora_alpha = 8.0
 eval_interval = 100
 eval_iters = 20
 log_interval = 25
