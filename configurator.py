@@ -44,6 +44,11 @@ def _parse(text, default=None):
     return text if isinstance(default, str) and not isinstance(value, str) else value
 
 
+def config_defaults(names):
+    """A script's config keys: its lower-case globals holding an int, float, bool or str."""
+    return {k: v for k, v in names.items() if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
 def configure(defaults, argv, environ=None, test_overrides=None):
     """defaults <- config files in argv <- environment <- --key=value in argv. With TEST_MODE=True (or
     test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides."""

@@ -15,7 +15,7 @@ import torch
 
 from adapters import AdapterError, merge_adapters
 from checkpoint import CheckpointError, build_model, load_checkpoint
-from configurator import ConfigError, configure
+from configurator import ConfigError, config_defaults, configure
 from model import GPT
 from prepare import load_tokenizer, read_meta
 
@@ -29,7 +29,7 @@ top_k = 200  # keep the top_k most likely tokens; 0 keeps all
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 merge = False  # fold the adapters into the base weights before sampling
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = config_defaults(globals())
 
 
 def sample(argv=(), environ=None):

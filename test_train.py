@@ -143,12 +143,13 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     (["--lora_rnak=4"], ConfigError, "unknown config key 'lora_rnak'"),
     (["--max_iters=ten"], ConfigError, "max_iters must be int"),
     (["--adapter=lorax"], ConfigError, "adapter must be one of"),
-    (["--data_dir=/nonexistent/dir"], train.DataError, "prepare.py"),
+    (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin; run `python prepare.py"),
+    (["--FORMAT=x"], ConfigError, "unknown config key 'FORMAT'"),
     (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
 ])
-def test_bad_config(argv, error, message, tmp_path):
+def test_bad_config(argv, error, message, char_data, tmp_path):
     with pytest.raises(error, match=message):
-        train.train([f"--out_dir={tmp_path}", "--device=cpu", *argv], environ={})
+        train.train([f"--out_dir={tmp_path}", "--device=cpu", f"--data_dir={char_data}", *argv], environ={})
 
 
 def test_cli_prints_a_one_line_error(tmp_path):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import ADAPTERS, AdapterError, adapter_state_dict, count_params, inject_adapters, merge_adapters
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
-from configurator import ConfigError, configure
+from configurator import ConfigError, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
 from prepare import read_meta
 
@@ -84,7 +84,7 @@ compile = False  # torch.compile the model (worth it on a GPU)
 backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
 seed = 1337
 test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
 ADAPTER_KINDS = ("none", *ADAPTERS)
