@@ -207,3 +207,15 @@ def test_wandb_offline(char_data, tmp_path, monkeypatch):
     train.train(tiny(char_data, tmp_path / "o", max_iters=2, eval_interval=2, wandb_log=True), environ={})
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+
+
+def test_eval_only_on_resume_repeats_the_last_eval(pretrained, char_data, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(pretrained, out)
+    before = (out / "ckpt.pt").read_bytes()
+    train.train(tiny(char_data, out, init_from="resume", eval_only=True, max_iters=60), environ={})
+    v = evals(out)
+    assert v[-1] == pytest.approx(v[-2], abs=1e-6)  # the same fixed eval batches, the same weights
+    assert (out / "ckpt.pt").read_bytes() == before  # an eval-only run writes no checkpoint

@@ -341,8 +341,8 @@ def _train(c, device, ddp, rank, world):
         for group in optimizer.param_groups:
             group["lr"] = lr
         row = None
-        first_of_resume = resume and iter_num == start_iter
-        evaluate = (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
+        first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
+        evaluate = c["eval_only"] or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
         if evaluate:
             losses = estimate_loss()
             if master:
@@ -351,7 +351,7 @@ def _train(c, device, ddp, rank, world):
                            lr=lr, tokens_per_s=None, trainable_params=trainable, total_params=total)
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and (improved or c["always_save_checkpoint"]):
+                if iter_num > 0 and (improved or c["always_save_checkpoint"]) and not c["eval_only"]:
                     save_checkpoint()
                     print(f"saved {ckpt_file}")
         if c["eval_only"] or iter_num >= c["max_iters"]:
@@ -388,8 +388,9 @@ def _train(c, device, ddp, rank, world):
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             if master:
                 eta = format_eta((c["max_iters"] - iter_num) * (dt_avg or dt))
+                mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt) if device_type == "cuda" else None
                 print(f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, eta {eta}")
+                      f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * mfu:.1f}%" if mfu else "") + f", eta {eta}")
                 row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
                            trainable_params=trainable, total_params=total)
                 row.setdefault("val_loss", None)
