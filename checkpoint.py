@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from adapters import inject_adapters, load_adapter_state_dict
+from adapters import adapter_layers, inject_adapters, load_adapter_state_dict
 from model import MODELS, GPTConfig
 
 FORMAT = "lowrank-gpt/1"
@@ -75,10 +75,7 @@ def build_model(ckpt, load_weights=True):
     if model_type not in MODELS:
         raise CheckpointError(f"checkpoint model_type {model_type!r} is unknown; known: {sorted(MODELS)}")
     model = MODELS[model_type](GPTConfig(**ckpt["model_args"]))
-    info = ckpt["adapter"]
-    if info["kind"] != "none":
-        inject_adapters(model, info["kind"], targets=info["targets"], train_embeddings=info["train_embeddings"],
-                        **info["settings"])
+    inject_from_info(model, ckpt["adapter"])
     if load_weights:
         try:
             model.load_state_dict(ckpt["model"])
@@ -87,13 +84,23 @@ def build_model(ckpt, load_weights=True):
     return model
 
 
+def inject_from_info(model, info):
+    """Inject the adapters a checkpoint's `adapter` entry describes (nothing for kind 'none')."""
+    if info["kind"] != "none":
+        inject_adapters(model, info["kind"], targets=info["targets"], train_embeddings=info["train_embeddings"],
+                        layers=info.get("layers"), **info["settings"])
+
+
 def load_adapter(model, path):
-    """Load an adapter.pt into a model that already has the same adapters injected."""
+    """Load an adapter file (adapter.pt, adapter_pruned.pt) into its base model: the adapters it
+    describes are injected first unless the model has them already."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable adapter file: {type(e).__name__}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state" not in blob:
         raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state')")
+    if not adapter_layers(model):
+        inject_from_info(model, blob["adapter"])
     load_adapter_state_dict(model, blob["state"])
     return blob

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import ADAPTERS, AdapterError, adapter_state_dict, count_params, inject_adapters, merge_adapters
+from adapters import (ADAPTERS, AdapterError, adapter_layers, adapter_state_dict, build_sora_optimizers, count_params,
+                      effective_ranks, inject_adapters, lambda_schedule, merge_adapters, prune_sora_model)
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
@@ -58,13 +59,22 @@ n_embd = 384
 dropout = 0.2
 bias = False
 # adapter
-adapter = "none"  # 'none' | 'lora'
+adapter = "none"  # 'none' | 'lora' | 'sora'
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.0
 lora_targets = ""  # comma-separated module-name patterns; '' = adapters.DEFAULT_TARGETS
 use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
 train_embeddings = False  # also train the token / position embeddings
+# SoRA: gates between A and B, L1 proximal steps on them (the lora_* keys set rank, alpha, dropout)
+sora_lambda = 0.1  # L1 strength; the gates are soft-thresholded by sora_lambda * lr every step
+sora_lambda_max = 0.0  # > sora_lambda: raise λ to this in sora_lambda_levels steps (the sparsifying schedule)
+sora_lambda_levels = 5
+sora_lambda_every = 200  # iterations per λ level
+sora_lambda_spacing = "linear"  # 'linear' | 'log_linear' | 'exp_linear'
+sora_gate_lr = 0.0  # peak learning rate of the gates; 0 = learning_rate
+sora_gate_init = "randn"  # 'randn' (the SoRA code's) | 'ones'
+sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.pt
 # AdamW
 learning_rate = 1e-3
 max_iters = 5000
@@ -100,10 +110,38 @@ class DataError(FileNotFoundError):
 
 def adapter_settings(c):
     """The adapter layer's keyword arguments, from the flat config keys."""
-    settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"])
-    if c["adapter"] == "lora":
-        settings["use_rslora"] = c["use_rslora"]
+    settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], use_rslora=c["use_rslora"])
+    if c["adapter"] == "sora":
+        settings["gate_init"] = c["sora_gate_init"]
     return settings
+
+
+def build_optimizers(model, c, device_type):
+    """[(optimizer, peak learning rate)]: the model's AdamW, and for SoRA the gates' proximal one."""
+    betas = (c["beta1"], c["beta2"])
+    if c["adapter"] == "sora":
+        gate_lr = c["sora_gate_lr"] or c["learning_rate"]
+        gates, rest = build_sora_optimizers(model, c["learning_rate"], gate_lr, c["sora_lambda"], c["weight_decay"], betas)
+        return [(rest, c["learning_rate"]), (gates, gate_lr)]
+    return [(model.configure_optimizers(c["weight_decay"], c["learning_rate"], betas, device_type), c["learning_rate"])]
+
+
+def sora_lambda_at(it, c):
+    """λ of the sparsifying schedule at iteration `it` (constant sora_lambda without one)."""
+    if c["sora_lambda_max"] <= c["sora_lambda"]:
+        return c["sora_lambda"]
+    levels = lambda_schedule(c["sora_lambda"], c["sora_lambda_max"], c["sora_lambda_levels"], c["sora_lambda_spacing"])
+    return levels[min(it // c["sora_lambda_every"], len(levels) - 1)]
+
+
+def adapter_report(model):
+    """Per-step adapter statistics for the log: SoRA's effective rank per layer and what remains."""
+    ranks = effective_ranks(model)
+    if not ranks:
+        return {}
+    layers = adapter_layers(model)
+    remaining = sum(r * (layers[n].in_features + layers[n].out_features + 1) for n, r in ranks.items())
+    return {"effective_rank": ranks, "adapter_params_remaining": remaining}
 
 
 def check_config(c):
@@ -170,6 +208,24 @@ def load_base(c, meta):
     ckpt = load_checkpoint(source)
     ckpt["model_args"]["dropout"] = c["dropout"]
     return merge_adapters(build_model(ckpt)), ckpt["model_type"]
+
+
+def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
+    """Prune the SoRA layers in place and save the plain LoRA of the kept ranks as adapter_pruned.pt."""
+    before = sum(v.numel() for v in adapter_state_dict(model).values())
+    kept = prune_sora_model(model)
+    layers = adapter_layers(model)
+    pruned = dict(kind="lora", targets=[n for n, r in kept.items() if r], settings=dict(dropout=info["settings"]["dropout"]),
+                  train_embeddings=info["train_embeddings"],
+                  layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r})
+    state = adapter_state_dict(model)
+    path = os.path.join(out_dir, "adapter_pruned.pt")
+    save_atomic({"format": FORMAT, "adapter": pruned, "model_type": model_type, "model_args": model_args,
+                 "base": base, "state": state}, path)
+    after = sum(v.numel() for v in state.values())
+    print(f"pruned SoRA: ranks {kept}; adapter parameters {before:,} -> {after:,}; wrote {path} "
+          f"({os.path.getsize(path):,} bytes)")
+    return path
 
 
 def format_eta(seconds):
@@ -258,14 +314,15 @@ def _train(c, device, ddp, rank, world):
     trainable, total = count_params(model)
     torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not (below)
 
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
+    optimizers = build_optimizers(model, c, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     # training batches: one generator, the same on every process, drawing all micro-batches of a
     # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
     batches = torch.Generator().manual_seed(c["seed"])
     iter_num, best_val_loss = 0, 1e9
     if resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for (opt, _), state in zip(optimizers, [ckpt["optimizer"], *ckpt.get("extra_optimizers", [])]):
+            opt.load_state_dict(state)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         batches.set_state(ckpt["rng"]["batches"])
         if master:
@@ -315,7 +372,8 @@ def _train(c, device, ddp, rank, world):
         return out
 
     def save_checkpoint():
-        ckpt = {"format": FORMAT, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+        states = [opt.state_dict() for opt, _ in optimizers]
+        ckpt = {"format": FORMAT, "model": raw_model.state_dict(), "optimizer": states[0], "extra_optimizers": states[1:],
                 "model_type": model_type, "model_args": model_args, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": c, "adapter": info,
                 "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()}}
@@ -338,8 +396,16 @@ def _train(c, device, ddp, rank, world):
     start_iter, t_start, dt_avg, last = iter_num, time.time(), None, {}
     while True:
         lr = get_lr(iter_num, c)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for opt, peak in optimizers:  # every optimizer follows the same schedule, scaled to its peak
+            for group in opt.param_groups:
+                group["lr"] = lr * peak / c["learning_rate"]
+        if c["adapter"] == "sora":
+            sparse_lambda = sora_lambda_at(iter_num, c)
+            if master and iter_num > 0 and sparse_lambda != sora_lambda_at(iter_num - 1, c):
+                report = adapter_report(raw_model)
+                print(f"λ level reached {sora_lambda_at(iter_num - 1, c):g}: {report['adapter_params_remaining']:,} "
+                      f"adapter parameters remain; effective ranks {list(report['effective_rank'].values())}")
+            optimizers[1][0].set_lambda(sparse_lambda)
         row = None
         first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
         evaluate = c["eval_only"] or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
@@ -373,11 +439,14 @@ def _train(c, device, ddp, rank, world):
             scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float()
         if c["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
+            for opt, _ in optimizers:
+                scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
-        scaler.step(optimizer)
+        for opt, _ in optimizers:
+            scaler.step(opt)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for opt, _ in optimizers:
+            opt.zero_grad(set_to_none=True)
 
         if iter_num % c["log_interval"] == 0 or evaluate:  # the same on every process
             if ddp:
@@ -392,7 +461,11 @@ def _train(c, device, ddp, rank, world):
                 print(f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * mfu:.1f}%" if mfu else "") + f", eta {eta}")
                 row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
-                           trainable_params=trainable, total_params=total)
+                           trainable_params=trainable, total_params=total, **adapter_report(raw_model))
+                if c["adapter"] == "sora":
+                    row["sora_lambda"] = sparse_lambda
+                    print(f"  sora: λ {sparse_lambda:g}, {row['adapter_params_remaining']:,} adapter parameters remain, "
+                          f"effective ranks {list(row['effective_rank'].values())}")
                 row.setdefault("val_loss", None)
                 log(row)
                 last = row
@@ -401,6 +474,12 @@ def _train(c, device, ddp, rank, world):
     if master:
         print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}; "
               f"best val loss {best_val_loss:.4f}")
+        if c["adapter"] == "sora" and not c["eval_only"]:
+            import plots
+
+            print(f"wrote {plots.plot_effective_ranks(out_dir)}")
+            if c["sora_prune"]:
+                save_pruned_adapter(raw_model, info, model_type, model_args, c["init_from"], out_dir)
     if wandb:
         wandb.finish()
     return last

@@ -1,0 +1,224 @@
+"""
+SoRA: gated LoRA, the proximal gate optimizer, the λ schedule, prune and merge, and train.py with
+--adapter=sora end to end.
+
+    python -m pytest -q test_sora.py
+"""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from adapters import (AdapterError, LoRALinear, SoRALinear, SoRAOptimizer, adapter_layers, adapter_state_dict,
+                      build_sora_optimizers, count_params, effective_ranks, inject_adapters, lambda_schedule,
+                      merge_sora_model, prune_sora_model, split_sora_params)
+from checkpoint import build_model, load_adapter, load_checkpoint
+from model import GPT, GPTConfig
+from test_adapters import logits, tiny, tokens
+from test_train import tiny as tiny_args
+
+
+def randomise(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def test_forward_closed_form_and_identity_at_init():
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layer = SoRALinear(copy.deepcopy(base), rank=4, alpha=8.0)
+    x = torch.randn(3, 10)
+    assert torch.equal(layer(x), base(x))  # B = 0
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    A, B, g = layer.lora_A, layer.lora_B, layer.gate
+    expected = base(x) + 2.0 * ((x @ A.T) * g) @ B.T
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert torch.allclose(layer.delta_weight(), 2.0 * B @ torch.diag(g) @ A, atol=1e-6)
+    assert torch.equal(SoRALinear(nn.Linear(10, 6), rank=3, gate_init="ones").gate, torch.ones(3))
+
+
+@pytest.mark.parametrize("model_type", ["gpt", "bigram"])
+def test_model_identity_at_init_and_merge_keeps_outputs(model_type):
+    base = tiny(model_type)
+    model = copy.deepcopy(base)
+    inject_adapters(model, "sora", rank=4)
+    idx = tokens()
+    assert torch.equal(logits(model, idx), logits(base, idx))
+    randomise(model)
+    before = logits(model, idx)
+    merge_sora_model(model)
+    assert not adapter_layers(model)
+    assert torch.allclose(logits(model, idx), before, atol=1e-5)
+
+
+def test_soft_threshold_on_hand_computed_numbers():
+    # zero gradients leave Adam's update at exactly 0, so only the proximal step acts:
+    # threshold = λ · lr = 2 · 0.1 = 0.2
+    g = nn.Parameter(torch.tensor([0.5, -0.5, 0.1, -0.15, 0.2, -0.2, 0.0, 1.0]))
+    opt = SoRAOptimizer([g], lr=0.1, sparse_lambda=2.0)
+    g.grad = torch.zeros_like(g)
+    opt.step()
+    expected = torch.tensor([0.3, -0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.8])
+    assert torch.allclose(g.detach(), expected, atol=1e-7)
+    assert (g[2:7] == 0).all()  # inside ±λ·lr: exactly zero
+
+
+def test_proximal_step_equals_adamw_then_threshold():
+    torch.manual_seed(0)
+    g = nn.Parameter(torch.randn(16))
+    ref = nn.Parameter(g.detach().clone())
+    opt = SoRAOptimizer([g], lr=0.05, sparse_lambda=3.0, betas=(0.9, 0.99))
+    adam = torch.optim.AdamW([ref], lr=0.05, betas=(0.9, 0.99), weight_decay=0.0)
+    for step in range(3):
+        grad = torch.randn(16)
+        g.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        adam.step()
+        with torch.no_grad():  # the proximal operator of 3·‖·‖₁ with step 0.05, by hand
+            ref.copy_(torch.where(ref.abs() <= 0.15, torch.zeros_like(ref), ref - 0.15 * torch.sign(ref)))
+    assert torch.allclose(g, ref, atol=1e-6)
+    assert (g == 0).any()
+
+
+def test_gates_get_no_weight_decay():
+    model = tiny("gpt")
+    inject_adapters(model, "sora", rank=4)
+    gates, others = split_sora_params(model)
+    assert len(gates) == len(adapter_layers(model)) and all(p.dim() == 1 for p in gates)
+    assert len(others) == 2 * len(gates)
+    gate_opt, regular = build_sora_optimizers(model, lr=1e-2, weight_decay=0.3, sparse_lambda=0.0)
+    assert [grp["weight_decay"] for grp in gate_opt.param_groups] == [0.0]
+    assert [grp["weight_decay"] for grp in regular.param_groups] == [0.3]
+    gate_opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "weight_decay": 0.5})
+    assert gate_opt.param_groups[-1]["weight_decay"] == 0.0
+    # behaviour, not just the setting: zero gradient and λ = 0 leave the gates exactly as they were
+    before = [p.detach().clone() for p in gates]
+    for p in gates:
+        p.grad = torch.zeros_like(p)
+    gate_opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(gates, before))
+
+
+def test_large_lambda_drives_every_gate_to_exactly_zero():
+    model = tiny("gpt")
+    inject_adapters(model, "sora", rank=4)
+    gate_opt, regular = build_sora_optimizers(model, lr=1e-2, sparse_lambda=100.0)
+    model.train()
+    for step in range(3):  # λ·lr = 1 per step: more than any randn gate survives in 3 steps
+        idx = tokens(seed=step)
+        model(idx, idx)[1].backward()
+        gate_opt.step(), regular.step()
+        gate_opt.zero_grad(), regular.zero_grad()
+    assert all(r == 0 for r in effective_ranks(model).values())
+    assert all(torch.equal(m.gate, torch.zeros(4)) for m in adapter_layers(model).values())
+
+
+def test_prune_keeps_logits_and_shrinks_by_the_pruned_ranks():
+    model = tiny("gpt")
+    inject_adapters(model, "sora", rank=4)
+    randomise(model)
+    layers = adapter_layers(model)
+    with torch.no_grad():  # a known pattern of zero gates: layer i keeps 4 - (i % 5) ranks
+        for i, layer in enumerate(layers.values()):
+            layer.gate[: i % 5] = 0.0
+    idx = tokens()
+    before = logits(model, idx)
+    trainable_before = count_params(model)[0]
+    shapes = {n: (m.in_features + m.out_features, m.rank) for n, m in layers.items()}
+    kept = prune_sora_model(model)
+    assert kept == {n: 4 - (i % 5) if i % 5 < 4 else 0 for i, n in enumerate(layers)}
+    assert torch.allclose(logits(model, idx), before, atol=1e-5)
+    # each layer loses its pruned ranks' rows of A and columns of B; its gate is baked into B
+    pruned = sum((r - kept[n]) * width for n, (width, r) in shapes.items())
+    gates = sum(r for _, r in shapes.values())
+    assert count_params(model)[0] == trainable_before - pruned - gates
+    new = adapter_layers(model)
+    assert all(type(m) is LoRALinear and m.rank == kept[n] for n, m in new.items())
+    assert set(new) == {n for n, r in kept.items() if r}  # all-zero layers are their base Linear again
+
+
+@pytest.mark.parametrize("spacing", ["linear", "log_linear", "exp_linear"])
+def test_lambda_schedule(spacing):
+    values = lambda_schedule(0.5, 5.0, 4, spacing)
+    assert len(values) == 4 and values[0] == pytest.approx(0.5) and values[-1] == pytest.approx(5.0)
+    if spacing == "linear":
+        assert values == pytest.approx([0.5, 2.0, 3.5, 5.0])
+    elif spacing == "log_linear":  # evenly spaced in exp(λ)
+        exps = [math.exp(v) for v in values]
+        assert exps[1] - exps[0] == pytest.approx(exps[3] - exps[2])
+    else:  # evenly spaced in log λ: a constant ratio
+        assert values[1] / values[0] == pytest.approx(values[3] / values[2]) == pytest.approx(10 ** (1 / 3))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SoRAOptimizer([nn.Parameter(torch.ones(2))], sparse_lambda=-1.0), "sparse_lambda must be >= 0"),
+    (lambda: inject_adapters(tiny("gpt"), "sora", rank=0), "positive int"),
+    (lambda: inject_adapters(tiny("gpt"), "sora", targets=["transformer.h.0.attn.c_prj"]), "matches no module"),
+    (lambda: inject_adapters(tiny("gpt"), "sora", targets=["ln_f"]), "not nn.Linear"),
+    (lambda: inject_adapters(tiny("gpt"), "sora", gate_init="zeros"), "gate_init"),
+    (lambda: lambda_schedule(0.0, 1.0, 3, "exp_linear"), "start λ > 0"),
+    (lambda: build_sora_optimizers(tiny("gpt")), "no trainable SoRA gates"),
+])
+def test_bad_input(make, message):
+    with pytest.raises(AdapterError, match=message):
+        make()
+
+
+def test_explicit_module_names():
+    model = tiny("gpt")
+    names = inject_adapters(model, "sora", targets=["transformer.h.0.attn.c_proj", "lm_head"], rank=2)
+    assert names == ["transformer.h.0.attn.c_proj", "lm_head"]
+    assert set(effective_ranks(model)) == set(names)
+
+
+def test_train_sora_end_to_end(char_data, tmp_path):
+    """Both optimizers step on their schedules, ranks are logged, and the pruned adapter is smaller and
+    reproduces the trained model."""
+    out = tmp_path / "sora"
+    train.train(tiny_args(char_data, out, adapter="sora", lora_rank=4, sora_lambda=2.0, sora_lambda_max=8.0,
+                          sora_lambda_levels=3, sora_lambda_every=10, sora_gate_lr=5e-3, max_iters=30,
+                          eval_interval=30, learning_rate=3e-3, weight_decay=0.1, lr_decay_iters=30), environ={})
+    ckpt = load_checkpoint(str(out))
+    model = build_model(ckpt)
+    ranks = effective_ranks(model)
+    assert 0 < sum(ranks.values()) < 4 * len(ranks)  # some gates switched off, not all
+    rows = [r for r in train.read_metrics(str(out)) if r["train_loss"] is not None]
+    last = rows[-1]
+    assert last["effective_rank"] == ranks  # logged ranks are the model's (the step at 29 is the last)
+    layers = adapter_layers(model)
+    assert last["adapter_params_remaining"] == sum(r * (layers[n].in_features + layers[n].out_features + 1)
+                                                   for n, r in ranks.items())
+    assert [r["sora_lambda"] for r in rows if r["iter"] in (0, 10, 29)] == pytest.approx([2.0, 5.0, 8.0])
+    # the gate optimizer ran on its own peak learning rate, the rest on learning_rate, same schedule
+    c = ckpt["config"]
+    ratio = train.get_lr(30, c) / c["learning_rate"]  # the schedule is set before the final save at 30
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3 * ratio)
+    assert ckpt["extra_optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(5e-3 * ratio)
+    assert ckpt["extra_optimizers"][0]["param_groups"][0]["weight_decay"] == 0.0
+    assert os.path.isfile(out / "sora_effective_rank.png")
+
+    # adapter_pruned.pt: smaller, a plain LoRA, and the same logits as the trained gated model
+    assert os.path.getsize(out / "adapter_pruned.pt") < os.path.getsize(out / "adapter.pt")
+    base = GPT(GPTConfig(**ckpt["model_args"]))
+    base.load_state_dict({k.replace(".base.", "."): v for k, v in ckpt["model"].items() if ".lora_" not in k
+                          and not k.endswith(".gate")})
+    blob = load_adapter(base, str(out / "adapter_pruned.pt"))
+    assert blob["adapter"]["kind"] == "lora"
+    assert {n: m.rank for n, m in adapter_layers(base).items()} == {n: r for n, r in ranks.items() if r}
+    idx = torch.randint(0, 65, (2, 32))
+    assert torch.allclose(logits(base, idx), logits(model, idx), atol=1e-5)
+    assert sum(v.numel() for v in adapter_state_dict(base).values()) < sum(
+        v.numel() for v in adapter_state_dict(model).values())
+
+
+def test_train_rejects_negative_lambda(char_data, tmp_path):
+    with pytest.raises(AdapterError, match="sparse_lambda must be >= 0"):
+        train.train(tiny_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})
