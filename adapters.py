@@ -26,9 +26,11 @@ adds its parameters and `delta_weight()`, and registers itself in ADAPTERS.
 
 import fnmatch
 import math
+import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # Linears adapted when no targets are given: attention q/k/v and output projection, both MLP
 # Linears and the LM head, for both model layouts of model.py (GPT: c_attn c_proj c_fc lm_head;
@@ -46,14 +48,18 @@ class AdapterError(ValueError):
 
 
 class AdapterLinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank branch. Subclasses define the branch."""
+    """A frozen nn.Linear plus a trainable low-rank branch ΔW = s · B' A, given by factors().
+    With use_dora, DoRA's magnitude m rescales each output row of W + ΔW to m / ‖W + ΔW‖_row."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, dropout=0.0, use_dora=False):
         super().__init__()
         if type(base) is not nn.Linear:
             raise AdapterError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
         self.base = base
         self.base.requires_grad_(False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # DoRA (Liu et al. 2024): m starts at the row norms of W, so the layer starts as the base
+        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(base.weight.dtype)) if use_dora else None
         self.merged = False
 
     @property
@@ -68,30 +74,63 @@ class AdapterLinear(nn.Module):
     def weight(self):  # code that reads layer.weight (e.g. weight tying, init) still works
         return self.base.weight
 
-    def adapter_forward(self, x):
+    def factors(self):
+        """(B', A, s) with ΔW = s · B' A: B' (out, r), A (r, in)."""
         raise NotImplementedError
+
+    def adapter_forward(self, x):
+        B, A, s = self.factors()
+        return (self.lora_dropout(x) @ A.T) @ B.T * s  # never materialises B A
 
     def delta_weight(self):
         """The branch as a dense (out, in) matrix in fp32; only merge and tests build it."""
-        raise NotImplementedError
+        B, A, s = self.factors()
+        return (B.float() @ A.float()) * s
+
+    @torch.no_grad()
+    def weight_norm(self):
+        """‖W + ΔW‖ per output row without forming W + ΔW (peft PR #3387):
+        ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖², with ⟨W_i, ΔW_i⟩ = s (B' ⊙ (A Wᵀ)ᵀ)_i·1 and
+        ‖ΔW_i‖² = s² (B' (A Aᵀ) ⊙ B')_i·1. No gradient flows through it (DoRA §4.3)."""
+        B, A, s = (t.float() if torch.is_tensor(t) else t for t in self.factors())
+        W = self.base.weight.float()
+        cross = (B * (A @ W.T).T).sum(1)  # (out,)
+        delta_sq = ((B @ (A @ A.T)) * B).sum(1)
+        return (W.pow(2).sum(1) + 2 * s * cross + s * s * delta_sq).clamp_min(0).sqrt()
 
     def forward(self, x):
-        y = self.base(x)
-        return y if self.merged else y + self.adapter_forward(x)
+        if self.merged:
+            return self.base(x)
+        if self.magnitude is None:
+            return self.base(x) + self.adapter_forward(x)
+        # DoRA: y = m / ‖W + ΔW‖ ⊙ (x Wᵀ + x ΔWᵀ) + b, the bias not rescaled, ΔW through its factors
+        scale = self.magnitude / self.weight_norm().to(self.magnitude.dtype)
+        y = (F.linear(x, self.base.weight) + self.adapter_forward(x)) * scale
+        return y if self.base.bias is None else y + self.base.bias
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + delta in fp32, cast once. Idempotent. The merged weight is a new tensor, so a weight
-        shared with another module (GPT's head is tied to the token embedding) is untied, not changed."""
-        if not self.merged:
-            self._set_weight(self.base.weight.float() + self.delta_weight())
-            self.merged = True
+        """W <- W + ΔW (DoRA: W <- m / ‖W + ΔW‖ ⊙ (W + ΔW)) in fp32, cast once. Idempotent. The merged
+        weight is a new tensor, so a weight shared with another module (GPT's head is tied to the token
+        embedding) is untied, not changed."""
+        if self.merged:
+            return
+        W = self.base.weight.float() + self.delta_weight()
+        if self.magnitude is not None:
+            self._merge_scale = self.magnitude.float() / self.weight_norm()  # kept to unmerge exactly
+            W = self._merge_scale[:, None] * W
+        self._set_weight(W)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
-        if self.merged:
-            self._set_weight(self.base.weight.float() - self.delta_weight())
-            self.merged = False
+        if not self.merged:
+            return
+        W = self.base.weight.float()
+        if self.magnitude is not None:
+            W = W / self._merge_scale[:, None]
+        self._set_weight(W - self.delta_weight())
+        self.merged = False
 
     def _set_weight(self, w):
         if not torch.isfinite(w).all():  # peft's safe_merge: never write inf/nan into the base
@@ -99,8 +138,8 @@ class AdapterLinear(nn.Module):
         self.base.weight = nn.Parameter(w.to(self.base.weight.dtype), requires_grad=False)
 
 
-def check_rank(rank, base: nn.Linear):
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+def check_rank(rank, base: nn.Linear, minimum=1):
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < minimum:
         raise AdapterError(f"adapter rank must be a positive int, got {rank!r}")
     if rank > min(base.in_features, base.out_features):
         raise AdapterError(f"adapter rank {rank} is larger than the layer ({base.in_features} -> "
@@ -108,10 +147,12 @@ def check_rank(rank, base: nn.Linear):
 
 
 class LoRALinear(AdapterLinear):
-    """LoRA (Hu et al. 2021): y = W x + (dropout(x) Aᵀ) Bᵀ · alpha / r. loralib names and init."""
+    """LoRA (Hu et al. 2021): y = W x + (dropout(x) Aᵀ) Bᵀ · alpha / r. loralib names and init.
+    use_dora=True adds DoRA's magnitude (kind 'dora')."""
 
-    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None):
-        super().__init__(base)
+    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None,
+                 use_dora=False):
+        super().__init__(base, dropout, use_dora)
         check_rank(rank, base)
         self.rank = rank
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size is rank-free.
@@ -121,16 +162,19 @@ class LoRALinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # loralib / peft: as nn.Linear's default
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def adapter_forward(self, x):
-        return (self.lora_dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling
-
-    def delta_weight(self):
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+    def factors(self):
+        return self.lora_B, self.lora_A, self.scaling
 
     def extra_repr(self):
-        return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"rank={self.rank}, scaling={self.scaling:g}, dora={self.magnitude is not None}, merged={self.merged}"
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024): LoRA with a learnable magnitude per output row."""
+
+    def __init__(self, base: nn.Linear, **settings):
+        super().__init__(base, use_dora=True, **settings)
 
 
 class SoRALinear(LoRALinear):
@@ -147,11 +191,8 @@ class SoRALinear(LoRALinear):
         init = torch.randn if gate_init == "randn" else torch.ones
         self.gate = nn.Parameter(init(rank, device=base.weight.device, dtype=base.weight.dtype))
 
-    def adapter_forward(self, x):
-        return ((self.lora_dropout(x) @ self.lora_A.T) * self.gate) @ self.lora_B.T * self.scaling
-
-    def delta_weight(self):
-        return (self.lora_B.float() * self.gate.float()) @ self.lora_A.float() * self.scaling
+    def factors(self):
+        return self.lora_B * self.gate, self.lora_A, self.scaling  # B diag(g): an (out, r) product, cheap
 
     def effective_rank(self):
         return int((self.gate != 0).sum())
@@ -174,8 +215,74 @@ class SoRALinear(LoRALinear):
         return super().extra_repr() + f", effective_rank={self.effective_rank()}"
 
 
+UNALLOCATED_WARNING_AFTER = 100
+
+
+class AdaLoRALinear(AdapterLinear):
+    """AdaLoRA (Zhang et al. 2023): ΔW = B diag(E) A · alpha / ranknum in SVD form; RankAllocator
+    zeroes the least important entries of E. use_dora=True adds DoRA's magnitude (AdaDoRA).
+    A, B ~ N(0, 0.02) and E = 0, so the layer starts as its base (peft#1798 once drew E randomly).
+    ranknum is the initial rank, fixed: masking ranks does not rescale the others."""
+
+    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_dora=False, ranknum=None):
+        super().__init__(base, dropout, use_dora)
+        check_rank(rank, base, minimum=0 if ranknum else 1)  # a sliced layer may keep no rank at all
+        self.rank, self.ranknum = rank, ranknum or rank
+        self.scaling = alpha / self.ranknum
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, **kw) * 0.02)
+        self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, **kw) * 0.02)
+        self.lora_E = nn.Parameter(torch.zeros(rank, **kw))
+        self.forwards_since_allocation = 0
+
+    def factors(self):
+        return self.lora_B * self.lora_E, self.lora_A, self.scaling
+
+    def forward(self, x):
+        # a training loop that never calls RankAllocator.update_and_allocate trains a plain, fixed-rank
+        # SVD adapter: say so once (not while torch.compile traces, which a counter would re-trigger)
+        if self.training and not torch.compiler.is_compiling():
+            self.forwards_since_allocation += 1
+            if self.forwards_since_allocation == UNALLOCATED_WARNING_AFTER:
+                warnings.warn(f"AdaLoRA layers ran {UNALLOCATED_WARNING_AFTER} training forwards without "
+                              "RankAllocator.update_and_allocate(step): no rank is being allocated. Call it after "
+                              "optimizer.step() and before optimizer.zero_grad()", stacklevel=2)
+        return super().forward(x)
+
+    def effective_rank(self):
+        return int((self.lora_E != 0).sum())
+
+    @torch.no_grad()
+    def keep_ranks(self, keep):
+        """The same layer with only the ranks in the bool mask `keep` (same outputs when the others
+        have E = 0): what an adapter-only save sliced to the allocated ranks holds."""
+        dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        layer = AdaLoRALinear(self.base, rank=int(keep.sum()), dropout=dropout, use_dora=self.magnitude is not None,
+                              ranknum=self.ranknum)
+        layer.scaling = self.scaling
+        for name in ("lora_A", "lora_E"):
+            getattr(layer, name).copy_(getattr(self, name)[keep])
+        layer.lora_B.copy_(self.lora_B[:, keep])
+        if self.magnitude is not None:
+            layer.magnitude.copy_(self.magnitude)
+        layer.merged = self.merged
+        return layer
+
+    def extra_repr(self):
+        return (f"rank={self.rank}, ranknum={self.ranknum}, scaling={self.scaling:g}, "
+                f"dora={self.magnitude is not None}, effective_rank={self.effective_rank()}")
+
+
+class AdaDoRALinear(AdaLoRALinear):
+    """AdaDoRA: AdaLoRA's SVD-form adapter and rank allocation, DoRA's magnitude."""
+
+    def __init__(self, base: nn.Linear, **settings):
+        super().__init__(base, use_dora=True, **settings)
+
+
 # kind -> layer class; train.py's `adapter` config key picks one ('none' injects nothing)
-ADAPTERS = {"lora": LoRALinear, "sora": SoRALinear}
+ADAPTERS = {"lora": LoRALinear, "sora": SoRALinear, "dora": DoRALinear, "adalora": AdaLoRALinear,
+            "adadora": AdaDoRALinear}
 
 
 # -----------------------------------------------------------------------------
@@ -368,8 +475,9 @@ def lambda_schedule(start, stop, levels, spacing="linear"):
 
 
 def effective_ranks(model):
-    """{layer name: number of non-zero gates} for every SoRA layer."""
-    return {n: m.effective_rank() for n, m in adapter_layers(model).items() if isinstance(m, SoRALinear)}
+    """{layer name: ranks in use} for every layer with a sparse rank: nnz(gate) for SoRA, nnz(E) for
+    AdaLoRA / AdaDoRA."""
+    return {n: m.effective_rank() for n, m in adapter_layers(model).items() if hasattr(m, "effective_rank")}
 
 
 def prune_sora_model(model):
@@ -388,3 +496,139 @@ def prune_sora_model(model):
 def merge_sora_model(model):
     """Fold s · B diag(g) A into every base weight and drop the branches (merge_adapters)."""
     return merge_adapters(model)
+
+
+# -----------------------------------------------------------------------------
+# AdaLoRA / AdaDoRA: importance-based rank allocation, orthogonality regulariser, slicing
+
+
+class RankAllocator:
+    """AdaLoRA's budget allocation over every AdaLoRALinear of a model (QingruZhang/AdaLoRA
+    loralib/adalora.py, peft tuners/adalora). Call update_and_allocate(step) after optimizer.step()
+    and before optimizer.zero_grad(): the importance reads the gradients of that step.
+
+    - importance per element I = |p ⊙ ∇p|; sensitivity Ī <- β1 Ī + (1-β1) I; uncertainty
+      Ū <- β2 Ū + (1-β2) |I - Ī|; score Ī ⊙ Ū; a rank's score is score(E_i) + mean_j score(A_ij) +
+      mean_j score(B_ji).
+    - budget (ranks over all layers): init_r · n until tinit, then cubic decay to target_r · n at
+      total_step - tfinal, masking every deltaT steps; after that the final mask every step (a
+      masked E still has a gradient and would regrow)."""
+
+    def __init__(self, model, target_r, total_step, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85):
+        self.layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, AdaLoRALinear)}
+        if not self.layers:
+            raise AdapterError("RankAllocator needs AdaLoRA layers: inject_adapters(model, 'adalora' or 'adadora')")
+        self.init_r = next(iter(self.layers.values())).rank
+        if not 0 < target_r <= self.init_r:
+            raise AdapterError(f"target_r must be in 1..init rank {self.init_r}, got {target_r}")
+        if not 0 <= tinit < total_step - tfinal:
+            raise AdapterError(f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, "
+                               f"tfinal={tfinal}, total_step={total_step}: lower tinit / tfinal or train longer")
+        self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = target_r, total_step, tinit, tfinal, deltaT
+        self.beta1, self.beta2 = beta1, beta2
+        self.init_budget = self.init_r * len(self.layers)
+        self.target_budget = target_r * len(self.layers)
+        self.sensitivity, self.uncertainty = {}, {}
+        self.final_mask = None
+
+    def budget(self, step):
+        """(total ranks allowed at `step`, whether to mask at this step)."""
+        if step <= self.tinit:
+            return self.init_budget, False
+        if step >= self.total_step - self.tfinal:
+            return self.target_budget, True
+        progress = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
+        return int((self.init_budget - self.target_budget) * progress**3 + self.target_budget), step % self.deltaT == 0
+
+    @torch.no_grad()
+    def update_importance(self):
+        for name, layer in self.layers.items():
+            for pname in ("lora_A", "lora_B", "lora_E"):
+                p = getattr(layer, pname)
+                if p.grad is None:  # e.g. a layer the loss did not reach
+                    continue
+                key = f"{name}.{pname}"
+                ipt = (p * p.grad).abs().float()
+                if key not in self.sensitivity:
+                    self.sensitivity[key] = torch.zeros_like(ipt)
+                    self.uncertainty[key] = torch.zeros_like(ipt)
+                self.sensitivity[key].mul_(self.beta1).add_((1 - self.beta1) * ipt)
+                self.uncertainty[key].mul_(self.beta2).add_((1 - self.beta2) * (ipt - self.sensitivity[key]).abs())
+
+    def rank_scores(self):
+        """{layer: (r,) score of each rank}."""
+        scores = {}
+        for name, layer in self.layers.items():
+            s = {p: self.sensitivity[f"{name}.{p}"] * self.uncertainty[f"{name}.{p}"]
+                 if f"{name}.{p}" in self.sensitivity else torch.zeros_like(getattr(layer, p), dtype=torch.float32)
+                 for p in ("lora_A", "lora_B", "lora_E")}
+            scores[name] = s["lora_E"] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+        return scores
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget):
+        """Zero the E entries of the (total - budget) lowest-scoring ranks over all layers. The anchors
+        mask score <= kthvalue; taking exactly the k lowest keeps the count exact under ties."""
+        scores = self.rank_scores()
+        flat = torch.cat(list(scores.values()))
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep[torch.argsort(flat)[: len(flat) - budget]] = False
+        masks, offset = {}, 0
+        for name, layer in self.layers.items():
+            masks[name] = keep[offset : offset + layer.rank]
+            offset += layer.rank
+        self.apply_mask(masks)
+        return masks
+
+    @torch.no_grad()
+    def apply_mask(self, masks):
+        for name, keep in masks.items():
+            self.layers[name].lora_E.masked_fill_(~keep.to(self.layers[name].lora_E.device), 0.0)
+
+    def update_and_allocate(self, step):
+        """After optimizer.step(), before zero_grad(). Returns the budget in force."""
+        for layer in self.layers.values():
+            layer.forwards_since_allocation = 0
+        if self.final_mask is not None and step > self.total_step - self.tfinal:
+            self.apply_mask(self.final_mask)  # re-applied every step: masked E would regrow
+            return self.target_budget
+        self.update_importance()
+        budget, mask_now = self.budget(step)
+        if mask_now:
+            masks = self.mask_to_budget(budget)
+            if step >= self.total_step - self.tfinal:
+                self.final_mask = masks
+        return budget
+
+    def state_dict(self):
+        return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty, "final_mask": self.final_mask}
+
+    def load_state_dict(self, state):
+        self.sensitivity, self.uncertainty = state["sensitivity"], state["uncertainty"]
+        self.final_mask = state["final_mask"]
+
+
+def orthogonal_regularization(model):
+    """Mean over every AdaLoRA A and B of ‖A Aᵀ - I‖_F and ‖Bᵀ B - I‖_F (peft's AdaLoraModel.forward),
+    keeping P = B and Q = A near-orthogonal as in the SVD they stand for. Added to the loss × weight."""
+    terms = []
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, AdaLoRALinear) and layer.rank > 0:
+            A, B = layer.lora_A, layer.lora_B
+            eye = torch.eye(layer.rank, device=A.device, dtype=A.dtype)
+            terms += [torch.linalg.matrix_norm(A @ A.T - eye), torch.linalg.matrix_norm(B.T @ B - eye)]
+    if not terms:
+        raise AdapterError("orthogonal_regularization needs AdaLoRA layers in the model")
+    return torch.stack(terms).mean()
+
+
+def slice_adalora_model(model):
+    """Replace every AdaLoRA layer by one holding only its ranks with E != 0 (same outputs), so that
+    adapter_state_dict() is as small as the allocated budget. Returns {name: kept rank}."""
+    kept = {}
+    for name, layer in adapter_layers(model).items():
+        if isinstance(layer, AdaLoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.keep_ranks(layer.lora_E != 0))
+            kept[name] = layer.effective_rank()
+    return kept

@@ -45,8 +45,8 @@ def _parse(text, default=None):
 
 
 def config_defaults(names):
-    """A script's config keys: its lower-case globals holding an int, float, bool or str."""
-    return {k: v for k, v in names.items() if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    """A script's config keys: its globals holding an int, float, bool or str, but not CONSTANTS."""
+    return {k: v for k, v in names.items() if not k.isupper() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
 def configure(defaults, argv, environ=None, test_overrides=None):

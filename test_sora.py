@@ -203,7 +203,7 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3 * ratio)
     assert ckpt["extra_optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(5e-3 * ratio)
     assert ckpt["extra_optimizers"][0]["param_groups"][0]["weight_decay"] == 0.0
-    assert os.path.isfile(out / "sora_effective_rank.png")
+    assert os.path.isfile(out / "effective_rank.png")
 
     # adapter_pruned.pt: smaller, a plain LoRA, and the same logits as the trained gated model
     assert os.path.getsize(out / "adapter_pruned.pt") < os.path.getsize(out / "adapter.pt")

@@ -76,7 +76,7 @@ def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
             assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 50 and set(t) <= vocab
 
 
-@pytest.mark.parametrize("adapter", ["none", "lora", "sora"])
+@pytest.mark.parametrize("adapter", ["none", "lora", "sora", "adadora"])
 def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter):
     # dropout on, so the restored RNG state matters too
     kw = dict(adapter=adapter, dropout=0.1, lora_dropout=0.1, eval_interval=4, lr_decay_iters=8)

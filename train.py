@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import (ADAPTERS, AdapterError, adapter_layers, adapter_state_dict, build_sora_optimizers, count_params,
-                      effective_ranks, inject_adapters, lambda_schedule, merge_adapters, prune_sora_model)
+from adapters import (ADAPTERS, AdapterError, RankAllocator, adapter_layers, adapter_state_dict, build_sora_optimizers,
+                      count_params, effective_ranks, inject_adapters, lambda_schedule, merge_adapters,
+                      orthogonal_regularization, prune_sora_model, slice_adalora_model)
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
@@ -59,7 +60,7 @@ n_embd = 384
 dropout = 0.2
 bias = False
 # adapter
-adapter = "none"  # 'none' | 'lora' | 'sora'
+adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora'
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.0
@@ -75,6 +76,15 @@ sora_lambda_spacing = "linear"  # 'linear' | 'log_linear' | 'exp_linear'
 sora_gate_lr = 0.0  # peak learning rate of the gates; 0 = learning_rate
 sora_gate_init = "randn"  # 'randn' (the SoRA code's) | 'ones'
 sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.pt
+# AdaLoRA / AdaDoRA: lora_rank is the initial rank; the budget falls to adalora_target_r per layer on average
+adalora_target_r = 4
+adalora_tinit = 0  # iterations at the full budget
+adalora_tfinal = 0  # final iterations at the target budget, mask fixed
+adalora_deltaT = 10  # iterations between two allocations
+adalora_beta1 = 0.85  # EMA of the sensitivity
+adalora_beta2 = 0.85  # EMA of the uncertainty
+adalora_orth_reg_weight = 0.5  # weight of the orthogonality regulariser on A and B (peft's default)
+adalora_prune = True  # at the end, save adapter_pruned.pt holding only the ranks with E != 0
 # AdamW
 learning_rate = 1e-3
 max_iters = 5000
@@ -110,7 +120,9 @@ class DataError(FileNotFoundError):
 
 def adapter_settings(c):
     """The adapter layer's keyword arguments, from the flat config keys."""
-    settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], use_rslora=c["use_rslora"])
+    settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"])
+    if c["adapter"] in ("lora", "sora", "dora"):
+        settings["use_rslora"] = c["use_rslora"]
     if c["adapter"] == "sora":
         settings["gate_init"] = c["sora_gate_init"]
     return settings
@@ -135,12 +147,14 @@ def sora_lambda_at(it, c):
 
 
 def adapter_report(model):
-    """Per-step adapter statistics for the log: SoRA's effective rank per layer and what remains."""
+    """Per-step adapter statistics for the log: effective rank per layer (SoRA gates, AdaLoRA E) and
+    the adapter parameters in use (r · (in + out + 1) per layer, plus DoRA magnitudes)."""
     ranks = effective_ranks(model)
     if not ranks:
         return {}
     layers = adapter_layers(model)
     remaining = sum(r * (layers[n].in_features + layers[n].out_features + 1) for n, r in ranks.items())
+    remaining += sum(m.magnitude.numel() for m in layers.values() if m.magnitude is not None)
     return {"effective_rank": ranks, "adapter_params_remaining": remaining}
 
 
@@ -211,19 +225,24 @@ def load_base(c, meta):
 
 
 def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
-    """Prune the SoRA layers in place and save the plain LoRA of the kept ranks as adapter_pruned.pt."""
+    """Drop the unused ranks in place and save the smaller adapter as adapter_pruned.pt: SoRA becomes
+    the plain LoRA of its non-zero gates; AdaLoRA / AdaDoRA keep only the ranks with E != 0."""
     before = sum(v.numel() for v in adapter_state_dict(model).values())
-    kept = prune_sora_model(model)
-    layers = adapter_layers(model)
-    pruned = dict(kind="lora", targets=[n for n, r in kept.items() if r], settings=dict(dropout=info["settings"]["dropout"]),
-                  train_embeddings=info["train_embeddings"],
-                  layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r})
+    if info["kind"] == "sora":
+        kept = prune_sora_model(model)
+        layers = adapter_layers(model)
+        pruned = dict(kind="lora", targets=[n for n, r in kept.items() if r],
+                      settings=dict(dropout=info["settings"]["dropout"]), train_embeddings=info["train_embeddings"],
+                      layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r})
+    else:
+        kept = slice_adalora_model(model)
+        pruned = dict(info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()})
     state = adapter_state_dict(model)
     path = os.path.join(out_dir, "adapter_pruned.pt")
     save_atomic({"format": FORMAT, "adapter": pruned, "model_type": model_type, "model_args": model_args,
                  "base": base, "state": state}, path)
     after = sum(v.numel() for v in state.values())
-    print(f"pruned SoRA: ranks {kept}; adapter parameters {before:,} -> {after:,}; wrote {path} "
+    print(f"pruned {info['kind']}: ranks {kept}; adapter parameters {before:,} -> {after:,}; wrote {path} "
           f"({os.path.getsize(path):,} bytes)")
     return path
 
@@ -315,6 +334,9 @@ def _train(c, device, ddp, rank, world):
     torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not (below)
 
     optimizers = build_optimizers(model, c, device_type)
+    adaptive = c["adapter"] in ("adalora", "adadora")
+    allocator = RankAllocator(model, c["adalora_target_r"], c["max_iters"], c["adalora_tinit"], c["adalora_tfinal"],
+                              c["adalora_deltaT"], c["adalora_beta1"], c["adalora_beta2"]) if adaptive else None
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
     # training batches: one generator, the same on every process, drawing all micro-batches of a
     # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
@@ -323,6 +345,8 @@ def _train(c, device, ddp, rank, world):
     if resume:
         for (opt, _), state in zip(optimizers, [ckpt["optimizer"], *ckpt.get("extra_optimizers", [])]):
             opt.load_state_dict(state)
+        if allocator:
+            allocator.load_state_dict(ckpt["allocator"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         batches.set_state(ckpt["rng"]["batches"])
         if master:
@@ -377,6 +401,8 @@ def _train(c, device, ddp, rank, world):
                 "model_type": model_type, "model_args": model_args, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": c, "adapter": info,
                 "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()}}
+        if allocator:
+            ckpt["allocator"] = allocator.state_dict()
         save_atomic(ckpt, ckpt_file)
         if info["kind"] != "none":
             blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
@@ -430,21 +456,28 @@ def _train(c, device, ddp, rank, world):
         t0 = time.time()
         ix = torch.randint(n_train, (c["gradient_accumulation_steps"], c["batch_size"]), generator=batches)
         loss_sum = torch.zeros((), device=device)
+        ortho = None
         for micro_step in range(accum):
             X, Y = get_batch(data_dir, "train", ix[rank * accum + micro_step], c["block_size"], device)
             if ddp:  # all-reduce gradients only at the last micro-step
                 model.require_backward_grad_sync = micro_step == accum - 1
             with autocast:
                 _, loss = model(X, Y)
-            scaler.scale(loss / accum).backward()
+            total_loss = loss
+            if adaptive and c["adalora_orth_reg_weight"] > 0:  # once per step: 1/accum of it per micro-step
+                ortho = orthogonal_regularization(raw_model)
+                total_loss = loss + c["adalora_orth_reg_weight"] * ortho
+            scaler.scale(total_loss / accum).backward()
             loss_sum += loss.detach().float()
+        for opt, _ in optimizers:
+            scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
         if c["grad_clip"] > 0:
-            for opt, _ in optimizers:
-                scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
         for opt, _ in optimizers:
             scaler.step(opt)
         scaler.update()
+        if allocator:  # AdaLoRA's order: after optimizer.step(), before zero_grad() (the anchors')
+            budget = allocator.update_and_allocate(iter_num)
         for opt, _ in optimizers:
             opt.zero_grad(set_to_none=True)
 
@@ -466,6 +499,10 @@ def _train(c, device, ddp, rank, world):
                     row["sora_lambda"] = sparse_lambda
                     print(f"  sora: λ {sparse_lambda:g}, {row['adapter_params_remaining']:,} adapter parameters remain, "
                           f"effective ranks {list(row['effective_rank'].values())}")
+                if allocator:
+                    row.update(rank_budget=budget, ortho_loss=ortho.item() if ortho is not None else None)
+                    print(f"  {c['adapter']}: budget {budget} of {allocator.init_budget} ranks, ranks in use "
+                          f"{list(row['effective_rank'].values())}" + (f", ortho {ortho.item():.4f}" if ortho is not None else ""))
                 row.setdefault("val_loss", None)
                 log(row)
                 last = row
@@ -474,11 +511,11 @@ def _train(c, device, ddp, rank, world):
     if master:
         print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}; "
               f"best val loss {best_val_loss:.4f}")
-        if c["adapter"] == "sora" and not c["eval_only"]:
+        if effective_ranks(raw_model) and not c["eval_only"]:
             import plots
 
-            print(f"wrote {plots.plot_effective_ranks(out_dir)}")
-            if c["sora_prune"]:
+            print(f"wrote {plots.plot_effective_ranks(out_dir)} and {plots.plot_rank_allocation(out_dir)}")
+            if c["sora_prune"] if c["adapter"] == "sora" else c["adalora_prune"]:
                 save_pruned_adapter(raw_model, info, model_type, model_args, c["init_from"], out_dir)
     if wandb:
         wandb.finish()
