@@ -26,7 +26,9 @@ adds its parameters and `delta_weight()`, and registers itself in ADAPTERS.
 
 import fnmatch
 import math
+import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,7 @@ class AdapterLinear(nn.Module):
         # DoRA (Liu et al. 2024): m starts at the row norms of W, so the layer starts as the base
         self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(base.weight.dtype)) if use_dora else None
         self.merged = False
+        self.frozen = set()  # names of the layer's own parameters that stay frozen (besides base.*)
 
     @property
     def in_features(self):
@@ -282,7 +285,7 @@ class AdaDoRALinear(AdaLoRALinear):
 
 # kind -> layer class; train.py's `adapter` config key picks one ('none' injects nothing)
 ADAPTERS = {"lora": LoRALinear, "sora": SoRALinear, "dora": DoRALinear, "adalora": AdaLoRALinear,
-            "adadora": AdaDoRALinear}
+            "adadora": AdaDoRALinear}  # + "pissa" (RotationalPiSSALinear), registered below its class
 
 
 # -----------------------------------------------------------------------------
@@ -344,7 +347,7 @@ def mark_trainable(model, train_embeddings=False):
     for m in model.modules():
         if isinstance(m, AdapterLinear):
             for n, p in m.named_parameters():
-                p.requires_grad_(not n.startswith("base."))
+                p.requires_grad_(not n.startswith("base.") and n not in m.frozen)
     for m in model.modules():  # after the adapters: a head tied to the embedding trains with it
         if train_embeddings and isinstance(m, nn.Embedding):
             m.weight.requires_grad_(True)
@@ -632,3 +635,279 @@ def slice_adalora_model(model):
             setattr(model.get_submodule(parent), child, layer.keep_ranks(layer.lora_E != 0))
             kept[name] = layer.effective_rank()
     return kept
+
+
+# -----------------------------------------------------------------------------
+# Rotational PiSSA: SVD-initialised principal adapter, trained through rotations
+
+
+# QLoRA's 16 NormalFloat-4 levels (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table)
+NF4_LEVELS = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                           0.7229568362236023, 1.0])
+
+
+def nf4_quantize(w, block_size=64):
+    """Block-wise absmax NF4: each block of `block_size` values is divided by its absmax and rounded to
+    the nearest NF4 level. Returns (codes uint8 (numel,), absmax fp32 (blocks,)); plain torch, any device."""
+    flat = w.detach().float().reshape(-1)
+    pad = (-flat.numel()) % block_size
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1).clamp_min(1e-12)
+    levels = NF4_LEVELS.to(flat.device)
+    codes = ((blocks / absmax[:, None])[..., None] - levels).abs().argmin(dim=-1)
+    return codes.reshape(-1)[: flat.numel()].to(torch.uint8), absmax
+
+
+def nf4_dequantize(codes, absmax, shape, block_size=64):
+    pad = (-codes.numel()) % block_size
+    values = NF4_LEVELS.to(absmax.device)[torch.cat([codes.long(), codes.new_zeros(pad).long()])]
+    return (values.view(-1, block_size) * absmax[:, None]).reshape(-1)[: codes.numel()].view(shape)
+
+
+def round_robin_pairs(r):
+    """r - 1 rounds (r even; r rounds of an r+1 circle when odd) of disjoint index pairs covering every
+    pair once: the circle method. Returns a (rounds, pairs, 2) long tensor."""
+    n = r + r % 2
+    players = list(range(n))
+    rounds = []
+    for _ in range(n - 1):
+        pairs = [(players[i], players[n - 1 - i]) for i in range(n // 2)]
+        rounds.append([p for p in pairs if max(p) < r])  # drop the odd r's dummy player
+        players = [players[0], players[-1], *players[1:-1]]
+    return torch.tensor(rounds, dtype=torch.long)
+
+
+class Rotation(nn.Module):
+    """An r x r rotation from trainable parameters, one of PiSSA's four ways:
+    way0 free matrix (init I; orthogonal only through a penalty), way1 product of Givens rotations,
+    way2 Cayley map of a low-rank skew-symmetric K = B Cᵀ - C Bᵀ, way3 matrix exponential of T - Tᵀ.
+    Ways 1-3 are exactly orthogonal for any parameter value."""
+
+    def __init__(self, r, method="way0", skew_rank=4, init_identity=True):
+        super().__init__()
+        self.r, self.method = r, method
+        noise = 0.0 if init_identity else 0.1
+        if method == "way0":
+            self.matrix = nn.Parameter(torch.eye(r) + noise * torch.randn(r, r))
+        elif method == "way1":  # angles of r - 1 rounds of disjoint Givens pairs: r (r - 1) / 2 = dim SO(r)
+            self.register_buffer("pairs", round_robin_pairs(r), persistent=False)
+            self.angles = nn.Parameter(noise * torch.randn(self.pairs.shape[:2]))
+        elif method == "way2":  # C = 0: K = 0 at init; B random so that C gets a gradient
+            k = min(skew_rank, r)
+            self.skew_B = nn.Parameter(torch.randn(r, k) / math.sqrt(r))
+            self.skew_C = nn.Parameter(noise * torch.randn(r, k))
+        elif method == "way3":
+            self.generator = nn.Parameter(noise * torch.randn(r, r))
+        else:
+            raise AdapterError(f"pissa method must be way0, way1, way2 or way3, got {method!r}")
+
+    def forward(self):
+        if self.method == "way0":
+            return self.matrix
+        if self.method == "way1":
+            R = torch.eye(self.r, device=self.angles.device, dtype=self.angles.dtype)
+            for pairs, theta in zip(self.pairs, self.angles):  # rows i, j of R mix by the angle of (i, j)
+                i, j = pairs[:, 0], pairs[:, 1]
+                c, s = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
+                Ri, Rj = R[i], R[j]
+                R = R.index_copy(0, i, c * Ri - s * Rj).index_copy(0, j, s * Ri + c * Rj)
+            return R
+        if self.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
+            K = (self.skew_B @ self.skew_C.T - self.skew_C @ self.skew_B.T).double()
+            eye = torch.eye(self.r, dtype=K.dtype, device=K.device)
+            return torch.linalg.solve(eye - K, eye + K).to(self.skew_B.dtype)
+        T = self.generator.double()  # way3: exp of a skew-symmetric matrix, computed in fp64, cast once
+        return torch.linalg.matrix_exp(T - T.T).to(self.generator.dtype)
+
+    def orthogonality_error(self):
+        R = self().double()
+        return torch.linalg.matrix_norm(R.T @ R - torch.eye(self.r, dtype=R.dtype, device=R.device))
+
+
+class RotationalPiSSALinear(AdapterLinear):
+    """Rotational PiSSA: W = U S Vᵀ (SVD), principal part P(θ) = s · U_r R_U diag(S_r) R_Vᵀ V_rᵀ with
+    U_r, V_r frozen and R_U, R_V (and S_r) trained; W' = W_res + P(θ), W_res = W - P(θ₀) frozen.
+    The base keeps W and the layer adds P(θ) - P(θ₀) through its factors (rank <= 2r): the same W',
+    with no separate W_res tensor, so adapter files apply to the original base and a head tied to the
+    embedding stays tied. quantize_residual stores W_res in NF4 instead and computes
+    deq(W_res) x + P(θ) x. The principal factors never form a dense matrix in the forward."""
+
+    def __init__(self, base: nn.Linear, rank=8, alpha=8.0, dropout=0.0, method="way0", init_identity=True,
+                 freeze_singular_values=False, quantize_residual=False, quantize_base_components=False,
+                 svd="full", svd_niter=4, skew_rank=4):
+        super().__init__(base, dropout)
+        check_rank(rank, base)
+        if svd not in ("full", "lowrank"):
+            raise AdapterError(f"pissa svd must be 'full' or 'lowrank', got {svd!r}")
+        self.rank, self.scaling, self.method = rank, alpha / rank, method
+        t0 = time.perf_counter()
+        W = base.weight.detach().float()
+        if svd == "full":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, V = U[:, :rank], S[:rank], Vh[:rank].T
+        else:  # randomized (Halko et al.), q = r as in peft's pissa_niter_N
+            U, S, V = torch.svd_lowrank(W, q=rank, niter=svd_niter)
+        self.init_seconds = time.perf_counter() - t0
+        if quantize_base_components:  # U and V as their NF4 round trip; W_res absorbs the difference
+            U, V = (nf4_dequantize(*nf4_quantize(M), M.shape) for M in (U, V))
+        dtype = base.weight.dtype
+        self.register_buffer("U", U.to(dtype).contiguous())  # (out, r)
+        self.register_buffer("V", V.to(dtype).contiguous())  # (in, r)
+        self.rotation_U = Rotation(rank, method, skew_rank, init_identity).to(base.weight.device)
+        self.rotation_V = Rotation(rank, method, skew_rank, init_identity).to(base.weight.device)
+        # trainable S holds S_r / s so that s · S is the principal part's singular values at init
+        self.singular_values = nn.Parameter((S / self.scaling).to(dtype))
+        if freeze_singular_values:
+            self.frozen.add("singular_values")
+        with torch.no_grad():  # P(θ₀) as frozen factors, kept to subtract (and to export the delta)
+            B0, A0 = self.principal_factors()
+        self.register_buffer("B0", B0.detach().clone())
+        self.register_buffer("A0", A0.detach().clone())
+        self.quantized = quantize_residual
+        if quantize_residual:
+            codes, absmax = nf4_quantize(W - (B0.float() @ A0.float()))
+            self.register_buffer("residual_codes", codes)
+            self.register_buffer("residual_absmax", absmax)
+            self._residual_cache, self._cache_key = None, None
+
+    def principal_factors(self):
+        """(B_θ (out, r), A_θ (r, in)) with P(θ) = B_θ A_θ = s · U R_U diag(S) R_Vᵀ Vᵀ."""
+        B = (self.U @ self.rotation_U()) * (self.singular_values * self.scaling)
+        A = (self.V @ self.rotation_V()).T
+        return B, A
+
+    def factors(self):
+        B, A = self.principal_factors()
+        if self.quantized:
+            return B, A, 1.0  # the forward adds deq(W_res) x itself
+        return torch.cat([B, -self.B0], dim=1), torch.cat([A, self.A0], dim=0), 1.0  # P(θ) - P(θ₀), rank 2r
+
+    def residual(self):
+        """deq(NF4(W_res)), rebuilt only when the codes change (e.g. a checkpoint load)."""
+        key = (self.residual_codes.data_ptr(), self.residual_codes._version)
+        if self._cache_key != key:
+            self._residual_cache = nf4_dequantize(self.residual_codes, self.residual_absmax, self.base.weight.shape)
+            self._residual_cache = self._residual_cache.to(self.base.weight.dtype)
+            self._cache_key = key
+        return self._residual_cache
+
+    def forward(self, x):
+        if self.quantized and not self.merged:
+            return F.linear(x, self.residual(), self.base.bias) + self.adapter_forward(x)
+        return super().forward(x)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W_res + U_r R_U diag(S_r) R_Vᵀ V_rᵀ (with the de-quantised residual when quantised)."""
+        if self.quantized and not self.merged:
+            self._unmerged_weight = self.base.weight
+            self._set_weight(self.residual().float() + self.delta_weight())
+            self.merged = True
+        super().merge()
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.quantized and self.merged:
+            self.base.weight, self.merged = self._unmerged_weight, False
+        super().unmerge()
+
+    def orthogonality_errors(self):
+        return [self.rotation_U.orthogonality_error(), self.rotation_V.orthogonality_error()]
+
+    @torch.no_grad()
+    def fold_rotations(self):
+        """U <- U R_U, V <- V R_V and the rotations back to identity: the same layer, re-centred (for
+        way1, a new set of Givens angles to train on top of the old ones)."""
+        self.U.copy_(self.U @ self.rotation_U())
+        self.V.copy_(self.V @ self.rotation_V())
+        for rot in (self.rotation_U, self.rotation_V):
+            for name, p in rot.named_parameters():
+                if name == "matrix":
+                    p.copy_(torch.eye(self.rank))
+                elif name != "skew_B":
+                    p.zero_()
+
+    @torch.no_grad()
+    def to_lora(self):
+        """Export ΔW = P(θ) - P(θ₀) as a plain LoRA of rank 2r on the original base weight."""
+        B, A = self.principal_factors()
+        lora = LoRALinear(self.base, rank=2 * self.rank, scaling=1.0)
+        lora.lora_A.copy_(torch.cat([A, self.A0], dim=0))
+        lora.lora_B.copy_(torch.cat([B, -self.B0], dim=1))
+        return lora
+
+    def extra_repr(self):
+        return f"rank={self.rank}, method={self.method}, scaling={self.scaling:g}, quantized={self.quantized}"
+
+
+def rotation_penalty(model):
+    """way0's penalty: the mean over every rotation of ‖RᵀR - I‖²_F (added to the loss × weight)."""
+    terms = []
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, RotationalPiSSALinear):
+            for rot in (layer.rotation_U, layer.rotation_V):
+                R = rot()
+                terms.append((R.T @ R - torch.eye(layer.rank, device=R.device, dtype=R.dtype)).pow(2).sum())
+    if not terms:
+        raise AdapterError("rotation_penalty needs Rotational PiSSA layers in the model")
+    return torch.stack(terms).mean()
+
+
+def max_orthogonality_error(model):
+    """The largest ‖RᵀR - I‖_F over every rotation of every PiSSA layer."""
+    with torch.no_grad():
+        return max(float(e) for layer in adapter_layers(model).values() if isinstance(layer, RotationalPiSSALinear)
+                   for e in layer.orthogonality_errors())
+
+
+def export_pissa_as_lora(model):
+    """Replace every PiSSA layer by the plain rank-2r LoRA of its ΔW on the original weights, in place."""
+    for name, layer in adapter_layers(model).items():
+        if isinstance(layer, RotationalPiSSALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.to_lora())
+    return model
+
+
+ADAPTERS["pissa"] = RotationalPiSSALinear
+
+
+@dataclass
+class RotationalPiSSAConfig:
+    r: int = 8
+    lora_alpha: float = 8.0  # scaling s = lora_alpha / r
+    method: str = "way0"  # way0 | way1 | way2 | way3
+    orthogonality_reg_weight: float = 1e-2  # way0's penalty weight (rotation_penalty)
+    init_identity: bool = True
+    freeze_singular_values: bool = False
+    quantize_residual: bool = False
+    quantize_base_components: bool = False
+    svd: str = "full"  # 'full' | 'lowrank' (torch.svd_lowrank)
+    svd_niter: int = 4
+    skew_rank: int = 4  # way2's rank of K
+    lora_dropout: float = 0.0
+
+    def layer_settings(self):
+        return dict(rank=self.r, alpha=self.lora_alpha, dropout=self.lora_dropout, method=self.method,
+                    init_identity=self.init_identity, freeze_singular_values=self.freeze_singular_values,
+                    quantize_residual=self.quantize_residual, quantize_base_components=self.quantize_base_components,
+                    svd=self.svd, svd_niter=self.svd_niter, skew_rank=self.skew_rank)
+
+
+def replace_linear_with_rotational_pissa(model, pissa_config, target_modules=None, adapter_name="default",
+                                         freeze_base_model=True):
+    """The seed design's entry point: inject Rotational PiSSA into `target_modules` and return the new
+    layers by name. One adapter per layer, so adapter_name must stay 'default'. freeze_base_model=False
+    leaves trainable what was trainable before."""
+    if adapter_name != "default":
+        raise AdapterError("one adapter per layer: adapter_name must be 'default'")
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    names = inject_adapters(model, "pissa", targets=target_modules, **pissa_config.layer_settings())
+    if not freeze_base_model:
+        for p in model.parameters():
+            if id(p) in trainable:
+                p.requires_grad_(True)
+    layers = adapter_layers(model)
+    return {n: layers[n] for n in names}

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import (ADAPTERS, AdapterError, RankAllocator, adapter_layers, adapter_state_dict, build_sora_optimizers,
-                      count_params, effective_ranks, inject_adapters, lambda_schedule, merge_adapters,
-                      orthogonal_regularization, prune_sora_model, slice_adalora_model)
+                      count_params, effective_ranks, inject_adapters, lambda_schedule, max_orthogonality_error,
+                      merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
+                      slice_adalora_model)
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
@@ -60,7 +61,7 @@ n_embd = 384
 dropout = 0.2
 bias = False
 # adapter
-adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora'
+adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora' | 'pissa'
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.0
@@ -85,6 +86,17 @@ adalora_beta1 = 0.85  # EMA of the sensitivity
 adalora_beta2 = 0.85  # EMA of the uncertainty
 adalora_orth_reg_weight = 0.5  # weight of the orthogonality regulariser on A and B (peft's default)
 adalora_prune = True  # at the end, save adapter_pruned.pt holding only the ranks with E != 0
+# Rotational PiSSA: lora_rank principal directions, scaling lora_alpha / lora_rank
+pissa_method = "way0"  # 'way0' free R + penalty | 'way1' Givens | 'way2' Cayley low-rank skew | 'way3' exp
+pissa_ortho_weight = 1e-2  # way0: weight of the penalty mean ‖RᵀR - I‖²_F
+pissa_init_identity = True
+pissa_freeze_singular_values = False
+pissa_quantize_residual = False  # W_res in 4-bit NormalFloat (QPiSSA)
+pissa_quantize_base_components = False  # U_r and V_r in NF4 too
+pissa_svd = "full"  # 'full' | 'lowrank' (randomized, torch.svd_lowrank)
+pissa_svd_niter = 4
+pissa_skew_rank = 4  # way2: rank of the skew-symmetric generator
+pissa_fold_every = 0  # > 0: fold the rotations into U, V every N iterations (fresh way1 angles)
 # AdamW
 learning_rate = 1e-3
 max_iters = 5000
@@ -125,7 +137,22 @@ def adapter_settings(c):
         settings["use_rslora"] = c["use_rslora"]
     if c["adapter"] == "sora":
         settings["gate_init"] = c["sora_gate_init"]
+    if c["adapter"] == "pissa":
+        settings.update(method=c["pissa_method"], init_identity=c["pissa_init_identity"],
+                        freeze_singular_values=c["pissa_freeze_singular_values"],
+                        quantize_residual=c["pissa_quantize_residual"],
+                        quantize_base_components=c["pissa_quantize_base_components"], svd=c["pissa_svd"],
+                        svd_niter=c["pissa_svd_niter"], skew_rank=c["pissa_skew_rank"])
     return settings
+
+
+def regularizer(c):
+    """(function of the model, weight) of the term an adapter adds to the loss, or None."""
+    if c["adapter"] in ("adalora", "adadora") and c["adalora_orth_reg_weight"] > 0:
+        return orthogonal_regularization, c["adalora_orth_reg_weight"]
+    if c["adapter"] == "pissa" and c["pissa_method"] == "way0" and c["pissa_ortho_weight"] > 0:
+        return rotation_penalty, c["pissa_ortho_weight"]
+    return None
 
 
 def build_optimizers(model, c, device_type):
@@ -326,6 +353,10 @@ def _train(c, device, ddp, rank, world):
             settings = adapter_settings(c)
             names = inject_adapters(model, c["adapter"], targets, c["train_embeddings"], **settings)
             info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
+            if c["adapter"] == "pissa" and master:
+                times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
+                print(f"pissa: {c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s: "
+                      + ", ".join(f"{n} {1000 * t:.1f}ms" for n, t in times.items()))
     if c["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size {c['block_size']} exceeds the model's context {model.config.block_size}")
     model.to(device)
@@ -335,6 +366,7 @@ def _train(c, device, ddp, rank, world):
 
     optimizers = build_optimizers(model, c, device_type)
     adaptive = c["adapter"] in ("adalora", "adadora")
+    reg = regularizer(c)
     allocator = RankAllocator(model, c["adalora_target_r"], c["max_iters"], c["adalora_tinit"], c["adalora_tfinal"],
                               c["adalora_deltaT"], c["adalora_beta1"], c["adalora_beta2"]) if adaptive else None
     scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
@@ -464,9 +496,9 @@ def _train(c, device, ddp, rank, world):
             with autocast:
                 _, loss = model(X, Y)
             total_loss = loss
-            if adaptive and c["adalora_orth_reg_weight"] > 0:  # once per step: 1/accum of it per micro-step
-                ortho = orthogonal_regularization(raw_model)
-                total_loss = loss + c["adalora_orth_reg_weight"] * ortho
+            if reg:  # the adapter's regulariser, once per step: 1/accum of it per micro-step
+                ortho = reg[0](raw_model)
+                total_loss = loss + reg[1] * ortho
             scaler.scale(total_loss / accum).backward()
             loss_sum += loss.detach().float()
         for opt, _ in optimizers:
@@ -478,6 +510,9 @@ def _train(c, device, ddp, rank, world):
         scaler.update()
         if allocator:  # AdaLoRA's order: after optimizer.step(), before zero_grad() (the anchors')
             budget = allocator.update_and_allocate(iter_num)
+        if c["pissa_fold_every"] and c["adapter"] == "pissa" and (iter_num + 1) % c["pissa_fold_every"] == 0:
+            for layer in adapter_layers(raw_model).values():
+                layer.fold_rotations()
         for opt, _ in optimizers:
             opt.zero_grad(set_to_none=True)
 
@@ -499,8 +534,14 @@ def _train(c, device, ddp, rank, world):
                     row["sora_lambda"] = sparse_lambda
                     print(f"  sora: λ {sparse_lambda:g}, {row['adapter_params_remaining']:,} adapter parameters remain, "
                           f"effective ranks {list(row['effective_rank'].values())}")
+                if ortho is not None:
+                    row.update(task_loss=lossf, ortho_loss=ortho.item(), total_loss=lossf + reg[1] * ortho.item())
+                if c["adapter"] == "pissa":
+                    row["max_orthogonality_error"] = max_orthogonality_error(raw_model)
+                    print(f"  pissa {c['pissa_method']}: max ‖RᵀR - I‖ {row['max_orthogonality_error']:.2e}"
+                          + (f", ortho loss {row['ortho_loss']:.3e}, total loss {row['total_loss']:.4f}" if ortho is not None else ""))
                 if allocator:
-                    row.update(rank_budget=budget, ortho_loss=ortho.item() if ortho is not None else None)
+                    row["rank_budget"] = budget
                     print(f"  {c['adapter']}: budget {budget} of {allocator.init_budget} ranks, ranks in use "
                           f"{list(row['effective_rank'].values())}" + (f", ortho {ortho.item():.4f}" if ortho is not None else ""))
                 row.setdefault("val_loss", None)
