@@ -154,20 +154,31 @@ class LoRALinear(AdapterLinear):
     use_dora=True adds DoRA's magnitude (kind 'dora')."""
 
     def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None,
-                 use_dora=False):
+                 use_dora=False, out_ranges=None):
         super().__init__(base, dropout, use_dora)
         check_rank(rank, base)
         self.rank = rank
+        # out_ranges: adapt only these output rows (the q and v thirds of a fused c_attn); B then has
+        # rows for them alone, and its full (out, r) form is rebuilt with zeros elsewhere
+        self.out_ranges = out_ranges
+        rows = torch.cat([torch.arange(a, b) for a, b in out_ranges]) if out_ranges else None
+        self.register_buffer("out_index", rows, persistent=False)
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size is rank-free.
         # An explicit `scaling` keeps a trained layer's scale when its rank shrinks (SoRA prune).
         self.scaling = scaling if scaling is not None else alpha / math.sqrt(rank) if use_rslora else alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        n_out = base.out_features if rows is None else len(rows)
+        self.lora_B = nn.Parameter(torch.zeros(n_out, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # loralib / peft: as nn.Linear's default
 
+    def full_B(self):
+        if self.out_index is None:
+            return self.lora_B
+        return self.lora_B.new_zeros(self.out_features, self.rank).index_copy(0, self.out_index, self.lora_B)
+
     def factors(self):
-        return self.lora_B, self.lora_A, self.scaling
+        return self.full_B(), self.lora_A, self.scaling
 
     def extra_repr(self):
         return f"rank={self.rank}, scaling={self.scaling:g}, dora={self.magnitude is not None}, merged={self.merged}"
@@ -186,8 +197,8 @@ class SoRALinear(LoRALinear):
     exactly zero; prune() then drops those ranks for a plain, smaller LoRA with the same outputs."""
 
     def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None,
-                 gate_init="randn"):
-        super().__init__(base, rank, alpha, dropout, use_rslora, scaling)
+                 gate_init="randn", out_ranges=None):
+        super().__init__(base, rank, alpha, dropout, use_rslora, scaling, out_ranges=out_ranges)
         if gate_init not in ("randn", "ones"):
             raise AdapterError(f"gate_init must be 'randn' (the SoRA code's) or 'ones', got {gate_init!r}")
         # TsinghuaC3I/SoRA src/lora.py: gate = randn(1, r); with B = 0 the output is the base either way
@@ -195,7 +206,7 @@ class SoRALinear(LoRALinear):
         self.gate = nn.Parameter(init(rank, device=base.weight.device, dtype=base.weight.dtype))
 
     def factors(self):
-        return self.lora_B * self.gate, self.lora_A, self.scaling  # B diag(g): an (out, r) product, cheap
+        return self.full_B() * self.gate, self.lora_A, self.scaling  # B diag(g): an (out, r) product, cheap
 
     def effective_rank(self):
         return int((self.gate != 0).sum())
@@ -208,7 +219,8 @@ class SoRALinear(LoRALinear):
         if not keep.any():
             return None
         dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        lora = LoRALinear(self.base, rank=int(keep.sum()), dropout=dropout, scaling=self.scaling)
+        lora = LoRALinear(self.base, rank=int(keep.sum()), dropout=dropout, scaling=self.scaling,
+                          out_ranges=self.out_ranges)
         lora.lora_A.copy_(self.lora_A[keep])
         lora.lora_B.copy_((self.lora_B * self.gate)[:, keep])
         lora.merged = self.merged
@@ -296,14 +308,19 @@ def _matches(name, pattern):
     return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
-def find_targets(model, targets=None):
-    """Names of the nn.Linear modules that the patterns select. Explicit patterns must each match at
-    least one Linear; the defaults need only match something in the model."""
+def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
+    """The adapted module names the patterns select, each with the output part it adapts: a pattern
+    may end in ':q,v' (any of q, k, v) to adapt only those thirds of a fused q/k/v Linear (GPT's
+    c_attn), as SubLoRA adapts q and v. Returns ['name' or 'name:q,v', ...]. Explicit patterns must
+    each match at least one Linear; the defaults need only match something in the model."""
     explicit = targets is not None and len(targets) > 0
-    patterns = list(targets) if explicit else list(DEFAULT_TARGETS)
+    patterns = list(targets) if explicit else list(defaults)
     modules = dict(model.named_modules())
-    names = []
-    for pattern in patterns:
+    found = {}
+    for target in patterns:
+        pattern, _, parts = target.partition(":")
+        if parts and not set(parts.split(",")) <= {"q", "k", "v"}:
+            raise AdapterError(f"target {target!r}: after ':' name the fused thirds to adapt, e.g. 'c_attn:q,v'")
         hits = [n for n, m in modules.items() if n and _matches(n, pattern)]
         linear = [n for n in hits if type(modules[n]) is nn.Linear]
         if explicit and not hits:
@@ -312,30 +329,45 @@ def find_targets(model, targets=None):
         if explicit and not linear:
             raise AdapterError(f"target {pattern!r} matches {hits[:3]}, which are not nn.Linear "
                                f"({type(modules[hits[0]]).__name__}); adapters wrap Linear layers only")
-        names += [n for n in linear if n not in names]
-    if not names:
+        for n in linear:
+            found.setdefault(n, f"{n}:{parts}" if parts else n)
+    if not found:
         raise AdapterError(f"no nn.Linear of {type(model).__name__} matches targets {patterns}")
-    return names
+    return list(found.values())
+
+
+def fused_thirds(parts, out_features):
+    """Output row ranges of the q / k / v thirds named in 'q,v' of a fused Linear."""
+    if out_features % 3:
+        raise AdapterError(f"a ':q,k,v' target needs a fused Linear with 3·C outputs, got {out_features}")
+    third = out_features // 3
+    return [[i * third, (i + 1) * third] for i, p in enumerate("qkv") if p in parts.split(",")]
 
 
 def _some_linears(modules):
     return [n for n, m in modules.items() if type(m) is nn.Linear][:6]
 
 
-def inject_adapters(model, kind, targets=None, train_embeddings=False, layers=None, **settings):
+def inject_adapters(model, kind, targets=None, train_embeddings=False, layers=None, defaults=DEFAULT_TARGETS,
+                    **settings):
     """Wrap every target Linear in the adapter `kind`, in place, then freeze all but the adapters (and
     the embeddings if train_embeddings). `settings` go to the layer class (rank, alpha, dropout...);
-    `layers` maps a module name to settings of its own (a pruned layer's rank and scaling).
+    `layers` maps a module name to settings of its own (a pruned layer's rank and scaling);
+    `defaults` are the patterns used when no targets are given.
     Returns the adapted module names: store them to rebuild the same model later."""
     if kind not in ADAPTERS:
         raise AdapterError(f"unknown adapter {kind!r}; choose one of {sorted(ADAPTERS)}")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise AdapterError("the model already has adapters; merge_adapters(model) first to stack another")
-    names = find_targets(model, targets)
-    for name in names:
+    names = find_targets(model, targets, defaults)
+    for target in names:
+        name, _, parts = target.partition(":")
         parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, ADAPTERS[kind](getattr(owner, child), **{**settings, **(layers or {}).get(name, {})}))
+        owner, base = model.get_submodule(parent), model.get_submodule(name)
+        own = dict(settings, **(layers or {}).get(name, {}))
+        if parts:
+            own["out_ranges"] = fused_thirds(parts, base.out_features)
+        setattr(owner, child, ADAPTERS[kind](base, **own))
     mark_trainable(model, train_embeddings)
     return names
 
@@ -369,7 +401,10 @@ def count_params(model):
 
 def adapter_state_dict(model):
     """What fine-tuning changed: every tensor of the adapter branches (not their frozen base) and any
-    other trainable parameter (embeddings trained on request). Small next to the base model."""
+    other trainable parameter (embeddings trained on request). Small next to the base model. For
+    SubLoRA only w (and the gate logits): θ₀ and P come from the seed."""
+    if isinstance(model, SubLoRA):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     keep = {f"{n}.{k}" for n, m in adapter_layers(model).items() for k in m.state_dict() if not k.startswith("base.")}
     keep |= {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
@@ -393,7 +428,10 @@ def load_adapter_state_dict(model, state):
 
 def merge_adapters(model):
     """Fold every adapter into its base weight and put the plain nn.Linear back: no adapter code left
-    in the forward, so inference costs what the base model costs. In place; returns the model."""
+    in the forward, so inference costs what the base model costs. In place; returns the model (for
+    SubLoRA, the inner model, with θ₀ + P w written in first)."""
+    if isinstance(model, SubLoRA):
+        model = model.materialize()
     for name, layer in adapter_layers(model).items():
         layer.merge()
         parent, _, child = name.rpartition(".")
@@ -706,14 +744,17 @@ class Rotation(nn.Module):
     def forward(self):
         if self.method == "way0":
             return self.matrix
-        if self.method == "way1":
-            R = torch.eye(self.r, device=self.angles.device, dtype=self.angles.dtype)
-            for pairs, theta in zip(self.pairs, self.angles):  # rows i, j of R mix by the angle of (i, j)
-                i, j = pairs[:, 0], pairs[:, 1]
-                c, s = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
-                Ri, Rj = R[i], R[j]
-                R = R.index_copy(0, i, c * Ri - s * Rj).index_copy(0, j, s * Ri + c * Rj)
-            return R
+        if self.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
+            rounds, pairs = self.angles.shape
+            k = torch.arange(rounds, device=self.angles.device).repeat_interleave(pairs)
+            i, j = self.pairs[..., 0].reshape(-1), self.pairs[..., 1].reshape(-1)
+            c, s = torch.cos(self.angles).reshape(-1), torch.sin(self.angles).reshape(-1)
+            G = torch.eye(self.r, device=c.device, dtype=c.dtype).repeat(rounds, 1, 1)
+            G = G.index_put((k, i, i), c).index_put((k, j, j), c).index_put((k, i, j), -s).index_put((k, j, i), s)
+            while G.shape[0] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
+                even = G.shape[0] // 2 * 2
+                G = torch.cat([G[1:even:2] @ G[0:even:2], G[even:]])
+            return G[0]
         if self.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
             K = (self.skew_B @ self.skew_C.T - self.skew_C @ self.skew_B.T).double()
             eye = torch.eye(self.r, dtype=K.dtype, device=K.device)
@@ -911,3 +952,258 @@ def replace_linear_with_rotational_pissa(model, pissa_config, target_modules=Non
                 p.requires_grad_(True)
     layers = adapter_layers(model)
     return {n: layers[n] for n in names}
+
+
+# -----------------------------------------------------------------------------
+# SubLoRA: LoRA inside a random subspace (Lotfi et al. 2024), for compression bounds
+
+
+class _DenseProject(torch.autograd.Function):
+    """z (d,) -> P z (D,) with P Gaussian / sqrt(D), regenerated chunk by chunk in both passes."""
+
+    @staticmethod
+    def forward(ctx, z, projector):
+        ctx.projector = projector
+        return torch.cat([block @ z for block in projector.blocks(z)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks = ctx.projector.blocks(grad)
+        out, start = torch.zeros(ctx.projector.d, device=grad.device, dtype=grad.dtype), 0
+        for block in blocks:
+            out += grad[start : start + block.shape[0]] @ block
+            start += block.shape[0]
+        return out, None
+
+
+class DenseProjector(nn.Module):
+    """P in R^{D x d}, i.i.d. N(0, 1/D): E‖P z‖² = ‖z‖². Never stored: each block of rows is drawn
+    again from seed + block index whenever it is used (D·d floats would not fit for large models)."""
+
+    def __init__(self, D, d, seed, rows_per_block=4096):
+        super().__init__()
+        self.D, self.d, self.seed, self.rows = D, d, seed, rows_per_block
+
+    def blocks(self, like):
+        for k, start in enumerate(range(0, self.D, self.rows)):
+            gen = torch.Generator().manual_seed(self.seed * 100003 + k)
+            rows = min(self.rows, self.D - start)
+            yield (torch.randn(rows, self.d, generator=gen) / math.sqrt(self.D)).to(like.device, like.dtype)
+
+    def forward(self, z):
+        return _DenseProject.apply(z, self)
+
+
+class SparseProjector(nn.Module):
+    """Each column has ⌈√D⌉ non-zeros of ±D^(-1/4) at random rows (Li et al. 2018's sparse
+    projection): about √D·d non-zeros, columns of norm ≈ 1."""
+
+    def __init__(self, D, d, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        per_col = math.ceil(math.sqrt(D))
+        self.D, self.d = D, d
+        self.register_buffer("rows", torch.randint(D, (d * per_col,), generator=gen), persistent=False)
+        self.register_buffer("cols", torch.arange(d).repeat_interleave(per_col), persistent=False)
+        signs = torch.randint(2, (d * per_col,), generator=gen).float() * 2 - 1
+        self.register_buffer("values", signs * D ** -0.25, persistent=False)
+
+    def forward(self, z):
+        return z.new_zeros(self.D).index_add(0, self.rows, self.values.to(z.dtype) * z[self.cols])
+
+
+class RdKronQRProjector(nn.Module):
+    """The SubLoRA code's default: a row permutation of blockdiag(Q1 ⊗ Q2, E) with Q1, Q2 in
+    R^{D1 x d1} (D1 ≈ √D, d1 = ⌊√d⌋) and E for the remaining rows and columns, every block
+    QR-orthonormalised, so P has orthonormal columns: ‖P z‖ = ‖z‖. (Q1 ⊗ Q2) z costs two small
+    matmuls on z reshaped to d1 x d1: Q1 Z Q2ᵀ, O(√D·d + D·√d)."""
+
+    def __init__(self, D, d, seed):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        d1 = math.isqrt(d)
+        D1 = math.isqrt(D)
+        while D1 > d1 and D - D1 * D1 < d - d1 * d1:  # leave enough rows for the remainder block
+            D1 -= 1
+        if D1 < d1 or D - D1 * D1 < d - d1 * d1:
+            raise AdapterError(f"intrinsic dimension {d} is too large for {D} LoRA parameters")
+        self.D, self.d, self.d1 = D, d, d1
+        orthonormal = lambda rows, cols: torch.linalg.qr(torch.randn(rows, cols, generator=gen))[0]  # noqa: E731
+        self.register_buffer("Q1", orthonormal(D1, d1), persistent=False)
+        self.register_buffer("Q2", orthonormal(D1, d1), persistent=False)
+        rest_rows, rest_cols = D - D1 * D1, d - d1 * d1
+        E = orthonormal(rest_rows, rest_cols) if rest_cols else torch.zeros(rest_rows, 0)
+        self.register_buffer("E", E, persistent=False)
+        self.register_buffer("perm", torch.randperm(D, generator=gen), persistent=False)
+
+    def forward(self, z):
+        Z = z[: self.d1 * self.d1].view(self.d1, self.d1)
+        kron = (self.Q1.to(z.dtype) @ Z @ self.Q2.to(z.dtype).T).reshape(-1)  # (Q1 ⊗ Q2) vec(Z)
+        rest = self.E.to(z.dtype) @ z[self.d1 * self.d1 :]
+        return torch.cat([kron, rest])[self.perm]
+
+
+PROJECTORS = {"dense": DenseProjector, "sparse": SparseProjector, "rdkronqr": RdKronQRProjector}
+
+
+def _block_of(name):
+    """'transformer.h.3.attn.c_attn.lora_A' -> 'transformer.h.3'; layers outside blocks -> 'head'."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return ".".join(parts[: index + 1]) if index is not None else "head"
+
+
+class SubLoRA(nn.Module):
+    """Trains only w in R^d: the LoRA factors of `model` are θ = θ₀ + P w, written into the network
+    with torch.func.functional_call. θ₀ (the LoRA init, A Kaiming-uniform, B = 0) and P come from
+    `seed`, so only w (and the learned mode's gates) need to be stored or encoded.
+
+    allocation_mode: 'uniform' one projector over [A; B]; 'fixed' the first d_A = d - d_B coordinates
+    feed all A factors, the last d_B = round(allocation_ratio · d) all B factors; 'learned' splits w
+    over blocks (d_ℓ ∝ the block's LoRA size; the head is its own block) and routes coordinate i of
+    block ℓ to B by the soft mask m_i = sigmoid(C (γ_ℓ d_ℓ - i)), γ_ℓ = sigmoid(gate logit ℓ), and to A
+    by 1 - m_i, so the A/B split of each block is learned with w."""
+
+    def __init__(self, model, intrinsic_dim, projector="rdkronqr", allocation_mode="uniform", allocation_ratio=0.5,
+                 seed=0, gate_sharpness=10.0):
+        super().__init__()
+        lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not lora or not all(n.endswith((".lora_A", ".lora_B")) for n, _ in lora):
+            raise AdapterError("SubLoRA wraps a model whose only trainable parameters are LoRA factors: "
+                               "inject_adapters(model, 'lora', ...) first, embeddings frozen")
+        if projector not in PROJECTORS:
+            raise AdapterError(f"projector must be one of {sorted(PROJECTORS)}, got {projector!r}")
+        if allocation_mode not in ("uniform", "fixed", "learned"):
+            raise AdapterError(f"allocation_mode must be uniform, fixed or learned, got {allocation_mode!r}")
+        self.model, self.config, self.mode, self.sharpness = model, model.config, allocation_mode, gate_sharpness
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in lora:  # θ₀ from the seed alone: A Kaiming-uniform (bound 1/√fan_in), B = 0
+            p.requires_grad_(False)
+            with torch.no_grad():
+                if name.endswith("lora_A"):
+                    p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) / math.sqrt(p.shape[1]))
+                else:
+                    p.zero_()
+        self.a_names = [n for n, _ in lora if n.endswith("lora_A")]
+        self.b_names = [n for n, _ in lora if n.endswith("lora_B")]
+        self.shapes = {n: p.shape for n, p in lora}
+        size = lambda names: sum(self.shapes[n].numel() for n in names)  # noqa: E731
+        self.D = size(self.a_names) + size(self.b_names)
+        d = intrinsic_dim
+        if not 2 <= d <= self.D:
+            raise AdapterError(f"intrinsic_dim must be in 2..{self.D} (the LoRA parameter count), got {d}")
+        make = lambda D, k, i: PROJECTORS[projector](D, k, seed * 1000 + i)  # noqa: E731
+        if allocation_mode == "uniform":
+            self.projectors = nn.ModuleList([make(self.D, d, 0)])
+        elif allocation_mode == "fixed":
+            d_b = round(allocation_ratio * d)
+            if not 0 < d_b < d:
+                raise AdapterError(f"allocation_ratio = d_B / d = {allocation_ratio} leaves no coordinate to A or "
+                                   f"to B (d = {d}); choose it inside (0, 1)")
+            self.split = (d - d_b, d_b)
+            self.projectors = nn.ModuleList([make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)])
+        else:
+            self.blocks = list(dict.fromkeys(_block_of(n) for n in self.a_names))
+            sizes = [size([n for n in self.a_names + self.b_names if _block_of(n) == b]) for b in self.blocks]
+            dims = [max(2, d * s // self.D) for s in sizes]
+            dims[-1] = d - sum(dims[:-1])
+            if min(dims) < 2:
+                raise AdapterError(f"intrinsic_dim {d} is too small for {len(self.blocks)} blocks in learned mode")
+            self.block_dims = dims
+            self.projectors = nn.ModuleList()
+            for k, b in enumerate(self.blocks):
+                for part, names in (("A", self.a_names), ("B", self.b_names)):
+                    self.projectors.append(make(size([n for n in names if _block_of(n) == b]), dims[k], 2 * k + (part == "B")))
+            self.gate_logits = nn.Parameter(torch.zeros(len(self.blocks)))
+        self.w = nn.Parameter(torch.zeros(d))
+        self.track_grad_parts = False  # train.py sets it on log steps: then the A / B gradients are kept
+        self._grad_parts = None
+
+    # the interface train.py and sample.py use of a model
+    def position_embedding(self):
+        return self.model.position_embedding()
+
+    def get_num_params(self, non_embedding=True):
+        return self.model.get_num_params(non_embedding)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        return self.model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops)
+
+    def generate(self, *args, **kwargs):
+        return type(self.model).generate(self, *args, **kwargs)
+
+    def crop_block_size(self, block_size):
+        self.model.crop_block_size(block_size)
+
+    def gammas(self):
+        """{block: γ_ℓ} in learned mode: the share of the block's coordinates routed to B."""
+        return dict(zip(self.blocks, torch.sigmoid(self.gate_logits).tolist())) if self.mode == "learned" else {}
+
+    def mask_args(self, logits=None):
+        """C (γ_ℓ d_ℓ - i) for every block ℓ: the learned mode's masks are their sigmoids."""
+        gamma = torch.sigmoid(self.gate_logits if logits is None else logits)
+        return [self.sharpness * (g * dl - torch.arange(dl, device=g.device, dtype=g.dtype))
+                for g, dl in zip(gamma, self.block_dims)]
+
+    def masks(self, logits=None):
+        """Learned mode's soft masks m (one (d_ℓ,) vector per block), in (0, 1), falling with the index."""
+        return [torch.sigmoid(a) for a in self.mask_args(logits)]
+
+    def deltas(self, w, logits=None):
+        """(P_A-part of w, P_B-part of w): the changes of all A factors and of all B factors, flattened
+        in the order of a_names and b_names."""
+        if self.mode == "uniform":
+            delta = self.projectors[0](w)
+            n_a = sum(self.shapes[n].numel() for n in self.a_names)
+            return delta[:n_a], delta[n_a:]
+        if self.mode == "fixed":
+            w_a, w_b = w.split(self.split)
+            return self.projectors[0](w_a), self.projectors[1](w_b)
+        parts = {b: [] for b in self.blocks}
+        for k, (w_l, m) in enumerate(zip(w.split(self.block_dims), self.masks(logits))):
+            parts[self.blocks[k]] = (self.projectors[2 * k](w_l * (1 - m)), self.projectors[2 * k + 1](w_l * m))
+        # blocks appear in a_names / b_names in the same order, each block's factors contiguous
+        return torch.cat([parts[b][0] for b in self.blocks]), torch.cat([parts[b][1] for b in self.blocks])
+
+    def lora_params(self):
+        """{name: θ₀ + (P w) for that factor}."""
+        delta_a, delta_b = self.deltas(self.w, getattr(self, "gate_logits", None))
+        if self.track_grad_parts and torch.is_grad_enabled():
+            self._grad_parts = [None, None]
+            for i, t in enumerate((delta_a, delta_b)):
+                t.register_hook(lambda g, i=i: self._keep_grad(i, g))
+        params = {}
+        for names, delta in ((self.a_names, delta_a), (self.b_names, delta_b)):
+            sizes = [self.shapes[n].numel() for n in names]
+            base = dict(self.model.named_parameters())
+            for n, chunk in zip(names, delta.split(sizes)):
+                params[n] = base[n] + chunk.view(self.shapes[n])
+        return params
+
+    def _keep_grad(self, i, g):
+        self._grad_parts[i] = g.detach().clone() if self._grad_parts[i] is None else self._grad_parts[i] + g
+
+    def grad_part_norms(self):
+        """(‖∂L/∂w through the A factors‖, ‖… through the B factors‖) of the last tracked step."""
+        if not self._grad_parts or self._grad_parts[0] is None:
+            return None
+        with torch.enable_grad():
+            w = self.w.detach().requires_grad_(True)
+            logits = self.gate_logits.detach() if self.mode == "learned" else None
+            delta_a, delta_b = self.deltas(w, logits)
+            g_a = torch.autograd.grad(delta_a, w, self._grad_parts[0], retain_graph=True)[0]
+            g_b = torch.autograd.grad(delta_b, w, self._grad_parts[1])[0]
+        return g_a.norm().item(), g_b.norm().item()
+
+    def forward(self, idx, targets=None):
+        return torch.func.functional_call(self.model, self.lora_params(), (idx, targets))
+
+    @torch.no_grad()
+    def materialize(self):
+        """Write θ₀ + P w into the LoRA factors and return the inner model: a plain LoRA model with the
+        same outputs (then merge_adapters gives a plain model)."""
+        params = self.lora_params()
+        for name, p in self.model.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+        return self.model

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from adapters import adapter_layers, inject_adapters, load_adapter_state_dict
+from adapters import SubLoRA, adapter_layers, inject_adapters, load_adapter_state_dict
 from model import MODELS, GPTConfig
 
 FORMAT = "lowrank-gpt/1"
@@ -75,7 +75,7 @@ def build_model(ckpt, load_weights=True):
     if model_type not in MODELS:
         raise CheckpointError(f"checkpoint model_type {model_type!r} is unknown; known: {sorted(MODELS)}")
     model = MODELS[model_type](GPTConfig(**ckpt["model_args"]))
-    inject_from_info(model, ckpt["adapter"])
+    model = inject_from_info(model, ckpt["adapter"])
     if load_weights:
         try:
             model.load_state_dict(ckpt["model"])
@@ -85,15 +85,28 @@ def build_model(ckpt, load_weights=True):
 
 
 def inject_from_info(model, info):
-    """Inject the adapters a checkpoint's `adapter` entry describes (nothing for kind 'none')."""
-    if info["kind"] != "none":
-        inject_adapters(model, info["kind"], targets=info["targets"], train_embeddings=info["train_embeddings"],
-                        layers=info.get("layers"), **info["settings"])
+    """Inject the adapters a checkpoint's `adapter` entry describes (nothing for kind 'none'). Returns
+    the model: SubLoRA wraps it (LoRA inside a random subspace)."""
+    if info["kind"] == "none":
+        return model
+    kind = "lora" if info["kind"] == "sublora" else info["kind"]
+    inject_adapters(model, kind, targets=info["targets"], train_embeddings=info["train_embeddings"],
+                    layers=info.get("layers"), **info["settings"])
+    return SubLoRA(model, **info["sublora"]) if info["kind"] == "sublora" else model
+
+
+def base_from_seed(blob):
+    """The frozen base of a run trained from scratch, rebuilt from its seed (SubLoRA's random base)."""
+    if blob.get("base") != "scratch":
+        raise CheckpointError(f"this adapter's base is {blob.get('base')!r}, not a seeded random init: load that base")
+    torch.manual_seed(blob["seed"])
+    return MODELS[blob["model_type"]](GPTConfig(**blob["model_args"]))
 
 
 def load_adapter(model, path):
     """Load an adapter file (adapter.pt, adapter_pruned.pt) into its base model: the adapters it
-    describes are injected first unless the model has them already."""
+    describes are injected first unless the model has them already. Returns the model with adapters
+    (a new SubLoRA wrapper for SubLoRA files)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -101,6 +114,6 @@ def load_adapter(model, path):
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state" not in blob:
         raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state')")
     if not adapter_layers(model):
-        inject_from_info(model, blob["adapter"])
+        model = inject_from_info(model, blob["adapter"])
     load_adapter_state_dict(model, blob["state"])
-    return blob
+    return model

@@ -49,7 +49,7 @@ def sample(argv=(), environ=None):
     else:
         raise ConfigError(f"init_from must be 'resume' or a gpt2 name, got {c['init_from']!r}")
     if c["merge"]:
-        merge_adapters(model)
+        model = merge_adapters(model)
     model.eval().to(c["device"])
     encode, decode = load_tokenizer(meta)
 

@@ -195,6 +195,24 @@ def test_adapter_state_mismatch_errors():
         load_adapter_state_dict(partial, adapter_state_dict(model))
 
 
+def test_fused_qv_target():
+    model = tiny("gpt")
+    names = inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=2)
+    assert names == [f"transformer.h.{i}.attn.c_attn:q,v" for i in range(2)] + ["lm_head"]
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.lora_B.shape == (64, 2)  # q and v rows of the 96 outputs only
+    randomise_adapters(model)
+    delta = layer.delta_weight()
+    assert torch.equal(delta[32:64], torch.zeros(32, 32)) and delta[:32].abs().sum() > 0 and delta[64:].abs().sum() > 0
+    x = torch.randn(3, 32)
+    assert torch.allclose(layer(x), layer.base(x) + x @ delta.T, atol=1e-6)
+    assert count_params(model)[0] == 2 * (2 * (32 + 64)) + 2 * (32 + 40)
+    with pytest.raises(AdapterError, match="fused thirds"):
+        inject_adapters(tiny("gpt"), "lora", targets=["c_attn:x"])
+    with pytest.raises(AdapterError, match="3·C outputs"):
+        inject_adapters(tiny("gpt"), "lora", targets=["lm_head:q"])
+
+
 def test_target_patterns():
     model = tiny("gpt")
     assert find_targets(model, ["transformer.h.0.attn.c_proj"]) == ["transformer.h.0.attn.c_proj"]

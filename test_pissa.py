@@ -243,3 +243,18 @@ def test_train_pissa_end_to_end(method, char_data, tmp_path):
         assert "ortho_loss" not in rows[-1] and max(r["max_orthogonality_error"] for r in rows) <= 1e-5
     ckpt = load_checkpoint(str(out))
     assert ckpt["adapter"]["settings"]["method"] == method
+
+
+def test_givens_product_equals_the_sequential_rotations():
+    import math
+
+    rot = Rotation(7, "way1")
+    with torch.no_grad():
+        rot.angles.normal_()
+    expected = torch.eye(7)
+    for pairs, angles in zip(rot.pairs.tolist(), rot.angles.tolist()):  # round 0 first
+        G = torch.eye(7)
+        for (i, j), t in zip(pairs, angles):
+            G[i, i], G[j, j], G[i, j], G[j, i] = math.cos(t), math.cos(t), -math.sin(t), math.sin(t)
+        expected = G @ expected
+    assert torch.allclose(rot().detach(), expected, atol=1e-6)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import (ADAPTERS, AdapterError, RankAllocator, adapter_layers, adapter_state_dict, build_sora_optimizers,
+from adapters import (ADAPTERS, AdapterError, RankAllocator, SubLoRA, adapter_layers, adapter_state_dict, build_sora_optimizers,
                       count_params, effective_ranks, inject_adapters, lambda_schedule, max_orthogonality_error,
                       merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
                       slice_adalora_model)
@@ -61,11 +61,11 @@ n_embd = 384
 dropout = 0.2
 bias = False
 # adapter
-adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora' | 'pissa'
+adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora' | 'pissa' | 'sublora'
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.0
-lora_targets = ""  # comma-separated module-name patterns; '' = adapters.DEFAULT_TARGETS
+lora_targets = ""  # ';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults
 use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
 train_embeddings = False  # also train the token / position embeddings
 # SoRA: gates between A and B, L1 proximal steps on them (the lora_* keys set rank, alpha, dropout)
@@ -97,6 +97,14 @@ pissa_svd = "full"  # 'full' | 'lowrank' (randomized, torch.svd_lowrank)
 pissa_svd_niter = 4
 pissa_skew_rank = 4  # way2: rank of the skew-symmetric generator
 pissa_fold_every = 0  # > 0: fold the rotations into U, V every N iterations (fresh way1 angles)
+# SubLoRA: the lora_* keys set the LoRA inside (default targets: q and v of every block, the LM head);
+# only w in R^intrinsic_dim trains, θ = θ₀ + P w
+intrinsic_dim = 1000
+allocation_mode = "uniform"  # 'uniform' | 'fixed' | 'learned'
+allocation_ratio = 0.5  # fixed mode: d_B / d, the share of w that feeds the B factors
+sublora_seed = 0  # θ₀ and P come from it
+sublora_projector = "rdkronqr"  # 'rdkronqr' | 'dense' | 'sparse'
+sublora_gate_lr = 0.0  # learned mode: peak learning rate of the gate logits; 0 = learning_rate
 # AdamW
 learning_rate = 1e-3
 max_iters = 5000
@@ -119,7 +127,8 @@ test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
 DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
-ADAPTER_KINDS = ("none", *ADAPTERS)
+ADAPTER_KINDS = ("none", *ADAPTERS, "sublora")
+SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
 
 
 class DataError(FileNotFoundError):
@@ -133,7 +142,7 @@ class DataError(FileNotFoundError):
 def adapter_settings(c):
     """The adapter layer's keyword arguments, from the flat config keys."""
     settings = dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"])
-    if c["adapter"] in ("lora", "sora", "dora"):
+    if c["adapter"] in ("lora", "sora", "dora", "sublora"):
         settings["use_rslora"] = c["use_rslora"]
     if c["adapter"] == "sora":
         settings["gate_init"] = c["sora_gate_init"]
@@ -162,6 +171,12 @@ def build_optimizers(model, c, device_type):
         gate_lr = c["sora_gate_lr"] or c["learning_rate"]
         gates, rest = build_sora_optimizers(model, c["learning_rate"], gate_lr, c["sora_lambda"], c["weight_decay"], betas)
         return [(rest, c["learning_rate"]), (gates, gate_lr)]
+    if c["adapter"] == "sublora":  # w (a vector: no weight decay), and the learned mode's gates on their own rate
+        opts = [(torch.optim.AdamW([model.w], lr=c["learning_rate"], betas=betas, weight_decay=0.0), c["learning_rate"])]
+        if c["allocation_mode"] == "learned":
+            gate_lr = c["sublora_gate_lr"] or c["learning_rate"]
+            opts.append((torch.optim.AdamW([model.gate_logits], lr=gate_lr, betas=betas, weight_decay=0.0), gate_lr))
+        return opts
     return [(model.configure_optimizers(c["weight_decay"], c["learning_rate"], betas, device_type), c["learning_rate"])]
 
 
@@ -258,7 +273,7 @@ def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
     if info["kind"] == "sora":
         kept = prune_sora_model(model)
         layers = adapter_layers(model)
-        pruned = dict(kind="lora", targets=[n for n, r in kept.items() if r],
+        pruned = dict(kind="lora", targets=[t for t in info["targets"] if kept[t.partition(":")[0]]],
                       settings=dict(dropout=info["settings"]["dropout"]), train_embeddings=info["train_embeddings"],
                       layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r})
     else:
@@ -346,13 +361,24 @@ def _train(c, device, ddp, rank, world):
             model.crop_block_size(c["block_size"])
         info = dict(NO_ADAPTER)
         if c["adapter"] != "none":
-            if c["init_from"] == "scratch" and master:
+            if c["init_from"] == "scratch" and c["adapter"] != "sublora" and master:
                 print("note: adapters on a randomly initialised frozen base (the SubLoRA setting); set "
                       "init_from to fine-tune a trained model")
-            targets = [t.strip() for t in c["lora_targets"].split(",") if t.strip()] or None
+            targets = [t.strip() for t in c["lora_targets"].split(";") if t.strip()] or None
             settings = adapter_settings(c)
-            names = inject_adapters(model, c["adapter"], targets, c["train_embeddings"], **settings)
-            info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
+            if c["adapter"] == "sublora":
+                names = inject_adapters(model, "lora", targets, False, defaults=SUBLORA_TARGETS, **settings)
+                sub = dict(intrinsic_dim=c["intrinsic_dim"], projector=c["sublora_projector"],
+                           allocation_mode=c["allocation_mode"], allocation_ratio=c["allocation_ratio"],
+                           seed=c["sublora_seed"])
+                model = SubLoRA(model, **sub)
+                info = dict(kind="sublora", targets=names, settings=settings, train_embeddings=False, sublora=sub)
+                if master:
+                    print(f"sublora: w in R^{c['intrinsic_dim']} drives D = {model.D:,} LoRA parameters through a "
+                          f"{c['sublora_projector']} projector, {c['allocation_mode']} allocation")
+            else:
+                names = inject_adapters(model, c["adapter"], targets, c["train_embeddings"], **settings)
+                info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
             if c["adapter"] == "pissa" and master:
                 times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
                 print(f"pissa: {c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s: "
@@ -438,7 +464,7 @@ def _train(c, device, ddp, rank, world):
         save_atomic(ckpt, ckpt_file)
         if info["kind"] != "none":
             blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
-                    "base": c["init_from"], "state": adapter_state_dict(raw_model)}
+                    "base": c["init_from"], "seed": c["seed"], "state": adapter_state_dict(raw_model)}
             save_atomic(blob, os.path.join(out_dir, "adapter.pt"))
 
     def log(row):
@@ -486,6 +512,9 @@ def _train(c, device, ddp, rank, world):
 
         # one optimizer step over `accum` micro-batches
         t0 = time.time()
+        log_now = iter_num % c["log_interval"] == 0 or evaluate  # the same on every process
+        if isinstance(raw_model, SubLoRA):
+            raw_model.track_grad_parts = log_now
         ix = torch.randint(n_train, (c["gradient_accumulation_steps"], c["batch_size"]), generator=batches)
         loss_sum = torch.zeros((), device=device)
         ortho = None
@@ -516,7 +545,7 @@ def _train(c, device, ddp, rank, world):
         for opt, _ in optimizers:
             opt.zero_grad(set_to_none=True)
 
-        if iter_num % c["log_interval"] == 0 or evaluate:  # the same on every process
+        if log_now:
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             lossf = loss_sum.item() / accum  # mean over all micro-batches of the step (a sync point)
@@ -540,6 +569,11 @@ def _train(c, device, ddp, rank, world):
                     row["max_orthogonality_error"] = max_orthogonality_error(raw_model)
                     print(f"  pissa {c['pissa_method']}: max ‖RᵀR - I‖ {row['max_orthogonality_error']:.2e}"
                           + (f", ortho loss {row['ortho_loss']:.3e}, total loss {row['total_loss']:.4f}" if ortho is not None else ""))
+                if isinstance(raw_model, SubLoRA):
+                    row["grad_norm_A"], row["grad_norm_B"] = raw_model.grad_part_norms()
+                    row["gamma"] = raw_model.gammas()
+                    print(f"  sublora: ‖∂L/∂w‖ through A {row['grad_norm_A']:.3e}, through B {row['grad_norm_B']:.3e}"
+                          + (f", γ {[round(g, 3) for g in row['gamma'].values()]}" if row["gamma"] else ""))
                 if allocator:
                     row["rank_budget"] = budget
                     print(f"  {c['adapter']}: budget {budget} of {allocator.init_budget} ranks, ranks in use "

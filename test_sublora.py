@@ -1,0 +1,154 @@
+"""
+SubLoRA: projectors, allocation modes, rebuilding from the seed, and train.py with --adapter=sublora.
+
+    python -m pytest -q test_sublora.py
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from adapters import (AdapterError, DenseProjector, RdKronQRProjector, SparseProjector, SubLoRA, count_params,
+                      inject_adapters, merge_adapters)
+from checkpoint import build_model, load_checkpoint
+from test_adapters import logits, tiny, tokens
+from test_train import tiny as tiny_args
+
+MODES = ["uniform", "fixed", "learned"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def wrapped(mode="uniform", projector="rdkronqr", d=120, ratio=0.25, model_type="gpt"):
+    model = tiny(model_type)
+    targets = ["c_attn:q,v", "lm_head"] if model_type == "gpt" else ["query", "value", "lm_head"]
+    inject_adapters(model, "lora", targets=targets, rank=4, alpha=32.0)
+    return SubLoRA(model, d, projector, mode, ratio, seed=3)
+
+
+@pytest.mark.parametrize("projector", ["dense", "sparse", "rdkronqr"])
+@pytest.mark.parametrize("mode", MODES)
+def test_logits_equal_the_base_at_w_zero(mode, projector):
+    base = tiny("gpt")
+    sub = wrapped(mode, projector)
+    idx = tokens()
+    assert torch.equal(logits(sub, idx), logits(base, idx))  # B = 0 in θ₀ and w = 0
+    assert count_params(sub)[0] == 120 + (len(sub.blocks) if mode == "learned" else 0)
+
+
+def test_rdkronqr_is_an_isometry_at_realistic_size():
+    P = RdKronQRProjector(D=120_000, d=2_000, seed=0)
+    for seed in range(3):
+        z = torch.randn(2_000, generator=torch.Generator().manual_seed(seed))
+        assert P(z).norm() / z.norm() == pytest.approx(1.0, abs=0.05)
+    assert P(torch.zeros(2_000)).shape == (120_000,)
+
+
+@pytest.mark.parametrize("cls", [DenseProjector, SparseProjector])
+def test_dense_and_sparse_have_the_expected_scale(cls):
+    P = cls(20_000, 300, seed=1)
+    ratios = [P(z).norm() / z.norm() for z in torch.randn(8, 300)]
+    assert float(torch.stack(ratios).pow(2).mean()) == pytest.approx(1.0, abs=0.1)  # E‖Pz‖² = ‖z‖²
+
+
+@pytest.mark.parametrize("cls", [DenseProjector, SparseProjector, RdKronQRProjector])
+def test_projector_gradient_is_its_transpose(cls):
+    P = cls(3_000, 40, seed=2) if cls is not DenseProjector else DenseProjector(3_000, 40, seed=2, rows_per_block=700)
+    matrix = torch.stack([P(e) for e in torch.eye(40)], dim=1)  # (D, d), column by column
+    z = torch.randn(40, requires_grad=True)
+    g = torch.randn(3_000)
+    (P(z) * g).sum().backward()
+    assert torch.allclose(z.grad, matrix.T @ g, atol=1e-4)  # the same P in both passes (regenerated)
+    assert torch.allclose(P(z.detach()), matrix @ z.detach(), atol=1e-5)
+
+
+def test_fixed_mode_routes_round_ratio_d_coordinates_to_B():
+    sub = wrapped("fixed", d=120, ratio=0.3)
+    d_a, d_b = sub.split
+    assert (d_a, d_b) == (84, 36)  # d_B = round(0.3 · 120)
+    w = torch.randn(120, requires_grad=True)
+    delta_a, delta_b = sub.deltas(w)
+    grad_a = torch.autograd.grad((delta_a * torch.randn_like(delta_a)).sum(), w)[0]
+    grad_b = torch.autograd.grad((delta_b * torch.randn_like(delta_b)).sum(), w)[0]
+    assert torch.equal(grad_a[d_a:], torch.zeros(d_b)) and grad_a[:d_a].abs().sum() > 0
+    assert torch.equal(grad_b[:d_a], torch.zeros(d_a)) and grad_b[d_a:].abs().sum() > 0
+
+
+def test_learned_mode_gates_get_gradients_and_masks_are_monotone():
+    sub = wrapped("learned", d=120)
+    assert sub.blocks == ["transformer.h.0", "transformer.h.1", "head"]
+    assert sum(sub.block_dims) == 120
+    for a, m in zip(sub.mask_args(), sub.masks()):
+        # m = sigmoid(a) with a finite is in (0, 1); in float64, m > 0 and 1 - m = sigmoid(-a) > 0
+        # (fp32 rounds m to exactly 0 or 1 a few indices away from the boundary)
+        assert torch.isfinite(a).all() and (a[1:] < a[:-1]).all()
+        assert (torch.sigmoid(a.double()) > 0).all() and (torch.sigmoid(-a.double()) > 0).all()
+        assert ((m >= 0) & (m <= 1)).all() and (m[1:] <= m[:-1]).all()  # falling with the index
+        assert abs(float((m > 0.5).sum()) - 0.5 * len(m)) <= 1  # γ = 0.5 at init: half the coordinates to B
+    with torch.no_grad():
+        sub.w.normal_(std=0.5)
+    idx = tokens()
+    sub(idx, idx)[1].backward()
+    assert sub.gate_logits.grad is not None and (sub.gate_logits.grad != 0).all()
+
+
+def test_materialize_and_merge_keep_the_outputs():
+    sub = wrapped("learned")
+    with torch.no_grad():
+        sub.w.normal_(std=0.5)
+    idx = tokens()
+    expected = logits(sub, idx)
+    plain = merge_adapters(copy.deepcopy(sub))
+    assert not isinstance(plain, SubLoRA) and torch.allclose(logits(plain, idx), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(d=10**6), "intrinsic_dim must be in 2.."),
+    (dict(mode="fixed", ratio=0.0), "leaves no coordinate"),
+    (dict(projector="fastfood"), "projector must be one of"),
+    (dict(mode="halves"), "allocation_mode must be"),
+])
+def test_bad_settings(kwargs, message):
+    with pytest.raises(AdapterError, match=message):
+        wrapped(**kwargs)
+    with pytest.raises(AdapterError, match="only trainable parameters are LoRA"):
+        SubLoRA(tiny("gpt"), 10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
+    out = tmp_path / mode
+    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=300, allocation_mode=mode,
+                          allocation_ratio=0.5, lora_rank=4, lora_alpha=32.0, max_iters=30, eval_interval=30,
+                          learning_rate=2e-2, lr_decay_iters=30), environ={})
+    rows = train.read_metrics(str(out))
+    v = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert v[-1] < v[0] - 0.1
+    steps = [r for r in rows if r["train_loss"] is not None]
+    assert all(r["grad_norm_A"] >= 0 and r["grad_norm_B"] > 0 for r in steps)
+    assert steps[0]["grad_norm_A"] == 0.0  # B = 0 at w = 0: the loss cannot feel A yet
+    if mode == "learned":
+        assert set(steps[-1]["gamma"]) == {"transformer.h.0", "transformer.h.1", "head"}
+        assert steps[-1]["gamma"] != steps[0]["gamma"]
+
+
+def test_adapter_file_rebuilds_from_the_seed_in_a_new_process(char_data, tmp_path):
+    out = tmp_path / "run"
+    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, allocation_mode="learned",
+                          max_iters=10, eval_interval=10, learning_rate=2e-2), environ={})
+    blob = torch.load(out / "adapter.pt", weights_only=True)
+    assert set(blob["state"]) == {"w", "gate_logits"}  # θ₀, P and the base are not stored
+    idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.save(idx, tmp_path / "idx.pt")
+    script = ("import sys, torch; from checkpoint import base_from_seed, load_adapter; "
+              f"blob = torch.load({str(out / 'adapter.pt')!r}, weights_only=True); "
+              f"model = load_adapter(base_from_seed(blob), {str(out / 'adapter.pt')!r}).eval(); "
+              f"idx = torch.load({str(tmp_path / 'idx.pt')!r}); torch.save(model(idx, idx)[0], {str(tmp_path / 'out.pt')!r})")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = build_model(load_checkpoint(str(out))).eval()
+    assert torch.equal(torch.load(tmp_path / "out.pt"), model(idx, idx)[0])
