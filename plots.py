@@ -84,3 +84,55 @@ def plot_rank_allocation(out_dir):
 if __name__ == "__main__":
     for d in sys.argv[1:] or ["out"]:
         print(f"wrote {plot_effective_ranks(d)} and {plot_rank_allocation(d)}")
+
+
+def plot_gammas(sweep_dir, summary):
+    """SubLoRA learned mode: γ (share of each block's coordinates routed to B) per block, one row per
+    (d, seed) run."""
+    runs = [s for s in summary if s["gamma"]]
+    if not runs:
+        return None
+    blocks = list(runs[0]["gamma"])
+    grid = [[s["gamma"][b] for b in blocks] for s in runs]
+    fig, ax = plt.subplots(figsize=(2 + 1.2 * len(blocks), 1.2 + 0.4 * len(runs)))
+    im = ax.imshow(grid, cmap="coolwarm", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(blocks)), [b.removeprefix("transformer.") for b in blocks], fontsize=8)
+    ax.set_yticks(range(len(runs)), [f"d={s['intrinsic_dim']} seed {s['seed']}" for s in runs], fontsize=8)
+    ax.set_title("learned allocation: γ = share of w routed to B, per block", fontsize=9)
+    fig.colorbar(im, ax=ax, label="γ")
+    fig.tight_layout()
+    path = os.path.join(sweep_dir, "gamma_heatmap.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_grad_norms(sweep_dir, summary):
+    """‖∂L/∂w‖ through the A factors and through the B factors over training, per allocation (mean
+    over seeds), one panel per intrinsic dimension."""
+    dims = sorted({s["intrinsic_dim"] for s in summary})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        groups = {}
+        for s in summary:
+            if s["intrinsic_dim"] == d:
+                label = s["allocation_mode"] + (f" {s['allocation_ratio']}" if s["allocation_mode"] == "fixed" else "")
+                groups.setdefault(label, []).append([r for r in read_metrics(s["out_dir"]) if r.get("grad_norm_A") is not None])
+        for k, (label, runs) in enumerate(groups.items()):
+            iters = [r["iter"] for r in runs[0]]
+            for part, style in (("A", "--"), ("B", "-")):
+                values = [sum(run[i][f"grad_norm_{part}"] for run in runs) / len(runs) for i in range(len(iters))]
+                ax.plot(iters, values, style, color=f"C{k}", label=f"{label}: through {part}")
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("‖∂L/∂w‖")
+        ax.set_title(f"d = {d}", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = os.path.join(sweep_dir, "grad_norms.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,86 @@
+"""
+The SubLoRA experiment grid: intrinsic dimensions × allocations × seeds, one train.py run each,
+then a summary table, summary.json and the plots (learned γ per block and seed, A/B gradient norms).
+
+    python sweep.py                                   # the CPU grid on Tiny Shakespeare (2 cores: ~25 min)
+    python sweep.py --seeds=0 --intrinsic_dims=1000   # a smaller grid
+    python sweep.py --train_args="--device=cuda --n_layer=6 --n_head=6 --n_embd=384 --max_iters=5000"  # a GPU
+    python eval_bounds.py --sweep_dir=out-sublora-sweep                        # then the bounds of every run
+
+A run whose out_dir already holds a finished run is kept, so an interrupted sweep continues where
+it stopped.
+"""
+
+import json
+import os
+import shlex
+import sys
+
+from configurator import ConfigError, config_defaults, configure
+
+sweep_dir = "out-sublora-sweep"
+base_config = "config/train_shakespeare_sublora.py"
+intrinsic_dims = "1000,2000"
+allocations = "uniform,fixed:0.2,fixed:0.5,fixed:0.8,learned"  # fixed:ρ with ρ = d_B / d
+seeds = "0,1,2"  # each seeds both the random base model and θ₀ / P
+max_iters = 200
+train_args = ""  # more --key=value overrides for every run
+DEFAULTS = config_defaults(globals())
+
+
+def grid(c):
+    for d in (int(x) for x in c["intrinsic_dims"].split(",")):
+        for alloc in c["allocations"].split(","):
+            mode, _, ratio = alloc.partition(":")
+            for seed in (int(s) for s in c["seeds"].split(",")):
+                name = f"d{d}-{mode}{ratio}-s{seed}"
+                args = [f"--intrinsic_dim={d}", f"--allocation_mode={mode}", f"--sublora_seed={seed}", f"--seed={seed}",
+                        f"--max_iters={c['max_iters']}", f"--lr_decay_iters={c['max_iters']}"]
+                args += [f"--allocation_ratio={float(ratio)}"] if ratio else []
+                yield name, dict(intrinsic_dim=d, allocation_mode=mode, allocation_ratio=float(ratio or 0.5), seed=seed), args
+
+
+def finished(out_dir, iters):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        return False
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return any(r["iter"] == iters and r["val_loss"] is not None for r in rows)
+
+
+def sweep(argv=()):
+    import train  # noqa: E402  (torch is imported only when a sweep runs)
+    import plots
+
+    c = configure(DEFAULTS, list(argv), {})
+    runs = list(grid(c))
+    summary = []
+    for k, (name, params, args) in enumerate(runs):
+        out_dir = os.path.join(c["sweep_dir"], name)
+        if finished(out_dir, c["max_iters"]):
+            print(f"[{k + 1}/{len(runs)}] {name}: done already")
+        else:
+            print(f"[{k + 1}/{len(runs)}] {name}")
+            train.train([c["base_config"], f"--out_dir={out_dir}", "--overwrite=True", *args, *shlex.split(c["train_args"])])
+        rows = train.read_metrics(out_dir)
+        evals = [r for r in rows if r["val_loss"] is not None]
+        steps = [r for r in rows if r["train_loss"] is not None]
+        summary.append(dict(params, name=name, out_dir=out_dir, val_loss=evals[-1]["val_loss"],
+                            init_val_loss=evals[0]["val_loss"], train_loss=evals[-1]["eval_train_loss"],
+                            gamma=steps[-1].get("gamma", {})))
+    with open(os.path.join(c["sweep_dir"], "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{'run':<24} {'val loss':>9} {'(init)':>8}")
+    for s in summary:
+        print(f"{s['name']:<24} {s['val_loss']:>9.4f} {s['init_val_loss']:>8.4f}")
+    print(f"wrote {c['sweep_dir']}/summary.json, {plots.plot_gammas(c['sweep_dir'], summary)}, "
+          f"{plots.plot_grad_norms(c['sweep_dir'], summary)}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        sweep(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
