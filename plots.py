@@ -5,6 +5,7 @@ adapter at the end of a run; by hand:
     python plots.py out-shakespeare-sora        # every plot the run's metrics allow
 """
 
+import math
 import os
 import sys
 
@@ -133,6 +134,54 @@ def plot_grad_norms(sweep_dir, summary):
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = os.path.join(sweep_dir, "grad_norms.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_bound_vs_alpha(run_dir, results):
+    """The token- and document-level BPD bound and the smoothed empirical BPD against α."""
+    alphas = results["alphas"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for level, color in (("token", "C0"), ("document", "C1")):
+        m = results["metrics"][f"{level}_bpd"]
+        ax.plot(alphas, m["per_alpha"], "o-", color=color, label=f"{level}-level bound")
+        ax.plot(alphas, m["empirical_per_alpha"], "x--", color=color, label=f"{level}-level empirical")
+    ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess log₂ {results['vocab']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("prediction smoothing α")
+    ax.set_ylabel("bits per token")
+    ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: K = {results['message']['total_bits']:.0f} bits", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "bound_vs_alpha.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(sweep_dir, results):
+    """Complexity (message bits) against empirical BPD and its token-level bound, over a sweep's runs;
+    the Pareto frontier of the bound drawn through the runs no other run beats on both axes."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = sorted((r["message"]["total_bits"], r["metrics"]["token_bpd"]["bound"], r) for r in results)
+    for k, (bits, b, r) in enumerate(points):
+        ax.scatter(bits, r["metrics"]["token_bpd"]["empirical"], marker="x", color="C0", label="empirical" if k == 0 else None)
+        ax.scatter(bits, b, marker="o", color="C1", label="token-level bound" if k == 0 else None)
+        ax.annotate(os.path.basename(r["run"]), (bits, b), fontsize=5)
+    frontier, best = [], float("inf")
+    for bits, b, _ in points:
+        if b < best:
+            frontier.append((bits, b))
+            best = b
+    ax.plot(*zip(*frontier), color="C1", lw=1)
+    ax.axhline(math.log2(results[0]["vocab"]), color="k", lw=1, ls=":", label="random guess")
+    ax.set_xlabel("complexity K (bits)")
+    ax.set_ylabel("bits per token")
+    ax.set_title("compression vs fit: the bound's Pareto frontier", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(sweep_dir, "pareto.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
