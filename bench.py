@@ -1,0 +1,283 @@
+"""
+Speed and memory of every adapter against full fine-tuning (and PEFT's LoRA, DoRA and AdaLoRA when
+`peft` is installed), on the same model, batch and data, in one process. Repetitions are interleaved
+over the methods so that machine drift cancels; warm-up steps are not timed; every number in the
+README's table is a ratio taken within one run.
+
+    python bench.py                           # both sizes (2 CPU cores: ~15 minutes)
+    python bench.py --size=large --device=cuda --dtype=bfloat16
+    python bench.py --quick=True              # a tiny model, seconds: what the test runs
+    python bench.py --methods=full,lora,dora  # a subset
+
+Writes out_dir/bench.json and out_dir/bench.md (the README table).
+"""
+
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_params, inject_adapters, merge_adapters,
+                      orthogonal_regularization, rotation_penalty)
+from configurator import ConfigError, config_defaults, configure
+from model import GPT, GPTConfig
+
+size = "both"  # 'baby' | 'large' | 'both'
+methods = ""  # comma-separated subset of METHODS; '' = all
+reps = 3  # interleaved repetitions
+steps = 2  # timed steps per method and repetition
+warmup = 1  # untimed steps per method before the first repetition
+rank = 8
+sublora_dim = 50000  # capped at half the LoRA parameters it wraps
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+out_dir = "bench"
+quick = False  # a tiny model and one repetition (the test)
+seed = 0
+DEFAULTS = config_defaults(globals())
+
+SIZES = {  # the baby Shakespeare model, and a GPT-2-small-shaped one where the Linears dominate
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, batch_size=32),
+    "large": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, vocab_size=50304, batch_size=4),
+    "quick": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, batch_size=4),
+}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}  # bf16 dense
+
+
+class Method:
+    """A model to train plus what its step needs: optimizers, a loss term, an after-step hook."""
+
+    def __init__(self, model, optimizers, extra_loss=None, after_step=None, init_seconds=0.0):
+        self.model, self.optimizers, self.extra_loss, self.after_step = model, optimizers, extra_loss, after_step
+        self.init_seconds, self.step_times = init_seconds, []
+
+
+def adam(model):
+    return [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)]
+
+
+def build(name, base, c):
+    """The method `name` on a copy of `base`, timed from the copy to a model ready to train."""
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    if name == "full":
+        return Method(model, adam(model))
+    if name.startswith("peft_"):
+        return build_peft(name, model, c)
+    kind, _, variant = name.partition("_")
+    if kind == "sublora" or name == "lora_qv":  # SubLoRA wraps LoRA r=4 on q, v and the head
+        inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4, alpha=32.0)
+        if kind == "sublora":
+            D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model = SubLoRA(model, min(c["sublora_dim"], D // 2), projector=variant)
+        return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
+    settings = dict(rank=c["rank"])
+    if kind == "pissa":
+        method, _, svd = variant.partition("_")
+        settings.update(method=method, svd=svd or "full", alpha=float(c["rank"]))
+    inject_adapters(model, kind, **settings)
+    init = time.perf_counter() - t0
+    if kind == "sora":
+        return Method(model, list(build_sora_optimizers(model, lr=1e-4, sparse_lambda=0.1)), init_seconds=init)
+    if kind in ("adalora", "adadora"):
+        alloc = RankAllocator(model, target_r=c["rank"] // 2, total_step=10**6, deltaT=1)
+        return Method(model, adam(model), lambda m: 0.1 * orthogonal_regularization(m),
+                      lambda step: alloc.update_and_allocate(step), init)
+    if kind == "pissa" and variant.startswith("way0"):
+        return Method(model, adam(model), lambda m: 0.01 * rotation_penalty(m), init_seconds=init)
+    return Method(model, adam(model), init_seconds=init)
+
+
+def build_peft(name, model, c):
+    from peft import AdaLoraConfig, LoraConfig, inject_adapter_in_model
+
+    targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
+    t0 = time.perf_counter()
+    if name == "peft_adalora":
+        config = AdaLoraConfig(init_r=c["rank"], target_r=c["rank"] // 2, lora_alpha=16, target_modules=targets,
+                               total_step=10**6)
+    else:
+        config = LoraConfig(r=c["rank"], lora_alpha=16, target_modules=targets, use_dora=name == "peft_dora")
+    model = inject_adapter_in_model(config, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
+
+
+METHODS = ["full", "lora", "dora", "sora", "adalora", "adadora", "pissa_way0", "pissa_way1", "pissa_way2",
+           "pissa_way3", "lora_qv", "sublora_rdkronqr", "sublora_dense", "sublora_sparse",
+           "peft_lora", "peft_dora", "peft_adalora"]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step(method, x, y, ctx, it):
+    t0 = time.perf_counter()
+    with ctx:
+        loss = method.model(x, y)[1]
+        if method.extra_loss:
+            loss = loss + method.extra_loss(method.model)
+    loss.backward()
+    for opt in method.optimizers:
+        opt.step()
+    if method.after_step:
+        method.after_step(it)
+    for opt in method.optimizers:
+        opt.zero_grad(set_to_none=True)
+    sync(str(x.device))
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def latency(model, x, ctx, n):
+    model.eval()
+    times = []
+    for _ in range(n + 1):
+        t0 = time.perf_counter()
+        with ctx:
+            model(x)
+        sync(str(x.device))
+        times.append(time.perf_counter() - t0)
+    model.train()
+    return statistics.median(times[1:])
+
+
+def state_bytes(method):
+    """Parameters + gradients of the trainable ones + optimizer state, in bytes (exact, any device)."""
+    params = sum(p.numel() * p.element_size() for p in method.model.parameters())
+    params += sum(b.numel() * b.element_size() for b in method.model.buffers())
+    grads = sum(p.numel() * p.element_size() for p in method.model.parameters() if p.requires_grad)
+    opt = sum(t.numel() * t.element_size() for o in method.optimizers for s in o.state.values() for t in s.values()
+              if torch.is_tensor(t))
+    return params + grads + opt
+
+
+def train_flops_per_token(method, cfg):
+    """Honest training FLOPs per token: 6 N for trained weights, 4 N for frozen ones (forward and the
+    input gradient, no weight gradient), plus attention (PaLM appendix B)."""
+    trainable, total = count_params(method.model)  # the tied embedding counted once, as nanoGPT does
+    attention = 12 * cfg["n_layer"] * cfg["n_embd"] * cfg["block_size"]
+    return 6 * trainable + 4 * (total - trainable) + attention
+
+
+def peak_flops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((f for k, f in PEAK_FLOPS.items() if k in name), None)
+
+
+def bench_size(size_name, c):
+    cfg = SIZES[size_name]
+    torch.manual_seed(c["seed"])
+    base = GPT(GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
+                         bias=False, dropout=0.0)).to(c["device"])
+    ptdtype = getattr(torch, c["dtype"])
+    ctx = torch.autocast(c["device"].split(":")[0], ptdtype) if ptdtype != torch.float32 else torch.enable_grad()
+    gen = torch.Generator().manual_seed(c["seed"])
+    x = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"]), generator=gen).to(c["device"])
+    y = torch.roll(x, -1, dims=1)
+    names = [m for m in (c["methods"].split(",") if c["methods"] else METHODS)]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        skipped = [n for n in names if n.startswith("peft_")]
+        if skipped:
+            print(f"peft is not installed: skipping {skipped} (pip install peft)")
+        names = [n for n in names if not n.startswith("peft_")]
+    methods = {}
+    for name in names:
+        methods[name] = build(name, base, c)
+        print(f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
+              f"init {methods[name].init_seconds * 1000:.1f}ms")
+    if "pissa_way0" in names:  # the randomized SVD's init time, for the full-vs-randomized ratio
+        methods["pissa_way0_lowrank_init"] = build("pissa_way0_lowrank", base, c)
+    it = 0
+    for name in names:
+        for _ in range(c["warmup"]):
+            step(methods[name], x, y, ctx, it)
+            it += 1
+    for rep in range(c["reps"]):  # interleaved: every method once per repetition
+        for name in names:
+            for _ in range(c["steps"]):
+                methods[name].step_times.append(step(methods[name], x, y, ctx, it))
+                it += 1
+        print(f"[{size_name}] repetition {rep + 1}/{c['reps']}: " +
+              ", ".join(f"{n} {1000 * statistics.median(methods[n].step_times):.0f}ms" for n in names))
+
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    base_latency = latency(base, x, ctx, 3 * c["reps"])
+    full_time = statistics.median(methods["full"].step_times) if "full" in methods else None
+    peak = peak_flops(c["device"])
+    rows = []
+    for name in names:
+        m = methods[name]
+        t = statistics.median(m.step_times)
+        merged = merge_adapters(copy.deepcopy(m.model)) if not name.startswith(("full", "peft_")) else m.model
+        if c["device"].startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            step(m, x, y, ctx, it)
+            peak_mem = torch.cuda.max_memory_allocated()
+        else:
+            peak_mem = None
+        trainable, total = count_params(m.model)
+        rows.append(dict(size=size_name, method=name, step_ms=1000 * t, ratio_to_full=t / full_time if full_time else None,
+                         tokens_per_s=tokens / t, trainable_params=trainable, total_params=total,
+                         state_mb=state_bytes(m) / 2**20, peak_mem_mb=peak_mem / 2**20 if peak_mem else None,
+                         init_ms=1000 * m.init_seconds,
+                         merged_latency_ratio=latency(merged, x, ctx, 3 * c["reps"]) / base_latency,
+                         mfu=train_flops_per_token(m, cfg) * tokens / t / peak if peak else None))
+    if "pissa_way0_lowrank_init" in methods:
+        rows.append(dict(size=size_name, method="pissa_init_full_over_lowrank",
+                         ratio=methods["pissa_way0"].init_seconds / methods["pissa_way0_lowrank_init"].init_seconds))
+    return rows
+
+
+def markdown(rows):
+    lines = ["| size | method | step ms | × full | tokens/s | trainable | state MB | init ms | merged latency × base |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "step_ms" not in r:
+            continue
+        ratio = f"{r['ratio_to_full']:.2f}" if r["ratio_to_full"] else ""
+        lines.append(f"| {r['size']} | {r['method']} | {r['step_ms']:.1f} | {ratio} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['trainable_params']:,} | {r['state_mb']:.1f} | {r['init_ms']:.1f} | {r['merged_latency_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=()):
+    c = configure(DEFAULTS, list(argv), {})
+    sizes = ["quick"] if c["quick"] else (["baby", "large"] if c["size"] == "both" else [c["size"]])
+    if c["quick"]:
+        c.update(reps=1, steps=1, warmup=1, sublora_dim=200)
+    unknown = [m for m in c["methods"].split(",") if m and m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; choose from {METHODS}")
+    rows = [r for s in sizes for r in bench_size(s, c)]
+    os.makedirs(c["out_dir"], exist_ok=True)
+    info = dict(device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
+                dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"])
+    with open(os.path.join(c["out_dir"], "bench.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    table = markdown(rows)
+    with open(os.path.join(c["out_dir"], "bench.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    for r in rows:
+        if r["method"] == "pissa_init_full_over_lowrank":
+            print(f"[{r['size']}] PiSSA init: full SVD takes {r['ratio']:.1f}x the randomized SVD's time")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
