@@ -188,6 +188,26 @@ def sora_lambda_at(it, c):
     return levels[min(it // c["sora_lambda_every"], len(levels) - 1)]
 
 
+def adapter_stats(c, model, lossf, ortho, reg_weight, known):
+    """The adapter's own numbers for a log row: what the loop already knows (λ, the rank budget), ranks
+    in use, the regulariser beside the task loss, rotation orthogonality, SubLoRA's A/B gradients."""
+    stats = dict(known, **adapter_report(model))
+    if ortho is not None:
+        stats.update(task_loss=lossf, ortho_loss=ortho.item(), total_loss=lossf + reg_weight * ortho.item())
+    if c["adapter"] == "pissa":
+        stats["max_orthogonality_error"] = max_orthogonality_error(model)
+    if isinstance(model, SubLoRA):
+        stats["grad_norm_A"], stats["grad_norm_B"] = model.grad_part_norms()
+        stats["gamma"] = model.gammas()
+    return stats
+
+
+def _brief(value):
+    if isinstance(value, dict):
+        value = [round(v, 3) if isinstance(v, float) else v for v in value.values()]
+    return f"{value:.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def adapter_report(model):
     """Per-step adapter statistics for the log: effective rank per layer (SoRA gates, AdaLoRA E) and
     the adapter parameters in use (r · (in + out + 1) per layer, plus DoRA magnitudes)."""
@@ -557,27 +577,14 @@ def _train(c, device, ddp, rank, world):
                 mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt) if device_type == "cuda" else None
                 print(f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * mfu:.1f}%" if mfu else "") + f", eta {eta}")
-                row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
-                           trainable_params=trainable, total_params=total, **adapter_report(raw_model))
-                if c["adapter"] == "sora":
-                    row["sora_lambda"] = sparse_lambda
-                    print(f"  sora: λ {sparse_lambda:g}, {row['adapter_params_remaining']:,} adapter parameters remain, "
-                          f"effective ranks {list(row['effective_rank'].values())}")
-                if ortho is not None:
-                    row.update(task_loss=lossf, ortho_loss=ortho.item(), total_loss=lossf + reg[1] * ortho.item())
-                if c["adapter"] == "pissa":
-                    row["max_orthogonality_error"] = max_orthogonality_error(raw_model)
-                    print(f"  pissa {c['pissa_method']}: max ‖RᵀR - I‖ {row['max_orthogonality_error']:.2e}"
-                          + (f", ortho loss {row['ortho_loss']:.3e}, total loss {row['total_loss']:.4f}" if ortho is not None else ""))
-                if isinstance(raw_model, SubLoRA):
-                    row["grad_norm_A"], row["grad_norm_B"] = raw_model.grad_part_norms()
-                    row["gamma"] = raw_model.gammas()
-                    print(f"  sublora: ‖∂L/∂w‖ through A {row['grad_norm_A']:.3e}, through B {row['grad_norm_B']:.3e}"
-                          + (f", γ {[round(g, 3) for g in row['gamma'].values()]}" if row["gamma"] else ""))
+                known = dict(sora_lambda=sparse_lambda) if c["adapter"] == "sora" else {}
                 if allocator:
-                    row["rank_budget"] = budget
-                    print(f"  {c['adapter']}: budget {budget} of {allocator.init_budget} ranks, ranks in use "
-                          f"{list(row['effective_rank'].values())}" + (f", ortho {ortho.item():.4f}" if ortho is not None else ""))
+                    known["rank_budget"] = budget
+                stats = adapter_stats(c, raw_model, lossf, ortho, reg[1] if reg else 0.0, known)
+                if stats:
+                    print(f"  {c['adapter']}: " + ", ".join(f"{k} {_brief(v)}" for k, v in stats.items() if k != "task_loss"))
+                row = dict(row or {}, iter=iter_num, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt,
+                           trainable_params=trainable, total_params=total, **stats)
                 row.setdefault("val_loss", None)
                 log(row)
                 last = row
