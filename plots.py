@@ -17,6 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from train import read_metrics  # noqa: E402
 
 
+def save(fig, folder, name):
+    fig.tight_layout()
+    path = os.path.join(folder, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def rank_rows(out_dir):
     rows = [r for r in read_metrics(out_dir) if r.get("effective_rank")]
     if not rows:
@@ -46,11 +54,7 @@ def plot_effective_ranks(out_dir):
     ax_right = ax_params.twinx()
     ax_right.step(iters, [r.get(key, 0) for r in rows], where="post", color="k", lw=1)
     ax_right.set_ylabel(label)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "effective_rank.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, out_dir, "effective_rank.png")
 
 
 def plot_rank_allocation(out_dir):
@@ -75,11 +79,7 @@ def plot_rank_allocation(out_dir):
     ax.set_yticks(range(len(blocks)), [f"block {b}" if b.isdigit() else b for b in blocks], fontsize=8)
     ax.set_title(f"final rank per layer and matrix ({sum(final.values())} ranks)", fontsize=9)
     fig.colorbar(im, ax=ax, label="rank")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "rank_allocation.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, out_dir, "rank_allocation.png")
 
 
 if __name__ == "__main__":
@@ -104,11 +104,7 @@ def plot_gammas(sweep_dir, summary):
     ax.set_yticks(range(len(runs)), [f"d={s['intrinsic_dim']} seed {s['seed']}" for s in runs], fontsize=8)
     ax.set_title("learned allocation: γ = share of w routed to B, per block", fontsize=9)
     fig.colorbar(im, ax=ax, label="γ")
-    fig.tight_layout()
-    path = os.path.join(sweep_dir, "gamma_heatmap.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, sweep_dir, "gamma_heatmap.png")
 
 
 def plot_grad_norms(sweep_dir, summary):
@@ -132,11 +128,7 @@ def plot_grad_norms(sweep_dir, summary):
         ax.set_ylabel("‖∂L/∂w‖")
         ax.set_title(f"d = {d}", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    path = os.path.join(sweep_dir, "grad_norms.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, sweep_dir, "grad_norms.png")
 
 
 def plot_bound_vs_alpha(run_dir, results):
@@ -153,11 +145,7 @@ def plot_bound_vs_alpha(run_dir, results):
     ax.set_ylabel("bits per token")
     ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: K = {results['message']['total_bits']:.0f} bits", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(run_dir, "bound_vs_alpha.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, run_dir, "bound_vs_alpha.png")
 
 
 def plot_pareto(sweep_dir, results):
@@ -180,8 +168,4 @@ def plot_pareto(sweep_dir, results):
     ax.set_ylabel("bits per token")
     ax.set_title("compression vs fit: the bound's Pareto frontier", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(sweep_dir, "pareto.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, sweep_dir, "pareto.png")
