@@ -310,3 +310,12 @@ def tiny_base_from(ckpt):
             and not k.endswith((".gate", ".magnitude"))}
     base.load_state_dict(keep)
     return base
+
+
+def test_cached_base_norms_follow_a_weight_change():
+    layer = trained_layer(LoRALinear)
+    layer(torch.randn(2, 12))  # fills the cache of ‖W_i‖²
+    with torch.no_grad():
+        layer.base.weight.mul_(2.0)  # e.g. load_state_dict copying new base weights in place
+    V = layer.base.weight + layer.delta_weight()
+    assert torch.allclose(layer.weight_norm(), V.norm(dim=1), atol=1e-5)
