@@ -243,6 +243,12 @@ def evaluate(c, run_dir):
     flat = torch.cat([state[n].reshape(-1).double() for n in names])
     d = flat.numel()
     print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} numbers ({', '.join(names)[:80]})")
+    base = cfg.get("init_from", "scratch")
+    caveat = None
+    if base not in ("scratch",) and not base.startswith("gpt2"):
+        caveat = (f"the base model comes from {base!r}: the bound holds only if that base never saw this training "
+                  "data (a prior must be fixed before the data); a base pretrained on it makes the bound invalid")
+        print(f"  warning: {caveat}")
 
     gen = torch.Generator().manual_seed(c["seed"])
     blocks = torch.randint(len(train) // block - 1, (c["eval_blocks"],), generator=gen) * block
@@ -306,7 +312,7 @@ def evaluate(c, run_dir):
     s_tok, s_doc = len(blocks), len(doc_ix)
     results = {"run": run_dir, "kind": ckpt["adapter"]["kind"], "d": d, "levels": c["levels"], "vocab": vocab,
                "N_tokens": N_tok, "N_documents": N_doc, "s_blocks": s_tok, "s_documents": s_doc,
-               "confidence": c["confidence"], "loss_before_quantization_bits": before,
+               "confidence": c["confidence"], "base_caveat": caveat, "loss_before_quantization_bits": before,
                "loss_after_quantization_bits": smooth[0], "message": msg, "alphas": alpha_grid, "metrics": {}}
     for level, N, s, sm, er in (("token", N_tok, s_tok, smooth, errors), ("document", N_doc, s_doc, doc_smooth, doc_err)):
         per_alpha = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N, s, eps) for v, a in zip(sm, alpha_grid)]
