@@ -1182,12 +1182,10 @@ class SubLoRA(nn.Module):
             self._grad_parts = [None, None]
             for i, t in enumerate((delta_a, delta_b)):
                 t.register_hook(lambda g, i=i: self._keep_grad(i, g))
-        params = {}
+        params, theta0 = {}, dict(self.model.named_parameters())
         for names, delta in ((self.a_names, delta_a), (self.b_names, delta_b)):
-            sizes = [self.shapes[n].numel() for n in names]
-            base = dict(self.model.named_parameters())
-            for n, chunk in zip(names, delta.split(sizes)):
-                params[n] = base[n] + chunk.view(self.shapes[n])
+            for n, chunk in zip(names, delta.split([self.shapes[n].numel() for n in names])):
+                params[n] = theta0[n] + chunk.view(self.shapes[n])
         return params
 
     def _keep_grad(self, i, g):

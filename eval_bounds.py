@@ -273,10 +273,7 @@ def evaluate(c, run_dir):
         print()
         return (smooth / n).tolist(), (errors / n).tolist()
 
-    def unquantized_loss():
-        return token_level("unquantised")[0][0]
-
-    before = unquantized_loss()
+    before = token_level("unquantised")[0][0]  # bits per token at the smallest α: next to no smoothing
 
     # quantise w (and the gates), optionally tune w and the centroids with the straight-through estimator
     centroids, symbols = quantize(flat, c["levels"], c["quant_init"])

@@ -15,7 +15,6 @@ import torch
 
 import checkpoint
 import train
-from adapters import adapter_layers
 from checkpoint import CheckpointError, load_checkpoint
 from configurator import ConfigError
 from prepare import read_meta
