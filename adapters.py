@@ -45,6 +45,12 @@ class AdapterError(ValueError):
     """Bad adapter settings or targets; the message says which and how to fix it."""
 
 
+def compute_dtype(t):
+    """fp32 for fp32 / bf16 / fp16 tensors, fp64 for fp64 ones: merges and norms never lose precision
+    that the model has (peft computes in the promotion as well)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 # -----------------------------------------------------------------------------
 # the layers
 
@@ -61,7 +67,8 @@ class AdapterLinear(nn.Module):
         self.base.requires_grad_(False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # DoRA (Liu et al. 2024): m starts at the row norms of W, so the layer starts as the base
-        self.magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(base.weight.dtype)) if use_dora else None
+        w = base.weight.detach()
+        self.magnitude = nn.Parameter(w.to(compute_dtype(w)).norm(dim=1).to(w.dtype)) if use_dora else None
         self.merged = False
         self.frozen = set()  # names of the layer's own parameters that stay frozen (besides base.*)
 
@@ -88,28 +95,26 @@ class AdapterLinear(nn.Module):
         return ((self.lora_dropout(x) @ A.T) * s) @ B.T
 
     def delta_weight(self):
-        """The branch as a dense (out, in) matrix in fp32; only merge and tests build it."""
+        """The branch as a dense (out, in) matrix in fp32 (fp64 for fp64 models); only merge and tests
+        build it."""
         B, A, s = self.factors()
-        return (B.float() @ A.float()) * s
+        dt = compute_dtype(self.base.weight)
+        return (B.to(dt) @ A.to(dt)) * s
 
     @torch.no_grad()
     def weight_norm(self):
         """‖W + ΔW‖ per output row without forming W + ΔW (peft PR #3387):
         ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖², with ⟨W_i, ΔW_i⟩ = s (B' ⊙ (A Wᵀ)ᵀ)_i·1 and
-        ‖ΔW_i‖² = s² (B' (A Aᵀ) ⊙ B')_i·1. No gradient flows through it (DoRA §4.3)."""
-        B, A, s = (t.float() if torch.is_tensor(t) else t for t in self.factors())
-        W = self.base.weight.float()
+        ‖ΔW_i‖² = s² (B' (A Aᵀ) ⊙ B')_i·1. No gradient flows through it (DoRA §4.3). Computed in the
+        promotion of the weight's dtype and fp32 (fp64 models stay fp64), every call: one pass over W,
+        and nothing cached that torch.compile would have to guard on."""
+        W = self.base.weight
+        dt = torch.promote_types(W.dtype, torch.float32)
+        B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
+        W = W.to(dt)
         cross = (B * (A @ W.T).T).sum(1)  # (out,)
         delta_sq = ((B @ (A @ A.T)) * B).sum(1)
-        return (self.base_row_norms_sq() + 2 * s * cross + s * s * delta_sq).clamp_min(0).sqrt()
-
-    def base_row_norms_sq(self):
-        """‖W_i‖² of the frozen base, computed again only when the weight changes (load, merge)."""
-        w = self.base.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if getattr(self, "_norms_key", None) != key:
-            self._norms_sq, self._norms_key = w.detach().float().pow(2).sum(1), key
-        return self._norms_sq
+        return (W.pow(2).sum(1) + 2 * s * cross + s * s * delta_sq).clamp_min(0).sqrt()
 
     def forward(self, x):
         if self.merged:
@@ -123,14 +128,14 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + ΔW (DoRA: W <- m / ‖W + ΔW‖ ⊙ (W + ΔW)) in fp32, cast once. Idempotent. The merged
+        """W <- W + ΔW (DoRA: W <- m / ‖W + ΔW‖ ⊙ (W + ΔW)) in fp32 (fp64 models: fp64), cast once. Idempotent. The merged
         weight is a new tensor, so a weight shared with another module (GPT's head is tied to the token
         embedding) is untied, not changed."""
         if self.merged:
             return
-        W = self.base.weight.float() + self.delta_weight()
+        W = self.base.weight.to(compute_dtype(self.base.weight)) + self.delta_weight()
         if self.magnitude is not None:
-            self._merge_scale = self.magnitude.float() / self.weight_norm()  # kept to unmerge exactly
+            self._merge_scale = self.magnitude.to(W.dtype) / self.weight_norm()  # kept to unmerge exactly
             W = self._merge_scale[:, None] * W
         self._set_weight(W)
         self.merged = True
@@ -139,7 +144,7 @@ class AdapterLinear(nn.Module):
     def unmerge(self):
         if not self.merged:
             return
-        W = self.base.weight.float()
+        W = self.base.weight.to(compute_dtype(self.base.weight))
         if self.magnitude is not None:
             W = W / self._merge_scale[:, None]
         self._set_weight(W - self.delta_weight())
@@ -171,7 +176,8 @@ class LoRALinear(AdapterLinear):
         # out_ranges: adapt only these output rows (the q and v thirds of a fused c_attn); B then has
         # rows for them alone, and its full (out, r) form is rebuilt with zeros elsewhere
         self.out_ranges = out_ranges
-        rows = torch.cat([torch.arange(a, b) for a, b in out_ranges]) if out_ranges else None
+        dev = base.weight.device
+        rows = torch.cat([torch.arange(a, b, device=dev) for a, b in out_ranges]) if out_ranges else None
         self.register_buffer("out_index", rows, persistent=False)
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size is rank-free.
         # An explicit `scaling` keeps a trained layer's scale when its rank shrinks (SoRA prune).
@@ -591,27 +597,39 @@ class RankAllocator:
         progress = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
         return int((self.init_budget - self.target_budget) * progress**3 + self.target_budget), step % self.deltaT == 0
 
+    def _tensors(self):
+        """[(key, parameter)] of every A, B and E, in a fixed order."""
+        return [(f"{n}.{p}", getattr(layer, p)) for n, layer in self.layers.items() for p in ("lora_A", "lora_B", "lora_E")]
+
     @torch.no_grad()
     def update_importance(self):
-        for name, layer in self.layers.items():
-            for pname in ("lora_A", "lora_B", "lora_E"):
-                p = getattr(layer, pname)
-                if p.grad is None:  # e.g. a layer the loss did not reach
-                    continue
-                key = f"{name}.{pname}"
-                ipt = (p * p.grad).abs().float()
-                if key not in self.sensitivity:
-                    self.sensitivity[key] = torch.zeros_like(ipt)
-                    self.uncertainty[key] = torch.zeros_like(ipt)
-                self.sensitivity[key].mul_(self.beta1).add_((1 - self.beta1) * ipt)
-                self.uncertainty[key].mul_(self.beta2).add_((1 - self.beta2) * (ipt - self.sensitivity[key]).abs())
+        """One EMA step of sensitivity and uncertainty for every A, B, E at once: a few _foreach ops
+        over all layers (no per-layer Python loop, no host sync)."""
+        live = [(k, p) for k, p in self._tensors() if p.grad is not None]  # skip what the loss did not reach
+        if not live:
+            return
+        for k, p in live:
+            if k not in self.sensitivity:
+                self.sensitivity[k] = torch.zeros_like(p, dtype=compute_dtype(p))
+                self.uncertainty[k] = torch.zeros_like(p, dtype=compute_dtype(p))
+        params, grads = [p for _, p in live], [p.grad for _, p in live]
+        sens, unc = [self.sensitivity[k] for k, _ in live], [self.uncertainty[k] for k, _ in live]
+        ipt = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(ipt)  # I = |p ⊙ ∇p|
+        ipt = [i.to(s.dtype) for i, s in zip(ipt, sens)]
+        torch._foreach_mul_(sens, self.beta1)
+        torch._foreach_add_(sens, ipt, alpha=1 - self.beta1)  # Ī <- β1 Ī + (1 - β1) I
+        torch._foreach_sub_(ipt, sens)
+        torch._foreach_abs_(ipt)  # |I - Ī|
+        torch._foreach_mul_(unc, self.beta2)
+        torch._foreach_add_(unc, ipt, alpha=1 - self.beta2)  # Ū <- β2 Ū + (1 - β2) |I - Ī|
 
     def rank_scores(self):
         """{layer: (r,) score of each rank}."""
         scores = {}
         for name, layer in self.layers.items():
             s = {p: self.sensitivity[f"{name}.{p}"] * self.uncertainty[f"{name}.{p}"]
-                 if f"{name}.{p}" in self.sensitivity else torch.zeros_like(getattr(layer, p), dtype=torch.float32)
+                 if f"{name}.{p}" in self.sensitivity else torch.zeros_like(getattr(layer, p), dtype=compute_dtype(layer.lora_E))
                  for p in ("lora_A", "lora_B", "lora_E")}
             scores[name] = s["lora_E"] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
         return scores
@@ -624,32 +642,44 @@ class RankAllocator:
         flat = torch.cat(list(scores.values()))
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat)[: len(flat) - budget]] = False
-        masks, offset = {}, 0
-        for name, layer in self.layers.items():
-            masks[name] = keep[offset : offset + layer.rank]
-            offset += layer.rank
+        masks = dict(zip(self.layers, keep.split([layer.rank for layer in self.layers.values()])))
         self.apply_mask(masks)
         return masks
 
     @torch.no_grad()
     def apply_mask(self, masks):
-        for name, keep in masks.items():
-            self.layers[name].lora_E.masked_fill_(~keep.to(self.layers[name].lora_E.device), 0.0)
+        """E <- E ⊙ mask for every layer in one _foreach op."""
+        E = [self.layers[n].lora_E for n in masks]
+        torch._foreach_mul_(E, [keep.to(e.device, e.dtype) for keep, e in zip(masks.values(), E)])
 
     def update_and_allocate(self, step):
-        """After optimizer.step(), before zero_grad(). Returns the budget in force."""
+        """After optimizer.step(), before zero_grad(). Returns the budget in force. As peft's
+        AdaLoraModel.update_and_allocate: the importance is updated only while step < total_step -
+        tfinal; at that step the final mask is built from it, and re-applied at every later step."""
         for layer in self.layers.values():
             layer.forwards_since_allocation = 0
-        if self.final_mask is not None and step > self.total_step - self.tfinal:
+        final_step = self.total_step - self.tfinal
+        if self.final_mask is not None and step > final_step:
             self.apply_mask(self.final_mask)  # re-applied every step: masked E would regrow
             return self.target_budget
-        self.update_importance()
+        if step < final_step:
+            self.update_importance()
         budget, mask_now = self.budget(step)
         if mask_now:
             masks = self.mask_to_budget(budget)
-            if step >= self.total_step - self.tfinal:
+            if step >= final_step:
                 self.final_mask = masks
         return budget
+
+    def finalize(self):
+        """Make the final allocation what the model holds, however far the schedule got: a run that
+        stops before total_step - tfinal (tfinal = 0 stops one step short of it) gets the final mask
+        now, from the importance so far; one past it has its final mask re-applied."""
+        if self.final_mask is None:
+            self.update_and_allocate(self.total_step - self.tfinal)
+        else:
+            self.apply_mask(self.final_mask)
+        return self.final_mask
 
     def state_dict(self):
         return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty, "final_mask": self.final_mask}
@@ -659,18 +689,28 @@ class RankAllocator:
         self.final_mask = state["final_mask"]
 
 
+def _stacked_by_shape(tensors):
+    """Same-shaped tensors stacked into one batch per shape (a differentiable copy): the batched ops
+    below then cost a few kernels per shape instead of a few per layer."""
+    groups = {}
+    for t in tensors:
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+    return [torch.stack(g) for g in groups.values()]
+
+
 def orthogonal_regularization(model):
     """Mean over every AdaLoRA A and B of ‖A Aᵀ - I‖_F and ‖Bᵀ B - I‖_F (peft's AdaLoraModel.forward),
-    keeping P = B and Q = A near-orthogonal as in the SVD they stand for. Added to the loss × weight."""
-    terms = []
-    for layer in adapter_layers(model).values():
-        if isinstance(layer, AdaLoRALinear) and layer.rank > 0:
-            A, B = layer.lora_A, layer.lora_B
-            eye = torch.eye(layer.rank, device=A.device, dtype=A.dtype)
-            terms += [torch.linalg.matrix_norm(A @ A.T - eye), torch.linalg.matrix_norm(B.T @ B - eye)]
-    if not terms:
+    keeping P = B and Q = A near-orthogonal as in the SVD they stand for. Added to the loss × weight.
+    Layers of the same shape are stacked: one batched product per shape."""
+    layers = [m for m in adapter_layers(model).values() if isinstance(m, AdaLoRALinear) and m.rank > 0]
+    if not layers:
         raise AdapterError("orthogonal_regularization needs AdaLoRA layers in the model")
-    return torch.stack(terms).mean()
+    terms = []
+    for factors in (_stacked_by_shape([m.lora_A for m in layers]), _stacked_by_shape([m.lora_B.T for m in layers])):
+        for F_ in factors:  # (n, r, k): ‖F Fᵀ - I‖_F per layer
+            eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
+            terms.append(torch.linalg.matrix_norm(F_ @ F_.transpose(1, 2) - eye))
+    return torch.cat(terms).mean()
 
 
 def slice_adalora_model(model):
@@ -733,21 +773,22 @@ class Rotation(nn.Module):
     way2 Cayley map of a low-rank skew-symmetric K = B Cᵀ - C Bᵀ, way3 matrix exponential of T - Tᵀ.
     Ways 1-3 are exactly orthogonal for any parameter value."""
 
-    def __init__(self, r, method="way0", skew_rank=4, init_identity=True):
+    def __init__(self, r, method="way0", skew_rank=4, init_identity=True, device=None):
         super().__init__()
         self.r, self.method = r, method
         noise = 0.0 if init_identity else 0.1
+        kw = dict(device=device)
         if method == "way0":
-            self.matrix = nn.Parameter(torch.eye(r) + noise * torch.randn(r, r))
+            self.matrix = nn.Parameter(torch.eye(r, **kw) + noise * torch.randn(r, r, **kw))
         elif method == "way1":  # angles of r - 1 rounds of disjoint Givens pairs: r (r - 1) / 2 = dim SO(r)
-            self.register_buffer("pairs", round_robin_pairs(r), persistent=False)
-            self.angles = nn.Parameter(noise * torch.randn(self.pairs.shape[:2]))
+            self.register_buffer("pairs", round_robin_pairs(r).to(device), persistent=False)
+            self.angles = nn.Parameter(noise * torch.randn(self.pairs.shape[:2], **kw))
         elif method == "way2":  # C = 0: K = 0 at init; B random so that C gets a gradient
             k = min(skew_rank, r)
-            self.skew_B = nn.Parameter(torch.randn(r, k) / math.sqrt(r))
-            self.skew_C = nn.Parameter(noise * torch.randn(r, k))
+            self.skew_B = nn.Parameter(torch.randn(r, k, **kw) / math.sqrt(r))
+            self.skew_C = nn.Parameter(noise * torch.randn(r, k, **kw))
         elif method == "way3":
-            self.generator = nn.Parameter(noise * torch.randn(r, r))
+            self.generator = nn.Parameter(noise * torch.randn(r, r, **kw))
         else:
             raise AdapterError(f"pissa method must be way0, way1, way2 or way3, got {method!r}")
 
@@ -806,8 +847,8 @@ class RotationalPiSSALinear(AdapterLinear):
         dtype = base.weight.dtype
         self.register_buffer("U", U.to(dtype).contiguous())  # (out, r)
         self.register_buffer("V", V.to(dtype).contiguous())  # (in, r)
-        self.rotation_U = Rotation(rank, method, skew_rank, init_identity).to(base.weight.device)
-        self.rotation_V = Rotation(rank, method, skew_rank, init_identity).to(base.weight.device)
+        self.rotation_U = Rotation(rank, method, skew_rank, init_identity, device=base.weight.device)
+        self.rotation_V = Rotation(rank, method, skew_rank, init_identity, device=base.weight.device)
         # trainable S holds S_r / s so that s · S is the principal part's singular values at init
         self.singular_values = nn.Parameter((S / self.scaling).to(dtype))
         if freeze_singular_values:
@@ -821,7 +862,10 @@ class RotationalPiSSALinear(AdapterLinear):
             codes, absmax = nf4_quantize(W - (B0.float() @ A0.float()))
             self.register_buffer("residual_codes", codes)
             self.register_buffer("residual_absmax", absmax)
-            self._residual_cache, self._cache_key = None, None
+            # deq(codes) as a plain (non-saved) buffer: it moves with .to(), torch.compile sees a tensor
+            # and no cache key, and a load of new codes refreshes it (the hook below)
+            self.register_buffer("residual_weight", self._dequantized_residual(), persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, keys: module.refresh_residual())
 
     def principal_factors(self):
         """(B_θ (out, r), A_θ (r, in)) with P(θ) = B_θ A_θ = s · U R_U diag(S) R_Vᵀ Vᵀ."""
@@ -835,18 +879,22 @@ class RotationalPiSSALinear(AdapterLinear):
             return B, A, 1.0  # the forward adds deq(W_res) x itself
         return torch.cat([B, -self.B0], dim=1), torch.cat([A, self.A0], dim=0), 1.0  # P(θ) - P(θ₀), rank 2r
 
+    def _dequantized_residual(self):
+        deq = nf4_dequantize(self.residual_codes, self.residual_absmax, self.base.weight.shape)
+        return deq.to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def refresh_residual(self):
+        """Rebuild deq(NF4(W_res)) after the codes changed (load_state_dict calls it)."""
+        self.residual_weight = self._dequantized_residual()
+
     def residual(self):
-        """deq(NF4(W_res)), rebuilt only when the codes change (e.g. a checkpoint load)."""
-        key = (self.residual_codes.data_ptr(), self.residual_codes._version)
-        if self._cache_key != key:
-            self._residual_cache = nf4_dequantize(self.residual_codes, self.residual_absmax, self.base.weight.shape)
-            self._residual_cache = self._residual_cache.to(self.base.weight.dtype)
-            self._cache_key = key
-        return self._residual_cache
+        """deq(NF4(W_res)) in the weight's dtype."""
+        return self.residual_weight
 
     def forward(self, x):
         if self.quantized and not self.merged:
-            return F.linear(x, self.residual(), self.base.bias) + self.adapter_forward(x)
+            return F.linear(x, self.residual_weight, self.base.bias) + self.adapter_forward(x)
         return super().forward(x)
 
     @torch.no_grad()
@@ -854,7 +902,7 @@ class RotationalPiSSALinear(AdapterLinear):
         """W <- W_res + U_r R_U diag(S_r) R_Vᵀ V_rᵀ (with the de-quantised residual when quantised)."""
         if self.quantized and not self.merged:
             self._unmerged_weight = self.base.weight
-            self._set_weight(self.residual().float() + self.delta_weight())
+            self._set_weight(self.residual().to(compute_dtype(self.residual())) + self.delta_weight())
             self.merged = True
         super().merge()
 
@@ -876,7 +924,7 @@ class RotationalPiSSALinear(AdapterLinear):
         for rot in (self.rotation_U, self.rotation_V):
             for name, p in rot.named_parameters():
                 if name == "matrix":
-                    p.copy_(torch.eye(self.rank))
+                    p.copy_(torch.eye(self.rank, device=p.device, dtype=p.dtype))
                 elif name != "skew_B":
                     p.zero_()
 
@@ -894,16 +942,17 @@ class RotationalPiSSALinear(AdapterLinear):
 
 
 def rotation_penalty(model):
-    """way0's penalty: the mean over every rotation of ‖RᵀR - I‖²_F (added to the loss × weight)."""
-    terms = []
-    for layer in adapter_layers(model).values():
-        if isinstance(layer, RotationalPiSSALinear):
-            for rot in (layer.rotation_U, layer.rotation_V):
-                R = rot()
-                terms.append((R.T @ R - torch.eye(layer.rank, device=R.device, dtype=R.dtype)).pow(2).sum())
-    if not terms:
+    """way0's penalty: the mean over every rotation of ‖RᵀR - I‖²_F (added to the loss × weight), all
+    rotations of one size in one batched product."""
+    rotations = [rot() for layer in adapter_layers(model).values() if isinstance(layer, RotationalPiSSALinear)
+                 for rot in (layer.rotation_U, layer.rotation_V)]
+    if not rotations:
         raise AdapterError("rotation_penalty needs Rotational PiSSA layers in the model")
-    return torch.stack(terms).mean()
+    terms = []
+    for R in _stacked_by_shape(rotations):  # (n, r, r)
+        eye = torch.eye(R.shape[1], device=R.device, dtype=R.dtype)
+        terms.append((R.transpose(1, 2) @ R - eye).pow(2).sum((1, 2)))
+    return torch.cat(terms).mean()
 
 
 def max_orthogonality_error(model):
@@ -987,12 +1036,18 @@ class _DenseProject(torch.autograd.Function):
 
 
 class DenseProjector(nn.Module):
-    """P in R^{D x d}, i.i.d. N(0, 1/D): E‖P z‖² = ‖z‖². Never stored: each block of rows is drawn
-    again from seed + block index whenever it is used (D·d floats would not fit for large models)."""
+    """P in R^{D x d}, i.i.d. N(0, 1/D): E‖P z‖² = ‖z‖². Every block of rows is drawn from seed +
+    block index by the CPU generator, so P is the same on every device. When D·d floats fit in
+    cache_bytes, P is drawn once and kept as a (non-saved) buffer on the model's device: one
+    matrix-vector product per pass, the speed a GPU needs. Otherwise it is never stored: each block is
+    drawn again whenever it is used (D·d floats would not fit for large models)."""
 
-    def __init__(self, D, d, seed, rows_per_block=4096):
+    def __init__(self, D, d, seed, rows_per_block=4096, cache_bytes=4 << 30):
         super().__init__()
         self.D, self.d, self.seed, self.rows = D, d, seed, rows_per_block
+        cached = D * d * 4 <= cache_bytes
+        self.register_buffer("matrix", torch.cat(list(self.blocks(torch.empty(0)))) if cached else None,
+                             persistent=False)
 
     def blocks(self, like):
         for k, start in enumerate(range(0, self.D, self.rows)):
@@ -1001,6 +1056,8 @@ class DenseProjector(nn.Module):
             yield (torch.randn(rows, self.d, generator=gen) / math.sqrt(self.D)).to(like.device, like.dtype)
 
     def forward(self, z):
+        if self.matrix is not None:
+            return self.matrix.to(z.dtype) @ z
         return _DenseProject.apply(z, self)
 
 
@@ -1063,6 +1120,27 @@ def _block_of(name):
     return ".".join(parts[: index + 1]) if index is not None else "head"
 
 
+def spread_dims(d, caps):
+    """d coordinates over blocks in proportion to their sizes `caps` (at least 2 each, the last takes
+    the remainder); where that leaves a block outside 2..its size, 2 each and the rest filled in
+    proportion, what a full block cannot take going to the blocks with room."""
+    n = len(caps)
+    if not 2 * n <= d <= sum(caps):
+        raise AdapterError(f"intrinsic_dim {d} does not fit {n} blocks in learned mode: it must be in "
+                           f"{2 * n}..{sum(caps)}")
+    dims = [max(2, d * c // sum(caps)) for c in caps]
+    dims[-1] = d - sum(dims[:-1])
+    if all(2 <= k <= c for k, c in zip(dims, caps)):
+        return dims
+    dims = [min(c, 2 + (d - 2 * n) * c // sum(caps)) for c in caps]
+    while sum(dims) < d:  # at most n passes: each one fills a block or places everything
+        room = [c - k for k, c in zip(dims, caps)]
+        left = d - sum(dims)
+        k = max(range(n), key=lambda i: room[i])
+        dims[k] += min(room[k], left)
+    return dims
+
+
 class SubLoRA(nn.Module):
     """Trains only w in R^d: the LoRA factors of `model` are θ = θ₀ + P w, written into the network
     with torch.func.functional_call. θ₀ (the LoRA init, A Kaiming-uniform, B = 0) and P come from
@@ -1075,7 +1153,7 @@ class SubLoRA(nn.Module):
     by 1 - m_i, so the A/B split of each block is learned with w."""
 
     def __init__(self, model, intrinsic_dim, projector="rdkronqr", allocation_mode="uniform", allocation_ratio=0.5,
-                 seed=0, gate_sharpness=10.0):
+                 seed=0, gate_sharpness=10.0, gate_grad_width=0.1):
         super().__init__()
         lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not lora or not all(n.endswith((".lora_A", ".lora_B")) for n, _ in lora):
@@ -1085,7 +1163,11 @@ class SubLoRA(nn.Module):
             raise AdapterError(f"projector must be one of {sorted(PROJECTORS)}, got {projector!r}")
         if allocation_mode not in ("uniform", "fixed", "learned"):
             raise AdapterError(f"allocation_mode must be uniform, fixed or learned, got {allocation_mode!r}")
+        if not 0 <= gate_grad_width <= 1:
+            raise AdapterError(f"gate_grad_width is a share of a block's coordinates, in [0, 1]; got {gate_grad_width}")
         self.model, self.config, self.mode, self.sharpness = model, model.config, allocation_mode, gate_sharpness
+        self.gate_grad_width = gate_grad_width
+        device = lora[0][1].device  # everything below is built on the device of the factors it drives
         gen = torch.Generator().manual_seed(seed)
         for name, p in lora:  # θ₀ from the seed alone: A Kaiming-uniform (bound 1/√fan_in), B = 0
             p.requires_grad_(False)
@@ -1114,19 +1196,20 @@ class SubLoRA(nn.Module):
             self.projectors = nn.ModuleList([make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)])
         else:
             self.blocks = list(dict.fromkeys(_block_of(n) for n in self.a_names))
-            sizes = [size([n for n in self.a_names + self.b_names if _block_of(n) == b]) for b in self.blocks]
-            dims = [max(2, d * s // self.D) for s in sizes]
-            dims[-1] = d - sum(dims[:-1])
-            if min(dims) < 2:
-                raise AdapterError(f"intrinsic_dim {d} is too small for {len(self.blocks)} blocks in learned mode")
-            self.block_dims = dims
+            part_sizes = [(size([n for n in self.a_names if _block_of(n) == b]), size([n for n in self.b_names if _block_of(n) == b]))
+                          for b in self.blocks]
+            self.block_dims = spread_dims(d, [a + b for a, b in part_sizes])
+            # block ℓ's coordinate i goes to B with weight m_i (high for the first ones) and to A with
+            # 1 - m_i (high for the last ones); a part smaller than d_ℓ reads only its end of the block
+            self.part_dims = [(min(dl, a), min(dl, b)) for dl, (a, b) in zip(self.block_dims, part_sizes)]
             self.projectors = nn.ModuleList()
-            for k, b in enumerate(self.blocks):
-                for part, names in (("A", self.a_names), ("B", self.b_names)):
-                    self.projectors.append(make(size([n for n in names if _block_of(n) == b]), dims[k], 2 * k + (part == "B")))
-            self.gate_logits = nn.Parameter(torch.zeros(len(self.blocks)))
-        self.w = nn.Parameter(torch.zeros(d))
-        self.track_grad_parts = False  # train.py sets it on log steps: then the A / B gradients are kept
+            for k, ((a, b), (k_a, k_b)) in enumerate(zip(part_sizes, self.part_dims)):
+                self.projectors.extend([make(a, k_a, 2 * k), make(b, k_b, 2 * k + 1)])
+            self.gate_logits = nn.Parameter(torch.zeros(len(self.blocks), device=device))
+        self.projectors.to(device)
+        self.w = nn.Parameter(torch.zeros(d, device=device))
+        # the gradients reaching the A and B factors are kept on every eager training pass (two
+        # D-sized vectors); not under torch.compile, where a hook with a side effect breaks the graph
         self._grad_parts = None
 
     # the interface train.py and sample.py use of a model
@@ -1156,8 +1239,18 @@ class SubLoRA(nn.Module):
                 for g, dl in zip(gamma, self.block_dims)]
 
     def masks(self, logits=None):
-        """Learned mode's soft masks m (one (d_ℓ,) vector per block), in (0, 1), falling with the index."""
-        return [torch.sigmoid(a) for a in self.mask_args(logits)]
+        """Learned mode's soft masks m (one (d_ℓ,) vector per block), in (0, 1), falling with the index.
+        The values are the anchor's m_i = sigmoid(C (γ d_ℓ - i)); that mask moves only the ~1/C
+        coordinates at its edge, so its gradient in γ is the noise of one or two coordinates. With
+        gate_grad_width > 0 the gradient is the one of a wider mask, sigmoid((γ - i/d_ℓ) · 4 / width),
+        gathered over that share of the block (straight-through: the forward is unchanged)."""
+        sharp = [torch.sigmoid(a) for a in self.mask_args(logits)]
+        if not self.gate_grad_width or not torch.is_grad_enabled():
+            return sharp
+        gamma = torch.sigmoid(self.gate_logits if logits is None else logits)
+        soft = [torch.sigmoid((g - torch.arange(dl, device=g.device, dtype=g.dtype) / dl) * (4 / self.gate_grad_width))
+                for g, dl in zip(gamma, self.block_dims)]
+        return [m.detach() + (s - s.detach()) for m, s in zip(sharp, soft)]  # value m exactly, gradient of s
 
     def deltas(self, w, logits=None):
         """(P_A-part of w, P_B-part of w): the changes of all A factors and of all B factors, flattened
@@ -1170,15 +1263,16 @@ class SubLoRA(nn.Module):
             w_a, w_b = w.split(self.split)
             return self.projectors[0](w_a), self.projectors[1](w_b)
         parts = {b: [] for b in self.blocks}
-        for k, (w_l, m) in enumerate(zip(w.split(self.block_dims), self.masks(logits))):
-            parts[self.blocks[k]] = (self.projectors[2 * k](w_l * (1 - m)), self.projectors[2 * k + 1](w_l * m))
+        for k, (w_l, m, (k_a, k_b)) in enumerate(zip(w.split(self.block_dims), self.masks(logits), self.part_dims)):
+            parts[self.blocks[k]] = (self.projectors[2 * k]((w_l * (1 - m))[len(m) - k_a :]),
+                                     self.projectors[2 * k + 1]((w_l * m)[:k_b]))
         # blocks appear in a_names / b_names in the same order, each block's factors contiguous
         return torch.cat([parts[b][0] for b in self.blocks]), torch.cat([parts[b][1] for b in self.blocks])
 
     def lora_params(self):
         """{name: θ₀ + (P w) for that factor}."""
         delta_a, delta_b = self.deltas(self.w, getattr(self, "gate_logits", None))
-        if self.track_grad_parts and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.w.requires_grad and not torch.compiler.is_compiling():
             self._grad_parts = [None, None]
             for i, t in enumerate((delta_a, delta_b)):
                 t.register_hook(lambda g, i=i: self._keep_grad(i, g))
@@ -1192,7 +1286,8 @@ class SubLoRA(nn.Module):
         self._grad_parts[i] = g.detach().clone() if self._grad_parts[i] is None else self._grad_parts[i] + g
 
     def grad_part_norms(self):
-        """(‖∂L/∂w through the A factors‖, ‖… through the B factors‖) of the last tracked step."""
+        """(‖∂L/∂w through the A factors‖, ‖… through the B factors‖) of the last eager training step;
+        None when compiled."""
         if not self._grad_parts or self._grad_parts[0] is None:
             return None
         with torch.enable_grad():

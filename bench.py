@@ -4,10 +4,12 @@ Speed and memory of every adapter against full fine-tuning (and PEFT's LoRA, DoR
 over the methods so that machine drift cancels; warm-up steps are not timed; every number in the
 README's table is a ratio taken within one run.
 
-    python bench.py                           # both sizes (2 CPU cores: ~15 minutes)
-    python bench.py --size=large --device=cuda --dtype=bfloat16
+    python bench.py                           # CPU: baby and large sizes (2 cores: ~15 minutes)
+    python bench.py --device=cuda             # GPU: GPT-2-small shape, 8 x 1024 tokens, bf16
+    python bench.py --device=cuda --compile=both   # every method eager and torch.compile'd, side by side
     python bench.py --quick=True              # a tiny model, seconds: what the test runs
     python bench.py --methods=full,lora,dora  # a subset
+    python bench.py --profile=dora            # also write a torch.profiler trace of one DoRA step
 
 Writes out_dir/bench.json and out_dir/bench.md (the README table).
 """
@@ -26,8 +28,10 @@ from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_param
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, GPTConfig
 
-size = "both"  # 'baby' | 'large' | 'both'
+size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
 methods = ""  # comma-separated subset of METHODS; '' = all
+compile = "False"  # 'True': torch.compile every model; 'both': eager and compiled rows ('<method>+compile')
+profile = ""  # a method name: write out_dir/trace_<method>.json (chrome trace of one step)
 reps = 3  # interleaved repetitions
 steps = 2  # timed steps per method and repetition
 warmup = 1  # untimed steps per method before the first repetition
@@ -44,7 +48,16 @@ SIZES = {  # the baby Shakespeare model, and a GPT-2-small-shaped one where the 
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65, batch_size=32),
     "large": dict(n_layer=12, n_head=12, n_embd=768, block_size=256, vocab_size=50304, batch_size=4),
     "quick": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, batch_size=4),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=8),
 }
+# operators that only re-describe memory (no kernel on a GPU): left out of kernels/step on a CPU
+VIEW_OPS = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose", "aten::expand",
+            "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::reshape", "aten::slice", "aten::select",
+            "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::detach", "aten::alias", "aten::lift_fresh",
+            "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg",
+            "aten::unbind", "aten::chunk", "aten::contiguous", "aten::result_type", "aten::is_nonzero",
+            "aten::_reshape_alias", "aten::numpy_T", "aten::flatten", "aten::unflatten", "aten::expand_as",
+            "aten::view_as", "aten::set_", "aten::zero_", "aten::to", "aten::_to_copy"}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}  # bf16 dense
 
 
@@ -54,6 +67,7 @@ class Method:
     def __init__(self, model, optimizers, extra_loss=None, after_step=None, init_seconds=0.0):
         self.model, self.optimizers, self.extra_loss, self.after_step = model, optimizers, extra_loss, after_step
         self.init_seconds, self.step_times = init_seconds, []
+        self.forward = model  # torch.compile(model) for a compiled row
 
 
 def adam(model):
@@ -100,15 +114,32 @@ def build_peft(name, model, c):
 
     targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
     t0 = time.perf_counter()
-    if name == "peft_adalora":
+    if name == "peft_adalora":  # timed like ours: the same orthogonality weight and an allocation every step
         config = AdaLoraConfig(init_r=c["rank"], target_r=c["rank"] // 2, lora_alpha=16, target_modules=targets,
-                               total_step=10**6)
+                               total_step=10**6, deltaT=1, orth_reg_weight=0.1)
     else:
         config = LoraConfig(r=c["rank"], lora_alpha=16, target_modules=targets, use_dora=name == "peft_dora")
     model = inject_adapter_in_model(config, model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-    return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
+    if name != "peft_adalora":
+        return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
+    from peft.tuners.adalora import RankAllocator as PeftRankAllocator
+
+    allocator = PeftRankAllocator(model, config, "default")
+    return Method(model, adam(model), lambda m: config.orth_reg_weight * peft_orthogonal_regularization(m),
+                  lambda step: allocator.update_and_allocate(model, step), time.perf_counter() - t0)
+
+
+def peft_orthogonal_regularization(model):
+    """What peft's AdaLoraModel.forward adds to the loss (a loop over every lora_A / lora_B)."""
+    terms = []
+    for n, p in model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and p.requires_grad:
+            para_cov = p @ p.T if "lora_A" in n else p.T @ p
+            eye = torch.eye(*para_cov.size(), out=torch.empty_like(para_cov))
+            terms.append(torch.norm(para_cov - eye, p="fro"))
+    return torch.stack(terms).mean()
 
 
 METHODS = ["full", "lora", "dora", "sora", "adalora", "adadora", "pissa_way0", "pissa_way1", "pissa_way2",
@@ -116,15 +147,15 @@ METHODS = ["full", "lora", "dora", "sora", "adalora", "adadora", "pissa_way0", "
            "peft_lora", "peft_dora", "peft_adalora"]
 
 
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def step(method, x, y, ctx, it):
+    """One training step; its time in seconds (CUDA events on a GPU: the device's time, end to end)."""
+    cuda = x.device.type == "cuda"
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
     t0 = time.perf_counter()
     with ctx:
-        loss = method.model(x, y)[1]
+        loss = method.forward(x, y)[1]
         if method.extra_loss:
             loss = loss + method.extra_loss(method.model)
     loss.backward()
@@ -134,22 +165,52 @@ def step(method, x, y, ctx, it):
         method.after_step(it)
     for opt in method.optimizers:
         opt.zero_grad(set_to_none=True)
-    sync(str(x.device))
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
     return time.perf_counter() - t0
+
+
+def kernels_per_step(method, x, y, ctx, it, trace=None):
+    """Kernels one step launches: on a GPU the device kernels (and copies) torch.profiler records; on
+    a CPU the leaf operators it dispatches (each is a kernel on a GPU), views left out. A GPU step
+    whose kernels are many and small is bound by the host launching them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(method, x, y, ctx, it)
+    if trace:
+        prof.export_chrome_trace(trace)
+    events = prof.events()
+    if cuda:
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEW_OPS)
 
 
 @torch.no_grad()
 def latency(model, x, ctx, n):
+    """Median time of one inference forward (CUDA events on a GPU), after a warm-up."""
     model.eval()
+    cuda = x.device.type == "cuda"
     times = []
-    for _ in range(n + 1):
+    for _ in range(n + 2):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         with ctx:
             model(x)
-        sync(str(x.device))
-        times.append(time.perf_counter() - t0)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            times.append(time.perf_counter() - t0)
     model.train()
-    return statistics.median(times[1:])
+    return statistics.median(times[2:])
 
 
 def state_bytes(method):
@@ -195,16 +256,23 @@ def bench_size(size_name, c):
         if skipped:
             print(f"peft is not installed: skipping {skipped} (pip install peft)")
         names = [n for n in names if not n.startswith("peft_")]
+    compile_mode = str(c["compile"])
+    if compile_mode == "both":
+        names = [n for name in names for n in (name, name + "+compile")]
+    elif compile_mode == "True":
+        names = [name + "+compile" for name in names]
     methods = {}
     for name in names:
-        methods[name] = build(name, base, c)
+        methods[name] = build(name.removesuffix("+compile"), base, c)
+        if name.endswith("+compile"):
+            methods[name].forward = torch.compile(methods[name].model)
         print(f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
-              f"init {methods[name].init_seconds * 1000:.1f}ms")
+              f"init {methods[name].init_seconds * 1000:.1f}ms", flush=True)
     if "pissa_way0" in names:  # the randomized SVD's init time, for the full-vs-randomized ratio
         methods["pissa_way0_lowrank_init"] = build("pissa_way0_lowrank", base, c)
     it = 0
     for name in names:
-        for _ in range(c["warmup"]):
+        for _ in range(c["warmup"] + 2 * name.endswith("+compile")):  # compiling takes the first steps
             step(methods[name], x, y, ctx, it)
             it += 1
     for rep in range(c["reps"]):  # interleaved: every method once per repetition
@@ -217,26 +285,35 @@ def bench_size(size_name, c):
 
     tokens = cfg["batch_size"] * cfg["block_size"]
     base_latency = latency(base, x, ctx, 3 * c["reps"])
-    full_time = statistics.median(methods["full"].step_times) if "full" in methods else None
+    full_time = {suffix: statistics.median(methods["full" + suffix].step_times) if "full" + suffix in methods else None
+                 for suffix in ("", "+compile")}
     peak = peak_flops(c["device"])
     rows = []
     for name in names:
         m = methods[name]
         t = statistics.median(m.step_times)
-        merged = merge_adapters(copy.deepcopy(m.model)) if not name.startswith(("full", "peft_")) else m.model
+        compiled = name.endswith("+compile")
+        plain = name.removesuffix("+compile")
+        merged = merge_adapters(copy.deepcopy(m.model)) if not plain.startswith(("full", "peft_")) else m.model
         if c["device"].startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             step(m, x, y, ctx, it)
             peak_mem = torch.cuda.max_memory_allocated()
         else:
             peak_mem = None
+        trace = os.path.join(c["out_dir"], f"trace_{name}.json") if plain == c["profile"] else None
+        kernels = kernels_per_step(m, x, y, ctx, it, trace)
         trainable, total = count_params(m.model)
-        rows.append(dict(size=size_name, method=name, step_ms=1000 * t, ratio_to_full=t / full_time if full_time else None,
-                         tokens_per_s=tokens / t, trainable_params=trainable, total_params=total,
+        full = full_time["+compile" if compiled else ""]
+        eager = methods.get(plain)
+        rows.append(dict(size=size_name, method=name, step_ms=1000 * t, ratio_to_full=t / full if full else None,
+                         ratio_to_eager=t / statistics.median(eager.step_times) if compiled and eager else None,
+                         tokens_per_s=tokens / t, kernels_per_step=kernels, trainable_params=trainable, total_params=total,
                          state_mb=state_bytes(m) / 2**20, peak_mem_mb=peak_mem / 2**20 if peak_mem else None,
                          init_ms=1000 * m.init_seconds,
                          merged_latency_ratio=latency(merged, x, ctx, 3 * c["reps"]) / base_latency,
                          mfu=train_flops_per_token(m, cfg) * tokens / t / peak if peak else None))
+        del merged
     if "pissa_way0_lowrank_init" in methods:
         rows.append(dict(size=size_name, method="pissa_init_full_over_lowrank",
                          ratio=methods["pissa_way0"].init_seconds / methods["pissa_way0_lowrank_init"].init_seconds))
@@ -244,20 +321,27 @@ def bench_size(size_name, c):
 
 
 def markdown(rows):
-    lines = ["| size | method | step ms | × full | tokens/s | trainable | state MB | init ms | merged latency × base |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| size | method | step ms | × full | × eager | kernels/step | tokens/s | trainable | state MB | peak MB | MFU "
+             "| init ms | merged latency × base |", "| --- " * 13 + "|"]
+    fmt = lambda v, f: format(v, f) if v is not None else ""  # noqa: E731
     for r in rows:
         if "step_ms" not in r:
             continue
-        ratio = f"{r['ratio_to_full']:.2f}" if r["ratio_to_full"] else ""
-        lines.append(f"| {r['size']} | {r['method']} | {r['step_ms']:.1f} | {ratio} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['trainable_params']:,} | {r['state_mb']:.1f} | {r['init_ms']:.1f} | {r['merged_latency_ratio']:.2f} |")
+        lines.append(f"| {r['size']} | {r['method']} | {r['step_ms']:.1f} | {fmt(r['ratio_to_full'], '.2f')} | "
+                     f"{fmt(r['ratio_to_eager'], '.2f')} | {r['kernels_per_step']:,} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['trainable_params']:,} | {r['state_mb']:.1f} | {fmt(r['peak_mem_mb'], ',.0f')} | "
+                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | {r['init_ms']:.1f} | {r['merged_latency_ratio']:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv=()):
     c = configure(DEFAULTS, list(argv), {})
-    sizes = ["quick"] if c["quick"] else (["baby", "large"] if c["size"] == "both" else [c["size"]])
+    size = c["size"] or ("gpu" if c["device"].startswith("cuda") else "both")
+    sizes = ["quick"] if c["quick"] else (["baby", "large"] if size == "both" else [size])
+    if any(s not in SIZES for s in sizes):
+        raise ConfigError(f"size must be one of {sorted(SIZES)} or 'both', got {size!r}")
+    if str(c["compile"]) not in ("True", "False", "both"):
+        raise ConfigError(f"compile must be True, False or both, got {c['compile']!r}")
     if c["quick"]:
         c.update(reps=1, steps=1, warmup=1, sublora_dim=200)
     unknown = [m for m in c["methods"].split(",") if m and m not in METHODS]
@@ -266,7 +350,8 @@ def main(argv=()):
     rows = [r for s in sizes for r in bench_size(s, c)]
     os.makedirs(c["out_dir"], exist_ok=True)
     info = dict(device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
-                dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"])
+                dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"],
+                compile=str(c["compile"]), date=time.strftime("%Y-%m-%d"), command="python bench.py " + " ".join(argv))
     with open(os.path.join(c["out_dir"], "bench.json"), "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
     table = markdown(rows)

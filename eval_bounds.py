@@ -60,7 +60,7 @@ def quantize(w, n_levels, init="bins", iters=20):
     its bin (the bin centre when empty), then optionally Lloyd (k-means) iterations."""
     w = w.detach().double()
     m = float(w.abs().max()) or 1.0
-    edges = torch.linspace(-m, m, n_levels + 1, dtype=torch.float64)
+    edges = torch.linspace(-m, m, n_levels + 1, dtype=torch.float64, device=w.device)
     centroids = (edges[:-1] + edges[1:]) / 2
     for it in range(iters if init == "kmeans" else 1):
         symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1) if it else \

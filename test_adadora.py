@@ -208,7 +208,42 @@ def test_loop_order_in_train(char_data, tmp_path, monkeypatch):
                           eval_interval=4), environ={})
     # AdamW.step may call zero_grad-free helpers; keep only the three names, drop an initial zero_grad
     seq = [c for c in calls if c in ("step", "update_and_allocate", "zero_grad")]
-    assert seq == ["step", "update_and_allocate", "zero_grad"] * 4
+    # ... and once more after the last step: finalize() builds the final mask at total_step - tfinal
+    assert seq == ["step", "update_and_allocate", "zero_grad"] * 4 + ["update_and_allocate"]
+
+
+@pytest.mark.parametrize("tfinal", [0, 3])
+def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_path, tfinal):
+    """tfinal = 0 (the default) once saved every rank: E regrew between masks and the final mask was
+    never built (total_step - tfinal is one past the last step)."""
+    out = tmp_path / "ada"
+    train.train(tiny_args(char_data, out, adapter="adalora", lora_rank=4, adalora_target_r=2, adalora_tfinal=tfinal,
+                          adalora_deltaT=3, max_iters=10, eval_interval=10), environ={})
+    model = build_model(load_checkpoint(str(out)))
+    n = len(adapter_layers(model))
+    assert sum(effective_ranks(model).values()) == 2 * n  # the checkpoint holds the target budget
+    pruned = torch.load(out / "adapter_pruned.pt", weights_only=True)
+    assert sum(r["rank"] for r in pruned["adapter"]["layers"].values()) == 2 * n
+    assert sum(v.numel() for k, v in pruned["state"].items() if k.endswith("lora_E")) == 2 * n
+
+
+def test_importance_is_not_updated_at_the_final_step():
+    """peft and the AdaLoRA code update the importance only while step < total_step - tfinal; the final
+    mask comes from the scores as they were."""
+    model = tiny("gpt")
+    inject_adapters(model, "adalora", rank=4)
+    alloc = RankAllocator(model, target_r=2, total_step=6, tfinal=2, deltaT=1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    idx = tokens()
+    for step in range(5):
+        model.zero_grad()
+        model(idx, idx)[1].backward()
+        opt.step()
+        before = {k: v.clone() for k, v in alloc.sensitivity.items()}
+        alloc.update_and_allocate(step)
+        changed = before.keys() != alloc.sensitivity.keys() or any(not torch.equal(before[k], alloc.sensitivity[k]) for k in before)
+        assert changed == (step < 4), step  # step 4 = total_step - tfinal
+    assert alloc.final_mask is not None
 
 
 def test_warns_when_the_allocator_is_never_called():

@@ -15,6 +15,7 @@ import torch
 import train
 from adapters import (AdapterError, DenseProjector, RdKronQRProjector, SparseProjector, SubLoRA, count_params,
                       inject_adapters, merge_adapters)
+from model import GPT, GPTConfig
 from checkpoint import build_model, load_checkpoint
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
@@ -94,6 +95,49 @@ def test_learned_mode_gates_get_gradients_and_masks_are_monotone():
     idx = tokens()
     sub(idx, idx)[1].backward()
     assert sub.gate_logits.grad is not None and (sub.gate_logits.grad != 0).all()
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_learned_mode_works_for_every_d_up_to_D(share):
+    """nanoGPT's 6 x 384 shape: the head's B (65 x 4 = 260 numbers) is far smaller than its share of
+    w; no block gets more coordinates than its two factors hold, and a part smaller than the block's
+    coordinates reads only its end of them."""
+    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=64, vocab_size=65, bias=False, dropout=0.0))
+    inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4)
+    D = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sub = SubLoRA(model, int(share * D), allocation_mode="learned")
+    assert sum(sub.block_dims) == int(share * D)
+    sizes = {b: sum(sub.shapes[n].numel() for n in sub.a_names + sub.b_names if n.startswith(b) or b == "head" and "lm_head" in n)
+             for b in sub.blocks}
+    assert all(dl <= sizes[b] for b, dl in zip(sub.blocks, sub.block_dims))
+    idx = torch.randint(0, 65, (2, 16))
+    torch.testing.assert_close(sub(idx)[0], sub.model(idx)[0])  # w = 0: the base
+    with torch.no_grad():
+        sub.w.normal_(std=0.01)
+    sub(idx, idx)[1].backward()
+    assert sub.w.grad.abs().sum() > 0 and (sub.gate_logits.grad != 0).all()
+
+
+def test_learned_gates_get_a_gradient_from_the_whole_edge_of_the_mask():
+    """The anchor's mask sigmoid(C (γ d - i)) moves ~1/C coordinates: with gate_grad_width = 0 the gate
+    gradient is that of one or two coordinates of w; the straight-through wide mask gathers it over
+    the block's edge, and leaves the forward (and so the bound) unchanged."""
+    narrow, wide = wrapped("learned", d=120), wrapped("learned", d=120)
+    narrow.gate_grad_width = 0.0
+    with torch.no_grad():
+        for sub in (narrow, wide):
+            sub.w.copy_(torch.linspace(-1, 1, 120))
+    for a, b in zip(narrow.masks(), wide.masks()):
+        assert torch.equal(a.detach(), b.detach())  # same forward
+    # how many coordinates' mask values pass a gradient to their block's gate logit
+    for sub, check in ((narrow, lambda r, dl: r <= 3), (wide, lambda r, dl: r >= 0.2 * dl)):
+        J = torch.autograd.functional.jacobian(lambda g: torch.cat(sub.masks(g)), sub.gate_logits.detach())
+        start = 0
+        for k, dl in enumerate(sub.block_dims):
+            col = J[start : start + dl, k].abs()
+            reach = int((col > 1e-3 * col.max()).sum())
+            assert check(reach, dl), (k, reach, dl)
+            start += dl
 
 
 def test_materialize_and_merge_keep_the_outputs():

@@ -197,8 +197,11 @@ def adapter_stats(c, model, lossf, ortho, reg_weight, known):
     if c["adapter"] == "pissa":
         stats["max_orthogonality_error"] = max_orthogonality_error(model)
     if isinstance(model, SubLoRA):
-        stats["grad_norm_A"], stats["grad_norm_B"] = model.grad_part_norms()
-        stats["gamma"] = model.gammas()
+        norms = model.grad_part_norms()  # None when compiled (the hooks that keep them would break the graph)
+        if norms:
+            stats["grad_norm_A"], stats["grad_norm_B"] = norms
+        if model.mode == "learned":
+            stats["gamma"] = model.gammas()
     return stats
 
 
@@ -510,6 +513,8 @@ def _train(c, device, ddp, rank, world):
                 print(f"λ level reached {sora_lambda_at(iter_num - 1, c):g}: {report['adapter_params_remaining']:,} "
                       f"adapter parameters remain; effective ranks {list(report['effective_rank'].values())}")
             optimizers[1][0].set_lambda(sparse_lambda)
+        if allocator and iter_num >= c["max_iters"] and not c["eval_only"]:
+            allocator.finalize()  # the final mask is what the last eval sees and every save holds
         row = None
         first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
         evaluate = c["eval_only"] or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
@@ -533,8 +538,6 @@ def _train(c, device, ddp, rank, world):
         # one optimizer step over `accum` micro-batches
         t0 = time.time()
         log_now = iter_num % c["log_interval"] == 0 or evaluate  # the same on every process
-        if isinstance(raw_model, SubLoRA):
-            raw_model.track_grad_parts = log_now
         ix = torch.randint(n_train, (c["gradient_accumulation_steps"], c["batch_size"]), generator=batches)
         loss_sum = torch.zeros((), device=device)
         ortho = None

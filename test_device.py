@@ -1,0 +1,229 @@
+"""Device and compile safety of every adapter, provable without a GPU.
+
+    python -m pytest -q test_device.py      # CPU: the meta device and a counting compile backend
+    make gpu-check                          # the same tests on CUDA, plus compiled training of every adapter
+
+Two ways to catch on a CPU what fails on CUDA:
+- a model on the `meta` device: a tensor made on the CPU in the training step meets meta tensors and
+  fails exactly as a CPU tensor meets CUDA ones; a host sync (`.item()`, `bool(t)`) fails as well;
+- a CPU model with `torch.device("meta")` as the default device: every tensor made without `device=`
+  lands on meta and collides with the real data (for code that needs values: merge, quantise, QAT).
+A counting backend (torch._dynamo.testing.CompileCounter) traces what torch.compile would compile,
+without inductor: one frame per graph, so graph breaks and recompiles show up as extra frames.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+from adapters import (RankAllocator, SubLoRA, adapter_state_dict, build_sora_optimizers,
+                      export_pissa_as_lora, inject_adapters, merge_adapters, orthogonal_regularization, prune_sora_model,
+                      rotation_penalty, slice_adalora_model)
+from model import GPT, GPTConfig
+
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+FAMILIES = {  # name -> (kind, settings); every family and mode
+    "lora": ("lora", {}), "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])), "dora": ("dora", {}),
+    "sora": ("sora", {}), "adalora": ("adalora", {}), "adadora": ("adadora", {}),
+    **{f"pissa_{w}": ("pissa", dict(method=w)) for w in ("way0", "way1", "way2", "way3")},
+    "pissa_nf4": ("pissa", dict(method="way0", quantize_residual=True, quantize_base_components=True)),
+    "pissa_lowrank": ("pissa", dict(method="way1", svd="lowrank")),
+}
+SUBLORA = [(p, m) for p in ("rdkronqr", "sparse", "dense") for m in ("uniform", "fixed", "learned")]
+
+
+def tiny_gpt(device="cpu", **kw):
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True, dropout=0.0)
+    return GPT(GPTConfig(**{**cfg, **kw})).to(device)
+
+
+def with_adapter(name, device, before):
+    """The family `name` injected into a model already on `device` (before=True), or injected on the
+    CPU and moved afterwards."""
+    kind, settings = FAMILIES[name]
+    model = tiny_gpt(device if before else "cpu")
+    inject_adapters(model, kind, rank=4, **settings)
+    return model if before else model.to(device)
+
+
+def with_sublora(projector, mode, device, before):
+    model = tiny_gpt(device if before else "cpu")
+    inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4)
+    model = SubLoRA(model, 60, projector=projector, allocation_mode=mode)
+    return model if before else model.to(device)
+
+
+def train_step(model, device, allocator=None, step=0):
+    """Forward, backward, AdamW step and the adapter's after-step work, as train.py does them."""
+    x = torch.randint(65, (2, 16), device=device) if device != "meta" else torch.zeros(2, 16, dtype=torch.long, device=device)
+    _, loss = model(x, x)
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
+    if allocator:
+        allocator.update_and_allocate(step)
+    return loss
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["injected_on_device", "moved_after"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_family_trains_on_a_non_cpu_device(name, device, before):
+    model = with_adapter(name, device, before)
+    kind = FAMILIES[name][0]
+    reg = {"adalora": orthogonal_regularization, "adadora": orthogonal_regularization}.get(kind)
+    reg = rotation_penalty if name == "pissa_way0" else reg
+    allocator = RankAllocator(model, 2, total_step=4, deltaT=1) if kind in ("adalora", "adadora") else None
+    for step in range(3):
+        loss = train_step(model, device, allocator, step)
+        if reg:
+            reg(model).backward()
+    assert loss.device.type == device
+    assert all(p.device.type == device for p in model.parameters())
+    assert all(b.device.type == device for b in model.buffers())
+    if allocator:
+        allocator.finalize()
+    if device == "cuda":  # on a real GPU: the same numbers as on the CPU
+        cpu = with_adapter(name, "cpu", True)
+        cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        x = torch.randint(65, (2, 16))
+        torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu(x)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["built_on_device", "moved_after"])
+@pytest.mark.parametrize("projector,mode", SUBLORA)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sublora_trains_on_a_non_cpu_device(projector, mode, device, before):
+    model = with_sublora(projector, mode, device, before)
+    train_step(model, device)
+    assert model.w.grad is None or model.w.grad.device.type == device
+    assert all(t.device.type == device for t in [*model.parameters(), *model.buffers()])
+    if device == "cuda":  # same P, θ₀ and outputs as on the CPU: the seed rebuilds it anywhere
+        cpu = with_sublora(projector, mode, "cpu", True)
+        cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        x = torch.randint(65, (2, 16))
+        torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_the_meta_device_catches_a_tensor_made_on_the_cpu():
+    """The check above is real: the fused q,v LoRA before its fix (an index made without device=)."""
+    model = with_adapter("lora_qv", "meta", True)
+    layer = model.transformer.h[0].attn.c_attn
+    layer.out_index = torch.arange(32, 96)  # the q and v rows, made as before the fix: without device=
+    with pytest.raises(RuntimeError, match="device"):
+        train_step(model, "meta")
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "sora", "adadora", "pissa_way1", "pissa_nf4"])
+def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(name):
+    """Value-dependent paths (they check finiteness, count ranks): a CPU model with meta as the default
+    device, so any tensor made without device= lands on meta and fails."""
+    model = with_adapter(name, "cpu", True)
+    kind = FAMILIES[name][0]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    x = torch.randint(65, (2, 16))
+    want = model(x)[0]
+    with torch.device("meta"):
+        if kind == "sora":
+            prune_sora_model(model)
+        if kind in ("adalora", "adadora"):
+            slice_adalora_model(model)
+        if kind == "pissa":
+            export_pissa_as_lora(copy.deepcopy(model))
+        adapter_state_dict(model)
+        merge_adapters(model)
+    torch.testing.assert_close(model(x)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device():
+    from eval_bounds import quantize
+
+    w = torch.randn(500, dtype=torch.float64)
+    with torch.device("meta"):
+        centroids, symbols = quantize(w, 11, "kmeans")
+    assert centroids.device.type == "cpu" and symbols.device.type == "cpu"
+    assert torch.equal(symbols, (w[:, None] - centroids[None, :]).abs().argmin(1))
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: one graph per model, no recompiles after the first step
+
+
+def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = torch.randint(65, (2, 16), generator=gen)
+        loss = compiled(x, x)[1]
+        if extra:
+            loss = loss + extra(model)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        if allocator:
+            allocator.update_and_allocate(step)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    return counter
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_compile_traces_one_graph_and_never_recompiles(name):
+    model = with_adapter(name, "cpu", True)
+    kind = FAMILIES[name][0]
+    opts = list(build_sora_optimizers(model)) if kind == "sora" else \
+        [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
+    allocator = RankAllocator(model, 2, total_step=6, deltaT=1) if kind in ("adalora", "adadora") else None
+    extra = (lambda m: 0.1 * orthogonal_regularization(m)) if allocator else None
+    counter = compiled_steps(model, opts, allocator=allocator, extra=extra)
+    assert counter.frame_count == 1  # a graph break or a recompile would add a frame
+    assert counter.op_count > 0
+
+
+@pytest.mark.parametrize("projector,mode", SUBLORA)
+def test_compile_sublora_one_graph(projector, mode):
+    model = with_sublora(projector, mode, "cpu", True)
+    counter = compiled_steps(model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)])
+    assert counter.frame_count == 1
+
+
+def test_compiled_gradients_equal_eager():
+    """Compiling must not change what is trained: the same step compiled and eager (DoRA, whose norm
+    is recomputed in the graph, and SubLoRA learned, whose mask gradient is straight-through)."""
+    for build in (lambda: with_adapter("adadora", "cpu", True), lambda: with_sublora("rdkronqr", "learned", "cpu", True)):
+        eager, compiled = build(), build()
+        compiled.load_state_dict(eager.state_dict())
+        if isinstance(eager, SubLoRA):
+            for m in (eager, compiled):
+                with torch.no_grad():
+                    m.w.normal_(generator=torch.Generator().manual_seed(1))
+        torch._dynamo.reset()
+        x = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(0))
+        eager(x, x)[1].backward()
+        torch.compile(compiled, backend="aot_eager")(x, x)[1].backward()
+        for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# -----------------------------------------------------------------------------
+# the GPU check: compiled training through train.py for every adapter (CUDA only; make gpu-check)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (make gpu-check on a GPU machine)")
+@pytest.mark.parametrize("adapter", ["none", "lora", "dora", "sora", "adalora", "adadora", "pissa", "sublora"])
+def test_compiled_training_on_cuda(adapter, char_data, tmp_path):
+    from train import train
+
+    args = [f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cuda", "--compile=True", "--max_iters=30",
+            "--eval_interval=30", "--adapter=" + adapter, "--adalora_deltaT=2"]
+    last = train(args, environ={"TEST_MODE": "True"})
+    assert last["val_loss"] == last["val_loss"] and last["val_loss"] < 4.2  # finite, below ln(65)
