@@ -55,6 +55,53 @@ def compute_dtype(t):
 # the layers
 
 
+class _LoRALinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (xd Aᵀ) Bᵀ (xd: the dropped-out x) in 3 GEMMs, the adapter's product
+    accumulated into the base output (addmm_, alpha = s): no elementwise pass over the (N, out)
+    output. Backward in 5 GEMMs: dx = dy W + s (dy B) A (accumulated), dA = s (dy B)ᵀ xd,
+    dB = s dyᵀ h. W is frozen: it gets no gradient and its weight-gradient GEMM is never run."""
+
+    @staticmethod
+    def forward(ctx, x, xd, W, b, A, B, s):  # xd None: no dropout, the adapter reads x
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+        h = xd2 @ A.T  # (N, r)
+        y = x2 @ W.T if b is None else torch.addmm(b, x2, W.T)
+        y.addmm_(h, B.T, alpha=s)
+        ctx.save_for_backward(W, A, B, h, xd2)
+        ctx.s, ctx.shape, ctx.same = s, x.shape, xd is None
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        W, A, B, h, xd2 = ctx.saved_tensors
+        s, dy = ctx.s, dy.reshape(-1, dy.shape[-1])
+        need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        dx = dxd = dA = dB = None
+        dh = torch.mm(dy, B) * s if need_x or need_xd or need_A else None  # (N, r)
+        if need_x:
+            dx = dy @ W
+            if ctx.same:
+                dx.addmm_(dh, A)
+            dx = dx.view(ctx.shape)
+        if need_xd and not ctx.same:
+            dxd = (dh @ A).view(ctx.shape)
+        if need_A:
+            dA = dh.T @ xd2
+        if need_B:
+            dB = torch.mm(dy.T, h) * s
+        return dx, dxd, None, None, dA, dB, None
+
+
+def lora_linear(x, xd, W, b, A, B, s):
+    """x Wᵀ + b + s (xd Aᵀ) Bᵀ with every operand in the compute dtype (autocast's, else x's)."""
+    kind = x.device.type
+    autocast = kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind)  # meta has no autocast
+    dt = torch.get_autocast_dtype(kind) if autocast else x.dtype
+    cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+    return _LoRALinear.apply(cast(x), None if xd is x else cast(xd), cast(W), cast(b), cast(A), cast(B), s)
+
+
 class AdapterLinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank branch ΔW = s · B' A, given by factors().
     With use_dora, DoRA's magnitude m rescales each output row of W + ΔW to m / ‖W + ΔW‖_row."""
@@ -88,12 +135,6 @@ class AdapterLinear(nn.Module):
         """(B', A, s) with ΔW = s · B' A: B' (out, r), A (r, in)."""
         raise NotImplementedError
 
-    def adapter_forward(self, x):
-        B, A, s = self.factors()
-        # never materialises B A; s scales the rank-r intermediate, not the (.., out) output: the same
-        # product with two fewer passes over the output in forward and backward (a 50k-wide LM head)
-        return ((self.lora_dropout(x) @ A.T) * s) @ B.T
-
     def delta_weight(self):
         """The branch as a dense (out, in) matrix in fp32 (fp64 for fp64 models); only merge and tests
         build it."""
@@ -119,12 +160,14 @@ class AdapterLinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        if self.magnitude is None:
-            return self.base(x) + self.adapter_forward(x)
+        B, A, s = self.factors()
+        xd = self.lora_dropout(x)
+        if self.magnitude is None:  # x Wᵀ + b + s (xd Aᵀ) Bᵀ in three GEMMs, no pass over the output
+            return lora_linear(x, xd, self.base.weight, self.base.bias, A, B, s)
         # DoRA: y = m / ‖W + ΔW‖ ⊙ (x Wᵀ + x ΔWᵀ) + b, the bias not rescaled, ΔW through its factors
-        scale = self.magnitude / self.weight_norm().to(self.magnitude.dtype)
-        y = (F.linear(x, self.base.weight) + self.adapter_forward(x)) * scale
-        return y if self.base.bias is None else y + self.base.bias
+        y = lora_linear(x, xd, self.base.weight, None, A, B, s)
+        scale = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(y.dtype)
+        return y * scale if self.base.bias is None else torch.addcmul(self.base.bias.to(y.dtype), y, scale)
 
     @torch.no_grad()
     def merge(self):
@@ -894,7 +937,8 @@ class RotationalPiSSALinear(AdapterLinear):
 
     def forward(self, x):
         if self.quantized and not self.merged:
-            return F.linear(x, self.residual_weight, self.base.bias) + self.adapter_forward(x)
+            B, A, s = self.factors()
+            return lora_linear(x, self.lora_dropout(x), self.residual_weight, self.base.bias, A, B, s)
         return super().forward(x)
 
     @torch.no_grad()

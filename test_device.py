@@ -109,10 +109,10 @@ def test_sublora_trains_on_a_non_cpu_device(projector, mode, device, before):
 
 
 def test_the_meta_device_catches_a_tensor_made_on_the_cpu():
-    """The check above is real: the fused q,v LoRA before its fix (an index made without device=)."""
-    model = with_adapter("lora_qv", "meta", True)
-    layer = model.transformer.h[0].attn.c_attn
-    layer.out_index = torch.arange(32, 96)  # the q and v rows, made as before the fix: without device=
+    """The check above is real: SubLoRA before its fix (projector buffers left on the CPU)."""
+    model = with_sublora("rdkronqr", "uniform", "meta", True)
+    proj = model.projectors[0]
+    proj.Q1 = torch.zeros(proj.Q1.shape)  # what a buffer built on the CPU and never moved is
     with pytest.raises(RuntimeError, match="device"):
         train_step(model, "meta")
 
