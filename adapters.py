@@ -78,7 +78,8 @@ class _LoRALinear(torch.autograd.Function):
         s, dy = ctx.s, dy.reshape(-1, dy.shape[-1])
         need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
         dx = dxd = dA = dB = None
-        dh = torch.mm(dy, B) * s if need_x or need_xd or need_A else None  # (N, r)
+        # s folded into the GEMMs (alpha; beta = 0 ignores the uninitialised input): no extra pass
+        dh = torch.addmm(dy.new_empty(dy.shape[0], B.shape[1]), dy, B, beta=0, alpha=s) if need_x or need_xd or need_A else None
         if need_x:
             dx = dy @ W
             if ctx.same:
@@ -89,7 +90,7 @@ class _LoRALinear(torch.autograd.Function):
         if need_A:
             dA = dh.T @ xd2
         if need_B:
-            dB = torch.mm(dy.T, h) * s
+            dB = torch.addmm(B.new_empty(B.shape), dy.T, h, beta=0, alpha=s)
         return dx, dxd, None, None, dA, dB, None
 
 

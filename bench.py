@@ -31,6 +31,7 @@ from model import GPT, GPTConfig
 size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
 methods = ""  # comma-separated subset of METHODS; '' = all
 compile = "False"  # 'True': torch.compile every model; 'both': eager and compiled rows ('<method>+compile')
+compile_mode = "default"  # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
 profile = ""  # a method name: write out_dir/trace_<method>.json (chrome trace of one step)
 reps = 3  # interleaved repetitions
 steps = 2  # timed steps per method and repetition
@@ -256,16 +257,16 @@ def bench_size(size_name, c):
         if skipped:
             print(f"peft is not installed: skipping {skipped} (pip install peft)")
         names = [n for n in names if not n.startswith("peft_")]
-    compile_mode = str(c["compile"])
-    if compile_mode == "both":
+    which = str(c["compile"])
+    if which == "both":
         names = [n for name in names for n in (name, name + "+compile")]
-    elif compile_mode == "True":
+    elif which == "True":
         names = [name + "+compile" for name in names]
     methods = {}
     for name in names:
         methods[name] = build(name.removesuffix("+compile"), base, c)
         if name.endswith("+compile"):
-            methods[name].forward = torch.compile(methods[name].model)
+            methods[name].forward = torch.compile(methods[name].model, mode=c["compile_mode"])
         print(f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
               f"init {methods[name].init_seconds * 1000:.1f}ms", flush=True)
     if "pissa_way0" in names:  # the randomized SVD's init time, for the full-vs-randomized ratio
@@ -351,7 +352,7 @@ def main(argv=()):
     os.makedirs(c["out_dir"], exist_ok=True)
     info = dict(device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
                 dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"],
-                compile=str(c["compile"]), date=time.strftime("%Y-%m-%d"), command="python bench.py " + " ".join(argv))
+                compile=str(c["compile"]), compile_mode=c["compile_mode"], date=time.strftime("%Y-%m-%d"), command="python bench.py " + " ".join(argv))
     with open(os.path.join(c["out_dir"], "bench.json"), "w") as f:
         json.dump(dict(info=info, rows=rows), f, indent=1)
     table = markdown(rows)

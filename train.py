@@ -121,6 +121,7 @@ min_lr = 1e-4
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or 'float16'
 compile = False  # torch.compile the model (worth it on a GPU)
+compile_mode = "default"  # 'default' | 'reduce-overhead' (CUDA graphs: no launch cost) | 'max-autotune'
 backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
 seed = 1337
 test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
@@ -436,7 +437,7 @@ def _train(c, device, ddp, rank, world):
 
     raw_model = model
     if c["compile"]:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=c["compile_mode"])
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
