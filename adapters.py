@@ -826,6 +826,20 @@ class Rotation(nn.Module):
             self.matrix = nn.Parameter(torch.eye(r, **kw) + noise * torch.randn(r, r, **kw))
         elif method == "way1":  # angles of r - 1 rounds of disjoint Givens pairs: r (r - 1) / 2 = dim SO(r)
             self.register_buffer("pairs", round_robin_pairs(r).to(device), persistent=False)
+            # each round's Givens matrix as elementwise ops on fixed tables (no scatter: torch.compile
+            # fuses it): row i of round k holds cos θ on the diagonal and ∓sin θ at its partner's column
+            rounds, pairs = self.pairs.shape[:2]
+            angle_of_row = torch.full((rounds, r), pairs, dtype=torch.long)  # index `pairs`: a zero angle
+            sign = torch.zeros(rounds, r)
+            partner = torch.zeros(rounds, r, r)
+            for k, round_pairs in enumerate(round_robin_pairs(r).tolist()):
+                for p, (i, j) in enumerate(round_pairs):
+                    angle_of_row[k, i] = angle_of_row[k, j] = p
+                    sign[k, i], sign[k, j] = -1.0, 1.0
+                    partner[k, i, j] = partner[k, j, i] = 1.0
+            self.register_buffer("angle_of_row", angle_of_row.to(device), persistent=False)
+            self.register_buffer("givens_sign", sign.to(device), persistent=False)
+            self.register_buffer("givens_partner", partner.to(device), persistent=False)
             self.angles = nn.Parameter(noise * torch.randn(self.pairs.shape[:2], **kw))
         elif method == "way2":  # C = 0: K = 0 at init; B random so that C gets a gradient
             k = min(skew_rank, r)
@@ -840,12 +854,9 @@ class Rotation(nn.Module):
         if self.method == "way0":
             return self.matrix
         if self.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
-            rounds, pairs = self.angles.shape
-            k = torch.arange(rounds, device=self.angles.device).repeat_interleave(pairs)
-            i, j = self.pairs[..., 0].reshape(-1), self.pairs[..., 1].reshape(-1)
-            c, s = torch.cos(self.angles).reshape(-1), torch.sin(self.angles).reshape(-1)
-            G = torch.eye(self.r, device=c.device, dtype=c.dtype).repeat(rounds, 1, 1)
-            G = G.index_put((k, i, i), c).index_put((k, j, j), c).index_put((k, i, j), -s).index_put((k, j, i), s)
+            theta = F.pad(self.angles, (0, 1)).gather(1, self.angle_of_row)  # (rounds, r): each row's angle
+            eye = torch.eye(self.r, device=theta.device, dtype=theta.dtype)
+            G = torch.cos(theta)[..., None] * eye + (self.givens_sign * torch.sin(theta))[..., None] * self.givens_partner
             while G.shape[0] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
                 even = G.shape[0] // 2 * 2
                 G = torch.cat([G[1:even:2] @ G[0:even:2], G[even:]])
