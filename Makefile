@@ -1,5 +1,7 @@
 # make demo: install, prepare Tiny Shakespeare, pretrain a baby GPT, LoRA-fine-tune it, sample
 # make test: install, run the test suite
+# make gpu-check: on a CUDA machine, the device tests on CUDA (compiled training of every adapter) and
+#                 bench.py eager vs compiled, as a table
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken_cache)
 endif
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,11 @@ demo: install data/shakespeare_char/train.bin
 
 test: install
 	$(PY) -m pytest -q
+
+gpu-check: install
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs CUDA: install the CUDA build of torch (see README)')"
+	$(PY) -m pytest -q test_device.py
+	$(PY) bench.py --device=cuda --compile=both --out_dir=bench-gpu-check
 
 clean:
 	rm -rf out-demo-base out-demo-lora .pytest_cache

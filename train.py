@@ -105,6 +105,7 @@ allocation_ratio = 0.5  # fixed mode: d_B / d, the share of w that feeds the B f
 sublora_seed = 0  # θ₀ and P come from it
 sublora_projector = "rdkronqr"  # 'rdkronqr' | 'dense' | 'sparse'
 sublora_gate_lr = 0.0  # learned mode: peak learning rate of the gate logits; 0 = learning_rate
+sublora_gate_grad_width = 0.1  # learned mode: share of a block over which a gate's gradient is gathered (0 = the anchor's)
 # AdamW
 learning_rate = 1e-3
 max_iters = 5000
@@ -394,7 +395,7 @@ def _train(c, device, ddp, rank, world):
                 names = inject_adapters(model, "lora", targets, False, defaults=SUBLORA_TARGETS, **settings)
                 sub = dict(intrinsic_dim=c["intrinsic_dim"], projector=c["sublora_projector"],
                            allocation_mode=c["allocation_mode"], allocation_ratio=c["allocation_ratio"],
-                           seed=c["sublora_seed"])
+                           seed=c["sublora_seed"], gate_grad_width=c["sublora_gate_grad_width"])
                 model = SubLoRA(model, **sub)
                 info = dict(kind="sublora", targets=names, settings=settings, train_embeddings=False, sublora=sub)
                 if master:
