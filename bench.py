@@ -27,6 +27,7 @@ from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_param
                       orthogonal_regularization, rotation_penalty)
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, GPTConfig
+from train import COMPILE_MODES
 
 size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
 methods = ""  # comma-separated subset of METHODS; '' = all
@@ -341,6 +342,8 @@ def main(argv=()):
     sizes = ["quick"] if c["quick"] else (["baby", "large"] if size == "both" else [size])
     if any(s not in SIZES for s in sizes):
         raise ConfigError(f"size must be one of {sorted(SIZES)} or 'both', got {size!r}")
+    if c["compile_mode"] not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {c['compile_mode']!r}")
     if str(c["compile"]) not in ("True", "False", "both"):
         raise ConfigError(f"compile must be True, False or both, got {c['compile']!r}")
     if c["quick"]:

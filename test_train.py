@@ -15,6 +15,7 @@ import torch
 
 import checkpoint
 import train
+from adapters import AdapterError
 from checkpoint import CheckpointError, load_checkpoint
 from configurator import ConfigError
 from prepare import read_meta
@@ -147,6 +148,8 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin; run `python prepare.py"),
     (["--FORMAT=x"], ConfigError, "unknown config key 'FORMAT'"),
     (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
+    (["--compile_mode=fast"], ConfigError, "compile_mode must be one of"),
+    (["--adapter=sublora", "--allocation_mode=learned", "--sublora_gate_grad_width=2"], AdapterError, "gate_grad_width"),
 ])
 def test_bad_config(argv, error, message, char_data, tmp_path):
     with pytest.raises(error, match=message):

@@ -130,6 +130,7 @@ DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
 ADAPTER_KINDS = ("none", *ADAPTERS, "sublora")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
 
 
@@ -230,6 +231,8 @@ def check_config(c):
         raise ConfigError(f"adapter must be one of {ADAPTER_KINDS}, got {c['adapter']!r}")
     if c["model_type"] not in MODELS:
         raise ConfigError(f"model_type must be one of {sorted(MODELS)}, got {c['model_type']!r}")
+    if c["compile_mode"] not in COMPILE_MODES:
+        raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {c['compile_mode']!r}")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     for key in ("max_iters", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
