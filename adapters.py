@@ -79,7 +79,9 @@ class _LoRALinear(torch.autograd.Function):
         need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
         dx = dxd = dA = dB = None
         # s folded into the GEMMs (alpha; beta = 0 ignores the uninitialised input): no extra pass
-        dh = torch.addmm(dy.new_empty(dy.shape[0], B.shape[1]), dy, B, beta=0, alpha=s) if need_x or need_xd or need_A else None
+        dh = None
+        if need_x or need_xd or need_A:
+            dh = torch.addmm(dy.new_empty(dy.shape[0], B.shape[1]), dy, B, beta=0, alpha=s)  # (N, r)
         if need_x:
             dx = dy @ W
             if ctx.same:
@@ -151,7 +153,7 @@ class AdapterLinear(nn.Module):
         promotion of the weight's dtype and fp32 (fp64 models stay fp64), every call: one pass over W,
         and nothing cached that torch.compile would have to guard on."""
         W = self.base.weight
-        dt = torch.promote_types(W.dtype, torch.float32)
+        dt = compute_dtype(W)
         B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
         W = W.to(dt)
         cross = (B * (A @ W.T).T).sum(1)  # (out,)
@@ -172,9 +174,9 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W <- W + ΔW (DoRA: W <- m / ‖W + ΔW‖ ⊙ (W + ΔW)) in fp32 (fp64 models: fp64), cast once. Idempotent. The merged
-        weight is a new tensor, so a weight shared with another module (GPT's head is tied to the token
-        embedding) is untied, not changed."""
+        """W <- W + ΔW (DoRA: W <- m / ‖W + ΔW‖ ⊙ (W + ΔW)) in fp32 (fp64 models: fp64), cast once.
+        Idempotent. The merged weight is a new tensor, so a weight shared with another module (GPT's head
+        is tied to the token embedding) is untied, not changed."""
         if self.merged:
             return
         W = self.base.weight.to(compute_dtype(self.base.weight)) + self.delta_weight()
@@ -624,7 +626,8 @@ class RankAllocator:
             raise AdapterError(f"target_r must be in 1..init rank {self.init_r}, got {target_r}")
         if not 0 <= tinit < total_step - tfinal:
             raise AdapterError(f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, "
-                               f"tfinal={tfinal}, total_step={total_step}: lower tinit / tfinal or train longer")
+                               f"tfinal={tfinal}, total_step={total_step}: lower --adalora_tinit / --adalora_tfinal "
+                               "or raise --max_iters")
         self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = target_r, total_step, tinit, tfinal, deltaT
         self.beta1, self.beta2 = beta1, beta2
         self.init_budget = self.init_r * len(self.layers)

@@ -251,7 +251,7 @@ def evaluate(c, run_dir):
         print(f"  warning: {caveat}")
 
     gen = torch.Generator().manual_seed(c["seed"])
-    blocks = torch.randint(len(train) // block - 1, (c["eval_blocks"],), generator=gen) * block
+    blocks = torch.randint(len(train) // block - 1, (c["eval_blocks"],), generator=gen, device="cpu") * block
 
     def batches(starts):
         for i in range(0, len(starts), c["batch_size"]):
@@ -302,7 +302,7 @@ def evaluate(c, run_dir):
     else:
         sep_ids = load_tokenizer(meta)[0](separator)
     starts, ends = documents(np.asarray(train), sep_ids)
-    doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen).numpy()
+    doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen, device="cpu").numpy()
     doc_smooth, doc_err = doc_level(model, train, starts[doc_ix], ends[doc_ix], block, alpha_grid, ks, vocab, c)
 
     N_tok, N_doc = len(train), len(starts)
@@ -339,21 +339,21 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
     for i, (a, b) in enumerate(zip(starts, ends)):
         for j in range(a, b - 1, block):
             chunks.append((i, j, min(block, b - 1 - j)))
-    sums = torch.zeros(len(starts), len(alpha_grid))
-    errs = torch.zeros(len(starts), len(ks))
-    count = torch.zeros(len(starts))
+    sums = torch.zeros(len(starts), len(alpha_grid), device="cpu")  # host-side sums of the batches' stats
+    errs = torch.zeros(len(starts), len(ks), device="cpu")
+    count = torch.zeros(len(starts), device="cpu")
     for k in range(0, len(chunks), c["batch_size"]):
         part = chunks[k : k + c["batch_size"]]
-        x = torch.zeros(len(part), block, dtype=torch.long)
-        y = torch.zeros(len(part), block, dtype=torch.long)
-        mask = torch.zeros(len(part), block)
+        x = torch.zeros(len(part), block, dtype=torch.long, device="cpu")  # filled from the memmap, then moved
+        y = torch.zeros(len(part), block, dtype=torch.long, device="cpu")
+        mask = torch.zeros(len(part), block, device="cpu")
         for r, (i, j, n) in enumerate(part):
             x[r, :n] = torch.from_numpy(train[j : j + n].astype(np.int64))
             y[r, :n] = torch.from_numpy(train[j + 1 : j + 1 + n].astype(np.int64))
             mask[r, :n] = 1
         s, e = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
         s, e = s.cpu() * mask[..., None], e.cpu() * mask[..., None]
-        idx = torch.tensor([i for i, _, _ in part])
+        idx = torch.tensor([i for i, _, _ in part], device="cpu")
         sums.index_add_(0, idx, s.sum(1))
         errs.index_add_(0, idx, e.sum(1))
         count.index_add_(0, idx, mask.sum(1))
@@ -374,7 +374,7 @@ def quantization_aware_tuning(c, model, names, state, flat, centroids, batches, 
     for step in range(c["qat_steps"]):
         idx = (w.detach()[:, None] - cents.detach()[None, :]).abs().argmin(dim=1)
         wq = cents[idx] + (w - w.detach())  # straight-through to w, exact gradient to the centroids
-        starts = torch.randint(n_train // block - 1, (c["batch_size"],), generator=gen) * block
+        starts = torch.randint(n_train // block - 1, (c["batch_size"],), generator=gen, device="cpu") * block
         x, y = next(batches(starts))
         override = {n: wq[offsets[i] : offsets[i + 1]].view(state[n].shape) for i, n in enumerate(names)}
         loss = torch.func.functional_call(model, {**{k: p for k, p in params.items() if k not in override}, **override},

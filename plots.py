@@ -1,8 +1,9 @@
 """
-Plots from a run's metrics.jsonl, saved as PNG next to it. train.py calls the one that fits the
-adapter at the end of a run; by hand:
+Plots from a run's metrics.jsonl, saved as PNG next to it. train.py calls the ones that fit the run
+at its end (loss.png always); by hand:
 
-    python plots.py out-shakespeare-sora        # every plot the run's metrics allow
+    python plots.py out-shakespeare-sora                    # every plot the run's metrics allow
+    python plots.py out-demo-base out-demo-lora             # and the runs' losses on one figure: loss_comparison.png
 """
 
 import math
@@ -23,6 +24,28 @@ def save(fig, folder, name):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_losses(out_dirs, path=None):
+    """Train loss (every logged step) and val loss (every eval) against the iteration, one colour per
+    run. One run: out_dir/loss.png; several: `path` (default loss_comparison.png here)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, d in enumerate(out_dirs):
+        rows = read_metrics(d)
+        steps = [(r["iter"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+        evals = [(r["iter"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        name = os.path.basename(os.path.normpath(d))
+        if steps:
+            ax.plot(*zip(*steps), color=f"C{k}", lw=0.8, alpha=0.6, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), color=f"C{k}", marker="o", ms=3, lw=1.5, label=f"{name} val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend(fontsize=7)
+    if len(out_dirs) == 1:
+        return save(fig, out_dirs[0], "loss.png")
+    path = path or "loss_comparison.png"
+    return save(fig, os.path.dirname(path) or ".", os.path.basename(path))
 
 
 def rank_rows(out_dir):
@@ -80,11 +103,6 @@ def plot_rank_allocation(out_dir):
     ax.set_title(f"final rank per layer and matrix ({sum(final.values())} ranks)", fontsize=9)
     fig.colorbar(im, ax=ax, label="rank")
     return save(fig, out_dir, "rank_allocation.png")
-
-
-if __name__ == "__main__":
-    for d in sys.argv[1:] or ["out"]:
-        print(f"wrote {plot_effective_ranks(d)} and {plot_rank_allocation(d)}")
 
 
 def plot_gammas(sweep_dir, summary):
@@ -169,3 +187,18 @@ def plot_pareto(sweep_dir, results):
     ax.set_title("compression vs fit: the bound's Pareto frontier", fontsize=9)
     ax.legend(fontsize=7)
     return save(fig, sweep_dir, "pareto.png")
+
+
+def main(out_dirs):
+    """Every plot each run's metrics allow, and the runs' losses on one figure when there are several."""
+    for d in out_dirs:
+        paths = [plot_losses([d])]
+        if any(r.get("effective_rank") for r in read_metrics(d)):
+            paths += [plot_effective_ranks(d), plot_rank_allocation(d)]
+        print(f"wrote {', '.join(paths)}")
+    if len(out_dirs) > 1:
+        print(f"wrote {plot_losses(out_dirs)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["out"])

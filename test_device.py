@@ -142,6 +142,7 @@ def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(name):
 
 
 def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device():
+    """Bug 3 of the GPU report: quantize built its bin edges on the CPU, so no bound on a GPU."""
     from eval_bounds import quantize
 
     w = torch.randn(500, dtype=torch.float64)
@@ -149,6 +150,24 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
         centroids, symbols = quantize(w, 11, "kmeans")
     assert centroids.device.type == "cpu" and symbols.device.type == "cpu"
     assert torch.equal(symbols, (w[:, None] - centroids[None, :]).abs().argmin(1))
+    # quantisation-aware tuning of a SubLoRA message (it once mixed a CPU codebook with a CUDA w)
+    from eval_bounds import DEFAULTS, message_vector, quantization_aware_tuning
+
+    model = with_sublora("rdkronqr", "learned", "cpu", True)
+    state = message_vector(model)
+    names = list(state)
+    flat = torch.cat([state[n].reshape(-1).double() for n in names])
+    data = torch.randint(65, (4000,), generator=torch.Generator().manual_seed(0))
+
+    def batches(starts):
+        yield torch.stack([data[j : j + 16] for j in starts.tolist()]), torch.stack([data[j + 1 : j + 17] for j in starts.tolist()])
+
+    c = dict(DEFAULTS, qat_steps=3, batch_size=4)
+    with torch.device("meta"):
+        centroids, symbols = quantize(flat, 11)
+        centroids, symbols = quantization_aware_tuning(c, model, names, state, flat, centroids, batches,
+                                                       torch.Generator().manual_seed(0), len(data), 16)
+    assert centroids.device.type == "cpu" and symbols.shape == flat.shape
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,27 @@ def test_pretrain_lowers_val_loss(pretrained):
     assert len(v) == 3 and v[-1] < v[0] - 1.0  # from ~ln 65 = 4.17 to well below
 
 
+def test_every_run_writes_its_loss_curve_and_runs_compare_on_one(pretrained, tmp_path):
+    import matplotlib.pyplot as plt
+
+    import plots
+
+    assert open(os.path.join(pretrained, "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    drawn = {}
+    real_save = plots.save
+    plots.save = lambda fig, folder, name: drawn.setdefault("lines", [l.get_ydata().tolist() for l in fig.axes[0].lines]) \
+        and real_save(fig, folder, name)
+    try:
+        path = plots.plot_losses([pretrained, pretrained], str(tmp_path / "both.png"))
+    finally:
+        plots.save = real_save
+    assert os.path.isfile(path)
+    rows = train.read_metrics(pretrained)
+    train_losses = [r["train_loss"] for r in rows if r["train_loss"] is not None]
+    assert drawn["lines"] == [train_losses, evals(pretrained)] * 2  # each run's train and val curves
+    plt.close("all")
+
+
 def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
     out = tmp_path / "lora"
     last = train.train(tiny(char_data, out, init_from=pretrained, adapter="lora", lora_rank=2, max_iters=30,
@@ -105,6 +126,39 @@ def test_torchrun_two_processes_match_one(char_data, tmp_path):
     for it in range(6):
         assert two[it] == pytest.approx(one[it], abs=1e-4), it
     assert evals(tmp_path / "two") == pytest.approx(evals(tmp_path / "one"), abs=1e-4)
+
+
+def test_torchrun_accumulation_is_raised_and_errors_print_once(char_data, tmp_path):
+    """The README's torchrun line with the default accumulation of 1 runs (raised to one micro-batch
+    per process, with a note); a config mistake prints one line, not one per process."""
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = tiny(char_data, tmp_path / "acc", max_iters=2, eval_interval=2, gradient_accumulation_steps=1)
+    proc = subprocess.run(base + args, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient_accumulation_steps=1 raised to 2" in proc.stdout
+    assert train.read_metrics(str(tmp_path / "acc"))[-1]["iter"] == 2
+    proc = subprocess.run(base + args + ["--lora_rnak=4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("error: unknown config key 'lora_rnak'") == 1
+
+
+def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
+    """AdaLoRA's config (300 iterations, tinit 30, tfinal 60, warmup 20) shortened to 50: the schedules
+    keep their shape instead of failing (tinit >= total - tfinal) or leaving the LR at its peak."""
+    cfg = os.path.join(HERE, "config", "finetune_shakespeare_adadora.py")
+    train.train(tiny(char_data, tmp_path / "b", max_iters=2, eval_interval=2), environ={})  # a base to fine-tune
+    short = [cfg, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'ada'}", f"--init_from={tmp_path / 'b'}",
+             "--device=cpu", "--max_iters=50", "--eval_interval=50", "--eval_iters=2", "--batch_size=4", "--block_size=32"]
+    capsys.readouterr()
+    train.train(short, environ={})
+    rows = [r for r in train.read_metrics(str(tmp_path / "ada")) if r["train_loss"] is not None]
+    out = capsys.readouterr().out
+    assert "max_iters 300 -> 50" in out and "adalora_tinit 30 -> 5" in out and "lr_decay_iters 300 -> 50" in out
+    assert rows[-1]["lr"] == pytest.approx(train.get_lr(rows[-1]["iter"], dict(train.DEFAULTS, learning_rate=2e-3, min_lr=2e-4,
+                                                                 warmup_iters=3, lr_decay_iters=50)))
+    assert rows[-1]["lr"] < 0.5 * 2e-3  # the cosine has come down, not stayed at the peak
+    assert rows[-1]["rank_budget"] < rows[0]["rank_budget"]  # the budget fell within the shorter run
 
 
 def test_env_vars_select_lora(char_data, tmp_path):

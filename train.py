@@ -130,6 +130,8 @@ DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
 ADAPTER_KINDS = ("none", *ADAPTERS, "sublora")
+# schedules counted in iterations: a --max_iters override rescales those the command line does not set
+SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters", "sora_lambda_every", "adalora_tinit", "adalora_tfinal")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
 
@@ -224,6 +226,25 @@ def adapter_report(model):
     remaining = sum(r * (layers[n].in_features + layers[n].out_features + 1) for n, r in ranks.items())
     remaining += sum(m.magnitude.numel() for m in layers.values() if m.magnitude is not None)
     return {"effective_rank": ranks, "adapter_params_remaining": remaining}
+
+
+def follow_max_iters(c, argv, environ):
+    """A run shortened (or lengthened) with --max_iters keeps the shape of its schedules: every
+    SCHEDULE_KEYS value the command line does not set is scaled by the new max_iters over the one the
+    config file (or default) gave, with a note. A value set on the command line is kept as given."""
+    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    if "max_iters" not in given or c["init_from"] == "resume":
+        return
+    planned = configure(DEFAULTS, [a for a in argv if not a.startswith("--max_iters=")], environ, TEST_MODE)["max_iters"]
+    if planned == c["max_iters"] or planned == 0:
+        return
+    ratio = c["max_iters"] / planned
+    scaled = {k: max(1 if k == "sora_lambda_every" else 0, round(c[k] * ratio)) for k in SCHEDULE_KEYS if k not in given}
+    changed = {k: v for k, v in scaled.items() if v != c[k]}
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: max_iters {planned} -> {c['max_iters']}: schedules scaled to match, "
+              + ", ".join(f"{k} {c[k]} -> {v}" for k, v in changed.items()) + " (set them to override)")
+    c.update(changed)
 
 
 def check_config(c):
@@ -328,6 +349,7 @@ def format_eta(seconds):
 def train(argv=(), environ=None):
     """Run training; returns the final {'iter', 'train_loss', 'val_loss', ...} metrics of rank 0."""
     c = configure(DEFAULTS, list(argv), environ, test_overrides=TEST_MODE)
+    follow_max_iters(c, list(argv), environ)
     check_config(c)
 
     # distributed set-up: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
@@ -348,9 +370,12 @@ def train(argv=(), environ=None):
 
 def _train(c, device, ddp, rank, world):
     master = rank == 0
-    if c["gradient_accumulation_steps"] % world:
-        raise ConfigError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be a multiple of "
-                          f"the {world} processes (it counts micro-batches over all of them)")
+    if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
+        raised = -(-c["gradient_accumulation_steps"] // world) * world
+        if master:
+            print(f"note: gradient_accumulation_steps={c['gradient_accumulation_steps']} raised to {raised}, a multiple "
+                  f"of the {world} processes (each runs {raised // world} micro-batch(es) per step)")
+        c["gradient_accumulation_steps"] = raised
     accum = c["gradient_accumulation_steps"] // world  # micro-batches per process per step
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -601,9 +626,11 @@ def _train(c, device, ddp, rank, world):
     if master:
         print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}; "
               f"best val loss {best_val_loss:.4f}")
-        if effective_ranks(raw_model) and not c["eval_only"]:
-            import plots
+        import plots
 
+        if not c["eval_only"]:
+            print(f"wrote {plots.plot_losses([out_dir])}")
+        if effective_ranks(raw_model) and not c["eval_only"]:
             print(f"wrote {plots.plot_effective_ranks(out_dir)} and {plots.plot_rank_allocation(out_dir)}")
             if c["sora_prune"] if c["adapter"] == "sora" else c["adalora_prune"]:
                 save_pruned_adapter(raw_model, info, model_type, model_args, c["init_from"], out_dir)
@@ -633,7 +660,8 @@ def main():
     try:
         train(sys.argv[1:])
     except (ConfigError, AdapterError, CheckpointError, DataError) as e:
-        sys.exit(f"error: {e}")
+        # under torchrun every process meets the same mistake: one line, from rank 0
+        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 if __name__ == "__main__":
