@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from adapters import adapter_state_dict
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, config_defaults, configure
-from prepare import EOT, load_tokenizer, read_meta
+from prepare import EOT, DownloadError, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
@@ -242,7 +242,8 @@ def evaluate(c, run_dir):
     names = list(state)
     flat = torch.cat([state[n].reshape(-1).double() for n in names])
     d = flat.numel()
-    print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} numbers ({', '.join(names)[:80]})")
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more tensors" if len(names) > 3 else "")
+    print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} numbers ({shown})")
     base = cfg.get("init_from", "scratch")
     caveat = None
     if base not in ("scratch",) and not base.startswith("gpt2"):
@@ -263,14 +264,16 @@ def evaluate(c, run_dir):
     @torch.no_grad()
     def token_level(desc):
         smooth, errors, n = 0, 0, 0
-        t = time.time()
+        t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
         for k, (x, y) in enumerate(batches(blocks)):
             s, e = per_token_stats(model, x, y, alpha_grid, ks, vocab)
             smooth, errors, n = smooth + s.sum((0, 1)), errors + e.sum((0, 1)), n + y.numel()
-            done = min((k + 1) * c["batch_size"], len(blocks)) / len(blocks)
-            print(f"\r  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s",
-                  end="", flush=True)
-        print()
+            done = (k + 1) / steps
+            line = f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s"
+            if tty:  # one line redrawn in a terminal; in a log file, a plain line every tenth
+                print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
+            elif (k + 1) * 10 // steps > k * 10 // steps:
+                print(line, flush=True)
         return (smooth / n).tolist(), (errors / n).tolist()
 
     before = token_level("unquantised")[0][0]  # bits per token at the smallest α: next to no smoothing
@@ -419,5 +422,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DownloadError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

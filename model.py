@@ -209,9 +209,7 @@ class GPT(LanguageModel):
             args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                         vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
         elif name_or_path in GPT2_SIZES:
-            from huggingface_hub import hf_hub_download  # only needed for the download
-
-            weights = hf_hub_download(repo_id=f"openai-community/{name_or_path}", filename="model.safetensors")
+            weights = _hub_weights(name_or_path)
             args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024)
         else:
             raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
@@ -222,6 +220,27 @@ class GPT(LanguageModel):
         model = cls(GPTConfig(**args))
         model.load_state_dict(convert_hf_gpt2_state_dict(load_file(weights)), strict=False)
         return model
+
+
+def _hub_weights(name):
+    """Path of GPT-2 `name`'s model.safetensors: from the Hugging Face cache, else downloaded in one
+    try; offline, one DownloadError naming the local alternative instead of the hub's retries."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache  # only needed here
+
+    from prepare import DownloadError, reachable
+
+    repo = f"openai-community/{name}"
+    cached = try_to_load_from_cache(repo, "model.safetensors")
+    if isinstance(cached, str):
+        return cached
+    fix = ("fetch it on a connected machine and pass --init_from=PATH, a folder holding its config.json and "
+           "model.safetensors")
+    if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
+        raise DownloadError(f"cannot reach {constants.ENDPOINT} to download {name}'s weights (offline?): {fix}")
+    try:
+        return hf_hub_download(repo_id=repo, filename="model.safetensors")
+    except Exception as e:  # the hub's errors are many (HTTP, timeouts, gated repos): one line each
+        raise DownloadError(f"downloading {name}'s weights failed ({type(e).__name__}: {e}): {fix}") from None
 
 
 # (n_layer, n_head, n_embd) of the OpenAI checkpoints: 124M, 350M, 774M, 1558M parameters

@@ -75,7 +75,10 @@ def plot_effective_ranks(out_dir):
     ax_params.set_xlabel("iteration")
     key, label = ("sora_lambda", "λ") if "sora_lambda" in rows[-1] else ("rank_budget", "rank budget")
     ax_right = ax_params.twinx()
-    ax_right.step(iters, [r.get(key, 0) for r in rows], where="post", color="k", lw=1)
+    values = []  # an eval row (the final state) holds the ranks but not λ / the budget: carry it forward
+    for r in rows:
+        values.append(r.get(key, values[-1] if values else 0))
+    ax_right.step(iters, values, where="post", color="k", lw=1)
     ax_right.set_ylabel(label)
     return save(fig, out_dir, "effective_rank.png")
 

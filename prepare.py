@@ -15,13 +15,43 @@ Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tr
 
 import json
 import os
+import socket
 import sys
+import urllib.parse
 import urllib.request
 
 import numpy as np
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 EOT = 50256  # GPT-2's <|endoftext|>: separates documents
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot happen (offline, host unreachable): the message names the local way."""
+
+
+def reachable(url, timeout=5.0):
+    """Whether url's host takes a TCP connection within `timeout` seconds: one try, so an offline
+    machine learns it at once instead of after a library's retries."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def download(url, path, fix):
+    """url -> path, atomically; DownloadError saying `fix` when the host cannot be reached or the
+    transfer fails."""
+    host = urllib.parse.urlsplit(url).hostname
+    if not reachable(url):
+        raise DownloadError(f"cannot reach {host} to download {url} (offline?): {fix}")
+    print(f"downloading {url}")
+    try:
+        atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
+    except OSError as e:
+        raise DownloadError(f"downloading {url} failed ({e}): {fix}") from None
 
 
 def gpt2_encoding():
@@ -93,8 +123,7 @@ def read_shakespeare(input_path, out_dir):
     else:
         path = os.path.join(out_dir, "input.txt")
         if not os.path.exists(path):
-            print(f"downloading {SHAKESPEARE_URL}")
-            atomic_write(path, lambda tmp: urllib.request.urlretrieve(SHAKESPEARE_URL, tmp))
+            download(SHAKESPEARE_URL, path, "pass a local copy of Tiny Shakespeare with --input=PATH")
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -132,6 +161,11 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
         ds = load_dataset(builder, data_files=files, split="train")
     else:  # datasets >= 4 runs no loading scripts: read the hub's parquet conversion of OpenWebText
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
+            raise DownloadError(f"cannot reach {constants.ENDPOINT} to download {name} (offline?): fetch it on a "
+                                "connected machine and pass --input=DIR holding its .parquet / .jsonl / .txt files")
         ds = load_dataset(name, split="train", num_proc=num_proc, revision=revision)
     split = ds.train_test_split(test_size=val_fraction, seed=2357, shuffle=True)
     enc = gpt2_encoding()
@@ -147,7 +181,7 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         path = os.path.join(out_dir, f"{split_name}.bin")
         arr = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(total,))
         shards, idx = min(1024, len(tok)), 0
-        for i in tqdm(range(shards), desc=f"writing {path}"):
+        for i in tqdm(range(shards), desc=f"writing {path}", disable=None):  # no bar in a log file
             batch = tok.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
             ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
             arr[idx : idx + len(ids)] = ids
@@ -162,14 +196,20 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
 DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf}
 
 
+OPTIONS = ("input", "out_dir", "val_fraction", "num_proc")
+
+
 def main(argv):
     if not argv or argv[0] not in DATASETS:
         raise SystemExit(f"usage: python prepare.py {{{'|'.join(DATASETS)}}} [--input=PATH] [--out_dir=DIR] "
                          "[--val_fraction=F] [--num_proc=N]")
-    name, opts = argv[0], {}
-    for arg in argv[1:]:
+    name, opts, args = argv[0], {}, list(argv[1:])
+    while args:
+        arg = args.pop(0)
         key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in ("input", "out_dir", "val_fraction", "num_proc"):
+        if arg.startswith("--") and not eq and key in OPTIONS and args and not args[0].startswith("--"):
+            value, eq = args.pop(0), "="  # `--input PATH`, the other common spelling
+        if not arg.startswith("--") or not eq or key not in OPTIONS:
             raise SystemExit(f"unknown option {arg!r}; options: --input=PATH --out_dir=DIR --val_fraction=F --num_proc=N")
         opts[key] = value
     out_dir = opts.pop("out_dir", os.path.join("data", name))
@@ -185,8 +225,12 @@ def main(argv):
     print(f"wrote {out_dir}/train.bin, val.bin, meta.json")
 
 
-if __name__ == "__main__":
+def cli(argv):
     try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        main(argv)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:  # DownloadError is a RuntimeError
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

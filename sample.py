@@ -17,9 +17,9 @@ from adapters import AdapterError, merge_adapters
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, config_defaults, configure
 from model import GPT
-from prepare import load_tokenizer, read_meta
+from prepare import DownloadError, load_tokenizer, read_meta
 
-init_from = "resume"  # 'resume' (the checkpoint in out_dir) or a gpt2 name
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), a gpt2 name, or a GPT-2 folder (config.json + model.safetensors)
 out_dir = "out"  # an out_dir or a checkpoint file
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 2
@@ -44,10 +44,11 @@ def sample(argv=(), environ=None):
             raise CheckpointError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
                                   f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it")
         del ckpt
-    elif c["init_from"].startswith("gpt2"):
+    elif c["init_from"].startswith("gpt2") or os.path.isfile(os.path.join(c["init_from"], "model.safetensors")):
         model, meta = GPT.from_pretrained(c["init_from"]), None
     else:
-        raise ConfigError(f"init_from must be 'resume' or a gpt2 name, got {c['init_from']!r}")
+        raise ConfigError(f"init_from must be 'resume', a gpt2 name or a GPT-2 folder (config.json + model.safetensors), "
+                          f"got {c['init_from']!r}")
     if c["merge"]:
         model = merge_adapters(model)
     model.eval().to(c["device"])
@@ -75,5 +76,5 @@ def sample(argv=(), environ=None):
 if __name__ == "__main__":
     try:
         sample(sys.argv[1:])
-    except (ConfigError, AdapterError, CheckpointError, ValueError, OSError) as e:
+    except (ConfigError, AdapterError, CheckpointError, DownloadError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")

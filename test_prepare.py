@@ -6,11 +6,14 @@ prepare.py: token files decode back to the text, for characters, GPT-2 BPE and a
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import prepare
+from conftest import HERE
 from prepare import EOT, gpt2_encoding, load_tokenizer, read_meta
 
 
@@ -63,6 +66,37 @@ def test_cli_errors(tmp_path):
         prepare.main(["shakespeare_char", "--inptu=x"])
     with pytest.raises(FileNotFoundError, match="is not a file"):
         prepare.main(["shakespeare_char", f"--input={tmp_path}/missing.txt", f"--out_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="is not a file"):  # `--input PATH` reads the same
+        prepare.main(["shakespeare_char", "--input", f"{tmp_path}/missing.txt", "--out_dir", str(tmp_path)])
+
+
+def test_space_separated_options_match_the_equals_form(tmp_path):
+    text = _write(tmp_path / "in.txt", "to be or not to be, that is the question\n" * 50)
+    prepare.main(["shakespeare_char", "--input", text, "--out_dir", str(tmp_path / "a"), "--val_fraction", "0.2"])
+    prepare.main(["shakespeare_char", f"--input={text}", f"--out_dir={tmp_path / 'b'}", "--val_fraction=0.2"])
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+# an address that refuses at once: the offline machine, without waiting for a real timeout
+OFFLINE = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("command", [
+    ["-c", f"import sys, prepare; prepare.SHAKESPEARE_URL = '{OFFLINE}/input.txt'; prepare.cli(sys.argv[1:])",
+     "shakespeare_char", "--out_dir=OUT"],
+    ["prepare.py", "openwebtext", "--out_dir=OUT"],
+    ["train.py", "--init_from=gpt2", "--data_dir=DATA", "--out_dir=OUT", "--device=cpu"],
+    ["sample.py", "--init_from=gpt2", "--device=cpu"],
+])
+def test_offline_downloads_end_in_one_line_naming_the_local_way(command, tmp_path, char_data):
+    env = dict(os.environ, HF_ENDPOINT=OFFLINE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("DATA", char_data) for a in command]
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach"), proc.stderr
+    assert ("--input=" if "prepare" in " ".join(command) else "--init_from=PATH") in lines[0]
 
 
 def _write(path, text):

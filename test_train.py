@@ -9,6 +9,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tiny(data_dir, out_dir, **kw):
     args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, block_size=32,
                 batch_size=8, eval_iters=4, eval_interval=20, log_interval=1, dropout=0.0, learning_rate=3e-3,
-                warmup_iters=5, lr_decay_iters=60, min_lr=3e-4, max_iters=20, dtype="float32")
+                warmup_iters=5, lr_decay_iters=60, min_lr=3e-4, max_iters=20, dtype="float32", init_from="scratch")
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -159,6 +160,28 @@ def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
                                                                  warmup_iters=3, lr_decay_iters=50)))
     assert rows[-1]["lr"] < 0.5 * 2e-3  # the cosine has come down, not stayed at the peak
     assert rows[-1]["rank_budget"] < rows[0]["rank_budget"]  # the budget fell within the shorter run
+
+
+def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(char_data, tmp_path, monkeypatch, capsys):
+    """USE_LORA=True python train.py (init_from='auto'): the trained base the pretraining config or the
+    demo wrote, its context taken when block_size exceeds it; none there: one line saying what to run."""
+    monkeypatch.setattr(train, "AUTO_BASES", (str(tmp_path / "none"), str(tmp_path / "base")))
+    with pytest.raises(ConfigError, match="needs a trained base and none is in .*run `make demo`"):
+        train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
+    train.train(tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"), environ={})
+    assert load_checkpoint(str(tmp_path / "base"))["config"]["init_from"] == "scratch"  # pretraining: a new model
+    capsys.readouterr()
+    t0 = time.time()
+    last = train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6),
+                       environ={})
+    wall = time.time() - t0
+    out = capsys.readouterr().out
+    assert f"fine-tunes the trained base in {tmp_path / 'base'}/" in out and "block_size 32 -> its context 16" in out
+    ckpt = load_checkpoint(str(tmp_path / "a"))
+    assert ckpt["config"]["init_from"] == str(tmp_path / "base") and ckpt["model_args"]["block_size"] == 16
+    # the run's mean speed leaves evals and saves out: above the naive tokens / wall time of the call
+    assert last["mean_tokens_per_s"] > 6 * 8 * 16 / wall
+    assert f"{last['mean_tokens_per_s']:,.0f} tok/s on average" in out
 
 
 def test_env_vars_select_lora(char_data, tmp_path):

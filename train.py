@@ -32,7 +32,7 @@ from adapters import (ADAPTERS, AdapterError, RankAllocator, SubLoRA, adapter_la
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
 from configurator import ConfigError, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
-from prepare import read_meta
+from prepare import DownloadError, read_meta
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
@@ -43,7 +43,8 @@ eval_iters = 200
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # else only when val improves
 overwrite = False  # allow a new run to replace the checkpoint already in out_dir
-init_from = "scratch"  # 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | a checkpoint file, out_dir or GPT-2 folder
+init_from = "auto"  # 'auto' | 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | a checkpoint file, out_dir or GPT-2 folder
+# 'auto': scratch for pretraining and SubLoRA; an adapter fine-tunes the first trained base in AUTO_BASES
 wandb_log = False  # WANDB_MODE=offline works without internet
 wandb_project = "lowrank-gpt"
 wandb_run_name = "run"
@@ -132,6 +133,7 @@ TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, b
 ADAPTER_KINDS = ("none", *ADAPTERS, "sublora")
 # schedules counted in iterations: a --max_iters override rescales those the command line does not set
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters", "sora_lambda_every", "adalora_tinit", "adalora_tfinal")
+AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
 
@@ -228,6 +230,28 @@ def adapter_report(model):
     return {"effective_rank": ranks, "adapter_params_remaining": remaining}
 
 
+def resolve_auto_base(c):
+    """init_from='auto' made concrete: a new model for pretraining, SubLoRA (a random base is its
+    setting) and TEST_MODE; for any other adapter, the first trained base of AUTO_BASES (block_size
+    lowered to its context if need be), else one line saying what to run first."""
+    if c["init_from"] != "auto" or c["adapter"] not in ADAPTER_KINDS:  # check_config names a wrong adapter
+        return
+    if c["adapter"] in ("none", "sublora") or c["test_mode"]:
+        c["init_from"] = "scratch"
+        return
+    for base in AUTO_BASES:
+        if os.path.isfile(os.path.join(base, "ckpt.pt")):
+            context = load_checkpoint(base)["model_args"]["block_size"]
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
+                      "to choose)" + (f", block_size {c['block_size']} -> its context {context}" if c["block_size"] > context else ""))
+            c["init_from"], c["block_size"] = base, min(c["block_size"], context)
+            return
+    raise ConfigError(f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
+                      "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
+                      "(--init_from=scratch trains it on a random frozen base)")
+
+
 def follow_max_iters(c, argv, environ):
     """A run shortened (or lengthened) with --max_iters keeps the shape of its schedules: every
     SCHEDULE_KEYS value the command line does not set is scaled by the new max_iters over the one the
@@ -239,7 +263,9 @@ def follow_max_iters(c, argv, environ):
     if planned == c["max_iters"] or planned == 0:
         return
     ratio = c["max_iters"] / planned
-    scaled = {k: max(1 if k == "sora_lambda_every" else 0, round(c[k] * ratio)) for k in SCHEDULE_KEYS if k not in given}
+    owner = {"sora_lambda_every": ("sora",), "adalora_tinit": ("adalora", "adadora"), "adalora_tfinal": ("adalora", "adadora")}
+    keys = [k for k in SCHEDULE_KEYS if k not in given and c["adapter"] in owner.get(k, (c["adapter"],))]
+    scaled = {k: max(1 if k == "sora_lambda_every" else 0, round(c[k] * ratio)) for k in keys}
     changed = {k: v for k, v in scaled.items() if v != c[k]}
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: max_iters {planned} -> {c['max_iters']}: schedules scaled to match, "
@@ -333,7 +359,9 @@ def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
     save_atomic({"format": FORMAT, "adapter": pruned, "model_type": model_type, "model_args": model_args,
                  "base": base, "state": state}, path)
     after = sum(v.numel() for v in state.values())
-    print(f"pruned {info['kind']}: ranks {kept}; adapter parameters {before:,} -> {after:,}; wrote {path} "
+    ranks = sorted(kept.values())
+    print(f"pruned {info['kind']}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}..{ranks[-1]}, "
+          f"median {ranks[len(ranks) // 2]}); adapter parameters {before:,} -> {after:,}; wrote {path} "
           f"({os.path.getsize(path):,} bytes)")
     return path
 
@@ -349,6 +377,7 @@ def format_eta(seconds):
 def train(argv=(), environ=None):
     """Run training; returns the final {'iter', 'train_loss', 'val_loss', ...} metrics of rank 0."""
     c = configure(DEFAULTS, list(argv), environ, test_overrides=TEST_MODE)
+    resolve_auto_base(c)
     follow_max_iters(c, list(argv), environ)
     check_config(c)
 
@@ -362,7 +391,10 @@ def train(argv=(), environ=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend=c["backend"] or ("nccl" if device.startswith("cuda") else "gloo"))
     try:
-        return _train(c, device, ddp, rank, world)
+        last = _train(c, device, ddp, rank, world)
+        if ddp:  # rank 0 still writes plots and pruned adapters: tear down together (gloo aborts otherwise)
+            dist.barrier()
+        return last
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -434,8 +466,9 @@ def _train(c, device, ddp, rank, world):
                 info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
             if c["adapter"] == "pissa" and master:
                 times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
-                print(f"pissa: {c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s: "
-                      + ", ".join(f"{n} {1000 * t:.1f}ms" for n, t in times.items()))
+                slowest = max(times, key=times.get)
+                print(f"pissa: {c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s "
+                      f"(slowest {slowest}, {1000 * times[slowest]:.1f}ms)")
     if c["block_size"] > model.config.block_size:
         raise ConfigError(f"block_size {c['block_size']} exceeds the model's context {model.config.block_size}")
     model.to(device)
@@ -530,7 +563,7 @@ def _train(c, device, ddp, rank, world):
     if n_train <= 0:
         raise DataError(f"{data_dir}/train.bin is shorter than block_size {c['block_size']}")
     model.train()
-    start_iter, t_start, dt_avg, last = iter_num, time.time(), None, {}
+    start_iter, t_start, t_outside, dt_avg, last = iter_num, time.time(), 0.0, None, {}
     while True:
         lr = get_lr(iter_num, c)
         for opt, peak in optimizers:  # every optimizer follows the same schedule, scaled to its peak
@@ -549,18 +582,27 @@ def _train(c, device, ddp, rank, world):
         first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
         evaluate = c["eval_only"] or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
         if evaluate:
+            t_eval = time.time()
+            if master and iter_num == start_iter:  # the first eval can take a while on a CPU: say what runs
+                print(f"step {iter_num}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
+                      "tokens per split (train, val)", flush=True)
             losses = estimate_loss()
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 row = dict(iter=iter_num, train_loss=None, val_loss=losses["val"], eval_train_loss=losses["train"],
                            lr=lr, tokens_per_s=None, trainable_params=trainable, total_params=total)
+                if effective_ranks(raw_model):  # the ranks the eval saw: the last row is the final state
+                    row.update(adapter_report(raw_model))
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or c["always_save_checkpoint"]) and not c["eval_only"]:
                     save_checkpoint()
                     print(f"saved {ckpt_file}")
+            t_outside += time.time() - t_eval  # evals and saves are not training speed
         if c["eval_only"] or iter_num >= c["max_iters"]:
             if row:
+                if iter_num > start_iter:
+                    row["mean_tokens_per_s"] = (iter_num - start_iter) * tokens_per_iter / (time.time() - t_start - t_outside)
                 log(row)
                 last = row
             break
@@ -624,7 +666,8 @@ def _train(c, device, ddp, rank, world):
         iter_num += 1
 
     if master:
-        print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}; "
+        speed = f", {last['mean_tokens_per_s']:,.0f} tok/s on average (evals excluded)" if "mean_tokens_per_s" in last else ""
+        print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}{speed}; "
               f"best val loss {best_val_loss:.4f}")
         import plots
 
@@ -645,12 +688,14 @@ def read_metrics(out_dir):
 
 
 def report(out_dirs):
-    """One line per run: val loss at its first and last eval, trainable fraction, speed."""
+    """One line per run: val loss at its first and last eval, trainable fraction, speed (the run's mean,
+    evals excluded; the median logged step for runs from before it was recorded)."""
     print(f"{'run':<28} {'iters':>6} {'val first':>10} {'val last':>9} {'trainable':>22} {'tok/s':>8}")
     for d in out_dirs:
         rows = read_metrics(d)
         evals = [r for r in rows if r["val_loss"] is not None]
         speed = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+        speed = [rows[-1]["mean_tokens_per_s"]] if "mean_tokens_per_s" in rows[-1] else speed
         frac = f"{rows[-1]['trainable_params']:,} ({100 * rows[-1]['trainable_params'] / rows[-1]['total_params']:.2f}%)"
         print(f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
               f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}")
@@ -659,7 +704,7 @@ def report(out_dirs):
 def main():
     try:
         train(sys.argv[1:])
-    except (ConfigError, AdapterError, CheckpointError, DataError) as e:
+    except (ConfigError, AdapterError, CheckpointError, DataError, DownloadError) as e:
         # under torchrun every process meets the same mistake: one line, from rank 0
         sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
 

@@ -1,0 +1,91 @@
+"""The README's command lines, run as written at a tiny size: every line of its shell code blocks that
+needs neither a download nor a GPU, in the README's order, in a scratch folder that holds the repo's
+scripts and configs (so the relative paths of the README resolve as they do in a clone)."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from conftest import HERE, SHAKESPEARE
+from configurator import configure
+
+import train
+
+# appended to every train.py line (later --key=value wins): seconds per run instead of minutes
+TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
+            eval_interval=4, log_interval=2, max_iters=4, warmup_iters=1, lr_decay_iters=4)
+
+
+def readme_commands():
+    """(env, argv) of every command line in the README's un-tagged code blocks, comments dropped."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    commands = []
+    fence = None  # the open block's language tag ('' for a shell block), None outside blocks
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+            continue
+        if fence != "" or not re.match(r"([A-Z_]+=\S* )*(python|torchrun|make) ", line):  # prose, code, output
+            continue
+        words = shlex.split(line, comments=True)
+        env = {}
+        while re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+            key, _, value = words.pop(0).partition("=")
+            env[key] = value
+        commands.append((env, words))
+    return commands
+
+
+def needs_download_or_gpu(words):
+    return words[0] == "make" or any("gpt2" in w or "cuda" in w for w in words)
+
+
+def tiny_args(words, keys):
+    over = dict(TINY)
+    if "--init_from=resume" in words:  # continue past the first run's last iteration
+        over.update(max_iters=8, lr_decay_iters=8)
+    return [f"--{k}={v}" for k, v in over.items() if k in keys]
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name == "config":
+            os.symlink(os.path.join(HERE, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    ran = []
+    for env, words in commands:
+        if needs_download_or_gpu(words):
+            continue
+        launcher = [sys.executable, "-m", "torch.distributed.run"] if words[0] == "torchrun" else [sys.executable]
+        script = next(w for w in words if w.endswith(".py"))
+        args = words[1:]
+        if script == "prepare.py" and not any(a.startswith("--input") for a in args):
+            args += [f"--input={SHAKESPEARE}"]  # the one download of the README: the same file, local
+        elif script == "train.py":
+            args += tiny_args(words, train.DEFAULTS)
+        elif script == "sample.py":
+            args += ["--max_new_tokens=16", "--num_samples=1", "--device=cpu"]
+        elif script == "sweep.py":  # one run of the grid, tiny
+            args += ["--intrinsic_dims=300", "--allocations=fixed:0.5", "--seeds=0", "--max_iters=4",
+                     "--train_args=" + " ".join(tiny_args(words, train.DEFAULTS))]
+        elif script == "eval_bounds.py":
+            args += ["--eval_blocks=8", "--eval_docs=8", "--batch_size=8", "--device=cpu"]
+        run_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+        proc = subprocess.run(launcher + args, capture_output=True, text=True, env=run_env, timeout=300)
+        shown = " ".join(words)
+        assert proc.returncode == 0, f"{shown}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, shown
+        if script == "train.py":  # the run reached the iteration asked for, in the folder the line names
+            c = configure(train.DEFAULTS, args[args.index(script) + 1 :], env, train.TEST_MODE)
+            rows = [json.loads(line) for line in open(os.path.join(c["out_dir"], "metrics.jsonl"))]
+            assert rows[-1]["iter"] == c["max_iters"] and rows[-1]["val_loss"] is not None, shown
+        ran.append((shown, proc.stdout))
+    scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
+    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py"}
+    assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
+    auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
+    assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
