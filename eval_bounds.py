@@ -9,11 +9,15 @@ loss plus a complexity term in the code length.
     python eval_bounds.py --out_dir=out-shakespeare-lora --levels=31        # a plain LoRA run (see README)
     python eval_bounds.py --out_dir=... --qat_steps=100 --eval_blocks=4000  # quantisation-aware tuning, more data
 
-The bound (ε = 1 - confidence, r = s / (s + N)):
-    R ≤ R̂_s + Δ √((K ln 2 + ln(1/(r ε))) / (2N)) + Δ √(ln(1/((1 - r) ε)) / (2s))
-token level: N training tokens, s sampled blocks of block_size tokens (each scored with its prefix in
-the block); document level: N training documents, s sampled documents. K is the message length in
-bits; Δ the range of the loss: log₂(1 + (1 - α) V / α) for the smoothed bits per token, 1 for errors.
+The bound (ε = 1 - confidence, r = s / (s + N), M hypotheses chosen among by looking at the samples):
+    R ≤ R̂_s + Δ √((K ln 2 + ln(1/(r ε))) / (2N)) + Δ √(ln(M/((1 - r) ε)) / (2s))      (s sampled points)
+    R ≤ R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N))                                          (all N points scored)
+token level: N positions covered by the blocks of block_size training tokens (each scored with its
+prefix in the block), every block scored when N ≤ exact_max_tokens, else s sampled blocks; document
+level: N training documents, s sampled documents. K is the message length in bits (the trainable
+tensors, quantised with one codebook per group, arithmetic-coded, Elias-δ length prefix, plus the
+choices: runs, level counts, α); Δ the range of the loss: log₂(1 + (1 - α) V / α) for the smoothed
+bits per token, 1 for errors. M is |α grid| × choices for bits per token, the choices for errors.
 """
 
 import bisect
@@ -34,14 +38,16 @@ from prepare import EOT, DownloadError, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
-levels = 11  # quantisation centroids (odd: 0 is representable)
-quant_init = "bins"  # 'bins' (equal-width bins over ±max|w|, each centroid its bin's mean) | 'kmeans'
+levels = 11  # quantisation centroids per tensor group
+levels_grid = ""  # e.g. '7,11,21,31': the bound picks the count (paying ⌈log₂ |grid|⌉ bits); '' = levels
+quant_init = "kmeans"  # 'bins' (equal-width over ±max|w|) | 'quantile' | 'kmeans' (Lloyd from the quantiles)
 qat_steps = 0  # quantisation-aware fine-tuning of w and the centroids (straight-through estimator)
 qat_lr = 1e-4
 alphas = "1e-4,1e-3,5e-3,0.01,0.05,0.1,0.25,0.5"  # prediction-smoothing grid; paid once: ⌈log₂ |grid|⌉ bits
 topk = "1,10,100"
 confidence = 0.95  # the bound holds with this probability (ε = 1 - confidence)
 eval_blocks = 2000  # token level: s blocks of block_size training tokens, sampled with replacement
+exact_max_tokens = 2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
 eval_docs = 2000  # document level: s training documents, sampled with replacement
 doc_separator = ""  # '' = <|endoftext|> for GPT-2 data, a blank line ('\n\n') for character data
 choices = ""  # hyperparameter choices made by looking at results, 'name=count,...': ⌈log₂ Π count⌉ bits
@@ -55,20 +61,30 @@ DEFAULTS = config_defaults(globals())
 # quantisation
 
 
-def quantize(w, n_levels, init="bins", iters=20):
-    """(centroids (n_levels,), symbols (d,)): equal-width bins over ±max|w|, each centroid the mean of
-    its bin (the bin centre when empty), then optionally Lloyd (k-means) iterations."""
+def quantize(w, n_levels, init="kmeans", iters=20):
+    """(centroids (n_levels,), symbols (d,)). 'bins': equal-width bins over ±max|w|, each centroid the
+    mean of its bin (the bin centre when empty); 'quantile': the (k + ½) / n_levels quantiles of w;
+    'kmeans': Lloyd iterations from the quantiles (least squared error). Centroids are rounded to fp16,
+    as the codebook transmits them, before the symbols are chosen."""
+    if init not in ("bins", "quantile", "kmeans"):
+        raise ConfigError(f"quant_init must be 'bins', 'quantile' or 'kmeans', got {init!r}")
     w = w.detach().double()
-    m = float(w.abs().max()) or 1.0
-    edges = torch.linspace(-m, m, n_levels + 1, dtype=torch.float64, device=w.device)
-    centroids = (edges[:-1] + edges[1:]) / 2
-    for it in range(iters if init == "kmeans" else 1):
-        symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1) if it else \
-            torch.bucketize(w, edges[1:-1])
-        for k in range(n_levels):
-            members = w[symbols == k]
-            if len(members):
-                centroids[k] = members.mean()
+    if init == "bins":
+        m = float(w.abs().max()) or 1.0
+        edges = torch.linspace(-m, m, n_levels + 1, dtype=torch.float64, device=w.device)
+        centroids = (edges[:-1] + edges[1:]) / 2
+        symbols = torch.bucketize(w, edges[1:-1])
+        rounds = 1
+    else:
+        q = (torch.arange(n_levels, dtype=torch.float64, device=w.device) + 0.5) / n_levels
+        centroids = torch.quantile(w, q) if w.numel() <= 2**24 else w.sort().values[(q * (w.numel() - 1)).long()]
+        symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1)
+        rounds = iters if init == "kmeans" else 0
+    for it in range(rounds):  # centroid <- mean of its members, then members <- nearest centroid
+        total = torch.zeros_like(centroids).index_add_(0, symbols, w)
+        count = torch.zeros_like(centroids).index_add_(0, symbols, torch.ones_like(w))
+        centroids = torch.where(count > 0, total / count.clamp(min=1), centroids)
+        symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1)
     centroids = centroids.half().double()  # what the codebook transmits: 16 bits per level
     symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1)
     return centroids, symbols
@@ -150,20 +166,35 @@ def arithmetic_decode(bits, counts, n):
     return out
 
 
-def message_length(symbols, n_levels, extra_bits=0):
-    """Encode, decode and check, and return the parts of the message length in bits."""
-    symbols = [int(s) for s in symbols]
-    counts = [symbols.count(k) for k in range(n_levels)]
-    bits = arithmetic_encode(symbols, counts)
-    if arithmetic_decode(bits, counts, len(symbols)) != symbols:
-        raise RuntimeError("arithmetic coder round trip failed")
-    d = len(symbols)
-    code, codebook, count_bits = len(bits), 16 * n_levels, n_levels * math.ceil(math.log2(d + 1))
+def elias_delta_bits(n):
+    """Length of the Elias-δ code of the integer n ≥ 1: ⌊log₂ n⌋ + 2⌊log₂(⌊log₂ n⌋ + 1)⌋ + 1. A prefix-free
+    code of the integers (Kraft sum ≤ 1), unlike L + 2 log₂ L (whose sum over L is π²/6)."""
+    b = int(n).bit_length()  # ⌊log₂ n⌋ + 1
+    return b - 1 + 2 * (b.bit_length() - 1) + 1
+
+
+def message_length(groups, extra_bits=0):
+    """groups: [(symbols, n_levels)], one per codebook. Each is arithmetic-coded (and decoded, checked)
+    under its own counts; L = Σ (code + 16-bit centroids + counts of ⌈log₂(d_g + 1)⌉ bits), sent after
+    its own Elias-δ length so the message is prefix-free; `extra_bits` index the choices made (fixed
+    width, the grids being known in advance)."""
+    code = codebook = count_bits = 0
+    entropy = 0.0
+    for symbols, n_levels in groups:
+        symbols = [int(v) for v in symbols]
+        counts = [symbols.count(k) for k in range(n_levels)]
+        bits = arithmetic_encode(symbols, counts)
+        if arithmetic_decode(bits, counts, len(symbols)) != symbols:
+            raise RuntimeError("arithmetic coder round trip failed")
+        d = len(symbols)
+        code, codebook = code + len(bits), codebook + 16 * n_levels
+        count_bits += n_levels * math.ceil(math.log2(d + 1))
+        entropy -= sum(c * math.log2(c / d) for c in counts if c)
     L = code + codebook + count_bits
-    prefix_free = L + 2 * math.log2(L)  # a prefix-free code for the integers (Lotfi et al.)
-    entropy = -sum(c * math.log2(c / d) for c in counts if c)
-    return dict(code_bits=code, entropy_bits=entropy, codebook_bits=codebook, count_bits=count_bits,
-                raw_bits=L, prefix_free_bits=prefix_free, extra_bits=extra_bits, total_bits=prefix_free + extra_bits)
+    length_bits = elias_delta_bits(L)
+    return dict(code_bits=code, entropy_bits=entropy, codebook_bits=codebook, count_bits=count_bits, raw_bits=L,
+                length_bits=length_bits, prefix_free_bits=L + length_bits, extra_bits=extra_bits,
+                total_bits=L + length_bits + extra_bits)
 
 
 # -----------------------------------------------------------------------------
@@ -175,11 +206,18 @@ def smoothed_range(alpha, vocab):
     return math.log2(1 + (1 - alpha) * vocab / alpha)
 
 
-def bound(empirical, delta, K_bits, N, s, eps):
-    """The compression bound with subsampling: R̂_s + Δ √((K ln2 + ln(1/(rε)))/(2N)) + Δ √(ln(1/((1-r)ε))/(2s))."""
+def bound(empirical, delta, K_bits, N, s, eps, candidates=1):
+    """The compression bound. Sampled (s of N points): with r = s / (s + N),
+        R̂_s + Δ √((K ln 2 + ln(1/(rε))) / (2N)) + Δ √(ln(M/((1 - r)ε)) / (2s)),
+    where M = `candidates` is how many hypotheses the sampled points chose among (α grid × runs × level
+    counts): the sampling term holds for each with probability 1 - (1-r)ε/M, so for the chosen one by a
+    union bound. Exact (s=None: every point scored): R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N)). K already pays
+    for the choices, so the total failure probability is ε either way."""
+    if s is None:
+        return empirical + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / eps)) / (2 * N))
     r = s / (s + N)
     return (empirical + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / (r * eps))) / (2 * N))
-            + delta * math.sqrt(math.log(1 / ((1 - r) * eps)) / (2 * s)))
+            + delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s)))
 
 
 def per_token_stats(model, x, y, alphas, ks, vocab):
@@ -189,7 +227,7 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
     logp = F.log_softmax(logits, dim=-1)
     p_true = logp.gather(-1, y[..., None]).squeeze(-1).exp()
     smooth = torch.stack([-torch.log2((1 - a) * p_true + a / vocab) for a in alphas], dim=-1)  # (B, T, |α|)
-    rank = (logits > logits.gather(-1, y[..., None])).sum(-1)  # tokens scored above the true one
+    rank = (logits >= logits.gather(-1, y[..., None])).sum(-1) - 1  # others scored at or above the true one: ties count against it
     errors = torch.stack([(rank >= k).float() for k in ks], dim=-1)
     return smooth, errors
 
@@ -208,27 +246,59 @@ def documents(train, separator):
 
 
 def message_vector(model):
-    """The trained numbers the message must carry: SubLoRA's w (and gate logits), else every adapter
-    tensor (the base model is the known prior)."""
-    state = adapter_state_dict(model)
+    """What training changed, and so what the message must carry: the trainable tensors (SubLoRA's w
+    and gate logits; an adapter's factors, gates, magnitudes, rotations). Frozen buffers (PiSSA's U, V,
+    NF4 codes) are part of the prior: they come from the base and the seed, not from the data."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in adapter_state_dict(model).items() if k in trainable}
     if not state:
-        raise CheckpointError("this checkpoint has no adapter: a bound needs the trained part to be small "
+        raise CheckpointError("this checkpoint has no trained adapter: a bound needs the trained part to be small "
                               "(train with --adapter=sublora or another adapter)")
     return state
 
 
+def message_groups(state):
+    """{group: [tensor names]}: the tensors of one role (every lora_A, every lora_B, w, ...) share a
+    codebook, since their scales differ by orders of magnitude from one role to the next."""
+    groups = {}
+    for name in state:
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    return groups
+
+
 def set_message(model, state):
     own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
+
+
+def quantize_message(state, groups, n_levels, init):
+    """{group: (centroids, symbols)} with `n_levels` centroids per group."""
+    return {g: quantize(torch.cat([state[n].reshape(-1).double() for n in names]), n_levels, init)
+            for g, names in groups.items()}
+
+
+def dequantize(state, groups, coded):
+    """The message as the decoder rebuilds it: every tensor from its group's centroids and symbols."""
+    out = {}
+    for g, names in groups.items():
+        centroids, symbols = coded[g]
+        values = centroids[symbols]
+        offset = 0
+        for n in names:
+            out[n] = values[offset : offset + state[n].numel()].view(state[n].shape).to(state[n].dtype)
+            offset += state[n].numel()
+    return out
 
 
 def evaluate(c, run_dir):
     t0 = time.time()
     eps = 1 - c["confidence"]
     alpha_grid = [float(a) for a in c["alphas"].split(",")]
+    level_grid = [int(v) for v in c["levels_grid"].split(",")] if c["levels_grid"] else [c["levels"]]
+    if min(level_grid) < 2:
+        raise ConfigError(f"quantisation needs at least 2 levels, got {level_grid}")
     ckpt = load_checkpoint(run_dir, map_location="cpu")
     cfg = ckpt["config"]
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
@@ -239,20 +309,33 @@ def evaluate(c, run_dir):
     block = ckpt["model_args"]["block_size"]
     model = build_model(ckpt).to(c["device"]).eval()
     state = message_vector(model)
-    names = list(state)
-    flat = torch.cat([state[n].reshape(-1).double() for n in names])
-    d = flat.numel()
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more tensors" if len(names) > 3 else "")
-    print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} numbers ({shown})")
+    groups = message_groups(state)
+    d = sum(v.numel() for v in state.values())
+    print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} trained numbers in {len(groups)} codebook "
+          f"group(s): " + ", ".join(f"{g} ({sum(state[n].numel() for n in names):,})" for g, names in groups.items()))
+    caveats = []
     base = cfg.get("init_from", "scratch")
-    caveat = None
-    if base not in ("scratch",) and not base.startswith("gpt2"):
-        caveat = (f"the base model comes from {base!r}: the bound holds only if that base never saw this training "
-                  "data (a prior must be fixed before the data); a base pretrained on it makes the bound invalid")
+    if base != "scratch":
+        where = ("GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may "
+                 "be" if base.startswith("gpt2") else f"the base comes from {base!r}")
+        caveats.append(f"{where}: the bound holds only if that base never saw this training data (a prior must be "
+                       "fixed before the data); a base that saw it makes the bound invalid")
+    if meta and meta.get("tokenizer") == "char":
+        caveats.append("the character vocabulary was read from the corpus itself: Δ and the random-guess line "
+                       "assume no character outside it")
+    for caveat in caveats:
         print(f"  warning: {caveat}")
 
+    # token level: blocks of block_size tokens at multiples of block_size (each token scored with its
+    # prefix in the block); N counts the positions those blocks cover
+    n_blocks = (len(train) - 1) // block
+    N_tok = n_blocks * block
+    exact = N_tok <= c["exact_max_tokens"]
     gen = torch.Generator().manual_seed(c["seed"])
-    blocks = torch.randint(len(train) // block - 1, (c["eval_blocks"],), generator=gen, device="cpu") * block
+    if exact:  # every training position scored once: no sampling term
+        blocks = torch.arange(n_blocks, device="cpu") * block
+    else:
+        blocks = torch.randint(n_blocks, (c["eval_blocks"],), generator=gen, device="cpu") * block
 
     def batches(starts):
         for i in range(0, len(starts), c["batch_size"]):
@@ -276,27 +359,39 @@ def evaluate(c, run_dir):
                 print(line, flush=True)
         return (smooth / n).tolist(), (errors / n).tolist()
 
+    s_tok = None if exact else len(blocks)
+    print(f"  token level: {'all' if exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {block} "
+          f"(N = {N_tok:,} positions){'' if exact else ', sampled with replacement'}")
     before = token_level("unquantised")[0][0]  # bits per token at the smallest α: next to no smoothing
 
-    # quantise w (and the gates), optionally tune w and the centroids with the straight-through estimator
-    centroids, symbols = quantize(flat, c["levels"], c["quant_init"])
-    if c["qat_steps"]:
-        centroids, symbols = quantization_aware_tuning(c, model, names, state, flat, centroids, batches, gen, len(train), block)
-    quantized = centroids[symbols]
-    offsets = np.cumsum([0] + [state[n].numel() for n in names])
-    set_message(model, {n: quantized[offsets[i] : offsets[i + 1]].view(state[n].shape).float() for i, n in enumerate(names)})
-    smooth, errors = token_level("quantised")
-
     grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
-    choice_count = math.prod(int(v) for v in grid.values()) if grid else 1
+    choice_count = (math.prod(int(v) for v in grid.values()) if grid else 1) * len(level_grid)
     choice_bits = math.ceil(math.log2(choice_count)) if choice_count > 1 else 0
     alpha_bits = math.ceil(math.log2(len(alpha_grid)))
-    msg = message_length(symbols.tolist(), c["levels"], extra_bits=choice_bits)
+
+    # quantise each group (optionally tuning w and the centroids), for every level count of the grid;
+    # the bound picks the count (its choice is paid for in K and in the sampling term's union)
+    tried = []
+    for n_levels in level_grid:
+        coded = quantize_message(state, groups, n_levels, c["quant_init"])
+        if c["qat_steps"]:
+            coded = quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_blocks, block)
+        set_message(model, dequantize(state, groups, coded))
+        smooth, errors = token_level(f"quantised, {n_levels} levels")
+        msg = message_length([(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits)
+        best = min(bound(v, smoothed_range(a, vocab), msg["total_bits"] + alpha_bits, N_tok, s_tok, eps,
+                         len(alpha_grid) * choice_count) for v, a in zip(smooth, alpha_grid))
+        print(f"  {n_levels} levels: {smooth[0]:.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
+              f"best token bound {best:.4f}")
+        tried.append((best, n_levels, coded, smooth, errors, msg))
+    _, n_levels, coded, smooth, errors, msg = min(tried, key=lambda t: t[0])
+    set_message(model, dequantize(state, groups, coded))
     K = msg["total_bits"]
     print(f"  message: {msg['code_bits']:,} code bits (entropy bound {msg['entropy_bits']:.0f}) + "
-          f"{msg['codebook_bits']} codebook + {msg['count_bits']} counts = {msg['raw_bits']:,}; prefix-free "
-          f"L + 2 log₂ L = {msg['prefix_free_bits']:.0f}; + ⌈log₂ {choice_count}⌉ = {choice_bits} bits for the "
-          f"choices {grid or '{}'} = K = {K:.0f} bits; BPD also pays ⌈log₂ {len(alpha_grid)}⌉ = {alpha_bits} for α")
+          f"{msg['codebook_bits']} codebook + {msg['count_bits']} counts = L = {msg['raw_bits']:,}; + Elias-δ(L) = "
+          f"{msg['length_bits']} bits; + ⌈log₂ {choice_count}⌉ = {choice_bits} bits for the choices "
+          f"{dict(grid, levels=len(level_grid))} = K = {K:,} bits; BPD also pays ⌈log₂ {len(alpha_grid)}⌉ = "
+          f"{alpha_bits} for α")
 
     # document level: per-document average losses of s sampled documents
     separator = c["doc_separator"].encode().decode("unicode_escape") if c["doc_separator"] else None
@@ -308,21 +403,23 @@ def evaluate(c, run_dir):
     doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen, device="cpu").numpy()
     doc_smooth, doc_err = doc_level(model, train, starts[doc_ix], ends[doc_ix], block, alpha_grid, ks, vocab, c)
 
-    N_tok, N_doc = len(train), len(starts)
-    s_tok, s_doc = len(blocks), len(doc_ix)
-    results = {"run": run_dir, "kind": ckpt["adapter"]["kind"], "d": d, "levels": c["levels"], "vocab": vocab,
-               "N_tokens": N_tok, "N_documents": N_doc, "s_blocks": s_tok, "s_documents": s_doc,
-               "confidence": c["confidence"], "base_caveat": caveat, "loss_before_quantization_bits": before,
-               "loss_after_quantization_bits": smooth[0], "message": msg, "alphas": alpha_grid, "metrics": {}}
+    N_doc, s_doc = len(starts), len(doc_ix)
+    results = {"run": run_dir, "kind": ckpt["adapter"]["kind"], "d": d, "levels": n_levels, "levels_grid": level_grid,
+               "groups": {g: len(names) for g, names in groups.items()}, "vocab": vocab, "N_tokens": N_tok,
+               "N_documents": N_doc, "s_blocks": s_tok, "exact": exact, "s_documents": s_doc,
+               "confidence": c["confidence"], "caveats": caveats, "loss_before_quantization_bits": before,
+               "loss_after_quantization_bits": smooth[0], "message": msg, "alphas": alpha_grid,
+               "candidates": {"bpd": len(alpha_grid) * choice_count, "error": choice_count}, "metrics": {}}
     for level, N, s, sm, er in (("token", N_tok, s_tok, smooth, errors), ("document", N_doc, s_doc, doc_smooth, doc_err)):
-        per_alpha = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N, s, eps) for v, a in zip(sm, alpha_grid)]
+        per_alpha = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N, s, eps, len(alpha_grid) * choice_count)
+                     for v, a in zip(sm, alpha_grid)]
         best = int(np.argmin(per_alpha))
         results["metrics"][f"{level}_bpd"] = dict(empirical=sm[best], bound=per_alpha[best], alpha=alpha_grid[best],
                                                   delta=smoothed_range(alpha_grid[best], vocab), per_alpha=per_alpha,
                                                   empirical_per_alpha=sm, random_guess=math.log2(vocab))
         for k, e in zip(ks, er):
-            results["metrics"][f"{level}_top{k}_error"] = dict(empirical=e, bound=min(1.0, bound(e, 1.0, K, N, s, eps)),
-                                                               delta=1.0, random_guess=1 - k / vocab)
+            results["metrics"][f"{level}_top{k}_error"] = dict(
+                empirical=e, bound=min(1.0, bound(e, 1.0, K, N, s, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
     results["seconds"] = time.time() - t0
     print_table(results)
     with open(os.path.join(run_dir, "bounds.json"), "w") as f:
@@ -335,12 +432,13 @@ def evaluate(c, run_dir):
 
 @torch.no_grad()
 def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
-    """Mean over the sampled documents of each document's mean smoothed loss / error; a long document is
-    scored in block_size chunks, each token with its prefix in the chunk."""
-    doc_smooth, doc_err = [], []
-    chunks = []  # (document index, start, length)
+    """Mean over the sampled documents of each document's mean smoothed loss / error. Every token of a
+    document is scored, its first from the separator's last token (the corpus' first document, with
+    nothing before it, from its second token); a long document in block_size chunks, each token with
+    its prefix in the chunk."""
+    chunks = []  # (document index, input start, length)
     for i, (a, b) in enumerate(zip(starts, ends)):
-        for j in range(a, b - 1, block):
+        for j in range(max(a - 1, 0), b - 1, block):
             chunks.append((i, j, min(block, b - 1 - j)))
     sums = torch.zeros(len(starts), len(alpha_grid), device="cpu")  # host-side sums of the batches' stats
     errs = torch.zeros(len(starts), len(ks), device="cpu")
@@ -365,21 +463,26 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
     return doc_smooth, doc_err
 
 
-def quantization_aware_tuning(c, model, names, state, flat, centroids, batches, gen, n_train, block):
-    """Fine-tune w and the centroids on training batches through the quantiser: the forward uses the
-    nearest centroid of each coordinate, the gradient passes to w unchanged (straight-through) and to
-    the centroid it picked."""
-    w = flat.clone().float().requires_grad_(True)
-    cents = centroids.clone().float().requires_grad_(True)
-    opt = torch.optim.Adam([w, cents], lr=c["qat_lr"])
+def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_blocks, block):
+    """Fine-tune the message and every group's centroids on training batches through the quantiser:
+    the forward uses each coordinate's nearest centroid, the gradient passes to the coordinate unchanged
+    (straight-through) and to the centroid it picked. Returns {group: (centroids, symbols)}."""
+    flats = {g: torch.cat([state[n].reshape(-1).float() for n in names]).requires_grad_(True) for g, names in groups.items()}
+    cents = {g: coded[g][0].float().clone().requires_grad_(True) for g in groups}
+    opt = torch.optim.Adam([*flats.values(), *cents.values()], lr=c["qat_lr"])
     params = dict(model.named_parameters())
-    offsets = np.cumsum([0] + [state[n].numel() for n in names])
     for step in range(c["qat_steps"]):
-        idx = (w.detach()[:, None] - cents.detach()[None, :]).abs().argmin(dim=1)
-        wq = cents[idx] + (w - w.detach())  # straight-through to w, exact gradient to the centroids
-        starts = torch.randint(n_train // block - 1, (c["batch_size"],), generator=gen, device="cpu") * block
+        override = {}
+        for g, names in groups.items():
+            w, cg = flats[g], cents[g]
+            idx = (w.detach()[:, None] - cg.detach()[None, :]).abs().argmin(dim=1)
+            wq = cg[idx] + (w - w.detach())  # straight-through to w, exact gradient to the centroids
+            offset = 0
+            for n in names:
+                override[n] = wq[offset : offset + state[n].numel()].view(state[n].shape)
+                offset += state[n].numel()
+        starts = torch.randint(n_blocks, (c["batch_size"],), generator=gen, device="cpu") * block
         x, y = next(batches(starts))
-        override = {n: wq[offsets[i] : offsets[i + 1]].view(state[n].shape) for i, n in enumerate(names)}
         loss = torch.func.functional_call(model, {**{k: p for k, p in params.items() if k not in override}, **override},
                                           (x, y))[1]
         opt.zero_grad()
@@ -387,8 +490,11 @@ def quantization_aware_tuning(c, model, names, state, flat, centroids, batches, 
         opt.step()
         if step % max(1, c["qat_steps"] // 5) == 0:
             print(f"  qat step {step}/{c['qat_steps']}: loss {loss.item():.4f}")
-    cents = cents.detach().double().half().double()
-    return cents, (w.detach().double()[:, None] - cents[None, :]).abs().argmin(dim=1)
+    out = {}
+    for g in groups:
+        cg = cents[g].detach().double().half().double()
+        out[g] = (cg, (flats[g].detach().double()[:, None] - cg[None, :]).abs().argmin(dim=1))
+    return out
 
 
 def print_table(r):

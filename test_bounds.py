@@ -42,24 +42,82 @@ def test_quantization_levels():
     w = torch.randn(500) * 0.1
     lengths = []
     for n_levels in (3, 11, 51, 2**16):
-        centroids, symbols = eb.quantize(w, n_levels)
+        centroids, symbols = eb.quantize(w, n_levels, "bins")
         assert len(centroids) == n_levels and int(symbols.max()) < n_levels
         err = (centroids[symbols] - w.double()).abs().max()
         # the nearest centroid is no farther than its own bin's mean: one bin width, 2 max|w| / levels
         # (up to the fp16 rounding of the transmitted centroids)
         assert err <= 2 * float(w.abs().max()) / n_levels + 1e-3 * float(w.abs().max())
-        lengths.append(eb.message_length(symbols.tolist(), n_levels)["total_bits"])
+        lengths.append(eb.message_length([(symbols.tolist(), n_levels)])["total_bits"])
     assert lengths == sorted(lengths) and lengths[0] < lengths[1]  # more levels, longer message
-    centroids, symbols = eb.quantize(w, 2**16)
+    centroids, symbols = eb.quantize(w, 2**16, "bins")
     assert (centroids[symbols] - w.double()).abs().max() < 2e-4  # fp16 centroids: ~1e-4 relative
+
+
+def test_kmeans_quantisation_beats_equal_width_bins_on_heavy_tails():
+    """Equal-width bins over ±max|w| waste levels on the tails of a heavy-tailed w; Lloyd's centroids
+    (from the quantiles) give a lower squared error with the same count, and Lloyd never increases it."""
+    w = torch.from_numpy(np.random.default_rng(0).standard_t(2.0, 20_000))
+    err = {}
+    for init in ("bins", "quantile", "kmeans"):
+        centroids, symbols = eb.quantize(w, 11, init)
+        assert torch.equal(symbols, (w.double()[:, None] - centroids[None, :]).abs().argmin(1))  # nearest centroid
+        err[init] = float(((centroids[symbols] - w.double()) ** 2).mean())
+    assert err["kmeans"] <= err["quantile"] + 1e-12 and err["kmeans"] < 0.5 * err["bins"]
+
+
+def test_elias_delta_is_a_prefix_free_length():
+    assert [eb.elias_delta_bits(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 17)] == [1, 4, 4, 5, 5, 8, 8, 9, 9]
+    kraft = sum(2.0 ** -eb.elias_delta_bits(n) for n in range(1, 2**16))
+    assert kraft <= 1.0
+    assert sum(2.0 ** -(2 * math.log2(n)) for n in range(1, 2**16)) > 1.6  # L + 2 log₂ L: π²/6 > 1, not a code
 
 
 def test_message_length_parts():
     symbols = [0] * 90 + [1] * 10
-    msg = eb.message_length(symbols, 3, extra_bits=5)
-    assert msg["codebook_bits"] == 48 and msg["count_bits"] == 3 * 7  # 16 per level, ⌈log₂ 101⌉ per count
-    L = msg["code_bits"] + 48 + 21
-    assert msg["raw_bits"] == L and msg["total_bits"] == pytest.approx(L + 2 * math.log2(L) + 5)
+    msg = eb.message_length([(symbols, 3), ([0, 1, 1, 0], 2)], extra_bits=5)
+    # per group: 16 bits per level, ⌈log₂(d + 1)⌉ per count: 3·16 + 2·16 and 3·7 + 2·3
+    assert msg["codebook_bits"] == 48 + 32 and msg["count_bits"] == 21 + 6
+    alone = [eb.message_length([g])["code_bits"] for g in [(symbols, 3), ([0, 1, 1, 0], 2)]]
+    assert msg["code_bits"] == sum(alone)  # each group under its own counts
+    L = msg["code_bits"] + 80 + 27
+    assert msg["raw_bits"] == L and msg["total_bits"] == L + eb.elias_delta_bits(L) + 5
+
+
+def test_sampling_term_pays_for_the_hypotheses_chosen_by_the_samples():
+    # M = 8 α values × 30 runs chose by the sampled blocks: ln(240 / ((1 - r) ε)) under the sampling root
+    r = 1000 / (10**6 + 1000)
+    expected = 2 + 3 * math.sqrt((1000 * math.log(2) + math.log(1 / (r * 0.05))) / 2e6) + \
+        3 * math.sqrt(math.log(240 / ((1 - r) * 0.05)) / 2000)
+    assert eb.bound(2.0, 3.0, 1000, 10**6, 1000, 0.05, candidates=240) == pytest.approx(expected, rel=1e-12)
+    assert expected - eb.bound(2.0, 3.0, 1000, 10**6, 1000, 0.05) > 0.07  # the bound without the union: too low
+    # every point scored (s = None): no sampling term, the whole ε on the complexity term
+    assert eb.bound(2.0, 3.0, 1000, 10**6, None, 0.05) == pytest.approx(
+        2 + 3 * math.sqrt((1000 * math.log(2) + math.log(20)) / 2e6), rel=1e-12)
+
+
+def test_top_k_error_counts_ties_against_the_true_token():
+    class Uniform(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.zeros(*x.shape, 65), None
+
+    x = torch.randint(65, (2, 16))
+    y = torch.randint(65, (2, 16))
+    _, errors = eb.per_token_stats(Uniform(), x, y, [0.1], [1, 10, 64], 65)
+    assert errors.mean(dim=(0, 1)).tolist() == [1.0, 1.0, 1.0]  # a uniform guess is never in any top k < V
+
+
+def test_every_document_token_is_scored_from_the_separator():
+    class Next(torch.nn.Module):  # predicts token x + 1 with certainty
+        def forward(self, x, y):
+            return torch.nn.functional.one_hot((x + 1) % 16, 16).float() * 50, None
+
+    train_ids = np.array([5, 6, 7, 0, 0, 3, 4, 0, 0, 8, 9], dtype=np.uint16)
+    starts, ends = eb.documents(train_ids, [0, 0])
+    _, err = eb.doc_level(Next(), train_ids, starts, ends, 8, [0.1], [1], 16, dict(batch_size=4, device="cpu"))
+    # [5,6,7]: 6, 7 right (the corpus' first token has no context); [3,4]: 3 from the separator's 0 is
+    # wrong, 4 right; [8,9]: 8 wrong, 9 right
+    assert err == pytest.approx([(0 + 0.5 + 0.5) / 3])
 
 
 def test_token_level_bound_by_hand():
@@ -102,7 +160,7 @@ def test_non_vacuous_bound_end_to_end(char_data, tmp_path):
     out = tmp_path / "sublora"
     train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=300, lora_rank=4, lora_alpha=32.0,
                           max_iters=80, eval_interval=80, learning_rate=2e-2, lr_decay_iters=80), environ={})
-    results = eb.main([f"--out_dir={out}", "--eval_blocks=2000", "--eval_docs=300", "--device=cpu"])[0]
+    results = eb.main([f"--out_dir={out}", "--eval_blocks=2000", "--eval_docs=300", "--device=cpu", "--exact_max_tokens=0"])[0]
     token = results["metrics"]["token_bpd"]
     assert token["bound"] < math.log2(65) - 0.2
     assert token["empirical"] < token["bound"]
@@ -110,3 +168,72 @@ def test_non_vacuous_bound_end_to_end(char_data, tmp_path):
     saved = json.loads((out / "bounds.json").read_text())
     assert saved["metrics"]["token_bpd"]["bound"] == pytest.approx(token["bound"])
     assert (out / "bound_vs_alpha.png").exists()
+
+
+def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path):
+    """A sampled evaluation that picks among 2 level counts, 3 runs and 8 α values: the JSON's bounds are
+    the formula with K paying ⌈log₂ 6⌉ + ⌈log₂ 8⌉ bits and the sampling term ln(48 / ((1 - r) ε)); N is
+    the positions the blocks cover. Exact evaluation of the same run drops the sampling term."""
+    out = tmp_path / "sublora"
+    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, lora_rank=4, lora_alpha=32.0,
+                          max_iters=20, eval_interval=20, learning_rate=2e-2, lr_decay_iters=20), environ={})
+    common = [f"--out_dir={out}", "--eval_docs=50", "--device=cpu", "--levels_grid=5,11", "--choices=seed=3"]
+    r = eb.main(common + ["--eval_blocks=300", "--exact_max_tokens=0"])[0]
+    n = len(np.memmap(f"{char_data}/train.bin", dtype=np.uint16, mode="r"))
+    N, s, eps, V = (n - 1) // 32 * 32, 300, 0.05, 65
+    assert r["N_tokens"] == N and r["s_blocks"] == s and r["levels"] in (5, 11)
+    K = r["message"]["total_bits"]
+    assert r["message"]["extra_bits"] == 3  # ⌈log₂(3 runs · 2 level counts)⌉
+    m = r["metrics"]["token_bpd"]
+    delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
+    rr = s / (s + N)
+    expect = m["empirical"] + delta * math.sqrt(((K + 3) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
+        delta * math.sqrt(math.log(48 / ((1 - rr) * eps)) / (2 * s))
+    assert m["bound"] == pytest.approx(expect, rel=1e-9)
+    e = r["metrics"]["token_top1_error"]
+    expect = e["empirical"] + math.sqrt((K * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
+        math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
+    assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
+    assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
+
+    exact = eb.main(common)[0]  # 1M characters: every block scored
+    m = exact["metrics"]["token_bpd"]
+    K = exact["message"]["total_bits"] + 3
+    delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
+    assert exact["exact"] and exact["s_blocks"] is None
+    assert m["bound"] == pytest.approx(m["empirical"] + delta * math.sqrt((K * math.log(2) + math.log(1 / eps)) / (2 * N)),
+                                       rel=1e-9)
+
+
+def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
+    """PiSSA with an NF4 residual and NF4 components: the frozen U, V and NF4 codes are prior, not
+    message; quantising the message leaves every buffer bit-identical."""
+    from adapters import count_params, inject_adapters
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False))
+    inject_adapters(model, "pissa", rank=4, alpha=4.0, method="way0", quantize_residual=True,
+                    quantize_base_components=True)
+    state = eb.message_vector(model)
+    assert sum(v.numel() for v in state.values()) == count_params(model)[0]
+    assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    groups = eb.message_groups(state)
+    coded = eb.quantize_message(state, groups, 5, "kmeans")
+    eb.set_message(model, eb.dequantize(state, groups, coded))
+    assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
+    params = dict(model.named_parameters())
+    for names in groups.values():  # each group now holds its 5 centroids only
+        assert len(torch.unique(torch.cat([params[n].detach().reshape(-1) for n in names]))) <= 5
+
+
+def test_a_pretrained_or_resumed_base_is_named_in_the_caveats(char_data, tmp_path):
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    train.train(tiny_args(char_data, base, max_iters=4, eval_interval=4), environ={})
+    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=4,
+                          eval_interval=4), environ={})
+    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from="resume", max_iters=8,
+                          eval_interval=4), environ={})
+    r = eb.main([f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"])[0]
+    assert any(f"the base comes from {str(base)!r}" in c for c in r["caveats"])  # not 'resume'

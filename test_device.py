@@ -151,12 +151,11 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
     assert centroids.device.type == "cpu" and symbols.device.type == "cpu"
     assert torch.equal(symbols, (w[:, None] - centroids[None, :]).abs().argmin(1))
     # quantisation-aware tuning of a SubLoRA message (it once mixed a CPU codebook with a CUDA w)
-    from eval_bounds import DEFAULTS, message_vector, quantization_aware_tuning
+    from eval_bounds import DEFAULTS, message_groups, message_vector, quantization_aware_tuning, quantize_message
 
     model = with_sublora("rdkronqr", "learned", "cpu", True)
     state = message_vector(model)
-    names = list(state)
-    flat = torch.cat([state[n].reshape(-1).double() for n in names])
+    groups = message_groups(state)
     data = torch.randint(65, (4000,), generator=torch.Generator().manual_seed(0))
 
     def batches(starts):
@@ -164,10 +163,12 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
 
     c = dict(DEFAULTS, qat_steps=3, batch_size=4)
     with torch.device("meta"):
-        centroids, symbols = quantize(flat, 11)
-        centroids, symbols = quantization_aware_tuning(c, model, names, state, flat, centroids, batches,
-                                                       torch.Generator().manual_seed(0), len(data), 16)
-    assert centroids.device.type == "cpu" and symbols.shape == flat.shape
+        coded = quantize_message(state, groups, 11, "kmeans")
+        coded = quantization_aware_tuning(c, model, state, groups, coded, batches, torch.Generator().manual_seed(0),
+                                          len(data) // 16 - 1, 16)
+    for g, names in groups.items():
+        centroids, symbols = coded[g]
+        assert centroids.device.type == "cpu" and symbols.numel() == sum(state[n].numel() for n in names)
 
 
 # -----------------------------------------------------------------------------

@@ -437,6 +437,8 @@ def _train(c, device, ddp, rank, world):
                                   f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
         ckpt["model_args"]["dropout"] = c["dropout"]
         model, model_type, info = build_model(ckpt), ckpt["model_type"], ckpt["adapter"]
+        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
+        c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
     else:
         model, model_type = load_base(c, meta)
         if meta and meta["vocab_size"] > model.config.vocab_size:
