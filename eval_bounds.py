@@ -420,6 +420,13 @@ def evaluate(c, run_dir):
         for k, e in zip(ks, er):
             results["metrics"][f"{level}_top{k}_error"] = dict(
                 empirical=e, bound=min(1.0, bound(e, 1.0, K, N, s, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
+    # where the token-level bits-per-token bound comes from, part by part (they add up to it)
+    m = results["metrics"]["token_bpd"]
+    complexity = bound(0.0, m["delta"], K + alpha_bits, N_tok, None, eps) if exact else \
+        m["delta"] * math.sqrt(((K + alpha_bits) * math.log(2) + math.log((s_tok + N_tok) / (s_tok * eps))) / (2 * N_tok))
+    results["token_bpd_parts"] = dict(unquantised=before, quantisation=smooth[0] - before,
+                                      smoothing=m["empirical"] - smooth[0], complexity=complexity,
+                                      sampling=m["bound"] - m["empirical"] - complexity)
     results["seconds"] = time.time() - t0
     print_table(results)
     with open(os.path.join(run_dir, "bounds.json"), "w") as f:
@@ -501,6 +508,8 @@ def print_table(r):
     print(f"  bits per token before / after quantisation: {r['loss_before_quantization_bits']:.4f} / "
           f"{r['loss_after_quantization_bits']:.4f}; K = {r['message']['total_bits']:.0f} bits, "
           f"N = {r['N_tokens']:,} tokens / {r['N_documents']:,} documents")
+    print("  token bits-per-token bound, part by part: " + " + ".join(f"{k} {v:.4f}" for k, v in r["token_bpd_parts"].items())
+          + f" = {r['metrics']['token_bpd']['bound']:.4f}")
     print(f"  {'metric':<22} {'empirical':>10} {'bound':>8} {'random guess':>13} {'α':>7}")
     for name, m in r["metrics"].items():
         alpha = f"{m['alpha']:g}" if "alpha" in m else ""

@@ -195,14 +195,17 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
         math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
     assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
     assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
+    assert sum(r["token_bpd_parts"].values()) == pytest.approx(r["metrics"]["token_bpd"]["bound"], rel=1e-9)
+    assert r["token_bpd_parts"]["sampling"] == pytest.approx(delta * math.sqrt(math.log(48 / ((1 - rr) * eps)) / (2 * s)))
 
-    exact = eb.main(common)[0]  # 1M characters: every block scored
+    exact = eb.main([a for a in common if not a.startswith("--levels_grid")])[0]  # 1M characters: every block scored
     m = exact["metrics"]["token_bpd"]
     K = exact["message"]["total_bits"] + 3
     delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
     assert exact["exact"] and exact["s_blocks"] is None
     assert m["bound"] == pytest.approx(m["empirical"] + delta * math.sqrt((K * math.log(2) + math.log(1 / eps)) / (2 * N)),
                                        rel=1e-9)
+    assert exact["token_bpd_parts"]["sampling"] == pytest.approx(0, abs=1e-12)
 
 
 def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
