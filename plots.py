@@ -3,7 +3,7 @@ Plots from a run's metrics.jsonl, saved as PNG next to it. train.py calls the on
 at its end (loss.png always); by hand:
 
     python plots.py out-shakespeare-sora                    # every plot the run's metrics allow
-    python plots.py out-demo-base out-demo-lora             # and the runs' losses on one figure: loss_comparison.png
+    python plots.py out-demo-base out-demo-lora             # and both losses on one figure: out-demo-lora/loss_comparison.png
 """
 
 import math
@@ -28,7 +28,7 @@ def save(fig, folder, name):
 
 def plot_losses(out_dirs, path=None):
     """Train loss (every logged step) and val loss (every eval) against the iteration, one colour per
-    run. One run: out_dir/loss.png; several: `path` (default loss_comparison.png here)."""
+    run. One run: out_dir/loss.png; several: `path` (default: loss_comparison.png in the last run's folder)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, d in enumerate(out_dirs):
         rows = read_metrics(d)
@@ -44,7 +44,7 @@ def plot_losses(out_dirs, path=None):
     ax.legend(fontsize=7)
     if len(out_dirs) == 1:
         return save(fig, out_dirs[0], "loss.png")
-    path = path or "loss_comparison.png"
+    path = path or os.path.join(out_dirs[-1], "loss_comparison.png")
     return save(fig, os.path.dirname(path) or ".", os.path.basename(path))
 
 
