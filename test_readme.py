@@ -16,7 +16,7 @@ import train
 
 # appended to every train.py line (later --key=value wins): seconds per run instead of minutes
 TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
-            eval_interval=4, log_interval=2, max_iters=4, warmup_iters=1, lr_decay_iters=4)
+            eval_interval=4, log_interval=2, max_iters=4, warmup_iters=1, lr_decay_iters=4, intrinsic_dim=300)
 
 
 def readme_commands():
