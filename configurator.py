@@ -94,3 +94,53 @@ def _read_config_file(path, defaults):
             raise ConfigError(f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
         values[key] = _typed(key, value, defaults[key], path)
     return values
+
+
+def check_ranges(c, ranges):
+    """ranges: {key: "(0, inf)" | "[0, 1)" | ...}: every value finite (unless a bound is inf) and
+    inside its interval, else one ConfigError naming the key, the interval and the value."""
+    import math
+
+    for key, interval in ranges.items():
+        lo_text, hi_text = (t.strip() for t in interval[1:-1].split(","))
+        lo, hi, v = float(lo_text), float(hi_text), c[key]
+        inside = (v > lo if interval[0] == "(" else v >= lo) and (v < hi if interval[-1] == ")" else v <= hi)
+        if math.isnan(v) or math.isinf(v) or not inside:
+            raise ConfigError(f"{key} must be in {interval}, got {v!r}")
+
+
+def check_device(device):
+    """One line for a device this machine or this torch build cannot use."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device={device} but torch sees no CUDA GPU here (torch {torch.__version__}): use "
+                              "--device=cpu, or install the CUDA build of torch on a GPU machine")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device={device} but MPS is not available here: use --device=cpu")
+        return
+    raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+
+
+def cli(main, argv):
+    """Run a script's main(argv) as a command: a user mistake (the repo's errors, a file that cannot
+    be read or written, a failed download) ends in one line and exit status 1, printed once under
+    torchrun (by rank 0). LOWRANK_DEBUG=1 shows the traceback instead."""
+    if os.environ.get("LOWRANK_DEBUG", "0") not in ("", "0"):
+        return main(argv)
+    try:
+        return main(argv)
+    except (ValueError, OSError, RuntimeError) as e:  # the repo's errors subclass these three
+        own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds")
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = f"error: {text}" if own else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
+        raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1) from None

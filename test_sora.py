@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import train
+from configurator import ConfigError
 from adapters import (AdapterError, LoRALinear, SoRALinear, SoRAOptimizer, adapter_layers, adapter_state_dict,
                       build_sora_optimizers, count_params, effective_ranks, inject_adapters, lambda_schedule,
                       merge_sora_model, prune_sora_model, split_sora_params)
@@ -224,5 +225,5 @@ def test_train_sora_end_to_end(char_data, tmp_path):
 
 
 def test_train_rejects_negative_lambda(char_data, tmp_path):
-    with pytest.raises(AdapterError, match="sparse_lambda must be >= 0"):
+    with pytest.raises(ConfigError, match=r"sora_lambda must be in \[0, inf\), got -0.5"):  # the key the user typed
         train.train(tiny_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})

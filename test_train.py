@@ -222,7 +222,7 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     (["--lora_rnak=4"], ConfigError, "unknown config key 'lora_rnak'"),
     (["--max_iters=ten"], ConfigError, "max_iters must be int"),
     (["--adapter=lorax"], ConfigError, "adapter must be one of"),
-    (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin; run `python prepare.py"),
+    (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin: run `python prepare.py"),
     (["--FORMAT=x"], ConfigError, "unknown config key 'FORMAT'"),
     (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
     (["--compile_mode=fast"], ConfigError, "compile_mode must be one of"),

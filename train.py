@@ -30,9 +30,9 @@ from adapters import (ADAPTERS, AdapterError, RankAllocator, SubLoRA, adapter_la
                       merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
                       slice_adalora_model)
 from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
-from configurator import ConfigError, config_defaults, configure
+from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
-from prepare import DownloadError, read_meta
+from prepare import DATASETS, read_meta
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
@@ -114,6 +114,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0  # 0 disables
+nonfinite = "stop"  # a nan/inf loss: 'stop' the run (nothing saved over the last good checkpoint) | 'skip' the step
 # learning-rate schedule: linear warmup, cosine decay to min_lr
 decay_lr = True
 warmup_iters = 100
@@ -131,11 +132,28 @@ DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
 ADAPTER_KINDS = ("none", *ADAPTERS, "sublora")
+# the values each key may take (check_config): intervals, inf for no bound
+RANGES = {"learning_rate": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)",
+          "beta1": "[0, 1)", "beta2": "[0, 1)", "dropout": "[0, 1)", "lora_dropout": "[0, 1)", "lora_alpha": "(0, inf)",
+          "allocation_ratio": "[0, 1]", "sora_lambda": "[0, inf)", "sora_lambda_max": "[0, inf)", "sora_gate_lr": "[0, inf)",
+          "sublora_gate_lr": "[0, inf)", "adalora_beta1": "[0, 1)", "adalora_beta2": "[0, 1)",
+          "adalora_orth_reg_weight": "[0, inf)", "pissa_ortho_weight": "[0, inf)",
+          **{k: "[0, inf)" for k in ("max_iters", "warmup_iters", "lr_decay_iters", "adalora_tinit", "adalora_tfinal",
+                                     "pissa_fold_every", "pissa_svd_niter")},
+          **{k: "[1, inf)" for k in ("eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
+                                     "eval_interval", "n_layer", "n_head", "n_embd", "lora_rank", "intrinsic_dim",
+                                     "adalora_target_r", "adalora_deltaT", "sora_lambda_levels", "sora_lambda_every",
+                                     "pissa_skew_rank")}}
 # schedules counted in iterations: a --max_iters override rescales those the command line does not set
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters", "sora_lambda_every", "adalora_tinit", "adalora_tfinal")
 AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
+
+
+class Diverged(RuntimeError):
+    """The loss or the weights became nan / inf: the run stops before anything is saved over the last
+    good checkpoint."""
 
 
 class DataError(FileNotFoundError):
@@ -252,11 +270,74 @@ def resolve_auto_base(c):
                       "(--init_from=scratch trains it on a random frozen base)")
 
 
+def given_keys(argv):
+    """The keys set with --key=value on the command line."""
+    return {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+
+
+def check_out_dir(out_dir):
+    """An out_dir that cannot be a folder (a file, or below one) gets one line before any work."""
+    path = os.path.abspath(out_dir)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"out_dir {out_dir!r} cannot be a folder: {path!r} is a file; choose another --out_dir")
+
+
+def remove_stale_temp_files(out_dir):
+    """Temp files of saves that were killed before their rename (checkpoint.save_atomic names them
+    FILE.tmp.PID): never valid, so removed at the next start, with a note."""
+    if not os.path.isdir(out_dir):
+        return
+    stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if ".pt.tmp." in f]
+    if stale:
+        size = sum(os.path.getsize(f) for f in stale)
+        for f in stale:
+            os.remove(f)
+        print(f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves")
+
+
+def check_resume_shape(c, ckpt, given):
+    """A resumed run keeps its checkpoint's model: a shape key given on the command line that differs
+    from it is a mistake, named in one line (not silently ignored)."""
+    saved = dict(ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
+    for key in ("n_layer", "n_head", "n_embd", "bias", "block_size", "model_type"):
+        if key in given and c[key] != saved[key]:
+            raise ConfigError(f"--{key}={c[key]} but the checkpoint being resumed has {key}={saved[key]}: a resumed run "
+                              f"keeps its model; drop --{key}, or start a new run in another --out_dir")
+
+
+def vocabulary(meta):
+    """What a token id means: ('char', its characters in id order), ('gpt2',) or None if unknown."""
+    if not meta:
+        return None
+    if meta.get("tokenizer") == "char":
+        return ("char", "".join(meta["itos"][str(i)] if str(i) in meta["itos"] else meta["itos"][i]
+                                for i in range(meta["vocab_size"])))
+    return (meta.get("tokenizer", "gpt2"),)
+
+
+def check_vocabulary(base_meta, meta, source, data_dir):
+    """A base trained on one vocabulary fine-tuned on data prepared with another would read every
+    token id as another character: refused in one line."""
+    have, want = vocabulary(base_meta), vocabulary(meta)
+    if have is None or want is None or have == want:
+        return
+    if have[0] == want[0] == "char":
+        extra = sorted(set(want[1]) - set(have[1]))
+        detail = f"characters the base never saw: {''.join(extra)!r}" if extra else "the same characters with other ids"
+        raise ConfigError(f"the base {source!r} was trained on a {len(have[1])}-character vocabulary and {data_dir!r} uses "
+                          f"another ({len(want[1])} characters; {detail}): prepare the data with the base's vocabulary "
+                          f"(python prepare.py shakespeare_char --input=FILE --vocab_from=DIR_OF_THE_BASE_DATA)")
+    raise ConfigError(f"the base {source!r} reads {have[0]} tokens but {data_dir!r} holds {want[0]} tokens: prepare the "
+                      "data with the base's tokenizer")
+
+
 def follow_max_iters(c, argv, environ):
     """A run shortened (or lengthened) with --max_iters keeps the shape of its schedules: every
     SCHEDULE_KEYS value the command line does not set is scaled by the new max_iters over the one the
     config file (or default) gave, with a note. A value set on the command line is kept as given."""
-    given = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    given = given_keys(argv)
     if "max_iters" not in given or c["init_from"] == "resume":
         return
     planned = configure(DEFAULTS, [a for a in argv if not a.startswith("--max_iters=")], environ, TEST_MODE)["max_iters"]
@@ -282,18 +363,23 @@ def check_config(c):
         raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {c['compile_mode']!r}")
     if c["dtype"] not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
-    for key in ("max_iters", "eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
-                "eval_interval"):
-        if c[key] < (0 if key == "max_iters" else 1):
-            raise ConfigError(f"{key} must be positive, got {c[key]}")
+    if c["nonfinite"] not in ("stop", "skip"):
+        raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {c['nonfinite']!r}")
+    check_ranges(c, RANGES)
 
 
 def open_data(c):
     path = c["data_dir"] or os.path.join("data", c["dataset"])
     for f in ("train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(path, f)):
-            raise DataError(f"data directory {path!r} has no {f}; run `python prepare.py {c['dataset']}` "
-                            "(or set --data_dir)")
+            how = f"run `python prepare.py {c['dataset']}`" if c["dataset"] in DATASETS else \
+                f"prepare it with prepare.py ({', '.join(DATASETS)}, or --input=FILE for your own text)"
+            raise DataError(f"data directory {path!r} has no {f}: {how}, or set --data_dir")
+    for split in ("train", "val"):  # before any model is built: a block needs block_size + 1 tokens
+        n = num_tokens(path, split)
+        if n <= c["block_size"]:
+            raise DataError(f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
+                            "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else ""))
     # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
     return path, read_meta(path)
 
@@ -332,11 +418,16 @@ def load_base(c, meta):
         args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                     bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
     if source.startswith("gpt2") or os.path.isfile(os.path.join(source, "model.safetensors")):
+        check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
         return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
     if not os.path.exists(source):
         raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
     ckpt = load_checkpoint(source)
+    cfg = ckpt.get("config", {})
+    base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
+    check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
     ckpt["model_args"]["dropout"] = c["dropout"]
     return merge_adapters(build_model(ckpt)), ckpt["model_type"]
 
@@ -380,6 +471,8 @@ def train(argv=(), environ=None):
     resolve_auto_base(c)
     follow_max_iters(c, list(argv), environ)
     check_config(c)
+    check_device(c["device"])
+    check_out_dir(c["out_dir"])
 
     # distributed set-up: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -391,7 +484,7 @@ def train(argv=(), environ=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend=c["backend"] or ("nccl" if device.startswith("cuda") else "gloo"))
     try:
-        last = _train(c, device, ddp, rank, world)
+        last = _train(c, device, ddp, rank, world, given_keys(argv))
         if ddp:  # rank 0 still writes plots and pruned adapters: tear down together (gloo aborts otherwise)
             dist.barrier()
         return last
@@ -400,7 +493,7 @@ def train(argv=(), environ=None):
             dist.destroy_process_group()
 
 
-def _train(c, device, ddp, rank, world):
+def _train(c, device, ddp, rank, world, given):
     master = rank == 0
     if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
         raised = -(-c["gradient_accumulation_steps"] // world) * world
@@ -422,9 +515,12 @@ def _train(c, device, ddp, rank, world):
     ckpt_file = os.path.join(out_dir, "ckpt.pt")
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
     resume = c["init_from"] == "resume"
-    if not resume and not c["overwrite"] and any(map(os.path.exists, (ckpt_file, metrics_file))):
-        raise ConfigError(f"{out_dir!r} already holds a run; continue it with --init_from=resume, choose "
-                          "another --out_dir, or pass --overwrite=True to replace it")
+    held = [f for f in ("ckpt.pt", "metrics.jsonl", "adapter.pt", "adapter_pruned.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if not resume and not c["overwrite"] and held:
+        raise ConfigError(f"{out_dir!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
+                          "choose another --out_dir, or pass --overwrite=True to replace it")
+    if master:
+        remove_stale_temp_files(out_dir)
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
@@ -435,6 +531,8 @@ def _train(c, device, ddp, rank, world):
         if saved != c["adapter"]:
             raise CheckpointError(f"{ckpt_file} was trained with adapter={saved!r} but this run asks for "
                                   f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
+        check_resume_shape(c, ckpt, given)
+        check_vocabulary(ckpt.get("meta"), meta, ckpt_file, data_dir)
         ckpt["model_args"]["dropout"] = c["dropout"]
         model, model_type, info = build_model(ckpt), ckpt["model_type"], ckpt["adapter"]
         # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
@@ -487,13 +585,14 @@ def _train(c, device, ddp, rank, world):
     # training batches: one generator, the same on every process, drawing all micro-batches of a
     # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
     batches = torch.Generator().manual_seed(c["seed"])
-    iter_num, best_val_loss = 0, 1e9
+    iter_num, best_val_loss, resume_row = 0, 1e9, None
     if resume:
         for (opt, _), state in zip(optimizers, [ckpt["optimizer"], *ckpt.get("extra_optimizers", [])]):
             opt.load_state_dict(state)
         if allocator:
             allocator.load_state_dict(ckpt["allocator"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        resume_row = ckpt.get("eval_row")
         batches.set_state(ckpt["rng"]["batches"])
         if master:
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -509,6 +608,11 @@ def _train(c, device, ddp, rank, world):
         os.makedirs(out_dir, exist_ok=True)
         if not resume and os.path.exists(metrics_file):
             os.remove(metrics_file)  # --overwrite=True was given
+        if resume and not c["eval_only"] and os.path.exists(metrics_file):  # rows after the checkpoint come again
+            kept = [r for r in read_metrics(out_dir) if r["iter"] < iter_num]
+            with open(metrics_file + ".tmp", "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(metrics_file + ".tmp", metrics_file)
         print(f"model {model_type} {model_args}")
         print(f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {trainable:,} of "
               f"{total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -541,11 +645,11 @@ def _train(c, device, ddp, rank, world):
         model.train()
         return out
 
-    def save_checkpoint():
+    def save_checkpoint(eval_row):
         states = [opt.state_dict() for opt, _ in optimizers]
         ckpt = {"format": FORMAT, "model": raw_model.state_dict(), "optimizer": states[0], "extra_optimizers": states[1:],
                 "model_type": model_type, "model_args": model_args, "iter_num": iter_num,
-                "best_val_loss": best_val_loss, "config": c, "adapter": info,
+                "best_val_loss": best_val_loss, "config": c, "adapter": info, "meta": meta, "eval_row": eval_row,
                 "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()}}
         if allocator:
             ckpt["allocator"] = allocator.state_dict()
@@ -561,11 +665,17 @@ def _train(c, device, ddp, rank, world):
         if wandb:
             wandb.log(row, step=row["iter"])
 
-    n_train = num_tokens(data_dir, "train") - c["block_size"]
-    if n_train <= 0:
-        raise DataError(f"{data_dir}/train.bin is shorter than block_size {c['block_size']}")
+    n_train = num_tokens(data_dir, "train") - c["block_size"]  # > 0: open_data checked it
     model.train()
     start_iter, t_start, t_outside, dt_avg, last = iter_num, time.time(), 0.0, None, {}
+    saved_iter, skipped = (iter_num if resume else None), 0
+    budget = allocator.budget(iter_num)[0] if allocator else None
+
+    def diverged(what, at):
+        kept = f"{ckpt_file} still holds iteration {saved_iter}" if saved_iter is not None else "no checkpoint was written"
+        raise Diverged(f"{what} at iteration {at}: stopped, and {kept}; lower --learning_rate (now {c['learning_rate']:g}) "
+                       "or pass --nonfinite=skip to skip non-finite steps")
+
     while True:
         lr = get_lr(iter_num, c)
         for opt, peak in optimizers:  # every optimizer follows the same schedule, scaled to its peak
@@ -580,8 +690,8 @@ def _train(c, device, ddp, rank, world):
             optimizers[1][0].set_lambda(sparse_lambda)
         if allocator and iter_num >= c["max_iters"] and not c["eval_only"]:
             allocator.finalize()  # the final mask is what the last eval sees and every save holds
-        row = None
         first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
+        row = resume_row if first_of_resume else None  # its row joins this iteration's, as uninterrupted
         evaluate = c["eval_only"] or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]) and not first_of_resume
         if evaluate:
             t_eval = time.time()
@@ -589,6 +699,8 @@ def _train(c, device, ddp, rank, world):
                 print(f"step {iter_num}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
                       "tokens per split (train, val)", flush=True)
             losses = estimate_loss()
+            if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
+                diverged(f"the eval loss became {losses}", iter_num)
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 row = dict(iter=iter_num, train_loss=None, val_loss=losses["val"], eval_train_loss=losses["train"],
@@ -598,7 +710,8 @@ def _train(c, device, ddp, rank, world):
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0 and (improved or c["always_save_checkpoint"]) and not c["eval_only"]:
-                    save_checkpoint()
+                    save_checkpoint(row)
+                    saved_iter = iter_num
                     print(f"saved {ckpt_file}")
             t_outside += time.time() - t_eval  # evals and saves are not training speed
         if c["eval_only"] or iter_num >= c["max_iters"]:
@@ -629,16 +742,25 @@ def _train(c, device, ddp, rank, world):
             loss_sum += loss.detach().float()
         for opt, _ in optimizers:
             scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
-        if c["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
-        for opt, _ in optimizers:
-            scaler.step(opt)
+        step_ok = True
+        if c["nonfinite"] == "skip":  # one host sync per step: the price of knowing before the update
+            grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+            step_ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if not step_ok:
+                skipped += 1
+                if master:
+                    print(f"iter {iter_num}: non-finite gradient, step skipped ({skipped} so far)")
+        if step_ok:
+            if c["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
+            for opt, _ in optimizers:
+                scaler.step(opt)
+            if allocator:  # AdaLoRA's order: after optimizer.step(), before zero_grad() (PEFT's)
+                budget = allocator.update_and_allocate(iter_num)
+            if c["pissa_fold_every"] and c["adapter"] == "pissa" and (iter_num + 1) % c["pissa_fold_every"] == 0:
+                for layer in adapter_layers(raw_model).values():
+                    layer.fold_rotations()
         scaler.update()
-        if allocator:  # AdaLoRA's order: after optimizer.step(), before zero_grad() (the anchors')
-            budget = allocator.update_and_allocate(iter_num)
-        if c["pissa_fold_every"] and c["adapter"] == "pissa" and (iter_num + 1) % c["pissa_fold_every"] == 0:
-            for layer in adapter_layers(raw_model).values():
-                layer.fold_rotations()
         for opt, _ in optimizers:
             opt.zero_grad(set_to_none=True)
 
@@ -646,6 +768,8 @@ def _train(c, device, ddp, rank, world):
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             lossf = loss_sum.item() / accum  # mean over all micro-batches of the step (a sync point)
+            if not math.isfinite(lossf) and c["nonfinite"] == "stop":
+                diverged(f"the training loss became {lossf}", iter_num)
             dt = time.time() - t0
             if iter_num > start_iter:  # the first step pays for compilation and warm-up
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
@@ -704,11 +828,7 @@ def report(out_dirs):
 
 
 def main():
-    try:
-        train(sys.argv[1:])
-    except (ConfigError, AdapterError, CheckpointError, DataError, DownloadError) as e:
-        # under torchrun every process meets the same mistake: one line, from rank 0
-        sys.exit(f"error: {e}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+    cli(train, sys.argv[1:])  # a mistake ends in one line (once under torchrun); LOWRANK_DEBUG=1 for the traceback
 
 
 if __name__ == "__main__":
