@@ -25,7 +25,7 @@ import torch
 
 from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_params, inject_adapters, merge_adapters,
                       orthogonal_regularization, rotation_penalty)
-from configurator import ConfigError, config_defaults, configure
+from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT, GPTConfig
 from train import COMPILE_MODES
 
@@ -338,6 +338,8 @@ def markdown(rows):
 
 def main(argv=()):
     c = configure(DEFAULTS, list(argv), {})
+    check_ranges(c, {"reps": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)", "rank": "[1, inf)"})
+    check_device(c["device"])
     size = c["size"] or ("gpu" if c["device"].startswith("cuda") else "both")
     sizes = ["quick"] if c["quick"] else (["baby", "large"] if size == "both" else [size])
     if any(s not in SIZES for s in sizes):
@@ -369,7 +371,4 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main, sys.argv[1:])

@@ -36,6 +36,11 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished folder (torch wraps some as RuntimeError)
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
+        raise CheckpointError(f"could not write {path} ({reason}); {kept}: free space or choose another --out_dir, "
+                              "then continue with --init_from=resume") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from adapters import adapter_state_dict
 from checkpoint import CheckpointError, build_model, load_checkpoint
-from configurator import ConfigError, config_defaults, configure
-from prepare import EOT, DownloadError, load_tokenizer, read_meta
+from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
+from prepare import EOT, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
@@ -50,6 +50,7 @@ eval_blocks = 2000  # token level: s blocks of block_size training tokens, sampl
 exact_max_tokens = 2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
 eval_docs = 2000  # document level: s training documents, sampled with replacement
 doc_separator = ""  # '' = <|endoftext|> for GPT-2 data, a blank line ('\n\n') for character data
+overwrite = False  # replace a run's bounds.json (and its plot) from an earlier evaluation
 choices = ""  # hyperparameter choices made by looking at results, 'name=count,...': ⌈log₂ Π count⌉ bits
 batch_size = 64
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,6 +300,9 @@ def evaluate(c, run_dir):
     level_grid = [int(v) for v in c["levels_grid"].split(",")] if c["levels_grid"] else [c["levels"]]
     if min(level_grid) < 2:
         raise ConfigError(f"quantisation needs at least 2 levels, got {level_grid}")
+    if os.path.exists(os.path.join(run_dir, "bounds.json")) and not c["overwrite"]:
+        raise ConfigError(f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
+                          "replace it (or copy it away first)")
     ckpt = load_checkpoint(run_dir, map_location="cpu")
     cfg = ckpt["config"]
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
@@ -518,8 +522,12 @@ def print_table(r):
 
 def main(argv):
     c = configure(DEFAULTS, argv, {})
-    if c["levels"] < 2:
-        raise ConfigError(f"levels must be >= 2, got {c['levels']}")
+    check_ranges(c, {"levels": "[2, 65536]", "confidence": "(0, 1)", "eval_blocks": "[1, inf)", "eval_docs": "[1, inf)",
+                     "batch_size": "[1, inf)", "qat_steps": "[0, inf)", "qat_lr": "(0, inf)", "exact_max_tokens": "[0, inf)"})
+    for a in c["alphas"].split(","):
+        if not 0 < float(a) < 1:
+            raise ConfigError(f"every α in --alphas must be in (0, 1), got {a}")
+    check_device(c["device"])
     torch.manual_seed(c["seed"])
     if not c["sweep_dir"]:
         return [evaluate(c, c["out_dir"])]
@@ -535,7 +543,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, CheckpointError, DownloadError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, sys.argv[1:])

@@ -91,13 +91,36 @@ def read_meta(data_dir):
         return json.load(f)
 
 
-def write_split(ids, out_dir, val_fraction):
-    """First (1 - val_fraction) of the stream to train.bin, the rest to val.bin, as nanoGPT does."""
+def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
+    """First (1 - val_fraction) of the stream to train.bin, the rest to val.bin (as nanoGPT does), and
+    meta.json. A prepared dataset already in out_dir is replaced only if it is the same or with
+    `overwrite`; each file is written atomically."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     ids = np.asarray(ids, dtype=np.uint16)
     n = int(len(ids) * (1 - val_fraction))
-    for split, part in (("train", ids[:n]), ("val", ids[n:])):
-        atomic_write(os.path.join(out_dir, f"{split}.bin"), part.tofile)
-        print(f"{split}.bin: {len(part):,} tokens")
+    if min(n, len(ids) - n) < 2:
+        raise ValueError(f"the input gives {len(ids):,} tokens: too few for a train and a val split of at least 2 "
+                         "tokens each; give a longer text (or another --val_fraction)")
+    files = {"train.bin": ids[:n].tobytes(), "val.bin": ids[n:].tobytes(),
+             "meta.json": json.dumps(meta, indent=1).encode()}
+    differ = [f for f, data in files.items() if os.path.exists(os.path.join(out_dir, f))
+              and open(os.path.join(out_dir, f), "rb").read() != data]
+    if differ and not overwrite:
+        raise ValueError(f"{out_dir} already holds another prepared dataset ({', '.join(differ)} differ): pass "
+                         "--overwrite=True to replace it, or --out_dir=ANOTHER_FOLDER")
+    os.makedirs(out_dir, exist_ok=True)
+    for f, data in files.items():
+        atomic_write(os.path.join(out_dir, f), lambda tmp, data=data: open(tmp, "wb").write(data))
+    print(f"train.bin: {n:,} tokens\nval.bin: {len(ids) - n:,} tokens")
+
+
+def refuse_to_replace(out_dir, overwrite):
+    """For datasets too large to compare before writing: refuse an out_dir that holds one already."""
+    held = [f for f in ("train.bin", "val.bin", "meta.json") if os.path.exists(os.path.join(out_dir, f))]
+    if held and not overwrite:
+        raise ValueError(f"{out_dir} already holds a prepared dataset ({', '.join(held)}): pass --overwrite=True to "
+                         "replace it, or --out_dir=ANOTHER_FOLDER")
 
 
 def atomic_write(path, write):
@@ -128,30 +151,42 @@ def read_shakespeare(input_path, out_dir):
         return f.read()
 
 
-def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1):
+def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1, overwrite=False, vocab_from=None):
+    """Characters as tokens: the text's own sorted characters, or (vocab_from) the vocabulary of another
+    prepared dataset, so a model trained on that one reads this one with the same ids."""
     text = read_shakespeare(input_path, out_dir)
-    chars = sorted(set(text))
+    if vocab_from:
+        base = read_meta(vocab_from)
+        if not base or base.get("tokenizer") != "char":
+            raise ValueError(f"--vocab_from={vocab_from} holds no character meta.json (prepare that dataset first)")
+        chars = [base["itos"][str(i)] for i in range(base["vocab_size"])]
+        unseen = sorted(set(text) - set(chars))
+        if unseen:
+            raise ValueError(f"the input has {len(unseen)} character(s) outside the vocabulary of {vocab_from}: "
+                             f"{''.join(unseen)!r}; remove them from the text or prepare without --vocab_from")
+    else:
+        chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     print(f"{len(text):,} characters, vocabulary of {len(chars)}")
-    write_split([stoi[c] for c in text], out_dir, val_fraction)
-    write_meta(out_dir, {"tokenizer": "char", "vocab_size": len(chars), "stoi": stoi,
-                         "itos": {i: ch for i, ch in enumerate(chars)}})
+    write_dataset(out_dir, [stoi[c] for c in text], val_fraction, {"tokenizer": "char", "vocab_size": len(chars),
+                  "stoi": stoi, "itos": {str(i): ch for i, ch in enumerate(chars)}}, overwrite)
 
 
-def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1):
+def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1, overwrite=False):
     text = read_shakespeare(input_path, out_dir)
     ids = gpt2_encoding().encode_ordinary(text)
     print(f"{len(text):,} characters, {len(ids):,} GPT-2 tokens")
-    write_split(ids, out_dir, val_fraction)
-    write_meta(out_dir, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT})
+    write_dataset(out_dir, ids, val_fraction, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, overwrite)
 
 
 def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="Skylion007/openwebtext",
-               revision="refs/convert/parquet"):
+               revision="refs/convert/parquet", overwrite=False):
     """A Hugging Face text dataset, one document per row: BPE in parallel, <|endoftext|> after each
     document, written to a memmap in shards with a progress bar (nanoGPT's openwebtext/prepare.py)."""
     from datasets import load_dataset
     from tqdm import tqdm
+
+    refuse_to_replace(out_dir, overwrite)
 
     if input_path:  # local files: a .txt holds one document per line
         files = [os.path.join(input_path, f) for f in sorted(os.listdir(input_path))] if os.path.isdir(input_path) else [input_path]
@@ -196,13 +231,14 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
 DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf}
 
 
-OPTIONS = ("input", "out_dir", "val_fraction", "num_proc")
+OPTIONS = ("input", "out_dir", "val_fraction", "num_proc", "overwrite", "vocab_from")
+USAGE = ("usage: python prepare.py {" + "|".join(DATASETS) + "} [--input=PATH] [--out_dir=DIR] [--val_fraction=F] "
+         "[--num_proc=N] [--overwrite=True] [--vocab_from=DIR (characters)]")
 
 
 def main(argv):
     if not argv or argv[0] not in DATASETS:
-        raise SystemExit(f"usage: python prepare.py {{{'|'.join(DATASETS)}}} [--input=PATH] [--out_dir=DIR] "
-                         "[--val_fraction=F] [--num_proc=N]")
+        raise SystemExit(USAGE)
     name, opts, args = argv[0], {}, list(argv[1:])
     while args:
         arg = args.pop(0)
@@ -210,27 +246,32 @@ def main(argv):
         if arg.startswith("--") and not eq and key in OPTIONS and args and not args[0].startswith("--"):
             value, eq = args.pop(0), "="  # `--input PATH`, the other common spelling
         if not arg.startswith("--") or not eq or key not in OPTIONS:
-            raise SystemExit(f"unknown option {arg!r}; options: --input=PATH --out_dir=DIR --val_fraction=F --num_proc=N")
+            raise SystemExit(f"error: unknown option {arg!r}; " + USAGE.removeprefix("usage: "))
         opts[key] = value
     out_dir = opts.pop("out_dir", os.path.join("data", name))
-    os.makedirs(out_dir, exist_ok=True)
-    kwargs = {"input_path": opts.get("input")}
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir {out_dir!r} is a file; choose a folder")
+    kwargs = {"input_path": opts.get("input"), "overwrite": opts.get("overwrite", "False").lower() in ("1", "true")}
     if "val_fraction" in opts:
-        kwargs["val_fraction"] = float(opts["val_fraction"])
+        try:
+            kwargs["val_fraction"] = float(opts["val_fraction"])
+        except ValueError:
+            raise ValueError(f"--val_fraction must be a number in (0, 1), got {opts['val_fraction']!r}") from None
+    for key, only in (("num_proc", "openwebtext"), ("vocab_from", "shakespeare_char")):
+        if key in opts and name != only:
+            raise ValueError(f"--{key} applies to {only} only")
     if "num_proc" in opts:
-        if name != "openwebtext":
-            raise SystemExit("--num_proc applies to openwebtext only")
+        if not opts["num_proc"].isdigit() or int(opts["num_proc"]) < 1:
+            raise ValueError(f"--num_proc must be a whole number >= 1, got {opts['num_proc']!r}")
         kwargs["num_proc"] = int(opts["num_proc"])
+    if "vocab_from" in opts:
+        kwargs["vocab_from"] = opts["vocab_from"]
+    os.makedirs(out_dir, exist_ok=True)
     DATASETS[name](out_dir, **kwargs)
     print(f"wrote {out_dir}/train.bin, val.bin, meta.json")
 
 
-def cli(argv):
-    try:
-        main(argv)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:  # DownloadError is a RuntimeError
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    from configurator import cli
+
+    cli(main, sys.argv[1:])

@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from adapters import AdapterError, merge_adapters
+from adapters import merge_adapters
 from checkpoint import CheckpointError, build_model, load_checkpoint
-from configurator import ConfigError, config_defaults, configure
+from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT
-from prepare import DownloadError, load_tokenizer, read_meta
+from prepare import load_tokenizer, read_meta
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a gpt2 name, or a GPT-2 folder (config.json + model.safetensors)
 out_dir = "out"  # an out_dir or a checkpoint file
@@ -35,6 +35,8 @@ DEFAULTS = config_defaults(globals())
 def sample(argv=(), environ=None):
     """Returns the list of generated texts (prompt included) and prints them."""
     c = configure(DEFAULTS, list(argv), environ)
+    check_ranges(c, {"num_samples": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)", "top_k": "[0, inf)"})
+    check_device(c["device"])
     if c["init_from"] == "resume":
         ckpt = load_checkpoint(c["out_dir"])
         model = build_model(ckpt)
@@ -74,7 +76,4 @@ def sample(argv=(), environ=None):
 
 
 if __name__ == "__main__":
-    try:
-        sample(sys.argv[1:])
-    except (ConfigError, AdapterError, CheckpointError, DownloadError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    cli(sample, sys.argv[1:])

@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 
-from configurator import ConfigError, config_defaults, configure
+from configurator import ConfigError, check_ranges, cli, config_defaults, configure
 
 sweep_dir = "out-sublora-sweep"
 base_config = "config/train_shakespeare_sublora.py"
@@ -54,7 +54,11 @@ def sweep(argv=()):
     import plots
 
     c = configure(DEFAULTS, list(argv), {})
-    runs = list(grid(c))
+    check_ranges(c, {"max_iters": "[1, inf)"})
+    try:
+        runs = list(grid(c))
+    except ValueError as e:
+        raise ConfigError(f"--intrinsic_dims, --allocations (uniform, learned, fixed:RATIO) or --seeds cannot be read: {e}") from None
     summary = []
     for k, (name, params, args) in enumerate(runs):
         out_dir = os.path.join(c["sweep_dir"], name)
@@ -80,7 +84,4 @@ def sweep(argv=()):
 
 
 if __name__ == "__main__":
-    try:
-        sweep(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(sweep, sys.argv[1:])

@@ -83,15 +83,18 @@ OFFLINE = "http://127.0.0.1:9"
 
 
 @pytest.mark.parametrize("command", [
-    ["-c", f"import sys, prepare; prepare.SHAKESPEARE_URL = '{OFFLINE}/input.txt'; prepare.cli(sys.argv[1:])",
+    ["-c", f"import sys, prepare, configurator; prepare.SHAKESPEARE_URL = '{OFFLINE}/input.txt'; "
+     "configurator.cli(prepare.main, sys.argv[1:])",
      "shakespeare_char", "--out_dir=OUT"],
     ["prepare.py", "openwebtext", "--out_dir=OUT"],
-    ["train.py", "--init_from=gpt2", "--data_dir=DATA", "--out_dir=OUT", "--device=cpu"],
+    ["train.py", "--init_from=gpt2", "--data_dir=DATA", "--out_dir=OUT", "--device=cpu", "--block_size=64"],
     ["sample.py", "--init_from=gpt2", "--device=cpu"],
 ])
-def test_offline_downloads_end_in_one_line_naming_the_local_way(command, tmp_path, char_data):
+def test_offline_downloads_end_in_one_line_naming_the_local_way(command, tmp_path):
     env = dict(os.environ, HF_ENDPOINT=OFFLINE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
-    argv = [a.replace("OUT", str(tmp_path / "out")).replace("DATA", char_data) for a in command]
+    bpe = tmp_path / "bpe"  # GPT-2 weights need GPT-2 tokens (character data is refused before any download)
+    prepare.prepare_shakespeare(str(bpe), input_path=_write(tmp_path / "t.txt", "To be, or not to be. " * 200))
+    argv = [a.replace("OUT", str(tmp_path / "out")).replace("DATA", str(bpe)) for a in command]
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import (ADAPTERS, AdapterError, RankAllocator, SubLoRA, adapter_layers, adapter_state_dict, build_sora_optimizers,
+from adapters import (ADAPTERS, RankAllocator, SubLoRA, adapter_layers, adapter_state_dict, build_sora_optimizers,
                       count_params, effective_ranks, inject_adapters, lambda_schedule, max_orthogonality_error,
                       merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
                       slice_adalora_model)

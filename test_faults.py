@@ -1,0 +1,233 @@
+"""
+Nothing a user has is lost: every user mistake of every script ends in one line (exit status 1, no
+traceback) and leaves the files in its way byte-identical; a nan, a crash or a full disk never costs
+the last good checkpoint, and a resumed run continues as if nothing had happened.
+
+    python -m pytest -q test_faults.py
+"""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import eval_bounds
+import prepare
+import sample
+import sweep
+import train
+from checkpoint import load_checkpoint
+from configurator import cli
+from conftest import HERE
+from test_train import tiny
+
+TIMING = ("tokens_per_s", "mean_tokens_per_s")  # what differs between two runs of the same computation
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file below folder."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(char_data, tmp_path_factory):
+    """A folder with what a user has: a small dataset (val of 40 tokens), another character set, a
+    trained base, a LoRA run with its bounds, a file where a folder is expected."""
+    root = tmp_path_factory.mktemp("world")
+    text = root / "small.txt"
+    text.write_text("to be, or not to be: that is the question.\n" * 12)
+    prepare.main(["shakespeare_char", f"--input={text}", f"--out_dir={root / 'small'}"])
+    other = root / "other.txt"
+    other.write_text("ZZZ qqq 123 456 789 !!! " * 400)
+    prepare.main(["shakespeare_char", f"--input={other}", f"--out_dir={root / 'digits'}"])
+    train.train(tiny(char_data, root / "base", max_iters=4, eval_interval=4), environ={})
+    train.train(tiny(char_data, root / "lora", adapter="lora", lora_rank=2, init_from=str(root / "base"), max_iters=4,
+                     eval_interval=4), environ={})
+    eval_bounds.main([f"--out_dir={root / 'lora'}", "--eval_blocks=20", "--eval_docs=10", "--exact_max_tokens=0",
+                      "--device=cpu"])
+    os.makedirs(root / "only_adapter")
+    (root / "only_adapter" / "adapter.pt").write_bytes((root / "lora" / "adapter.pt").read_bytes())
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+def T(char_data, root, **kw):
+    """train.py's argv for a tiny run in root/new unless out_dir is given."""
+    kw.setdefault("out_dir", root / "new")
+    return tiny(char_data, kw.pop("out_dir"), **kw)
+
+
+CASES = [
+    # (script, argv builder, words the one line must hold)
+    ("train", lambda d, r: T(d, r, learning_rate=-1e-3), "learning_rate must be in (0, inf), got -0.001"),
+    ("train", lambda d, r: T(d, r, learning_rate="1e999"), "learning_rate must be in (0, inf), got inf"),
+    ("train", lambda d, r: T(d, r, lora_rank=0, adapter="lora"), "lora_rank must be in [1, inf)"),
+    ("train", lambda d, r: T(d, r, dropout=1.0), "dropout must be in [0, 1)"),
+    ("train", lambda d, r: T(d, r, adapter="sublora", allocation_ratio=1.5), "allocation_ratio must be in [0, 1]"),
+    ("train", lambda d, r: T(str(r / "small"), r, block_size=64), "small/val.bin holds 52 tokens, not more than block_size 64"),
+    ("train", lambda d, r: T(str(r / "small"), r, block_size=100000), "small/train.bin holds 464 tokens, not more than block_size 100000"),
+    ("train", lambda d, r: T(d, r, out_dir=r / "a_file" / "run"), "is a file; choose another --out_dir"),
+    ("train", lambda d, r: T(d, r, out_dir=r / "only_adapter"), "already holds a run (adapter.pt)"),
+    ("train", lambda d, r: T(d, r, out_dir=r / "lora", init_from="resume", adapter="lora", n_layer=4),
+     "a resumed run keeps its model; drop --n_layer"),
+    ("train", lambda d, r: T(str(r / "digits"), r, adapter="lora", init_from=str(r / "base")),
+     "characters the base never saw: '12456789'"),
+    ("train", lambda d, r: T(d, r) + ["--dataset=nope", "--data_dir="], "prepare it with prepare.py"),
+    ("train", lambda d, r: T(d, r, adapter="sora", sora_lambda=-1.0), "sora_lambda must be in [0, inf)"),
+    ("train", lambda d, r: T(d, r, nonfinite="maybe"), "nonfinite must be 'stop' or 'skip'"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'empty.txt'}", f"--out_dir={r / 'small'}"],
+     "too few for a train and a val split"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'small'}"],
+     "already holds another prepared dataset (train.bin, val.bin, meta.json differ): pass --overwrite=True"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'small.txt'}", f"--out_dir={r / 'x'}", "--val_fraction=1.5"],
+     "--val_fraction must be in (0, 1)"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'x'}",
+                              f"--vocab_from={r / 'small'}"], "outside the vocabulary"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'small.txt'}", f"--out_dir={r / 'a_file'}"], "is a file"),
+    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--num_samples=0", "--device=cpu"], "num_samples must be in [1, inf)"),
+    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--temperature=0", "--device=cpu"], "temperature must be in (0, inf)"),
+    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--device=gpu"], "device must be 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--confidence=1.5", "--device=cpu"], "confidence must be in (0, 1)"),
+    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--device=cpu"], "already holds bounds.json"),
+    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--alphas=0,0.5", "--device=cpu"], "every α in --alphas"),
+    ("bench", lambda d, r: ["--reps=0", "--device=cpu"], "reps must be in [1, inf)"),
+    ("sweep", lambda d, r: ["--allocations=fixed:x", f"--sweep_dir={r / 'sw'}"], "cannot be read"),
+]
+MAINS = {"train": train.train, "prepare": prepare.main, "sample": sample.sample, "eval_bounds": eval_bounds.main,
+         "bench": bench.main, "sweep": sweep.sweep}
+
+
+@pytest.mark.parametrize("script, argv, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_a_mistake_ends_in_one_line_and_changes_no_file(script, argv, words, char_data, world):
+    (world / "empty.txt").write_text("")
+    before = snapshot(world)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(MAINS[script], [str(a) for a in argv(char_data, world)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    assert words in message, message
+    assert snapshot(world) == before  # nothing in the way was written, moved or removed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_a_missing_gpu_is_one_line(char_data, world):
+    with pytest.raises(SystemExit, match="torch sees no CUDA GPU here"):
+        cli(train.train, T(char_data, world, device="cuda"))
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch):
+    def broken(argv):
+        raise OSError("disk on fire")
+
+    with pytest.raises(SystemExit, match=r"^error: OSError: disk on fire \(LOWRANK_DEBUG=1 shows the traceback\)$"):
+        cli(broken, [])
+    monkeypatch.setenv("LOWRANK_DEBUG", "1")
+    with pytest.raises(OSError, match="disk on fire"):
+        cli(broken, [])
+
+
+def rows_without_timing(out_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in train.read_metrics(out_dir)]
+
+
+def crash_at(monkeypatch, iteration, error):
+    """Make train.py fail when it reaches `iteration` (the learning rate is asked for first thing)."""
+    real = train.get_lr
+
+    def get_lr(it, c):
+        if it == iteration:
+            error(it)
+        return real(it, c)
+
+    monkeypatch.setattr(train, "get_lr", get_lr)
+
+
+def test_a_crash_then_resume_gives_the_uninterrupted_run_and_its_metrics(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=20, eval_interval=5, log_interval=1, always_save_checkpoint=True)
+    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+
+    def crash(it):
+        raise KeyboardInterrupt  # a kill between two checkpoints
+
+    crash_at(monkeypatch, 13, crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny(char_data, tmp_path / "crashed", **kw), environ={})
+    assert load_checkpoint(str(tmp_path / "crashed"))["iter_num"] == 10
+    (tmp_path / "crashed" / "ckpt.pt.tmp.99999").write_bytes(b"x" * 1000)  # a save killed before its rename
+    monkeypatch.undo()
+    train.train(tiny(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
+    assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
+    assert not (tmp_path / "crashed" / "ckpt.pt.tmp.99999").exists()
+    a, b = (load_checkpoint(str(tmp_path / d))["model"] for d in ("clean", "crashed"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=20, eval_interval=5, log_interval=1, always_save_checkpoint=True)
+    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+
+    real = train.get_lr  # a learning rate of nan at iteration 12: the weights, then the loss, become nan
+    monkeypatch.setattr(train, "get_lr", lambda it, c: float("nan") if it == 12 else real(it, c))
+    with pytest.raises(SystemExit) as exit_info:
+        cli(train.train, tiny(char_data, tmp_path / "nan", **kw))
+    message = str(exit_info.value.code)
+    assert "the training loss became nan at iteration 13" in message and "still holds iteration 10" in message
+    good = load_checkpoint(str(tmp_path / "nan"))
+    assert good["iter_num"] == 10 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    monkeypatch.undo()
+    train.train(tiny(char_data, tmp_path / "nan", init_from="resume", **kw), environ={})
+    assert rows_without_timing(tmp_path / "nan") == rows_without_timing(tmp_path / "clean")
+
+
+def test_skip_mode_steps_over_a_nan_gradient(char_data, tmp_path, monkeypatch, capsys):
+    kw = dict(max_iters=8, eval_interval=8, log_interval=1, nonfinite="skip")
+    model_forward = train.GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None):
+        logits, loss = model_forward(self, idx, targets)
+        calls["n"] += self.training
+        if self.training and calls["n"] == 4:  # one poisoned training step: its loss times nan
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(train.GPT, "forward", forward)
+    last = train.train(tiny(char_data, tmp_path / "skip", **kw), environ={})
+    out = capsys.readouterr().out
+    assert "non-finite gradient, step skipped (1 so far)" in out
+    assert np.isfinite(last["val_loss"])
+    ckpt = load_checkpoint(str(tmp_path / "skip"))
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_in_one_line(char_data, tmp_path):
+    out = tmp_path / "run"
+    train.train(tiny(char_data, out, max_iters=4, eval_interval=4), environ={})
+    before = (out / "ckpt.pt").read_bytes()
+    limit = len(before) // 2  # files may grow to half a checkpoint: the next save cannot fit
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = tiny(char_data, out, init_from="resume", max_iters=8, eval_interval=4)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
+                          preexec_fn=small_disk, cwd=HERE, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not write" in lines[0] and "the previous file is untouched" in lines[0], proc.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert not [f for f in os.listdir(out) if ".tmp." in f]  # the failed temp file is gone
+    assert load_checkpoint(str(out))["iter_num"] == 4
+
