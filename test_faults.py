@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -231,3 +232,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint_in_one_line(char_data, tmp_pa
     assert not [f for f in os.listdir(out) if ".tmp." in f]  # the failed temp file is gone
     assert load_checkpoint(str(out))["iter_num"] == 4
 
+
+
+def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
+    """kill -9 at random moments of a loop of atomic saves: the file always loads whole (one version,
+    never a torn mix), and the temp files the kills leave are removed at the next start."""
+    path = tmp_path / "ckpt.pt"
+    saver = (f"import torch, checkpoint\nv = 0\nwhile True:\n    checkpoint.save_atomic({{'v': v, 't': torch.full((400_000,), "
+             f"float(v))}}, {str(path)!r})\n    v += 1\n")
+    rng = np.random.default_rng(0)
+    versions = set()
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", saver], cwd=HERE)
+        while not path.exists():
+            time.sleep(0.01)
+        try:
+            proc.wait(timeout=float(rng.uniform(0.3, 1.5)))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        blob = torch.load(path, weights_only=True)
+        assert torch.equal(blob["t"], torch.full((400_000,), float(blob["v"])))  # whole, one version
+        versions.add(blob["v"])
+    assert len(versions) > 1  # the saves went on between kills
+    train.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left
+    assert os.listdir(tmp_path) == ["ckpt.pt"]

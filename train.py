@@ -573,6 +573,13 @@ def _train(c, device, ddp, rank, world, given):
         raise ConfigError(f"block_size {c['block_size']} exceeds the model's context {model.config.block_size}")
     model.to(device)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    if master:  # a size that makes one step take minutes is allowed, but said before the long wait
+        cfg = model.config
+        flops = (6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * c["block_size"]) * tokens_per_iter
+        rate = 3e14 if device_type == "cuda" else 1e11  # FLOP/s an H100 in bf16 / 2 CPU cores reach here (bench.py)
+        if flops / rate > 60:
+            print(f"note: one iteration is about {flops / 1e12:,.0f} TFLOP, roughly {format_eta(flops / rate)} per "
+                  f"iteration on this {device_type}; lower --block_size ({c['block_size']}) or --batch_size for a quick run")
     trainable, total = count_params(model)
     torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not (below)
 
