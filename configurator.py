@@ -11,6 +11,8 @@ one-line message. An int may stand for a float (`--dropout=0`), never the other 
 
 import ast
 import os
+import re
+import sys
 
 # environment variable -> config key. USE_LORA=True selects the adapter; TEST_MODE=True asks the
 # script for a tiny fast run (each script decides what that shrinks).
@@ -52,6 +54,11 @@ def config_defaults(names):
 def configure(defaults, argv, environ=None, test_overrides=None):
     """defaults <- config files in argv <- environment <- --key=value in argv. With TEST_MODE=True (or
     test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides."""
+    if "--help" in argv or "-h" in argv:
+        caller = sys._getframe(1).f_globals  # the script whose globals are `defaults`
+        env = environ != {} and any(k in defaults for k in ("adapter", *ENV_KEYS.values()))
+        print(help_text(caller.get("__file__", "script.py"), caller.get("__doc__"), defaults, env))
+        raise SystemExit(0)
     config = dict(defaults)
     environ = os.environ if environ is None else environ
     overrides = {}
@@ -94,6 +101,32 @@ def _read_config_file(path, defaults):
             raise ConfigError(f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
         values[key] = _typed(key, value, defaults[key], path)
     return values
+
+
+def help_text(path, doc, defaults, env=True):
+    """--help: the script's docstring, then every config key with its default and the comment beside
+    it in the script's source, so the list is the configurator's own and cannot drift."""
+    comments, section = {}, {}
+    current = ""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("# ") and not line.startswith("# ---"):
+                current = line[2:].strip()
+            m = re.match(r"^(\w+) = .*?(?:  # (.*))?$", line.rstrip("\n"))
+            if m and m.group(1) in defaults and m.group(1) not in comments:
+                comments[m.group(1)], section[m.group(1)] = (m.group(2) or "").strip(), current
+    name = os.path.basename(path)
+    lines = [f"usage: python {name} [config/FILE.py ...] [--key=value ...]   (also: torchrun ... {name} ...)", ""]
+    lines += [(doc or "").strip(), "", "keys (default), in the order of the script; a config file or --key=value sets them:"]
+    shown = None
+    for key, value in defaults.items():
+        if section.get(key) and section[key] != shown:
+            shown = section[key]
+            lines.append(f"  # {shown}")
+        lines.append(f"  --{key}={value!r}".ljust(44) + (f" {comments.get(key, '')}" if comments.get(key) else ""))
+    if env:
+        lines.append("environment: USE_LORA=True (adapter='lora'), LORA_RANK, LORA_ALPHA, LORA_DROPOUT, TEST_MODE=True")
+    return "\n".join(lines)
 
 
 def check_ranges(c, ranges):

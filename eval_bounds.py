@@ -42,9 +42,9 @@ levels = 11  # quantisation centroids per tensor group
 levels_grid = ""  # e.g. '7,11,21,31': the bound picks the count (paying ⌈log₂ |grid|⌉ bits); '' = levels
 quant_init = "kmeans"  # 'bins' (equal-width over ±max|w|) | 'quantile' | 'kmeans' (Lloyd from the quantiles)
 qat_steps = 0  # quantisation-aware fine-tuning of w and the centroids (straight-through estimator)
-qat_lr = 1e-4
+qat_lr = 1e-4  # learning rate of quantisation-aware tuning
 alphas = "1e-4,1e-3,5e-3,0.01,0.05,0.1,0.25,0.5"  # prediction-smoothing grid; paid once: ⌈log₂ |grid|⌉ bits
-topk = "1,10,100"
+topk = "1,10,100"  # k of the top-k error bounds
 confidence = 0.95  # the bound holds with this probability (ε = 1 - confidence)
 eval_blocks = 2000  # token level: s blocks of block_size training tokens, sampled with replacement
 exact_max_tokens = 2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
@@ -52,9 +52,9 @@ eval_docs = 2000  # document level: s training documents, sampled with replaceme
 doc_separator = ""  # '' = <|endoftext|> for GPT-2 data, a blank line ('\n\n') for character data
 overwrite = False  # replace a run's bounds.json (and its plot) from an earlier evaluation
 choices = ""  # hyperparameter choices made by looking at results, 'name=count,...': ⌈log₂ Π count⌉ bits
-batch_size = 64
-device = "cuda" if torch.cuda.is_available() else "cpu"
-seed = 1337
+batch_size = 64  # blocks per forward pass
+device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'mps'
+seed = 1337  # seeds the sampled blocks and documents
 DEFAULTS = config_defaults(globals())
 
 

@@ -7,7 +7,13 @@ and meta.json (vocabulary and tokenizer; JSON, not pickle).
     python prepare.py openwebtext --num_proc=8         # Hugging Face datasets, tokenised in parallel
     python prepare.py shakespeare_char --input=PATH    # any local text file instead of the download
     python prepare.py openwebtext --input=DIR_OR_FILE  # local .txt / .json(l) / .parquet files
-    options: --out_dir=data/<name> --val_fraction=0.1 (0.0005 for openwebtext) --num_proc=N
+    options (--key=value or --key value):
+      --input=PATH         a local text file (a folder or file of documents for openwebtext) instead of the download
+      --out_dir=DIR        where train.bin, val.bin, meta.json go (default data/<name>)
+      --val_fraction=F     the share of the stream kept for val (0.1; 0.0005 for openwebtext)
+      --num_proc=N         openwebtext: tokenising processes (8)
+      --overwrite=True     replace a different dataset already prepared in out_dir (refused otherwise)
+      --vocab_from=DIR     shakespeare_char: the character ids of the dataset in DIR (to fine-tune a model trained on it)
 
 Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tried first, then
 `r50k_base`, which has the same ranks and <|endoftext|> id.
@@ -237,6 +243,9 @@ USAGE = ("usage: python prepare.py {" + "|".join(DATASETS) + "} [--input=PATH] [
 
 
 def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(USAGE + "\n\n" + __doc__.strip())
+        raise SystemExit(0)
     if not argv or argv[0] not in DATASETS:
         raise SystemExit(USAGE)
     name, opts, args = argv[0], {}, list(argv[1:])

@@ -22,12 +22,12 @@ from prepare import load_tokenizer, read_meta
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a gpt2 name, or a GPT-2 folder (config.json + model.safetensors)
 out_dir = "out"  # an out_dir or a checkpoint file
 start = "\n"  # the prompt, or FILE:path to read it from a file
-num_samples = 2
-max_new_tokens = 500
+num_samples = 2  # texts to generate
+max_new_tokens = 500  # tokens per text
 temperature = 0.8  # < 1 sharper, > 1 more random
 top_k = 200  # keep the top_k most likely tokens; 0 keeps all
-seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
+seed = 1337  # sampling seed
+device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'mps'
 merge = False  # fold the adapters into the base weights before sampling
 DEFAULTS = config_defaults(globals())
 

@@ -18,12 +18,12 @@ import sys
 
 from configurator import ConfigError, check_ranges, cli, config_defaults, configure
 
-sweep_dir = "out-sublora-sweep"
-base_config = "config/train_shakespeare_sublora.py"
-intrinsic_dims = "1000,2000"
+sweep_dir = "out-sublora-sweep"  # one run per folder below it, then summary.json and plots
+base_config = "config/train_shakespeare_sublora.py"  # the train.py config every run starts from
+intrinsic_dims = "1000,2000"  # comma-separated d values
 allocations = "uniform,fixed:0.2,fixed:0.5,fixed:0.8,learned"  # fixed:ρ with ρ = d_B / d
 seeds = "0,1,2"  # each seeds both the random base model and θ₀ / P
-max_iters = 200
+max_iters = 200  # iterations per run
 train_args = ""  # more --key=value overrides for every run
 DEFAULTS = config_defaults(globals())
 

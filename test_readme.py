@@ -9,10 +9,11 @@ import shlex
 import subprocess
 import sys
 
-from conftest import HERE, SHAKESPEARE
-from configurator import configure
+import pytest
 
 import train
+from configurator import configure
+from conftest import HERE, SHAKESPEARE
 
 # appended to every train.py line (later --key=value wins): seconds per run instead of minutes
 TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
@@ -89,3 +90,26 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
     assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
     auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
     assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare"])
+def test_help_lists_every_key_with_its_default_and_meaning(name, capsys):
+    """--help is generated from the globals the configurator reads (and the comments beside them), so
+    a key cannot be missing from it; prepare.py lists its options."""
+    import importlib
+
+    module = importlib.import_module(name)
+    main = {"train": "train", "sample": "sample", "sweep": "sweep"}.get(name, "main")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(module, main)(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    if name == "prepare":
+        assert all(f"--{key}=" in text for key in module.OPTIONS)
+        return
+    lines = {line.split("=", 1)[0].strip(): line for line in text.splitlines() if line.startswith("  --")}
+    assert set(lines) == {f"--{k}" for k in module.DEFAULTS}
+    for key, value in module.DEFAULTS.items():
+        line = lines[f"--{key}"]
+        shown, _, meaning = line.strip().partition(" ")
+        assert shown == f"--{key}={value!r}" and meaning.strip(), line

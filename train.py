@@ -36,50 +36,49 @@ from prepare import DATASETS, read_meta
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
-out_dir = "out"
-eval_interval = 250
-log_interval = 10
-eval_iters = 200
+out_dir = "out"  # where checkpoints, adapter files, metrics.jsonl and plots go
+eval_interval = 250  # iterations between two evals (train and val loss, checkpoint)
+log_interval = 10  # iterations between two printed / logged lines
+eval_iters = 200  # batches per split in an eval
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # else only when val improves
 overwrite = False  # allow a new run to replace the checkpoint already in out_dir
-init_from = "auto"  # 'auto' | 'scratch' | 'resume' | 'gpt2' ... 'gpt2-xl' | a checkpoint file, out_dir or GPT-2 folder
-# 'auto': scratch for pretraining and SubLoRA; an adapter fine-tunes the first trained base in AUTO_BASES
+init_from = "auto"  # 'auto' (new model; an adapter: the base in AUTO_BASES) | 'scratch' | 'resume' | 'gpt2'..'gpt2-xl' | a path
 wandb_log = False  # WANDB_MODE=offline works without internet
-wandb_project = "lowrank-gpt"
-wandb_run_name = "run"
+wandb_project = "lowrank-gpt"  # wandb project name
+wandb_run_name = "run"  # wandb run name
 # data
-dataset = "shakespeare_char"
+dataset = "shakespeare_char"  # data/<dataset>/ holds train.bin, val.bin, meta.json (prepare.py)
 data_dir = ""  # '' = data/<dataset>
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes
-batch_size = 64
-block_size = 256
+batch_size = 64  # sequences per micro-batch
+block_size = 256  # context length in tokens
 # model (ignored when init_from loads one)
 model_type = "gpt"  # 'gpt' | 'bigram'
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.2
-bias = False
+n_layer = 6  # transformer blocks
+n_head = 6  # attention heads
+n_embd = 384  # embedding width
+dropout = 0.2  # dropout in the model (adapters have their own lora_dropout)
+bias = False  # biases in Linears and LayerNorms
 # adapter
 adapter = "none"  # 'none' | 'lora' | 'sora' | 'dora' | 'adalora' | 'adadora' | 'pissa' | 'sublora'
-lora_rank = 8
-lora_alpha = 16.0
-lora_dropout = 0.0
+lora_rank = 8  # r: rank of every adapter (initial rank for AdaLoRA, directions for PiSSA)
+lora_alpha = 16.0  # scaling alpha / r (alpha / sqrt(r) with use_rslora)
+lora_dropout = 0.0  # dropout on the adapter's input
 lora_targets = ""  # ';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults
 use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
 train_embeddings = False  # also train the token / position embeddings
 # SoRA: gates between A and B, L1 proximal steps on them (the lora_* keys set rank, alpha, dropout)
 sora_lambda = 0.1  # L1 strength; the gates are soft-thresholded by sora_lambda * lr every step
 sora_lambda_max = 0.0  # > sora_lambda: raise λ to this in sora_lambda_levels steps (the sparsifying schedule)
-sora_lambda_levels = 5
+sora_lambda_levels = 5  # steps of the λ schedule from sora_lambda to sora_lambda_max
 sora_lambda_every = 200  # iterations per λ level
 sora_lambda_spacing = "linear"  # 'linear' | 'log_linear' | 'exp_linear'
 sora_gate_lr = 0.0  # peak learning rate of the gates; 0 = learning_rate
 sora_gate_init = "randn"  # 'randn' (the SoRA code's) | 'ones'
 sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.pt
 # AdaLoRA / AdaDoRA: lora_rank is the initial rank; the budget falls to adalora_target_r per layer on average
-adalora_target_r = 4
+adalora_target_r = 4  # average rank per layer at the end
 adalora_tinit = 0  # iterations at the full budget
 adalora_tfinal = 0  # final iterations at the target budget, mask fixed
 adalora_deltaT = 10  # iterations between two allocations
@@ -90,17 +89,17 @@ adalora_prune = True  # at the end, save adapter_pruned.pt holding only the rank
 # Rotational PiSSA: lora_rank principal directions, scaling lora_alpha / lora_rank
 pissa_method = "way0"  # 'way0' free R + penalty | 'way1' Givens | 'way2' Cayley low-rank skew | 'way3' exp
 pissa_ortho_weight = 1e-2  # way0: weight of the penalty mean ‖RᵀR - I‖²_F
-pissa_init_identity = True
-pissa_freeze_singular_values = False
+pissa_init_identity = True  # rotations start at the identity (the adapted model equals the base)
+pissa_freeze_singular_values = False  # keep the r singular values fixed (train only the rotations)
 pissa_quantize_residual = False  # W_res in 4-bit NormalFloat (QPiSSA)
 pissa_quantize_base_components = False  # U_r and V_r in NF4 too
 pissa_svd = "full"  # 'full' | 'lowrank' (randomized, torch.svd_lowrank)
-pissa_svd_niter = 4
+pissa_svd_niter = 4  # power iterations of the randomized SVD
 pissa_skew_rank = 4  # way2: rank of the skew-symmetric generator
 pissa_fold_every = 0  # > 0: fold the rotations into U, V every N iterations (fresh way1 angles)
 # SubLoRA: the lora_* keys set the LoRA inside (default targets: q and v of every block, the LM head);
 # only w in R^intrinsic_dim trains, θ = θ₀ + P w
-intrinsic_dim = 1000
+intrinsic_dim = 1000  # d: the size of the trained vector w
 allocation_mode = "uniform"  # 'uniform' | 'fixed' | 'learned'
 allocation_ratio = 0.5  # fixed mode: d_B / d, the share of w that feeds the B factors
 sublora_seed = 0  # θ₀ and P come from it
@@ -108,25 +107,25 @@ sublora_projector = "rdkronqr"  # 'rdkronqr' | 'dense' | 'sparse'
 sublora_gate_lr = 0.0  # learned mode: peak learning rate of the gate logits; 0 = learning_rate
 sublora_gate_grad_width = 0.1  # learned mode: share of a block over which a gate's gradient is gathered (0 = the anchor's)
 # AdamW
-learning_rate = 1e-3
-max_iters = 5000
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.99
+learning_rate = 1e-3  # peak learning rate
+max_iters = 5000  # training iterations (a shorter or longer value rescales the schedules)
+weight_decay = 1e-1  # AdamW weight decay
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2
 grad_clip = 1.0  # 0 disables
 nonfinite = "stop"  # a nan/inf loss: 'stop' the run (nothing saved over the last good checkpoint) | 'skip' the step
 # learning-rate schedule: linear warmup, cosine decay to min_lr
-decay_lr = True
-warmup_iters = 100
-lr_decay_iters = 5000
-min_lr = 1e-4
+decay_lr = True  # warmup then cosine decay; False keeps learning_rate
+warmup_iters = 100  # linear warmup iterations
+lr_decay_iters = 5000  # iteration where the cosine reaches min_lr
+min_lr = 1e-4  # learning rate at the end of the decay
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or 'float16'
 compile = False  # torch.compile the model (worth it on a GPU)
 compile_mode = "default"  # 'default' | 'reduce-overhead' (CUDA graphs: no launch cost) | 'max-autotune'
 backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
-seed = 1337
+seed = 1337  # seeds the model init, dropout and the batch order
 test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
 DEFAULTS = config_defaults(globals())
 TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, batch_size=8, block_size=32,
