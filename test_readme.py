@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import train
+from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import HERE, SHAKESPEARE
 
@@ -113,3 +114,21 @@ def test_help_lists_every_key_with_its_default_and_meaning(name, capsys):
         line = lines[f"--{key}"]
         shown, _, meaning = line.strip().partition(" ")
         assert shown == f"--{key}={value!r}" and meaning.strip(), line
+
+
+def test_after_the_demo_every_config_runs_as_written(char_data, tmp_path, monkeypatch):
+    """With only the demo's base (out-demo-base/) in the working folder, every config in config/ that
+    needs no download runs: the fine-tuning configs find that base (init_from='auto')."""
+    for name in os.listdir(HERE):
+        if name.endswith(".py") or name == "config":
+            os.symlink(os.path.join(HERE, name), tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    tiny = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={char_data}"]
+    train.train(["config/train_shakespeare_char.py", "--out_dir=out-demo-base", *tiny], environ={})
+    for config in sorted(os.listdir(os.path.join(HERE, "config"))):
+        if "gpt2" in config or config == "train_shakespeare_char.py":
+            continue
+        last = train.train([f"config/{config}", "--out_dir=out-" + config[:-3], *tiny], environ={})
+        assert last["iter"] == TINY["max_iters"] and last["val_loss"] is not None, config
+        base = load_checkpoint("out-" + config[:-3])["config"]["init_from"]
+        assert base == ("out-demo-base" if config.startswith("finetune") else "scratch"), config

@@ -3,7 +3,7 @@
 # magnitude. --adapter=adalora drops the magnitude; --adapter=dora is a fixed-rank LoRA with it.
 # python train.py config/finetune_shakespeare_adadora.py
 out_dir = "out-shakespeare-adadora"
-init_from = "out-shakespeare-char"
+init_from = "auto"  # the trained base in out-shakespeare-char/ (config/train_shakespeare_char.py), else out-demo-base/ (make demo)
 adapter = "adadora"
 lora_rank = 8
 lora_alpha = 16.0

@@ -1,7 +1,7 @@
 # LoRA on the baby GPT trained by config/train_shakespeare_char.py (its weights become the frozen base)
 # python train.py config/finetune_shakespeare_lora.py
 out_dir = "out-shakespeare-lora"
-init_from = "out-shakespeare-char"
+init_from = "auto"  # the trained base in out-shakespeare-char/ (config/train_shakespeare_char.py), else out-demo-base/ (make demo)
 adapter = "lora"
 lora_rank = 4
 lora_alpha = 8.0

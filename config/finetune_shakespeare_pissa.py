@@ -3,7 +3,7 @@
 # python train.py config/finetune_shakespeare_pissa.py --pissa_method=way3
 # --pissa_quantize_residual=True keeps W_res in 4-bit NormalFloat (QPiSSA)
 out_dir = "out-shakespeare-pissa"
-init_from = "out-shakespeare-char"
+init_from = "auto"  # the trained base in out-shakespeare-char/ (config/train_shakespeare_char.py), else out-demo-base/ (make demo)
 adapter = "pissa"
 pissa_method = "way3"  # way0 | way1 | way2 | way3
 lora_rank = 8

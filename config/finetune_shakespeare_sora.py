@@ -2,7 +2,7 @@
 # in 4 levels so that unneeded ranks are switched off; pruned to a plain LoRA at the end.
 # python train.py config/finetune_shakespeare_sora.py
 out_dir = "out-shakespeare-sora"
-init_from = "out-shakespeare-char"
+init_from = "auto"  # the trained base in out-shakespeare-char/ (config/train_shakespeare_char.py), else out-demo-base/ (make demo)
 adapter = "sora"
 lora_rank = 8
 lora_alpha = 16.0
