@@ -437,7 +437,8 @@ def evaluate(c, run_dir):
         json.dump(results, f, indent=1)
     import plots
 
-    print(f"  wrote {run_dir}/bounds.json and {plots.plot_bound_vs_alpha(run_dir, results)}")
+    print(f"  wrote {run_dir}/bounds.json, {plots.plot_bound_vs_alpha(run_dir, results)} and "
+          f"{plots.plot_bound_parts(run_dir, results)}")
     return results
 
 

@@ -169,6 +169,23 @@ def plot_bound_vs_alpha(run_dir, results):
     return save(fig, run_dir, "bound_vs_alpha.png")
 
 
+def plot_bound_parts(run_dir, results):
+    """The token-level bits-per-token bound as one stacked bar: the unquantised training loss, then what
+    quantisation, smoothing, the complexity term and the sampling term each add, beside random guessing."""
+    parts = results["token_bpd_parts"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    bottom = 0.0
+    for k, (name, value) in enumerate(parts.items()):
+        ax.bar(0, value, bottom=bottom, color=f"C{k}", width=0.5, label=f"{name} {value:.3f}")
+        bottom += value
+    ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess {math.log2(results['vocab']):.2f}")
+    ax.set_xticks([])
+    ax.set_ylabel("bits per token")
+    ax.set_title(f"token-level bound {bottom:.3f} bits, part by part", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, run_dir, "bound_parts.png")
+
+
 def plot_pareto(sweep_dir, results):
     """Complexity (message bits) against empirical BPD and its token-level bound, over a sweep's runs;
     the Pareto frontier of the bound drawn through the runs no other run beats on both axes."""

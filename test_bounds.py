@@ -196,6 +196,20 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
     assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
     assert sum(r["token_bpd_parts"].values()) == pytest.approx(r["metrics"]["token_bpd"]["bound"], rel=1e-9)
+    import matplotlib.pyplot as plt
+
+    import plots
+
+    drawn = {}
+    real_save, plots.save = plots.save, lambda f, folder, name: drawn.setdefault("ax", f.axes[0])
+    try:
+        plots.plot_bound_parts(str(out), r)
+    finally:
+        plots.save = real_save
+    bars = [(p.get_y(), p.get_height()) for p in drawn["ax"].patches]  # the stacked bar: each part on the last
+    assert [h for _, h in bars] == pytest.approx(list(r["token_bpd_parts"].values()))
+    assert bars[-1][0] + bars[-1][1] == pytest.approx(r["metrics"]["token_bpd"]["bound"])
+    plt.close("all")
     assert r["token_bpd_parts"]["sampling"] == pytest.approx(delta * math.sqrt(math.log(48 / ((1 - rr) * eps)) / (2 * s)))
 
     exact = eb.main([a for a in common if not a.startswith("--levels_grid")] + ["--overwrite=True"])[0]  # every block scored
