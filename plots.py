@@ -15,13 +15,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from prepare import atomic_write  # noqa: E402
 from train import read_metrics  # noqa: E402
 
 
 def save(fig, folder, name):
     fig.tight_layout()
     path = os.path.join(folder, name)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return path
 

@@ -130,9 +130,19 @@ def refuse_to_replace(out_dir, overwrite):
 
 
 def atomic_write(path, write):
+    """write(tmp) beside path, then rename: a crash leaves the old file or the new one, never half."""
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)
+
+
+def write_text(path, text):
+    """A text file (JSON, a table) written atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def write_meta(out_dir, meta):

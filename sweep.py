@@ -17,6 +17,7 @@ import shlex
 import sys
 
 from configurator import ConfigError, check_ranges, cli, config_defaults, configure
+from prepare import write_text
 
 sweep_dir = "out-sublora-sweep"  # one run per folder below it, then summary.json and plots
 base_config = "config/train_shakespeare_sublora.py"  # the train.py config every run starts from
@@ -73,8 +74,7 @@ def sweep(argv=()):
         summary.append(dict(params, name=name, out_dir=out_dir, val_loss=evals[-1]["val_loss"],
                             init_val_loss=evals[0]["val_loss"], train_loss=evals[-1]["eval_train_loss"],
                             gamma=steps[-1].get("gamma", {})))
-    with open(os.path.join(c["sweep_dir"], "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_text(os.path.join(c["sweep_dir"], "summary.json"), json.dumps(summary, indent=1))
     print(f"{'run':<24} {'val loss':>9} {'(init)':>8}")
     for s in summary:
         print(f"{s['name']:<24} {s['val_loss']:>9.4f} {s['init_val_loss']:>8.4f}")
