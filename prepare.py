@@ -145,14 +145,6 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
-def write_meta(out_dir, meta):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-
-    atomic_write(os.path.join(out_dir, "meta.json"), write)
-
-
 def read_shakespeare(input_path, out_dir):
     """The local file if given; else out_dir/input.txt, downloaded once."""
     if input_path:
@@ -241,7 +233,7 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         del arr
         os.replace(path + ".tmp", path)
         print(f"{split_name}.bin: {total:,} tokens in {len(tok):,} documents")
-    write_meta(out_dir, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT})
+    write_text(os.path.join(out_dir, "meta.json"), json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1))
 
 
 DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf}
