@@ -29,6 +29,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    gelu: str = "none"  # GELU's approximation: 'none' (exact, nanoGPT's) | 'tanh' (GPT-2's gelu_new, set by from_pretrained)
 
 
 class LayerNorm(nn.Module):
@@ -140,7 +141,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -216,7 +217,7 @@ class GPT(LanguageModel):
                              "or a folder holding config.json and model.safetensors")
         from safetensors.torch import load_file
 
-        args.update(bias=True, **override_args)  # GPT-2 checkpoints always have biases
+        args.update(bias=True, gelu="tanh", **override_args)  # GPT-2 always has biases and the tanh GELU
         model = cls(GPTConfig(**args))
         model.load_state_dict(convert_hf_gpt2_state_dict(load_file(weights)), strict=False)
         return model

@@ -36,7 +36,7 @@ def write_hf_gpt2(model, folder):
 
 def test_from_pretrained_local_folder(tmp_path):
     torch.manual_seed(0)
-    ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True))
+    ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True, gelu="tanh"))
     write_hf_gpt2(ref, tmp_path)
     model = GPT.from_pretrained(str(tmp_path))
     idx = torch.randint(0, 50, (2, 16))
@@ -45,6 +45,23 @@ def test_from_pretrained_local_folder(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
     with pytest.raises(ValueError, match="unknown pretrained model"):
         GPT.from_pretrained("gpt3")
+
+
+def test_gpt2_weights_compute_gpt2s_tanh_gelu(tmp_path):
+    """GPT-2 was trained with the tanh approximation of GELU (transformers' gelu_new): a model loaded
+    from its weights must use it, checked against the formula in float64."""
+    torch.manual_seed(0)
+    write_hf_gpt2(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True)), tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).double().eval()
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(4, 32, dtype=torch.float64) * 3
+    h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
+    gelu_new = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
+    torch.testing.assert_close(mlp(x), gelu_new @ mlp.c_proj.weight.T + mlp.c_proj.bias, rtol=1e-12, atol=1e-12)
+    exact = 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    assert (mlp(x) - (exact @ mlp.c_proj.weight.T + mlp.c_proj.bias)).abs().max() > 1e-5  # not the exact GELU
+    small = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    assert GPT(small).transformer.h[0].mlp.gelu.approximate == "none"  # nanoGPT's models keep the exact one
 
 
 def test_convert_transposes_exactly_the_conv1d_weights():
