@@ -76,6 +76,7 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
                      "--train_args=" + " ".join(tiny_args(words, train.DEFAULTS))]
         elif script == "eval_bounds.py":
             args += ["--eval_blocks=8", "--eval_docs=8", "--batch_size=8", "--device=cpu", "--exact_max_tokens=0"]
+            args += ["--qat_steps=5"] if any(a.startswith("--qat_steps") for a in args) else []
         run_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
         proc = subprocess.run(launcher + args, capture_output=True, text=True, env=run_env, timeout=300)
         shown = " ".join(words)
