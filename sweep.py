@@ -25,6 +25,7 @@ intrinsic_dims = "1000,2000"  # comma-separated d values
 allocations = "uniform,fixed:0.2,fixed:0.5,fixed:0.8,learned"  # fixed:ρ with ρ = d_B / d
 seeds = "0,1,2"  # each seeds both the random base model and θ₀ / P
 max_iters = 200  # iterations per run
+warmup_iters = 20  # learning-rate warmup of every run (given, so a shorter max_iters does not rescale it)
 train_args = ""  # more --key=value overrides for every run
 DEFAULTS = config_defaults(globals())
 
@@ -36,7 +37,8 @@ def grid(c):
             for seed in (int(s) for s in c["seeds"].split(",")):
                 name = f"d{d}-{mode}{ratio}-s{seed}"
                 args = [f"--intrinsic_dim={d}", f"--allocation_mode={mode}", f"--sublora_seed={seed}", f"--seed={seed}",
-                        f"--max_iters={c['max_iters']}", f"--lr_decay_iters={c['max_iters']}"]
+                        f"--max_iters={c['max_iters']}", f"--lr_decay_iters={c['max_iters']}",
+                        f"--warmup_iters={c['warmup_iters']}"]
                 args += [f"--allocation_ratio={float(ratio)}"] if ratio else []
                 yield name, dict(intrinsic_dim=d, allocation_mode=mode, allocation_ratio=float(ratio or 0.5), seed=seed), args
 
