@@ -828,14 +828,15 @@ class Rotation(nn.Module):
         if method == "way0":
             self.matrix = nn.Parameter(torch.eye(r, **kw) + noise * torch.randn(r, r, **kw))
         elif method == "way1":  # angles of r - 1 rounds of disjoint Givens pairs: r (r - 1) / 2 = dim SO(r)
-            self.register_buffer("pairs", round_robin_pairs(r).to(device), persistent=False)
+            table = round_robin_pairs(r)
+            self.register_buffer("pairs", table.to(device), persistent=False)
             # each round's Givens matrix as elementwise ops on fixed tables (no scatter: torch.compile
             # fuses it): row i of round k holds cos θ on the diagonal and ∓sin θ at its partner's column
-            rounds, pairs = self.pairs.shape[:2]
+            rounds, pairs = table.shape[:2]
             angle_of_row = torch.full((rounds, r), pairs, dtype=torch.long)  # index `pairs`: a zero angle
             sign = torch.zeros(rounds, r)
             partner = torch.zeros(rounds, r, r)
-            for k, round_pairs in enumerate(round_robin_pairs(r).tolist()):
+            for k, round_pairs in enumerate(table.tolist()):
                 for p, (i, j) in enumerate(round_pairs):
                     angle_of_row[k, i] = angle_of_row[k, j] = p
                     sign[k, i], sign[k, j] = -1.0, 1.0

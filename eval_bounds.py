@@ -274,10 +274,20 @@ def set_message(model, state):
             own[k].copy_(v)
 
 
+def group_vector(state, names, dtype):
+    """The group's tensors flattened into one vector, in `names` order."""
+    return torch.cat([state[n].reshape(-1).to(dtype) for n in names])
+
+
+def split_vector(v, state, names):
+    """group_vector's inverse: {name: v's slice for it, in that tensor's shape}."""
+    parts = v.split([state[n].numel() for n in names])
+    return {n: part.view(state[n].shape) for n, part in zip(names, parts)}
+
+
 def quantize_message(state, groups, n_levels, init):
     """{group: (centroids, symbols)} with `n_levels` centroids per group."""
-    return {g: quantize(torch.cat([state[n].reshape(-1).double() for n in names]), n_levels, init)
-            for g, names in groups.items()}
+    return {g: quantize(group_vector(state, names, torch.float64), n_levels, init) for g, names in groups.items()}
 
 
 def dequantize(state, groups, coded):
@@ -285,11 +295,7 @@ def dequantize(state, groups, coded):
     out = {}
     for g, names in groups.items():
         centroids, symbols = coded[g]
-        values = centroids[symbols]
-        offset = 0
-        for n in names:
-            out[n] = values[offset : offset + state[n].numel()].view(state[n].shape).to(state[n].dtype)
-            offset += state[n].numel()
+        out.update({n: t.to(state[n].dtype) for n, t in split_vector(centroids[symbols], state, names).items()})
     return out
 
 
@@ -478,7 +484,7 @@ def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_bl
     """Fine-tune the message and every group's centroids on training batches through the quantiser:
     the forward uses each coordinate's nearest centroid, the gradient passes to the coordinate unchanged
     (straight-through) and to the centroid it picked. Returns {group: (centroids, symbols)}."""
-    flats = {g: torch.cat([state[n].reshape(-1).float() for n in names]).requires_grad_(True) for g, names in groups.items()}
+    flats = {g: group_vector(state, names, torch.float32).requires_grad_(True) for g, names in groups.items()}
     cents = {g: coded[g][0].float().clone().requires_grad_(True) for g in groups}
     opt = torch.optim.Adam([*flats.values(), *cents.values()], lr=c["qat_lr"])
     params = dict(model.named_parameters())
@@ -488,10 +494,7 @@ def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_bl
             w, cg = flats[g], cents[g]
             idx = (w.detach()[:, None] - cg.detach()[None, :]).abs().argmin(dim=1)
             wq = cg[idx] + (w - w.detach())  # straight-through to w, exact gradient to the centroids
-            offset = 0
-            for n in names:
-                override[n] = wq[offset : offset + state[n].numel()].view(state[n].shape)
-                offset += state[n].numel()
+            override.update(split_vector(wq, state, names))
         starts = torch.randint(n_blocks, (c["batch_size"],), generator=gen, device="cpu") * block
         x, y = next(batches(starts))
         loss = torch.func.functional_call(model, {**{k: p for k, p in params.items() if k not in override}, **override},

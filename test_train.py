@@ -170,13 +170,15 @@ def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(cha
         train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
     train.train(tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"), environ={})
     assert load_checkpoint(str(tmp_path / "base"))["config"]["init_from"] == "scratch"  # pretraining: a new model
+    lora = tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6)
+    with pytest.raises(ConfigError, match="--block_size=32 exceeds the model's context 16"):  # asked for: refused
+        train.train(lora, environ={})
     capsys.readouterr()
     t0 = time.time()
-    last = train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6),
-                       environ={})
+    last = train.train([a for a in lora if not a.startswith("--block_size")], environ={})  # the default 256: lowered
     wall = time.time() - t0
     out = capsys.readouterr().out
-    assert f"fine-tunes the trained base in {tmp_path / 'base'}/" in out and "block_size 32 -> its context 16" in out
+    assert f"fine-tunes the trained base in {tmp_path / 'base'}/" in out and "block_size 256 -> 16, the context" in out
     ckpt = load_checkpoint(str(tmp_path / "a"))
     assert ckpt["config"]["init_from"] == str(tmp_path / "base") and ckpt["model_args"]["block_size"] == 16
     # the run's mean speed leaves evals and saves out: above the naive tokens / wall time of the call

@@ -249,8 +249,8 @@ def adapter_report(model):
 
 def resolve_auto_base(c):
     """init_from='auto' made concrete: a new model for pretraining, SubLoRA (a random base is its
-    setting) and TEST_MODE; for any other adapter, the first trained base of AUTO_BASES (block_size
-    lowered to its context if need be), else one line saying what to run first."""
+    setting) and TEST_MODE; for any other adapter, the first trained base of AUTO_BASES, else one line
+    saying what to run first."""
     if c["init_from"] != "auto" or c["adapter"] not in ADAPTER_KINDS:  # check_config names a wrong adapter
         return
     if c["adapter"] in ("none", "sublora") or c["test_mode"]:
@@ -258,11 +258,10 @@ def resolve_auto_base(c):
         return
     for base in AUTO_BASES:
         if os.path.isfile(os.path.join(base, "ckpt.pt")):
-            context = load_checkpoint(base)["model_args"]["block_size"]
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
-                      "to choose)" + (f", block_size {c['block_size']} -> its context {context}" if c["block_size"] > context else ""))
-            c["init_from"], c["block_size"] = base, min(c["block_size"], context)
+                      "to choose)")
+            c["init_from"] = base
             return
     raise ConfigError(f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
                       "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
@@ -501,7 +500,6 @@ def _train(c, device, ddp, rank, world, given):
                   f"of the {world} processes (each runs {raised // world} micro-batch(es) per step)")
         c["gradient_accumulation_steps"] = raised
     accum = c["gradient_accumulation_steps"] // world  # micro-batches per process per step
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
     autocast = nullcontext() if device_type == "cpu" or ptdtype == torch.float32 else torch.autocast(device_type, ptdtype)
@@ -568,8 +566,14 @@ def _train(c, device, ddp, rank, world, given):
                 slowest = max(times, key=times.get)
                 print(f"pissa: {c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s "
                       f"(slowest {slowest}, {1000 * times[slowest]:.1f}ms)")
-    if c["block_size"] > model.config.block_size:
-        raise ConfigError(f"block_size {c['block_size']} exceeds the model's context {model.config.block_size}")
+    if c["block_size"] > model.config.block_size:  # a loaded base with a shorter context
+        if "block_size" in given:
+            raise ConfigError(f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
+                              f"lower it to {model.config.block_size} or less")
+        if master:
+            print(f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from")
+        c["block_size"] = model.config.block_size
+    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     model.to(device)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
     if master:  # a size that makes one step take minutes is allowed, but said before the long wait
