@@ -5,11 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# offline machines: the repo's shared folder holds Tiny Shakespeare and tiktoken's GPT-2 ranks
-SHAKESPEARE := $(wildcard ../shared/data/tinyshakespeare/input.txt)
-ifneq ($(wildcard ../shared/tiktoken_cache),)
-export TIKTOKEN_CACHE_DIR ?= $(abspath ../shared/tiktoken_cache)
-endif
+# offline on any machine: testdata/ holds Tiny Shakespeare and tiktoken's GPT-2 ranks
+SHAKESPEARE := testdata/tinyshakespeare.txt
+export TIKTOKEN_CACHE_DIR ?= $(abspath testdata/tiktoken_cache)
 export WANDB_MODE ?= offline
 
 .PHONY: install demo test gpu-check clean
@@ -20,7 +18,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 data/shakespeare_char/train.bin: | install
-	$(PY) prepare.py shakespeare_char $(if $(SHAKESPEARE),--input=$(SHAKESPEARE))
+	$(PY) prepare.py shakespeare_char --input=$(SHAKESPEARE)
 
 demo: install data/shakespeare_char/train.bin
 	$(PY) train.py config/train_shakespeare_char.py --out_dir=out-demo-base --overwrite=True

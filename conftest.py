@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests run offline: Tiny Shakespeare and tiktoken's ranks come from ../shared."""
+"""Shared fixtures. Tests run offline, on any clone: Tiny Shakespeare and tiktoken's GPT-2 ranks are
+shipped in testdata/ (1.9 MB)."""
 
 import os
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(HERE, "..", "shared", "data", "tinyshakespeare", "input.txt")
-TIKTOKEN_CACHE = os.path.join(HERE, "..", "shared", "tiktoken_cache")
+SHAKESPEARE = os.path.join(HERE, "testdata", "tinyshakespeare.txt")  # karpathy/char-rnn's input.txt
+TIKTOKEN_CACHE = os.path.join(HERE, "testdata", "tiktoken_cache")  # tiktoken's cached r50k_base (= GPT-2) ranks
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
 os.environ.setdefault("WANDB_MODE", "offline")

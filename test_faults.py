@@ -238,21 +238,21 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     """kill -9 at random moments of a loop of atomic saves: the file always loads whole (one version,
     never a torn mix), and the temp files the kills leave are removed at the next start."""
     path = tmp_path / "ckpt.pt"
-    saver = (f"import torch, checkpoint\nv = 0\nwhile True:\n    checkpoint.save_atomic({{'v': v, 't': torch.full((400_000,), "
-             f"float(v))}}, {str(path)!r})\n    v += 1\n")
+    # each saver starts at its own version (1000 k) and says "ready" after its first save
+    saver = ("import sys, torch, checkpoint\nv = int(sys.argv[1])\nwhile True:\n"
+             f"    checkpoint.save_atomic({{'v': v, 't': torch.full((400_000,), float(v))}}, {str(path)!r})\n"
+             "    if v % 1000 == 0:\n        print('ready', flush=True)\n    v += 1\n")
     rng = np.random.default_rng(0)
     versions = set()
-    for _ in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", saver], cwd=HERE)
-        while not path.exists():
-            time.sleep(0.01)
-        try:
-            proc.wait(timeout=float(rng.uniform(0.3, 1.5)))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+    for k in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", saver, str(1000 * k)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(float(rng.uniform(0.0, 0.3)))  # a random moment of the saving loop
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         blob = torch.load(path, weights_only=True)
         assert torch.equal(blob["t"], torch.full((400_000,), float(blob["v"])))  # whole, one version
+        assert blob["v"] // 1000 == k  # this saver's, written after its first save
         versions.add(blob["v"])
     assert len(versions) > 1  # the saves went on between kills
     train.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left

@@ -54,7 +54,7 @@ def tiny_args(words, keys):
 
 def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
     for name in os.listdir(HERE):
-        if name.endswith(".py") or name == "config":
+        if name.endswith(".py") or name in ("config", "testdata"):
             os.symlink(os.path.join(HERE, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
     commands = readme_commands()
@@ -121,7 +121,7 @@ def test_after_the_demo_every_config_runs_as_written(char_data, tmp_path, monkey
     """With only the demo's base (out-demo-base/) in the working folder, every config in config/ that
     needs no download runs: the fine-tuning configs find that base (init_from='auto')."""
     for name in os.listdir(HERE):
-        if name.endswith(".py") or name == "config":
+        if name.endswith(".py") or name in ("config", "testdata"):
             os.symlink(os.path.join(HERE, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
     tiny = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={char_data}"]
