@@ -1,5 +1,5 @@
 # make demo: install, prepare Tiny Shakespeare, pretrain a baby GPT, LoRA-fine-tune it, sample
-# make test: install, run the test suite
+# make test: install (with the test-only oracles of requirements-test.txt), run the test suite
 # make gpu-check: on a CUDA machine, the device tests on CUDA (compiled training of every adapter) and
 #                 bench.py eager vs compiled, as a table
 PYTHON ?= python3
@@ -10,11 +10,16 @@ SHAKESPEARE := testdata/tinyshakespeare.txt
 export TIKTOKEN_CACHE_DIR ?= $(abspath testdata/tiktoken_cache)
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test gpu-check clean
+.PHONY: install install-test demo test gpu-check clean
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+install-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
 data/shakespeare_char/train.bin: | install
@@ -27,10 +32,10 @@ demo: install data/shakespeare_char/train.bin
 	$(PY) -c "import train; train.report(['out-demo-base', 'out-demo-lora'])"
 	$(PY) plots.py out-demo-base out-demo-lora
 
-test: install
+test: install-test
 	$(PY) -m pytest -q
 
-gpu-check: install
+gpu-check: install-test
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs CUDA: install the CUDA build of torch (see README)')"
 	$(PY) -m pytest -q test_device.py
 	$(PY) bench.py --device=cuda --compile=both --out_dir=bench-gpu-check

@@ -8,10 +8,17 @@ calls load_checkpoint + build_model.
      "adapter": {"kind": "lora", "targets": [...], "settings": {...}, "train_embeddings": False},
      "rng": {"torch": ByteTensor, "batches": ByteTensor}}
 
-The adapter-only file (adapter.pt) holds "format", "adapter", "model_type", "model_args", "base"
-(where the frozen weights came from) and "state" (adapters.adapter_state_dict).
+The adapter-only file (adapter.safetensors, adapter_pruned.safetensors) is safetensors, no pickle:
+its tensors are adapters.adapter_state_dict, and its header's metadata holds, as JSON under
+"lowrank", the settings that rebuild the layers: "format", "adapter", "model_type", "model_args",
+"base" (where the frozen weights came from) and "seed". Older adapter.pt files (the same dict, with
+the tensors under "state", torch-saved) still load.
+
+    blob = read_adapter_file("out-shakespeare-lora/adapter.safetensors")   # {"adapter": ..., "state": ...}
+    model = load_adapter(base_model, "out-shakespeare-lora/adapter.safetensors")
 """
 
+import json
 import os
 
 import torch
@@ -20,6 +27,8 @@ from adapters import SubLoRA, adapter_layers, inject_adapters, load_adapter_stat
 from model import MODELS, GPTConfig
 
 FORMAT = "lowrank-gpt/1"
+# adapter-only files a run folder may hold (the .pt names: older runs)
+ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
 NO_ADAPTER = {"kind": "none", "targets": [], "settings": {}, "train_embeddings": False}
 
 
@@ -27,12 +36,13 @@ class CheckpointError(ValueError):
     """A missing, corrupt or foreign checkpoint; the message names the file and what is wrong."""
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file beside `path`, fsync, then rename: a crash leaves the old file whole."""
+def save_atomic(obj, path, write=None):
+    """write(obj, file) (default torch.save) to a temp file beside `path`, fsync, then rename: a crash
+    leaves the old file whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,16 +118,42 @@ def base_from_seed(blob):
     return MODELS[blob["model_type"]](GPTConfig(**blob["model_args"]))
 
 
-def load_adapter(model, path):
-    """Load an adapter file (adapter.pt, adapter_pruned.pt) into its base model: the adapters it
-    describes are injected first unless the model has them already. Returns the model with adapters
-    (a new SubLoRA wrapper for SubLoRA files)."""
+def save_adapter_file(blob, path):
+    """blob: {"format", "adapter", "model_type", "model_args", "base", "seed", "state": {name: tensor}}
+    -> one safetensors file, the tensors as they are and everything else as JSON in its header."""
+    from safetensors.torch import save
+
+    settings = {k: v for k, v in blob.items() if k != "state"}
+    tensors = {k: v.detach().contiguous() for k, v in blob["state"].items()}
+    data = save(tensors, metadata={"format": "pt", "lowrank": json.dumps(settings)})
+    save_atomic(data, path, write=lambda data, f: f.write(data))
+
+
+def read_adapter_file(path):
+    """An adapter file as a dict with its tensors under "state": adapter.safetensors, or an older
+    torch-saved adapter.pt (read with weights_only=True)."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                blob = json.loads((f.metadata() or {}).get("lowrank", "{}"))
+                blob["state"] = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable adapter file: {type(e).__name__}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state" not in blob:
-        raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state')")
+        raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state'); a PEFT adapter "
+                              "folder is imported with python hf.py --import_from=DIR")
+    return blob
+
+
+def load_adapter(model, path):
+    """Load an adapter file (adapter.safetensors, adapter_pruned.safetensors, or an older .pt) into its
+    base model: the adapters it describes are injected first unless the model has them already.
+    Returns the model with adapters (a new SubLoRA wrapper for SubLoRA files)."""
+    blob = read_adapter_file(path)
     if not adapter_layers(model):
         model = inject_from_info(model, blob["adapter"])
     load_adapter_state_dict(model, blob["state"])

@@ -173,7 +173,8 @@ def cli(main, argv):
     try:
         return main(argv)
     except (ValueError, OSError, RuntimeError) as e:  # the repo's errors subclass these three
-        own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds")
+        own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds",
+                                         "hf", "model")
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"error: {text}" if own else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
         raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1) from None

@@ -209,6 +209,11 @@ class GPT(LanguageModel):
             weights = os.path.join(name_or_path, "model.safetensors")
             args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                         vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+            act = hf.get("activation_function", "gelu_new")
+            if act not in HF_GELU:
+                raise ValueError(f"{name_or_path}/config.json has activation_function {act!r}; this GPT computes "
+                                 f"{sorted(HF_GELU)}")
+            args["gelu"] = HF_GELU[act]
         elif name_or_path in GPT2_SIZES:
             weights = _hub_weights(name_or_path)
             args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024)
@@ -217,10 +222,30 @@ class GPT(LanguageModel):
                              "or a folder holding config.json and model.safetensors")
         from safetensors.torch import load_file
 
-        args.update(bias=True, gelu="tanh", **override_args)  # GPT-2 always has biases and the tanh GELU
+        args.setdefault("gelu", "tanh")  # OpenAI's GPT-2 computes the tanh GELU (transformers' gelu_new)
+        args.update(bias=True, **override_args)  # GPT-2's layout always has biases
         model = cls(GPTConfig(**args))
         model.load_state_dict(convert_hf_gpt2_state_dict(load_file(weights)), strict=False)
         return model
+
+    def save_pretrained(self, folder):
+        """Write this GPT as a Hugging Face GPT-2 folder (config.json + model.safetensors) that
+        transformers' GPT2LMHeadModel.from_pretrained and GPT.from_pretrained both load. A model
+        without biases gets zero biases (the same function: GPT-2's layout always has them)."""
+        from safetensors.torch import save_file
+
+        cfg = self.config
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
+              "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,
+              "activation_function": {v: k for k, v in HF_GELU.items()}[cfg.gelu], "layer_norm_epsilon": 1e-5,
+              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+              "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+        if cfg.vocab_size > 50256:  # GPT-2's BPE: <|endoftext|> starts and ends a text
+            hf.update(bos_token_id=50256, eos_token_id=50256)
+        os.makedirs(folder, exist_ok=True)
+        save_file(to_hf_gpt2_state_dict(self), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
 
 
 def _hub_weights(name):
@@ -264,6 +289,24 @@ def convert_hf_gpt2_state_dict(sd):
             continue  # causal-mask buffers of old checkpoints; the tied head
         out["transformer." + k] = v.t().contiguous() if k.endswith(_CONV1D) else v
     return out
+
+
+def to_hf_gpt2_state_dict(model):
+    """This file's GPT -> Hugging Face GPT-2 keys and Conv1D layout (the inverse of the above): zero
+    biases where the model has none, the tied head left out (transformers ties it to wte)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    out = {}
+    for k, v in sd.items():
+        out[k] = (v.t() if k.endswith(_CONV1D) else v).contiguous().clone()
+        bias = k.removesuffix(".weight") + ".bias"
+        if k.endswith((".ln_1.weight", ".ln_2.weight", "ln_f.weight")) or k.endswith(_CONV1D):
+            if bias not in sd:  # bias=False: GPT-2's layout needs one, zero computes the same
+                out[bias] = v.new_zeros(v.shape[0])
+    return out
+
+
+# config.json's activation_function -> GPTConfig.gelu (transformers' names)
+HF_GELU = {"gelu_new": "tanh", "gelu": "none"}
 
 
 def _init_weights(module):

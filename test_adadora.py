@@ -17,7 +17,7 @@ import adapters
 import train
 from adapters import (AdaLoRALinear, AdapterError, LoRALinear, RankAllocator, adapter_layers, adapter_state_dict,
                       effective_ranks, inject_adapters, merge_adapters, orthogonal_regularization, slice_adalora_model)
-from checkpoint import build_model, load_adapter, load_checkpoint
+from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
 
@@ -222,7 +222,7 @@ def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_pa
     model = build_model(load_checkpoint(str(out)))
     n = len(adapter_layers(model))
     assert sum(effective_ranks(model).values()) == 2 * n  # the checkpoint holds the target budget
-    pruned = torch.load(out / "adapter_pruned.pt", weights_only=True)
+    pruned = read_adapter_file(str(out / "adapter_pruned.safetensors"))
     assert sum(r["rank"] for r in pruned["adapter"]["layers"].values()) == 2 * n
     assert sum(v.numel() for k, v in pruned["state"].items() if k.endswith("lora_E")) == 2 * n
 
@@ -329,9 +329,9 @@ def test_train_adadora_end_to_end(char_data, tmp_path):
     assert v[-1] < v[0]
     assert os.path.isfile(out / "rank_allocation.png") and os.path.isfile(out / "effective_rank.png")
     # the sliced adapter: smaller, and the base plus it gives the trained model's logits
-    assert os.path.getsize(out / "adapter_pruned.pt") < os.path.getsize(out / "adapter.pt")
+    assert os.path.getsize(out / "adapter_pruned.safetensors") < os.path.getsize(out / "adapter.safetensors")
     base = tiny_base_from(ckpt)
-    load_adapter(base, str(out / "adapter_pruned.pt"))
+    load_adapter(base, str(out / "adapter_pruned.safetensors"))
     idx = torch.randint(0, 65, (2, 32))
     assert torch.allclose(logits(base, idx), logits(model, idx), atol=1e-5)
 

@@ -19,6 +19,7 @@ import torch
 
 import bench
 import eval_bounds
+import hf
 import prepare
 import sample
 import sweep
@@ -58,7 +59,7 @@ def world(char_data, tmp_path_factory):
     eval_bounds.main([f"--out_dir={root / 'lora'}", "--eval_blocks=20", "--eval_docs=10", "--exact_max_tokens=0",
                       "--device=cpu"])
     os.makedirs(root / "only_adapter")
-    (root / "only_adapter" / "adapter.pt").write_bytes((root / "lora" / "adapter.pt").read_bytes())
+    (root / "only_adapter" / "adapter.safetensors").write_bytes((root / "lora" / "adapter.safetensors").read_bytes())
     (root / "a_file").write_text("not a folder")
     return root
 
@@ -79,7 +80,7 @@ CASES = [
     ("train", lambda d, r: T(str(r / "small"), r, block_size=64), "small/val.bin holds 52 tokens, not more than block_size 64"),
     ("train", lambda d, r: T(str(r / "small"), r, block_size=100000), "small/train.bin holds 464 tokens, not more than block_size 100000"),
     ("train", lambda d, r: T(d, r, out_dir=r / "a_file" / "run"), "is a file; choose another --out_dir"),
-    ("train", lambda d, r: T(d, r, out_dir=r / "only_adapter"), "already holds a run (adapter.pt)"),
+    ("train", lambda d, r: T(d, r, out_dir=r / "only_adapter"), "already holds a run (adapter.safetensors)"),
     ("train", lambda d, r: T(d, r, out_dir=r / "lora", init_from="resume", adapter="lora", n_layer=4),
      "a resumed run keeps its model; drop --n_layer"),
     ("train", lambda d, r: T(str(r / "digits"), r, adapter="lora", init_from=str(r / "base")),
@@ -104,9 +105,13 @@ CASES = [
     ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--alphas=0,0.5", "--device=cpu"], "every α in --alphas"),
     ("bench", lambda d, r: ["--reps=0", "--device=cpu"], "reps must be in [1, inf)"),
     ("sweep", lambda d, r: ["--allocations=fixed:x", f"--sweep_dir={r / 'sw'}"], "cannot be read"),
+    ("hf", lambda d, r: [f"--out_dir={r / 'base'}"], "holds no adapter (adapter='none')"),
+    ("hf", lambda d, r: [f"--out_dir={r / 'lora'}", f"--export_dir={r / 'lora'}"], "is not empty"),
+    ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'x'}"], "not a PEFT adapter folder"),
+    ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"], "already holds a run (ckpt.pt)"),
 ]
 MAINS = {"train": train.train, "prepare": prepare.main, "sample": sample.sample, "eval_bounds": eval_bounds.main,
-         "bench": bench.main, "sweep": sweep.sweep}
+         "bench": bench.main, "sweep": sweep.sweep, "hf": hf.main}
 
 
 @pytest.mark.parametrize("script, argv, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

@@ -88,13 +88,13 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
             assert rows[-1]["iter"] == c["max_iters"] and rows[-1]["val_loss"] is not None, shown
         ran.append((shown, proc.stdout))
     scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
-    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py"}
+    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py"}
     assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
     auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
     assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare"])
+@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf"])
 def test_help_lists_every_key_with_its_default_and_meaning(name, capsys):
     """--help is generated from the globals the configurator reads (and the comments beside them), so
     a key cannot be missing from it; prepare.py lists its options."""

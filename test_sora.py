@@ -18,7 +18,7 @@ from configurator import ConfigError
 from adapters import (AdapterError, LoRALinear, SoRALinear, SoRAOptimizer, adapter_layers, adapter_state_dict,
                       build_sora_optimizers, count_params, effective_ranks, inject_adapters, lambda_schedule,
                       merge_sora_model, prune_sora_model, split_sora_params)
-from checkpoint import build_model, load_adapter, load_checkpoint
+from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from model import GPT, GPTConfig
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
@@ -210,13 +210,13 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     assert ckpt["extra_optimizers"][0]["param_groups"][0]["weight_decay"] == 0.0
     assert os.path.isfile(out / "effective_rank.png")
 
-    # adapter_pruned.pt: smaller, a plain LoRA, and the same logits as the trained gated model
-    assert os.path.getsize(out / "adapter_pruned.pt") < os.path.getsize(out / "adapter.pt")
+    # adapter_pruned.safetensors: smaller, a plain LoRA, and the same logits as the trained gated model
+    assert os.path.getsize(out / "adapter_pruned.safetensors") < os.path.getsize(out / "adapter.safetensors")
     base = GPT(GPTConfig(**ckpt["model_args"]))
     base.load_state_dict({k.replace(".base.", "."): v for k, v in ckpt["model"].items() if ".lora_" not in k
                           and not k.endswith(".gate")})
-    load_adapter(base, str(out / "adapter_pruned.pt"))
-    assert torch.load(out / "adapter_pruned.pt", weights_only=True)["adapter"]["kind"] == "lora"
+    load_adapter(base, str(out / "adapter_pruned.safetensors"))
+    assert read_adapter_file(str(out / "adapter_pruned.safetensors"))["adapter"]["kind"] == "lora"
     assert {n: m.rank for n, m in adapter_layers(base).items()} == {n: r for n, r in ranks.items() if r}
     idx = torch.randint(0, 65, (2, 32))
     assert torch.allclose(logits(base, idx), logits(model, idx), atol=1e-5)

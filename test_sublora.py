@@ -16,7 +16,7 @@ import train
 from adapters import (AdapterError, DenseProjector, RdKronQRProjector, SparseProjector, SubLoRA, count_params,
                       inject_adapters, merge_adapters)
 from model import GPT, GPTConfig
-from checkpoint import build_model, load_checkpoint
+from checkpoint import build_model, load_checkpoint, read_adapter_file
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
 
@@ -184,13 +184,13 @@ def test_adapter_file_rebuilds_from_the_seed_in_a_new_process(char_data, tmp_pat
     out = tmp_path / "run"
     train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, allocation_mode="learned",
                           max_iters=10, eval_interval=10, learning_rate=2e-2), environ={})
-    blob = torch.load(out / "adapter.pt", weights_only=True)
+    blob = read_adapter_file(str(out / "adapter.safetensors"))
     assert set(blob["state"]) == {"w", "gate_logits"}  # θ₀, P and the base are not stored
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
     torch.save(idx, tmp_path / "idx.pt")
-    script = ("import sys, torch; from checkpoint import base_from_seed, load_adapter; "
-              f"blob = torch.load({str(out / 'adapter.pt')!r}, weights_only=True); "
-              f"model = load_adapter(base_from_seed(blob), {str(out / 'adapter.pt')!r}).eval(); "
+    path = str(out / "adapter.safetensors")
+    script = ("import sys, torch; from checkpoint import base_from_seed, load_adapter, read_adapter_file; "
+              f"blob = read_adapter_file({path!r}); model = load_adapter(base_from_seed(blob), {path!r}).eval(); "
               f"idx = torch.load({str(tmp_path / 'idx.pt')!r}); torch.save(model(idx, idx)[0], {str(tmp_path / 'out.pt')!r})")
     proc = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

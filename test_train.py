@@ -87,7 +87,7 @@ def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
     for name, layer_state in ckpt["model"].items():  # the frozen base is the pretrained model, untouched
         if ".base." in name:
             assert torch.equal(layer_state, base["model"][name.replace(".base.", ".")])
-    assert os.path.getsize(out / "adapter.pt") < os.path.getsize(out / "ckpt.pt") / 5
+    assert os.path.getsize(out / "adapter.safetensors") < os.path.getsize(out / "ckpt.pt") / 5
 
     vocab = set(read_meta(char_data)["stoi"])
     for merge in (False, True):

@@ -16,6 +16,7 @@ LORA_RANK, LORA_ALPHA, LORA_DROPOUT, TEST_MODE=True), then --key=value.
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ from adapters import (ADAPTERS, RankAllocator, SubLoRA, adapter_layers, adapter_
                       count_params, effective_ranks, inject_adapters, lambda_schedule, max_orthogonality_error,
                       merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
                       slice_adalora_model)
-from checkpoint import FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_atomic
+from checkpoint import (ADAPTER_FILES, FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_adapter_file,
+                        save_atomic)
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT, MODELS, GPTConfig
 from prepare import DATASETS, read_meta
@@ -76,7 +78,7 @@ sora_lambda_every = 200  # iterations per λ level
 sora_lambda_spacing = "linear"  # 'linear' | 'log_linear' | 'exp_linear'
 sora_gate_lr = 0.0  # peak learning rate of the gates; 0 = learning_rate
 sora_gate_init = "randn"  # 'randn' (the SoRA code's) | 'ones'
-sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.pt
+sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.safetensors
 # AdaLoRA / AdaDoRA: lora_rank is the initial rank; the budget falls to adalora_target_r per layer on average
 adalora_target_r = 4  # average rank per layer at the end
 adalora_tinit = 0  # iterations at the full budget
@@ -85,7 +87,7 @@ adalora_deltaT = 10  # iterations between two allocations
 adalora_beta1 = 0.85  # EMA of the sensitivity
 adalora_beta2 = 0.85  # EMA of the uncertainty
 adalora_orth_reg_weight = 0.5  # weight of the orthogonality regulariser on A and B (peft's default)
-adalora_prune = True  # at the end, save adapter_pruned.pt holding only the ranks with E != 0
+adalora_prune = True  # at the end, save adapter_pruned.safetensors holding only the ranks with E != 0
 # Rotational PiSSA: lora_rank principal directions, scaling lora_alpha / lora_rank
 pissa_method = "way0"  # 'way0' free R + penalty | 'way1' Givens | 'way2' Cayley low-rank skew | 'way3' exp
 pissa_ortho_weight = 1e-2  # way0: weight of the penalty mean ‖RᵀR - I‖²_F
@@ -287,7 +289,7 @@ def remove_stale_temp_files(out_dir):
     FILE.tmp.PID): never valid, so removed at the next start, with a note."""
     if not os.path.isdir(out_dir):
         return
-    stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if ".pt.tmp." in f]
+    stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if re.search(r"\.(pt|safetensors)\.tmp\.\d+$", f)]
     if stale:
         size = sum(os.path.getsize(f) for f in stale)
         for f in stale:
@@ -431,7 +433,7 @@ def load_base(c, meta):
 
 
 def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
-    """Drop the unused ranks in place and save the smaller adapter as adapter_pruned.pt: SoRA becomes
+    """Drop the unused ranks in place and save the smaller adapter as adapter_pruned.safetensors: SoRA becomes
     the plain LoRA of its non-zero gates; AdaLoRA / AdaDoRA keep only the ranks with E != 0."""
     before = sum(v.numel() for v in adapter_state_dict(model).values())
     if info["kind"] == "sora":
@@ -444,9 +446,9 @@ def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
         kept = slice_adalora_model(model)
         pruned = dict(info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()})
     state = adapter_state_dict(model)
-    path = os.path.join(out_dir, "adapter_pruned.pt")
-    save_atomic({"format": FORMAT, "adapter": pruned, "model_type": model_type, "model_args": model_args,
-                 "base": base, "state": state}, path)
+    path = os.path.join(out_dir, "adapter_pruned.safetensors")
+    save_adapter_file({"format": FORMAT, "adapter": pruned, "model_type": model_type, "model_args": model_args,
+                       "base": base, "state": state}, path)
     after = sum(v.numel() for v in state.values())
     ranks = sorted(kept.values())
     print(f"pruned {info['kind']}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}..{ranks[-1]}, "
@@ -512,7 +514,7 @@ def _train(c, device, ddp, rank, world, given):
     ckpt_file = os.path.join(out_dir, "ckpt.pt")
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
     resume = c["init_from"] == "resume"
-    held = [f for f in ("ckpt.pt", "metrics.jsonl", "adapter.pt", "adapter_pruned.pt") if os.path.exists(os.path.join(out_dir, f))]
+    held = [f for f in ("ckpt.pt", "metrics.jsonl", *ADAPTER_FILES) if os.path.exists(os.path.join(out_dir, f))]
     if not resume and not c["overwrite"] and held:
         raise ConfigError(f"{out_dir!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
                           "choose another --out_dir, or pass --overwrite=True to replace it")
@@ -667,7 +669,7 @@ def _train(c, device, ddp, rank, world, given):
         if info["kind"] != "none":
             blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
                     "base": c["init_from"], "seed": c["seed"], "state": adapter_state_dict(raw_model)}
-            save_atomic(blob, os.path.join(out_dir, "adapter.pt"))
+            save_adapter_file(blob, os.path.join(out_dir, "adapter.safetensors"))
 
     def log(row):
         with open(metrics_file, "a") as f:

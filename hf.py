@@ -1,0 +1,289 @@
+"""
+Hugging Face interop: any adapter trained here as a PEFT LoRA / DoRA adapter for transformers'
+GPT2LMHeadModel, and a PEFT LoRA / DoRA adapter for GPT-2 as a run folder here (sample, evaluate,
+bound it).
+
+    python hf.py --out_dir=out-shakespeare-lora                          # -> out-shakespeare-lora/peft/ (+ base/)
+    python hf.py --out_dir=out-gpt2-lora --export_dir=gpt2-lora-peft     # a GPT-2 fine-tune: the base stays 'gpt2'
+    python hf.py --import_from=gpt2-lora-peft --out_dir=out-imported     # PEFT -> ckpt.pt + adapter.safetensors
+    python sample.py --out_dir=out-imported
+
+An export is PEFT's on-disk format (adapter_config.json + adapter_model.safetensors): lora_A (r, in)
+and lora_B (out, r) per module, GPT-2's module names, fan_in_fan_out for its Conv1D layers. Every
+family leaves as the LoRA (or DoRA) it computes, ΔW = s B' A: SoRA with its gates baked into B and
+its zero-gated ranks dropped, AdaLoRA / AdaDoRA with B' = B diag(E) sliced to the ranks with E != 0,
+Rotational PiSSA as its rank-2r LoRA P(θ) - P(θ₀), SubLoRA as the factors θ₀ + P w (q,v-only
+factors as c_attn factors with zero rows for k). Ranks and scales that differ between layers go in
+PEFT's rank_pattern / alpha_pattern. A base trained here (or trained embeddings) is written beside
+it as a GPT-2 folder, base/; a GPT-2 fine-tune names the hub model instead. Then, with transformers
+and peft installed:
+
+    base = GPT2LMHeadModel.from_pretrained("out-shakespeare-lora/peft/base")
+    model = PeftModel.from_pretrained(base, "out-shakespeare-lora/peft")
+"""
+
+import copy
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+
+import torch
+
+from adapters import (AdaLoRALinear, RotationalPiSSALinear, SoRALinear, SubLoRA, adapter_layers,
+                      adapter_state_dict, inject_adapters)
+from checkpoint import FORMAT, CheckpointError, build_model, load_checkpoint, save_adapter_file, save_atomic
+from configurator import ConfigError, cli, config_defaults, configure
+from model import GPT, GPT2_SIZES
+
+out_dir = "out"  # export: the run to export; import: the run folder to write
+export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
+write_base = False  # export: write base/ even when the base is a hub GPT-2 (always written for a base trained here)
+import_from = ""  # import: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+base = ""  # import: the base, a gpt2 name or a GPT-2 folder ('' = the adapter's base_model_name_or_path)
+dataset = "openwebtext"  # import: data/<dataset>/ holds the data eval_bounds and train.py score the imported run on
+data_dir = ""  # import: that data folder itself ('' = data/<dataset>)
+overwrite = False  # replace an existing export_dir / run folder
+DEFAULTS = config_defaults(globals())
+
+PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+HUB = "openai-community/"  # the GPT-2 checkpoints' organisation on the hub
+
+
+class InteropError(ValueError):
+    """An adapter or folder that cannot cross to or from PEFT; the message says why and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# export: every family as the LoRA / DoRA it computes
+
+
+@torch.no_grad()
+def lora_factors(model):
+    """{module name: (A (r, in), B (out, r), s, magnitude or None)} with ΔW = s B A, for the adapters
+    of `model` (not changed): every family as a plain LoRA, DoRA's magnitude kept."""
+    if isinstance(model, SubLoRA):  # θ₀ + P w written into a copy of the inner LoRA model
+        params, inner = model.lora_params(), copy.deepcopy(model.model)
+        for name, p in inner.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+        model = inner
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        if isinstance(layer, RotationalPiSSALinear) and layer.quantized:
+            raise InteropError(f"{name}: a PiSSA layer with an NF4 residual computes deq(W_res) x, which no LoRA on "
+                               "the original weights reproduces; export a run trained with pissa_quantize_residual=False")
+        if layer.merged:
+            raise InteropError(f"{name} is merged into its base weight; export the unmerged model")
+        if isinstance(layer, SoRALinear):
+            layer = layer.to_lora()  # zero gates dropped, g baked into B; None: every gate is zero
+            if layer is None:
+                continue
+        elif isinstance(layer, AdaLoRALinear):
+            layer = layer.keep_ranks(layer.lora_E != 0)
+        B, A, s = layer.factors()
+        m = None if layer.magnitude is None else layer.magnitude.detach().clone()
+        if A.shape[0] == 0:  # AdaLoRA kept no rank here: ΔW = 0, yet DoRA's magnitude still rescales W
+            if m is None:
+                continue
+            A, B = A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)  # PEFT needs r >= 1
+        out[name] = (A.detach().clone(), B.detach().clone(), float(s), m)
+    if not out:
+        raise InteropError("the model has no adapter left to export (every rank pruned)")
+    return out
+
+
+def peft_config(factors, dropout, base_name_or_path):
+    """PEFT's LoraConfig as a dict: the commonest rank and alpha = s r, the others as patterns keyed by
+    the full module name (PEFT matches a key as a regex ending at a dot: the exact name matches only it)."""
+    ranks = {n: A.shape[0] for n, (A, _, _, _) in factors.items()}
+    alphas = {n: s * ranks[n] for n, (_, _, s, _) in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name_or_path,
+            "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(factors),
+            "fan_in_fan_out": True, "bias": "none", "use_rslora": False,
+            "use_dora": any(m is not None for *_, m in factors.values()),
+            "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+            "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+            "init_lora_weights": True, "modules_to_save": None, "inference_mode": True}
+
+
+def export_peft(factors, folder, base_name_or_path, dropout=0.0):
+    """Write lora_factors(model) to `folder` in PEFT's format; returns the config written."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for name, (A, B, _, m) in factors.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        if m is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.contiguous()
+    config = peft_config(factors, dropout, base_name_or_path)
+    os.makedirs(folder, exist_ok=True)
+    save_atomic(save(tensors, metadata={"format": "pt"}), os.path.join(folder, "adapter_model.safetensors"),
+                write=lambda data, f: f.write(data))
+    save_atomic(json.dumps(config, indent=2).encode(), os.path.join(folder, "adapter_config.json"),
+                write=lambda data, f: f.write(data))
+    return config
+
+
+def hub_name(init_from):
+    """The hub id of a GPT-2 name ('gpt2-medium' -> 'openai-community/gpt2-medium'), else None."""
+    return HUB + init_from if init_from in GPT2_SIZES else None
+
+
+def export_run(c):
+    ckpt = load_checkpoint(c["out_dir"])
+    info, cfg = ckpt["adapter"], ckpt.get("config", {})
+    if info["kind"] == "none":
+        raise InteropError(f"{c['out_dir']} holds no adapter (adapter='none'); export a fine-tuned run, or load its "
+                           "base with GPT.save_pretrained")
+    if ckpt.get("model_type", "gpt") != "gpt":
+        raise InteropError(f"{c['out_dir']} is a {ckpt['model_type']!r} model; only the GPT has GPT-2's layout")
+    folder = c["export_dir"] or os.path.join(c["out_dir"], "peft")
+    if os.path.isdir(folder) and os.listdir(folder) and not c["overwrite"]:
+        raise ConfigError(f"{folder!r} is not empty: choose another --export_dir or pass --overwrite=True")
+    model = build_model(ckpt).eval()
+    factors = lora_factors(model)
+    hub = hub_name(cfg.get("init_from", ""))
+    base_dir = os.path.join(folder, "base")
+    if hub and not info["train_embeddings"] and not c["write_base"]:
+        base_name = hub
+    else:  # the frozen weights of the run: the adapters' bases, put back into a plain GPT
+        base_model = GPT(model.model.config if isinstance(model, SubLoRA) else model.config)
+        inner = model.model if isinstance(model, SubLoRA) else model
+        state = {k.replace(".base.", "."): v for k, v in inner.state_dict().items()}
+        base_model.load_state_dict({k: v for k, v in state.items() if k in base_model.state_dict()})
+        base_model.save_pretrained(base_dir)
+        base_name = os.path.abspath(base_dir)
+    config = export_peft(factors, folder, base_name, dropout=info["settings"].get("dropout", 0.0))
+    n = sum(A.numel() + B.numel() for A, B, _, _ in factors.values())
+    print(f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"
+          f"{' with a rank_pattern' if config['rank_pattern'] else ''}, {n:,} LoRA numbers"
+          f"{', DoRA magnitudes' if config['use_dora'] else ''}) to {folder}/ for base {base_name}")
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# import: a PEFT LoRA / DoRA adapter for GPT-2 into this repo's GPT
+
+
+TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "base_layer.weight": "W"}
+UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "use_qalora": False,
+               "layer_replication": None, "trainable_token_indices": None, "target_parameters": None}
+
+
+def pattern_key(patterns, name):
+    """PEFT's rule (utils.other.get_pattern_key): the first pattern that matches the end of the module
+    name at a dot boundary."""
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+
+
+def read_peft(folder):
+    """(config dict, {module name: {"A", "B", "m", maybe "W"}}) of a PEFT adapter folder. "W": the base
+    weight PEFT saves beside the factors of an adapted embedding or a head tied to one."""
+    from safetensors.torch import load_file
+
+    paths = [os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    if not all(os.path.isfile(p) for p in paths):
+        raise InteropError(f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
+                           "adapter_model.safetensors (PeftModel.save_pretrained writes both)")
+    with open(paths[0]) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters import "
+                           "(an AdaLoRA adapter: export it from PEFT as LoRA, or train it here)")
+    for key, want in UNSUPPORTED.items():
+        if config.get(key, want) not in (want, [], {}):
+            raise InteropError(f"{folder}: adapter_config.json sets {key}={config[key]!r}, which this repo does not "
+                               f"implement; only {key}={want!r} imports")
+    layers = {}
+    for key, t in load_file(paths[1]).items():
+        name, part = next(((key[len(PREFIX): -len(p) - 1], p) for p in TENSORS if key.startswith(PREFIX)
+                           and key.endswith("." + p)), (None, None))
+        if name is None:
+            raise InteropError(f"{folder}: tensor {key!r} is not a LoRA factor or DoRA magnitude of a module")
+        layers.setdefault(name, {})[TENSORS[part]] = t
+    return config, layers
+
+
+def import_peft(folder, base=""):
+    """(model with the adapters, the checkpoint's adapter entry, the base's name) for a PEFT LoRA /
+    DoRA adapter: the base loaded as GPT.from_pretrained, the layers injected with PEFT's ranks and
+    scales, the tensors copied."""
+    config, layers = read_peft(folder)
+    base = base or config.get("base_model_name_or_path") or ""
+    base = base.removeprefix(HUB)
+    if not base:
+        raise ConfigError(f"{folder}: adapter_config.json names no base model; pass --base=gpt2 (or a GPT-2 folder)")
+    if not (base in GPT2_SIZES or os.path.isdir(base)):
+        raise ConfigError(f"the adapter's base {base!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a "
+                          "folder here; pass --base=NAME_OR_FOLDER")
+    model = GPT.from_pretrained(base)
+    modules = dict(model.named_modules())
+    settings, use_dora = {}, bool(config.get("use_dora"))
+    for name, t in sorted(layers.items()):
+        if name not in modules or type(modules[name]) is not torch.nn.Linear:
+            raise InteropError(f"the adapter adapts {name!r}, which is not a Linear of GPT-2 here (linears are e.g. "
+                               "transformer.h.0.attn.c_attn, lm_head)")
+        W = t.pop("W", None)
+        if W is not None and not torch.equal(W.to(modules[name].weight.dtype), modules[name].weight.detach()):
+            raise InteropError(f"the adapter carries its own {name}.weight, not the base's (a resized or trained "
+                               f"embedding): it needs that base, which {base!r} is not")
+        if set(t) != ({"A", "B", "m"} if use_dora else {"A", "B"}):
+            raise InteropError(f"{name}: the adapter file holds {sorted(t)} of A, B, m; use_dora={use_dora} needs "
+                               f"{'A, B and m' if use_dora else 'A and B'}")
+        r = t["A"].shape[0]
+        key = pattern_key(config.get("alpha_pattern") or {}, name)
+        alpha = config["alpha_pattern"][key] if key else config["lora_alpha"]
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        settings[name] = dict(rank=r, scaling=scaling)
+    kind = "dora" if use_dora else "lora"
+    info = dict(kind=kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
+                train_embeddings=False, layers=settings)
+    inject_adapters(model, kind, targets=info["targets"], layers=settings, **info["settings"])
+    state = {}
+    for name, t in layers.items():
+        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = t["A"], t["B"]
+        if use_dora:
+            state[f"{name}.magnitude"] = t["m"]
+    own = adapter_state_dict(model)
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise InteropError(f"{k} has shape {tuple(v.shape)}; the base's layer needs {tuple(own[k].shape)} (another "
+                               "GPT-2 size?)")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    return model, info, base
+
+
+def import_run(c):
+    folder, out = c["import_from"], c["out_dir"]
+    if os.path.exists(os.path.join(out, "ckpt.pt")) and not c["overwrite"]:
+        raise ConfigError(f"{out!r} already holds a run (ckpt.pt): choose another --out_dir or pass --overwrite=True")
+    model, info, base = import_peft(folder, c["base"])
+    model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
+    config = {"init_from": base, "dataset": c["dataset"], "data_dir": c["data_dir"], "imported_from": os.path.abspath(folder)}
+    os.makedirs(out, exist_ok=True)
+    save_atomic({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
+                 "iter_num": 0, "best_val_loss": float("inf"), "config": config, "adapter": info, "meta": None},
+                os.path.join(out, "ckpt.pt"))
+    save_adapter_file({"format": FORMAT, "adapter": info, "model_type": "gpt", "model_args": model_args, "base": base,
+                       "seed": 0, "state": adapter_state_dict(model)}, os.path.join(out, "adapter.safetensors"))
+    ranks = sorted({s["rank"] for s in info["layers"].values()})
+    print(f"imported a PEFT {info['kind']} adapter ({len(info['targets'])} modules, rank {'/'.join(map(str, ranks))}) "
+          f"on {base} into {out}/ (ckpt.pt, adapter.safetensors)")
+    return out
+
+
+def main(argv=(), environ=None):
+    c = configure(DEFAULTS, list(argv), environ)
+    if c["import_from"]:
+        return import_run(c)
+    return export_run(c)
+
+
+if __name__ == "__main__":
+    cli(main, sys.argv[1:])

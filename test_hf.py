@@ -1,0 +1,306 @@
+"""
+Hugging Face interop against the real libraries: GPT-2 logits equal transformers' GPT2LMHeadModel,
+every adapter family exported to PEFT gives the same logits under PeftModel (and comes back through
+import), PEFT LoRA / DoRA adapters import, fp64 merges match PEFT's, AdaLoRA's masks match PEFT's
+RankAllocator over a whole schedule. peft and transformers are test-only requirements.
+
+    python -m pytest -q test_hf.py
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import hf  # noqa: E402
+import train  # noqa: E402
+from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers, inject_adapters,  # noqa: E402
+                      merge_adapters)
+from checkpoint import FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
+
+
+def hf_gpt2(folder, seed=0, dtype=torch.float32, **kw):
+    """A tiny random GPT-2 of transformers' own (biases and LayerNorms perturbed too), saved to `folder`."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, **kw)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval()
+
+
+def ids(n=2, t=48, seed=1):
+    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def ours(model, idx):
+    with torch.no_grad():
+        return model(idx, idx)[0]  # with targets: the logits of every position
+
+
+def theirs(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny-gpt2"))
+    hf_gpt2(folder)
+    return folder
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_gpt2_weights_give_transformers_logits(tmp_path, activation):
+    """GPT-2's tanh GELU (gelu_new) and the exact one both read from config.json: same logits in fp64."""
+    ref = hf_gpt2(str(tmp_path), activation_function=activation, dtype=torch.float64)
+    model = GPT.from_pretrained(str(tmp_path)).double().eval()
+    idx = ids()
+    assert torch.allclose(ours(model, idx), theirs(ref, idx), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "none")])
+def test_save_pretrained_loads_in_transformers(tmp_path, bias, gelu):
+    """A GPT trained here (nanoGPT's exact GELU, no biases) as a GPT-2 folder: the same function there."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=V, bias=bias, gelu=gelu)).double()
+    model.save_pretrained(str(tmp_path))
+    ref = GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
+    idx = ids()
+    assert torch.allclose(ours(model.eval(), idx), theirs(ref, idx), rtol=0, atol=1e-12)
+    assert torch.equal(ours(GPT.from_pretrained(str(tmp_path)).double().eval(), idx), ours(model, idx))
+
+
+# family -> (inject_adapters kind, settings, targets)
+FAMILIES = {
+    "lora": ("lora", dict(rank=4, alpha=8.0), None),
+    "rslora": ("lora", dict(rank=4, alpha=8.0, use_rslora=True), None),
+    "lora_qv": ("lora", dict(rank=3, alpha=6.0), ["c_attn:q,v", "lm_head"]),
+    "dora": ("dora", dict(rank=4, alpha=8.0), None),
+    "sora": ("sora", dict(rank=4, alpha=8.0), None),
+    "adalora": ("adalora", dict(rank=4, alpha=8.0), None),
+    "adadora": ("adadora", dict(rank=4, alpha=8.0), None),
+    **{f"pissa_{way}": ("pissa", dict(rank=4, alpha=4.0, method=way), None) for way in ("way0", "way1", "way2", "way3")},
+    "sublora": ("lora", dict(rank=4, alpha=32.0), ["c_attn:q,v", "lm_head"]),
+}
+
+
+def trained(base, family, seed=0):
+    """`base` with the family's adapters and every trainable tensor moved away from its init, as
+    training would (SoRA with some gates at exactly 0, AdaLoRA with masked ranks and one layer masked
+    whole)."""
+    kind, settings, targets = FAMILIES[family]
+    torch.manual_seed(seed)
+    inject_adapters(base, kind, targets=targets, **settings)
+    model = SubLoRA(base, intrinsic_dim=60, allocation_mode="fixed") if family == "sublora" else base
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        for i, layer in enumerate(adapter_layers(base).values()):
+            if isinstance(layer, SoRALinear):
+                layer.gate[i % 3 :: 2] = 0
+            if isinstance(layer, AdaLoRALinear):
+                layer.lora_E[: 1 + i % 3] = 0
+                if i == 1:
+                    layer.lora_E.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_to_peft_and_back(gpt2_dir, tmp_path, family):
+    model = trained(GPT.from_pretrained(gpt2_dir), family)
+    idx = ids()
+    want = ours(model, idx)
+    config = hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
+    if family in ("sora", "adalora", "adadora"):
+        assert config["rank_pattern"]  # each layer keeps its own number of ranks
+    if family.startswith("pissa"):
+        assert config["r"] == 8  # P(θ) - P(θ₀): rank 2r
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(tmp_path)).eval()
+    assert torch.allclose(theirs(peft_model, idx), want, rtol=0, atol=1e-5)
+    back, info, _ = hf.import_peft(str(tmp_path), base=gpt2_dir)
+    assert info["kind"] == ("dora" if config["use_dora"] else "lora")
+    assert torch.allclose(ours(back.eval(), idx), want, rtol=0, atol=1e-5)
+
+
+def test_qv_factors_export_with_zero_rows_for_k(gpt2_dir, tmp_path):
+    model = trained(GPT.from_pretrained(gpt2_dir), "lora_qv")
+    hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
+    from safetensors.torch import load_file
+
+    B = load_file(str(tmp_path / "adapter_model.safetensors"))[f"{hf.PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert B.shape == (96, 3) and B[32:64].abs().max() == 0 and B[:32].abs().min() > 0 and B[64:].abs().min() > 0
+
+
+def test_peft_lora_and_dora_adapters_import(gpt2_dir, tmp_path):
+    """Adapters made by PEFT itself, with per-layer ranks, alphas and rsLoRA: the same logits here."""
+    idx = ids()
+    for i, (use_dora, rslora) in enumerate([(False, False), (True, False), (False, True)]):
+        torch.manual_seed(i)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "lm_head"], use_dora=use_dora,
+                         use_rslora=rslora, rank_pattern={"h.1.mlp.c_fc": 2}, alpha_pattern={"lm_head": 3.0},
+                         init_lora_weights=False)  # random A and B: not the identity
+        peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).eval()
+        folder = tmp_path / f"peft{i}"
+        peft_model.save_pretrained(str(folder))
+        model, info, _ = hf.import_peft(str(folder), base=gpt2_dir)
+        assert info["layers"]["transformer.h.1.mlp.c_fc"]["rank"] == 2
+        assert torch.allclose(ours(model.eval(), idx), theirs(peft_model, idx), rtol=0, atol=1e-5)
+
+
+def test_fp64_merge_and_dora_norm_match_peft(gpt2_dir, tmp_path):
+    """In float64 the DoRA forward and the merged weights agree with PEFT's to fp64 precision (a
+    float32 merge or norm is off by ~1e-7)."""
+    model = trained(GPT.from_pretrained(gpt2_dir).double(), "dora")
+    hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir, dtype=torch.float64),
+                                           str(tmp_path)).eval()
+    idx = ids()
+    assert torch.allclose(ours(model, idx), theirs(peft_model, idx), rtol=1e-11, atol=1e-11)
+    merged, ref = merge_adapters(copy.deepcopy(model)), peft_model.merge_and_unload()
+    for name in ("h.0.attn.c_attn", "h.1.mlp.c_fc"):
+        w, w_ref = merged.get_submodule(f"transformer.{name}").weight, ref.get_submodule(f"transformer.{name}").weight.T
+        assert torch.allclose(w, w_ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_adalora_masks_equal_peft_rank_allocator(gpt2_dir, seed):
+    """The same A, B, E and the same gradients at every step of a schedule with tinit, tfinal and
+    deltaT > 1: PEFT's RankAllocator and ours mask the same ranks at every step, with the same
+    importance (fp64)."""
+    total, tinit, tfinal, delta_t = 24, 3, 5, 3
+    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=0.85,
+                        beta2=0.85, total_step=total, target_modules=["c_attn", "c_proj", "c_fc"])
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir, dtype=torch.float64), cfg)
+    model = GPT.from_pretrained(gpt2_dir).double()
+    inject_adapters(model, "adalora", targets=["c_attn", "c_proj", "c_fc"], rank=4, alpha=8.0)
+    allocator = RankAllocator(model, target_r=2, total_step=total, tinit=tinit, tfinal=tfinal, deltaT=delta_t)
+    pairs = []
+    for name, layer in adapter_layers(model).items():
+        for part in ("lora_A", "lora_B", "lora_E"):
+            p_ref = peft_model.get_parameter(f"base_model.model.{name}.{part}.default")
+            mine = getattr(layer, part)
+            with torch.no_grad():
+                mine.copy_(p_ref.view_as(mine))
+            pairs.append((mine, p_ref))
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(total + 3):
+        for mine, p_ref in pairs:  # one plain gradient step, the same on both sides
+            g = torch.randn(p_ref.shape, generator=gen, dtype=torch.float64)
+            p_ref.grad, mine.grad = g, g.view_as(mine).clone()
+            with torch.no_grad():
+                p_ref.sub_(0.1 * g)
+                mine.sub_(0.1 * g.view_as(mine))
+        allocator.update_and_allocate(step)
+        peft_model.base_model.update_and_allocate(step)
+        for mine, p_ref in pairs:
+            assert torch.equal(mine == 0, p_ref.view_as(mine) == 0), f"step {step}: masks differ"
+            assert torch.allclose(mine, p_ref.view_as(mine), rtol=0, atol=1e-12)
+        if 0 < step < total - tfinal:  # the importance itself, where PEFT keeps it
+            ref = peft_model.base_model.rankallocator
+            for name in allocator.layers:
+                key = f"{name}.lora_E.default"
+                assert torch.allclose(allocator.sensitivity[f"{name}.lora_E"], ref.exp_avg_ipt[key].view(-1), atol=1e-14)
+                assert torch.allclose(allocator.uncertainty[f"{name}.lora_E"], ref.exp_avg_unc[key].view(-1), atol=1e-14)
+    assert sum(int((layer.lora_E != 0).sum()) for layer in allocator.layers.values()) == 2 * len(allocator.layers)
+
+
+# -----------------------------------------------------------------------------
+# the command line: a run trained here -> PEFT -> back, evaluated by train.py
+
+
+def tiny_run(data_dir, out_dir, **kw):
+    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32,
+                batch_size=4, eval_iters=4, eval_interval=6, log_interval=1, dropout=0.0, learning_rate=1e-2,
+                warmup_iters=0, max_iters=6, lr_decay_iters=6, dtype="float32", init_from="scratch")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def test_command_line_round_trip(char_data, tmp_path, capsys):
+    """Pretrain here, SoRA fine-tune, `python hf.py` exports (base/ written: it was trained here),
+    PEFT gives the run's logits, `python hf.py --import_from` brings it back as a run, and train.py's
+    evaluation of the imported run equals the original's."""
+    train.train(tiny_run(char_data, tmp_path / "base", max_iters=10, eval_interval=10), environ={})
+    run = tmp_path / "sora"
+    train.train(tiny_run(char_data, run, adapter="sora", lora_rank=4, init_from=str(tmp_path / "base"),
+                         sora_lambda=0.3), environ={})
+    export = tmp_path / "export"
+    hf.main([f"--out_dir={run}", f"--export_dir={export}"])
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(export / "base") and (export / "base" / "config.json").is_file()
+    model = build_model(load_checkpoint(str(run))).eval()
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    idx = ids(t=32)
+    assert torch.allclose(theirs(peft_model, idx), ours(model, idx), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not empty"):  # an earlier export is never overwritten silently
+        hf.main([f"--out_dir={run}", f"--export_dir={export}"])
+
+    imported = tmp_path / "imported"
+    hf.main([f"--import_from={export}", f"--out_dir={imported}", f"--data_dir={char_data}"])
+    assert torch.allclose(ours(build_model(load_checkpoint(str(imported))).eval(), idx), ours(model, idx), atol=1e-5)
+    blob = read_adapter_file(str(imported / "adapter.safetensors"))
+    assert blob["adapter"]["kind"] == "lora" and blob["format"] == FORMAT
+    losses = {}
+    for name, source in (("original", run), ("imported", imported)):
+        out = tmp_path / f"eval-{name}"
+        train.train(tiny_run(char_data, out, init_from=str(source), eval_only=True), environ={})
+        losses[name] = [r["val_loss"] for r in train.read_metrics(str(out)) if r["val_loss"] is not None]
+    assert losses["original"] and losses["imported"] == pytest.approx(losses["original"], abs=1e-5)
+    import eval_bounds  # and bounded: the same training loss before quantisation (the messages differ)
+
+    raw = {}
+    for source in (run, imported):
+        eval_bounds.main([f"--out_dir={source}", "--eval_blocks=16", "--eval_docs=8",
+                          "--exact_max_tokens=0", "--device=cpu"])
+        raw[source] = json.loads((source / "bounds.json").read_text())["token_bpd_parts"]["unquantised"]
+    assert raw[imported] == pytest.approx(raw[run], abs=1e-4)
+
+
+def test_adapter_files_are_safetensors_and_old_pt_files_load(gpt2_dir, tmp_path):
+    """adapter.safetensors: no pickle, the settings as JSON in its header; an adapter.pt of older runs
+    (the same dict, torch-saved) still loads and gives the same model."""
+    import train as _  # noqa: F401  (the writer train.py uses)
+    from checkpoint import save_adapter_file
+    from adapters import adapter_state_dict
+
+    model = trained(GPT.from_pretrained(gpt2_dir), "dora")
+    info = dict(kind="dora", targets=list(adapter_layers(model)), settings=dict(rank=4, alpha=8.0),
+                train_embeddings=False)
+    blob = {"format": FORMAT, "adapter": info, "model_type": "gpt", "model_args": {}, "base": gpt2_dir, "seed": 0,
+            "state": adapter_state_dict(model)}
+    save_adapter_file(blob, str(tmp_path / "adapter.safetensors"))
+    raw = (tmp_path / "adapter.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert json.loads(header["__metadata__"]["lowrank"])["adapter"] == info
+    torch.save(blob, tmp_path / "adapter.pt")
+    idx = ids()
+    for name in ("adapter.safetensors", "adapter.pt"):
+        loaded = load_adapter(GPT.from_pretrained(gpt2_dir), str(tmp_path / name)).eval()
+        assert torch.equal(ours(loaded, idx), ours(model, idx))
+
+
+def test_bad_folders_and_adapters_give_one_clear_error(gpt2_dir, tmp_path):
+    with pytest.raises(hf.InteropError, match="not a PEFT adapter folder"):
+        hf.import_peft(str(tmp_path), base=gpt2_dir)
+    cfg = LoraConfig(r=2, target_modules=["c_attn"], bias="all")
+    get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).save_pretrained(str(tmp_path / "bias"))
+    with pytest.raises(hf.InteropError, match="bias='all'"):
+        hf.import_peft(str(tmp_path / "bias"), base=gpt2_dir)
+    model = GPT.from_pretrained(gpt2_dir)
+    inject_adapters(model, "pissa", rank=4, quantize_residual=True)
+    with pytest.raises(hf.InteropError, match="NF4 residual"):
+        hf.lora_factors(model)
