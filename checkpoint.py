@@ -36,13 +36,16 @@ class CheckpointError(ValueError):
     """A missing, corrupt or foreign checkpoint; the message names the file and what is wrong."""
 
 
-def save_atomic(obj, path, write=None):
-    """write(obj, file) (default torch.save) to a temp file beside `path`, fsync, then rename: a crash
-    leaves the old file whole."""
+def save_atomic(obj, path):
+    """torch.save(obj) (bytes: written as they are) to a temp file beside `path`, fsync, then rename: a
+    crash leaves the old file whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            (write or torch.save)(obj, f)
+            if isinstance(obj, bytes):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -126,7 +129,7 @@ def save_adapter_file(blob, path):
     settings = {k: v for k, v in blob.items() if k != "state"}
     tensors = {k: v.detach().contiguous() for k, v in blob["state"].items()}
     data = save(tensors, metadata={"format": "pt", "lowrank": json.dumps(settings)})
-    save_atomic(data, path, write=lambda data, f: f.write(data))
+    save_atomic(data, path)
 
 
 def read_adapter_file(path):

@@ -405,10 +405,14 @@ def evaluate(c, run_dir):
 
     # document level: per-document average losses of s sampled documents
     separator = c["doc_separator"].encode().decode("unicode_escape") if c["doc_separator"] else None
-    if separator is None:
-        sep_ids = [EOT] if not meta or meta.get("tokenizer") != "char" else load_tokenizer(meta)[0]("\n\n")
-    else:
+    if separator is not None:
         sep_ids = load_tokenizer(meta)[0](separator)
+    elif meta and meta.get("separator"):  # the dataset's own: bytes datasets name theirs (NUL between files)
+        sep_ids = meta["separator"]
+    elif meta and meta.get("tokenizer") == "char":
+        sep_ids = load_tokenizer(meta)[0]("\n\n")
+    else:
+        sep_ids = [EOT]
     starts, ends = documents(np.asarray(train), sep_ids)
     doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen, device="cpu").numpy()
     doc_smooth, doc_err = doc_level(model, train, starts[doc_ix], ends[doc_ix], block, alpha_grid, ks, vocab, c)

@@ -123,10 +123,8 @@ def export_peft(factors, folder, base_name_or_path, dropout=0.0):
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.contiguous()
     config = peft_config(factors, dropout, base_name_or_path)
     os.makedirs(folder, exist_ok=True)
-    save_atomic(save(tensors, metadata={"format": "pt"}), os.path.join(folder, "adapter_model.safetensors"),
-                write=lambda data, f: f.write(data))
-    save_atomic(json.dumps(config, indent=2).encode(), os.path.join(folder, "adapter_config.json"),
-                write=lambda data, f: f.write(data))
+    save_atomic(save(tensors, metadata={"format": "pt"}), os.path.join(folder, "adapter_model.safetensors"))
+    save_atomic(json.dumps(config, indent=2).encode(), os.path.join(folder, "adapter_config.json"))
     return config
 
 

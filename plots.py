@@ -187,6 +187,46 @@ def plot_bound_parts(run_dir, results):
     return save(fig, run_dir, "bound_parts.png")
 
 
+def pareto_front(points):
+    """The (x, y) points that no point with a smaller or equal x beats in y (lower is better), by x."""
+    frontier, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            frontier.append((x, y))
+            best = y
+    return frontier
+
+
+def plot_comparison(summary, out_dir):
+    """compare.py: each method's val loss (at its best learning rate) against its trainable parameters,
+    the Pareto frontier through the methods no cheaper one beats, the frozen base and full fine-tuning
+    as the two ends."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    best = summary["best"]
+    points = [(r["trainable_params"], r["val_loss"], m) for m, r in best.items() if m != "frozen"]
+    for k, (n, loss, m) in enumerate(sorted(points, key=lambda p: p[1])):  # labels alternate above and below
+        ax.scatter(n, loss, color="C3" if m == "full" else "C0", zorder=3)
+        ax.annotate(m, (n, loss), fontsize=7, xytext=(4, 4 if k % 2 else -10), textcoords="offset points")
+    if len(points) > 1:
+        ax.plot(*zip(*pareto_front([(n, loss) for n, loss, _ in points])), color="C0", lw=1, label="Pareto frontier")
+    losses, frozen = [loss for _, loss, _ in points], best["frozen"]["val_loss"]
+    top = max(losses) + 0.25 * (max(losses) - min(losses) or 1)
+    if frozen <= top:
+        ax.axhline(frozen, color="k", lw=1, ls=":", label="frozen base")
+    else:  # far above the methods: named, not drawn, so the methods keep the plot's height
+        ax.plot([], [], " ", label=f"frozen base: {frozen:.3f} (above)")
+        ax.set_ylim(top=top)
+    if "full" in best:
+        ax.axhline(best["full"]["val_loss"], color="C3", lw=1, ls="--", label="full fine-tuning")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"val loss on {summary['target_dataset']} (nats per token)")
+    ax.set_title(f"{summary['base_dataset']} base fine-tuned on {summary['target_dataset']}: "
+                 f"{summary['budget']['max_iters']} iterations per method", fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, "compare.png")
+
+
 def plot_pareto(sweep_dir, results):
     """Complexity (message bits) against empirical BPD and its token-level bound, over a sweep's runs;
     the Pareto frontier of the bound drawn through the runs no other run beats on both axes."""
@@ -196,12 +236,7 @@ def plot_pareto(sweep_dir, results):
         ax.scatter(bits, r["metrics"]["token_bpd"]["empirical"], marker="x", color="C0", label="empirical" if k == 0 else None)
         ax.scatter(bits, b, marker="o", color="C1", label="token-level bound" if k == 0 else None)
         ax.annotate(os.path.basename(r["run"]), (bits, b), fontsize=5)
-    frontier, best = [], float("inf")
-    for bits, b, _ in points:
-        if b < best:
-            frontier.append((bits, b))
-            best = b
-    ax.plot(*zip(*frontier), color="C1", lw=1)
+    ax.plot(*zip(*pareto_front([(bits, b) for bits, b, _ in points])), color="C1", lw=1)
     ax.axhline(math.log2(results[0]["vocab"]), color="k", lw=1, ls=":", label="random guess")
     ax.set_xlabel("complexity K (bits)")
     ax.set_ylabel("bits per token")

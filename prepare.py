@@ -6,6 +6,8 @@ and meta.json (vocabulary and tokenizer; JSON, not pickle).
     python prepare.py shakespeare                      # GPT-2 BPE through tiktoken
     python prepare.py openwebtext --num_proc=8         # Hugging Face datasets, tokenised in parallel
     python prepare.py shakespeare_char --input=PATH    # any local text file instead of the download
+    python prepare.py python_stdlib                    # bytes: this Python's standard library source, no tests
+    python prepare.py shakespeare_bytes --input=PATH   # bytes: Tiny Shakespeare in the same 256-symbol vocabulary
     python prepare.py openwebtext --input=DIR_OR_FILE  # local .txt / .json(l) / .parquet files
     options (--key=value or --key value):
       --input=PATH         a local text file (a folder or file of documents for openwebtext) instead of the download
@@ -21,10 +23,13 @@ Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tr
 
 import json
 import os
+import platform
 import socket
 import sys
+import sysconfig
 import urllib.parse
 import urllib.request
+import zlib
 
 import numpy as np
 
@@ -75,6 +80,8 @@ def gpt2_encoding():
 
 def load_tokenizer(meta):
     """(encode, decode) for a dataset's meta.json contents; None means GPT-2 BPE."""
+    if meta and meta.get("tokenizer") == "bytes":  # UTF-8 bytes; a sample cut inside a character shows U+FFFD
+        return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(ids).decode("utf-8", errors="replace"))
     if meta and meta.get("tokenizer") == "char":
         stoi, itos = meta["stoi"], {int(i): ch for i, ch in meta["itos"].items()}
         unknown = lambda s: sorted({c for c in s if c not in stoi})  # noqa: E731
@@ -99,8 +106,7 @@ def read_meta(data_dir):
 
 def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
     """First (1 - val_fraction) of the stream to train.bin, the rest to val.bin (as nanoGPT does), and
-    meta.json. A prepared dataset already in out_dir is replaced only if it is the same or with
-    `overwrite`; each file is written atomically."""
+    meta.json (write_split)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val_fraction must be in (0, 1), got {val_fraction}")
     ids = np.asarray(ids, dtype=np.uint16)
@@ -108,8 +114,13 @@ def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
     if min(n, len(ids) - n) < 2:
         raise ValueError(f"the input gives {len(ids):,} tokens: too few for a train and a val split of at least 2 "
                          "tokens each; give a longer text (or another --val_fraction)")
-    files = {"train.bin": ids[:n].tobytes(), "val.bin": ids[n:].tobytes(),
-             "meta.json": json.dumps(meta, indent=1).encode()}
+    write_split(out_dir, ids[:n], ids[n:], meta, overwrite)
+
+
+def write_split(out_dir, train, val, meta, overwrite=False):
+    """train.bin and val.bin (uint16 token id arrays) and meta.json. A prepared dataset already in
+    out_dir is replaced only if it is the same or with `overwrite`; each file is written atomically."""
+    files = {"train.bin": train.tobytes(), "val.bin": val.tobytes(), "meta.json": json.dumps(meta, indent=1).encode()}
     differ = [f for f, data in files.items() if os.path.exists(os.path.join(out_dir, f))
               and open(os.path.join(out_dir, f), "rb").read() != data]
     if differ and not overwrite:
@@ -118,7 +129,7 @@ def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
     os.makedirs(out_dir, exist_ok=True)
     for f, data in files.items():
         atomic_write(os.path.join(out_dir, f), lambda tmp, data=data: open(tmp, "wb").write(data))
-    print(f"train.bin: {n:,} tokens\nval.bin: {len(ids) - n:,} tokens")
+    print(f"train.bin: {len(files['train.bin']) // 2:,} tokens\nval.bin: {len(files['val.bin']) // 2:,} tokens")
 
 
 def refuse_to_replace(out_dir, overwrite):
@@ -187,6 +198,67 @@ def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1, overwrite=Fa
     write_dataset(out_dir, ids, val_fraction, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, overwrite)
 
 
+BYTES = {"tokenizer": "bytes", "vocab_size": 256}  # every text in one vocabulary: a model of one reads another
+
+
+def prepare_shakespeare_bytes(out_dir, input_path=None, val_fraction=0.1, overwrite=False):
+    """Tiny Shakespeare as UTF-8 bytes, nanoGPT's split (the last val_fraction of the text); its
+    documents (for eval_bounds) are the speeches, separated by a blank line."""
+    data = read_shakespeare(input_path, out_dir).encode("utf-8")
+    print(f"{len(data):,} bytes")
+    write_dataset(out_dir, list(data), val_fraction, dict(BYTES, separator=list(b"\n\n")), overwrite)
+
+
+# the standard library without its tests: folders whose name starts with 'test' (test, tests, idle_test...)
+# and test_*.py files are left out, as are installed packages and caches
+STDLIB_SKIP = ("site-packages", "dist-packages", "__pycache__")
+
+
+def python_files(root):
+    """The .py files below root that are not tests, as sorted '/'-separated relative paths."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP and not d.startswith("test")]
+        rel = os.path.relpath(folder, root).replace(os.sep, "/")
+        found += [f if rel == "." else f"{rel}/{f}" for f in files if f.endswith(".py") and not f.startswith("test_")]
+    return sorted(found)
+
+
+def in_val(rel_path, val_fraction):
+    """A file's split from its path alone (CRC-32), so adding or removing other files moves no file."""
+    return zlib.crc32(rel_path.encode("utf-8")) % 10_000 < val_fraction * 10_000
+
+
+def prepare_python_stdlib(out_dir, input_path=None, val_fraction=0.1, overwrite=False):
+    """The source of Python's standard library (or of any folder, --input=DIR) as UTF-8 bytes: a
+    genuine shift from Shakespeare in the same 256-symbol vocabulary. Each file is one document,
+    followed by a NUL byte (which Python source never holds); a file goes to val when the CRC-32 of
+    its relative path says so, so no file is split across train and val, and the split is fixed."""
+    root = input_path or sysconfig.get_paths()["stdlib"]
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--input {root!r} is not a folder of .py files")
+    files = python_files(root)
+    if not files:
+        raise ValueError(f"{root} holds no .py files outside tests")
+    split = {"train": bytearray(), "val": bytearray()}
+    counts = {"train": 0, "val": 0}
+    for rel in files:
+        with open(os.path.join(root, rel), "rb") as f:
+            data = f.read()
+        if b"\0" in data:
+            raise ValueError(f"{rel} holds a NUL byte, the document separator; remove the file from --input")
+        part = "val" if in_val(rel, val_fraction) else "train"
+        split[part] += data + b"\0"
+        counts[part] += 1
+    if not counts["val"] or not counts["train"]:
+        raise ValueError(f"{len(files)} file(s) in {root}: too few for a train and a val split by file; give more files")
+    print(f"{len(files):,} files of {root} ({sum(map(len, split.values())):,} bytes): {counts['train']:,} train, "
+          f"{counts['val']:,} val")
+    meta = dict(BYTES, separator=[0], files=counts, **({} if input_path else {"python": platform.python_version()}))
+    ids = {k: np.frombuffer(bytes(v), dtype=np.uint8).astype(np.uint16) for k, v in split.items()}
+    write_split(out_dir, ids["train"], ids["val"], meta, overwrite)
+
+
 def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="Skylion007/openwebtext",
                revision="refs/convert/parquet", overwrite=False):
     """A Hugging Face text dataset, one document per row: BPE in parallel, <|endoftext|> after each
@@ -236,7 +308,8 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
     write_text(os.path.join(out_dir, "meta.json"), json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1))
 
 
-DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf}
+DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf,
+            "shakespeare_bytes": prepare_shakespeare_bytes, "python_stdlib": prepare_python_stdlib}
 
 
 OPTIONS = ("input", "out_dir", "val_fraction", "num_proc", "overwrite", "vocab_from")

@@ -105,3 +105,55 @@ def test_offline_downloads_end_in_one_line_naming_the_local_way(command, tmp_pat
 def _write(path, text):
     path.write_text(text, encoding="utf-8")
     return str(path)
+
+
+# -----------------------------------------------------------------------------
+# the bytes datasets of the method comparison (compare.py)
+
+
+def python_tree(root, extra=()):
+    """A small standard-library-like folder: modules, a package, and the tests that must be left out."""
+    files = {"os_like.py": "import sys\n\ndef f(x):\n    return x + 1\n", "pkg/__init__.py": "from .core import *\n",
+             "pkg/core.py": "# café: a UTF-8 byte sequence\nclass C:\n    pass\n", "json_like/decoder.py": "def dec(s): ...\n",
+             "test/test_os.py": "assert True\n", "pkg/tests/helper.py": "TEST = 1\n", "pkg/test_core.py": "x = 1\n",
+             "notes.txt": "not python\n", **dict(extra)}
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return {rel: text for rel, text in files.items() if rel.endswith(".py") and "test" not in rel}
+
+
+def documents(folder):
+    train, val = (bytes(ids.astype(np.uint8)) for ids in read_ids(folder))
+    return [d for d in train.split(b"\0") if d], [d for d in val.split(b"\0") if d]
+
+
+def test_python_corpus_is_deterministic_and_split_by_whole_files(tmp_path):
+    src = tmp_path / "lib"
+    kept = python_tree(src, {f"mod{i}.py": f"def g{i}():\n    return {i}\n" for i in range(40)})
+    prepare.prepare_python_stdlib(str(tmp_path / "a"), input_path=str(src))
+    prepare.prepare_python_stdlib(str(tmp_path / "b"), input_path=str(src))
+    for f in ("train.bin", "val.bin", "meta.json"):  # same bytes in, the same files out
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    train, val = documents(tmp_path / "a")
+    want = {text.encode("utf-8") for text in kept.values()}
+    assert set(train) | set(val) == want and len(train) + len(val) == len(want)  # every file once, no test file
+    assert not set(train) & set(val) and train and val  # no file on both sides
+    assert read_meta(str(tmp_path / "a"))["files"] == {"train": len(train), "val": len(val)}
+    encode, decode = load_tokenizer(read_meta(str(tmp_path / "a")))
+    assert decode(encode("café")) == "café" and len(encode("café")) == 5  # bytes, not characters
+    # a file's side depends on its own path only: adding files moves none of the others
+    python_tree(src, {"zzz_new.py": "NEW = 1\n"})
+    prepare.prepare_python_stdlib(str(tmp_path / "c"), input_path=str(src))
+    train_c, val_c = documents(tmp_path / "c")
+    assert set(train) <= set(train_c) and set(val) <= set(val_c)
+
+
+def test_shakespeare_bytes_round_trip(tmp_path, shakespeare_text):
+    path = tmp_path / "in.txt"
+    path.write_text(shakespeare_text, encoding="utf-8")
+    prepare.prepare_shakespeare_bytes(str(tmp_path / "out"), input_path=str(path))
+    train, val = read_ids(str(tmp_path / "out"))
+    assert bytes(np.concatenate([train, val]).astype(np.uint8)).decode("utf-8") == shakespeare_text
+    assert read_meta(str(tmp_path / "out"))["vocab_size"] == 256

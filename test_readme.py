@@ -74,6 +74,8 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
         elif script == "sweep.py":  # one run of the grid, tiny
             args += ["--intrinsic_dims=300", "--allocations=fixed:0.5", "--seeds=0", "--max_iters=4",
                      "--train_args=" + " ".join(tiny_args(words, train.DEFAULTS))]
+        elif script == "compare.py":  # one method, one learning rate, seconds
+            args += ["--size=tiny", "--grid=1", "--methods=lora_r1", "--device=cpu"]
         elif script == "eval_bounds.py":
             args += ["--eval_blocks=8", "--eval_docs=8", "--batch_size=8", "--device=cpu", "--exact_max_tokens=0"]
             args += ["--qat_steps=5"] if any(a.startswith("--qat_steps") for a in args) else []
@@ -88,20 +90,20 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
             assert rows[-1]["iter"] == c["max_iters"] and rows[-1]["val_loss"] is not None, shown
         ran.append((shown, proc.stdout))
     scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
-    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py"}
+    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py", "compare.py"}
     assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
     auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
     assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf"])
+@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf", "compare"])
 def test_help_lists_every_key_with_its_default_and_meaning(name, capsys):
     """--help is generated from the globals the configurator reads (and the comments beside them), so
     a key cannot be missing from it; prepare.py lists its options."""
     import importlib
 
     module = importlib.import_module(name)
-    main = {"train": "train", "sample": "sample", "sweep": "sweep"}.get(name, "main")
+    main = {"train": "train", "sample": "sample", "sweep": "sweep", "compare": "compare"}.get(name, "main")
     with pytest.raises(SystemExit) as exit_info:
         getattr(module, main)(["--help"])
     assert exit_info.value.code == 0

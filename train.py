@@ -457,6 +457,17 @@ def save_pruned_adapter(model, info, model_type, model_args, base, out_dir):
     return path
 
 
+def peak_memory_mb(device):
+    """The run's peak memory: on a GPU the allocator's high-water mark (tensors only), else this
+    process's peak resident set (everything it held, torch's libraries included)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def format_eta(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -730,6 +741,7 @@ def _train(c, device, ddp, rank, world, given):
             if row:
                 if iter_num > start_iter:
                     row["mean_tokens_per_s"] = (iter_num - start_iter) * tokens_per_iter / (time.time() - t_start - t_outside)
+                row["peak_mem_mb"] = peak_memory_mb(device)
                 log(row)
                 last = row
             break
