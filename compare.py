@@ -30,7 +30,7 @@ from prepare import DATASETS, read_meta, write_text
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
 size = "cpu"  # 'cpu' (about 21 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
-methods = ""  # ','-separated names of METHODS to run ('' = all); the frozen base always comes too
+methods = ""  # ','-separated, of full lora_r1 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
 target_dataset = "python_stdlib"  # every method is fine-tuned on data/<target_dataset>
