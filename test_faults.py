@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import bench
+import compare
 import eval_bounds
 import hf
 import prepare
@@ -105,13 +106,15 @@ CASES = [
     ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--alphas=0,0.5", "--device=cpu"], "every α in --alphas"),
     ("bench", lambda d, r: ["--reps=0", "--device=cpu"], "reps must be in [1, inf)"),
     ("sweep", lambda d, r: ["--allocations=fixed:x", f"--sweep_dir={r / 'sw'}"], "cannot be read"),
+    ("compare", lambda d, r: ["--methods=lora,nope", f"--out_dir={r / 'cmp'}"], "unknown method(s) ['lora', 'nope']"),
+    ("compare", lambda d, r: ["--grid=2", f"--out_dir={r / 'cmp'}"], "grid is the odd number"),
     ("hf", lambda d, r: [f"--out_dir={r / 'base'}"], "holds no adapter (adapter='none')"),
     ("hf", lambda d, r: [f"--out_dir={r / 'lora'}", f"--export_dir={r / 'lora'}"], "is not empty"),
     ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'x'}"], "not a PEFT adapter folder"),
     ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"], "already holds a run (ckpt.pt)"),
 ]
 MAINS = {"train": train.train, "prepare": prepare.main, "sample": sample.sample, "eval_bounds": eval_bounds.main,
-         "bench": bench.main, "sweep": sweep.sweep, "hf": hf.main}
+         "bench": bench.main, "sweep": sweep.sweep, "hf": hf.main, "compare": compare.compare}
 
 
 @pytest.mark.parametrize("script, argv, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
