@@ -19,6 +19,7 @@ out_dir/base/ and reused, and every run is a train.py process in out_dir/runs/ (
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -220,8 +221,11 @@ def compare(argv=(), environ=None):
     # the comparison's cost as measured, over every invocation that made a part of it
     base_timing = os.path.join(base_dir, "run.json")
     seconds = sum(r["seconds"] for r in runs) + (json.load(open(base_timing))["seconds"] if os.path.isfile(base_timing) else 0)
+    machine = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(), torch=torch.__version__,
+                   cpus=os.cpu_count(), gpu=torch.cuda.get_device_name(c["device"]) if c["device"].startswith("cuda") else None)
     summary = dict(size=c["size"], base_dataset=c["base_dataset"], target_dataset=c["target_dataset"], grid=c["grid"],
-                   budget=dict(tune, model=spec["model"]), device=c["device"], seconds=seconds, best=results, runs=runs,
+                   budget=dict(tune, model=spec["model"]), device=c["device"], machine=machine, seconds=seconds,
+                   best=results, runs=runs,
                    grid_seconds={m: sum(r["seconds"] for r in runs if r["method"] == m) for m in results})
     write_text(os.path.join(out, "compare.json"), json.dumps(summary, indent=1))
     table = markdown_table(summary)
