@@ -6,7 +6,7 @@ small grid, with full fine-tuning and the frozen base as the two ends. Writes a 
 share of full fine-tuning's gain recovered, trainable parameters, adapter bytes, step time, peak
 memory), compare.json and a plot of val loss against trainable parameters.
 
-    python compare.py                                             # CPU size: about 21 minutes on 2 cores
+    python compare.py                                             # CPU size: about 23 minutes on 2 cores
     python compare.py --methods=full,lora_r1,sora --grid=1        # some methods, one learning rate each
     python compare.py --size=gpu --device=cuda --out_dir=out-compare-gpu   # larger base, longer budget
     python compare.py --base_dataset=python_stdlib --target_dataset=shakespeare_bytes --out_dir=out-compare-rev   # the other way round
@@ -30,8 +30,8 @@ from configurator import ConfigError, check_device, check_ranges, cli, config_de
 from prepare import DATASETS, read_meta, write_text
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
-size = "cpu"  # 'cpu' (about 21 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
-methods = ""  # ','-separated, of full lora_r1 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
+size = "cpu"  # 'cpu' (about 23 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
+methods = ""  # ','-separated, of full lora_r1 lora_r2 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
 target_dataset = "python_stdlib"  # every method is fine-tuned on data/<target_dataset>
@@ -61,6 +61,7 @@ SIZES = {
 METHODS = {
     "full": (3e-3, dict(adapter="none")),
     "lora_r1": (1e-2, dict(adapter="lora", lora_rank=1, lora_alpha=2.0)),
+    "lora_r2": (1e-2, dict(adapter="lora", lora_rank=2, lora_alpha=4.0)),
     "lora_r4": (1e-2, dict(adapter="lora", lora_rank=4, lora_alpha=8.0)),
     "dora_r4": (1e-2, dict(adapter="dora", lora_rank=4, lora_alpha=8.0)),
     "sora": (3e-3, dict(adapter="sora", lora_rank=8, lora_alpha=16.0, sora_lambda=0.5, sora_lambda_max=5.0,
