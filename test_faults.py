@@ -30,7 +30,7 @@ from configurator import cli
 from conftest import HERE
 from test_train import tiny
 
-TIMING = ("tokens_per_s", "mean_tokens_per_s")  # what differs between two runs of the same computation
+TIMING = ("tokens_per_s", "mean_tokens_per_s", "peak_mem_mb")  # what differs between two runs of the same computation
 
 
 def snapshot(folder):
