@@ -17,7 +17,6 @@ out_dir/base/ and reused, and every run is a train.py process in out_dir/runs/ (
 """
 
 import json
-import math
 import os
 import platform
 import subprocess

@@ -34,7 +34,7 @@ import torch
 
 from adapters import (AdaLoRALinear, RotationalPiSSALinear, SoRALinear, SubLoRA, adapter_layers,
                       adapter_state_dict, inject_adapters)
-from checkpoint import FORMAT, CheckpointError, build_model, load_checkpoint, save_adapter_file, save_atomic
+from checkpoint import FORMAT, build_model, load_checkpoint, save_adapter_file, save_atomic
 from configurator import ConfigError, cli, config_defaults, configure
 from model import GPT, GPT2_SIZES
 

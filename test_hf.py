@@ -20,9 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import hf  # noqa: E402
 import train  # noqa: E402
-from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers, inject_adapters,  # noqa: E402
-                      merge_adapters)
-from checkpoint import FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file  # noqa: E402
+from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers,  # noqa: E402
+                      adapter_state_dict, inject_adapters, merge_adapters)
+from checkpoint import (FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file,  # noqa: E402
+                        save_adapter_file)
 from model import GPT, GPTConfig  # noqa: E402
 
 V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
@@ -273,10 +274,6 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
 def test_adapter_files_are_safetensors_and_old_pt_files_load(gpt2_dir, tmp_path):
     """adapter.safetensors: no pickle, the settings as JSON in its header; an adapter.pt of older runs
     (the same dict, torch-saved) still loads and gives the same model."""
-    import train as _  # noqa: F401  (the writer train.py uses)
-    from checkpoint import save_adapter_file
-    from adapters import adapter_state_dict
-
     model = trained(GPT.from_pretrained(gpt2_dir), "dora")
     info = dict(kind="dora", targets=list(adapter_layers(model)), settings=dict(rank=4, alpha=8.0),
                 train_embeddings=False)
