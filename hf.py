@@ -33,7 +33,7 @@ from collections import Counter
 import torch
 
 from adapters import (AdaLoRALinear, RotationalPiSSALinear, SoRALinear, SubLoRA, adapter_layers,
-                      adapter_state_dict, inject_adapters)
+                      adapter_state_dict, inject_adapters, load_adapter_state_dict)
 from checkpoint import FORMAT, build_model, load_checkpoint, save_adapter_file, save_atomic
 from configurator import ConfigError, cli, config_defaults, configure
 from model import GPT, GPT2_SIZES
@@ -243,17 +243,10 @@ def import_peft(folder, base=""):
     info = dict(kind=kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
                 train_embeddings=False, layers=settings)
     inject_adapters(model, kind, targets=info["targets"], layers=settings, **info["settings"])
-    state = {}
-    for name, t in layers.items():
-        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = t["A"], t["B"]
-        if use_dora:
-            state[f"{name}.magnitude"] = t["m"]
-    own = adapter_state_dict(model)
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise InteropError(f"{k} has shape {tuple(v.shape)}; the base's layer needs {tuple(own[k].shape)} (another "
-                               "GPT-2 size?)")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    dtype = model.lm_head.weight.dtype
+    state = {f"{name}.{ours}": t[part].to(dtype) for name, t in layers.items()
+             for part, ours in (("A", "lora_A"), ("B", "lora_B"), ("m", "magnitude")) if part in t}
+    load_adapter_state_dict(model, state)  # every tensor present, each of the layer's shape (else: another GPT-2 size)
     return model, info, base
 
 

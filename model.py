@@ -243,9 +243,12 @@ class GPT(LanguageModel):
         if cfg.vocab_size > 50256:  # GPT-2's BPE: <|endoftext|> starts and ends a text
             hf.update(bos_token_id=50256, eos_token_id=50256)
         os.makedirs(folder, exist_ok=True)
-        save_file(to_hf_gpt2_state_dict(self), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(folder, "config.json"), "w") as f:
+        weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+        save_file(to_hf_gpt2_state_dict(self), weights + ".tmp", metadata={"format": "pt"})
+        with open(config + ".tmp", "w") as f:
             json.dump(hf, f, indent=2)
+        for path in (weights, config):  # renamed whole: a crash leaves the old file or the new one
+            os.replace(path + ".tmp", path)
 
 
 def _hub_weights(name):
