@@ -274,6 +274,14 @@ class SoRALinear(LoRALinear):
         return int((self.gate != 0).sum())
 
     @torch.no_grad()
+    def rebalance(self):
+        """Move each gate's magnitude into its column of B (B diag(g) unchanged, so the outputs are):
+        g <- sign(g). After sparsification the L1 pull has left the kept gates small, and a small gate
+        slows its rank's learning; with the mask fixed, its size is no longer needed. Idempotent."""
+        self.lora_B.mul_(self.gate.abs())
+        self.gate.copy_(torch.sign(self.gate))
+
+    @torch.no_grad()
     def to_lora(self):
         """The LoRA of rank nnz(g) with identical outputs: zero-gated ranks dropped, g baked into B.
         None when every gate is zero (the layer is its base alone)."""
@@ -398,6 +406,23 @@ def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
     return list(found.values())
 
 
+def rank_pattern_layers(names, pattern):
+    """Per-layer settings for `inject_adapters(layers=...)` from a rank pattern {module pattern: rank}
+    (PEFT's rank_pattern; patterns match as targets do, the first that matches a layer wins). `names`
+    are find_targets' output. Each pattern must match an adapted layer."""
+    layers = {}
+    for key, rank in pattern.items():
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"rank pattern {key!r}: the rank must be an integer >= 1, got {rank!r}")
+        hits = [n.partition(":")[0] for n in names if _matches(n.partition(":")[0], key)]
+        if not hits:
+            raise AdapterError(f"rank pattern {key!r} matches no adapted layer; they are e.g. "
+                               f"{[n.partition(':')[0] for n in names][:6]}")
+        for n in hits:
+            layers.setdefault(n, dict(rank=rank))
+    return layers
+
+
 def fused_thirds(parts, out_features):
     """Output row ranges of the q / k / v thirds named in 'q,v' of a fused Linear."""
     if out_features % 3:
@@ -430,6 +455,8 @@ def inject_adapters(model, kind, targets=None, train_embeddings=False, layers=No
         if parts:
             own["out_ranges"] = fused_thirds(parts, base.out_features)
         setattr(owner, child, ADAPTERS[kind](base, **own))
+    if kind == "pissa":  # the rotations of every layer in a few batched calls per forward
+        bank_rotations(model)
     mark_trainable(model, train_embeddings)
     return names
 
@@ -509,29 +536,39 @@ class SoRAOptimizer(torch.optim.AdamW):
     """AdamW for the gates, then the proximal step of an L1 penalty λ‖g‖₁ (soft-threshold):
     g <- sign(g) · max(|g| - λ·lr, 0). The SoRA paper's proximal step scales λ by the learning rate;
     TsinghuaC3I/SoRA src/sparse_optimizer_multiply_lr.py does the same (src/sparse_optimizer.py omits
-    lr). Weight decay is forced to 0: the penalty is pure L1, not an elastic net."""
+    lr). Weight decay is forced to 0: the penalty is pure L1, not an elastic net.
+
+    hold_zeros=True (set_lambda) is the tuning phase after sparsification: gates that are exactly zero
+    stay zero, the others take plain AdamW steps (no threshold), so the kept ranks recover what the L1
+    pull cost them. The mask is read from the gates themselves each step: nothing to save or resume."""
 
     def __init__(self, params, lr=1e-3, sparse_lambda=0.1, betas=(0.9, 0.999), eps=1e-8):
         if sparse_lambda < 0:
             raise AdapterError(f"sparse_lambda must be >= 0 (the L1 strength), got {sparse_lambda}")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
         self.sparse_lambda = sparse_lambda
+        self.hold_zeros = False
 
     def add_param_group(self, group):
         super().add_param_group({**group, "weight_decay": 0.0})
 
-    def set_lambda(self, sparse_lambda):
+    def set_lambda(self, sparse_lambda, hold_zeros=False):
         if sparse_lambda < 0:
             raise AdapterError(f"sparse_lambda must be >= 0, got {sparse_lambda}")
-        self.sparse_lambda = sparse_lambda
+        self.sparse_lambda, self.hold_zeros = sparse_lambda, hold_zeros
 
     @torch.no_grad()
     def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"]]
+        keep = [(p != 0).to(p.dtype) for p in params] if self.hold_zeros else None
         loss = super().step(closure)
+        if keep is not None:
+            torch._foreach_mul_(params, keep)
         for group in self.param_groups:
             threshold = self.sparse_lambda * group["lr"]
-            for p in group["params"]:
-                p.copy_(soft_threshold(p, threshold))
+            if threshold > 0:
+                for p in group["params"]:
+                    p.copy_(soft_threshold(p, threshold))
         return loss
 
 
@@ -855,26 +892,91 @@ class Rotation(nn.Module):
             raise AdapterError(f"pissa method must be way0, way1, way2 or way3, got {method!r}")
 
     def forward(self):
+        """R: inside a forward of the model, from the batch of all its rotations (RotationBank); else its own."""
         if self.method == "way0":
             return self.matrix
-        if self.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
-            theta = F.pad(self.angles, (0, 1)).gather(1, self.angle_of_row)  # (rounds, r): each row's angle
-            eye = torch.eye(self.r, device=theta.device, dtype=theta.dtype)
-            G = torch.cos(theta)[..., None] * eye + (self.givens_sign * torch.sin(theta))[..., None] * self.givens_partner
-            while G.shape[0] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
-                even = G.shape[0] // 2 * 2
-                G = torch.cat([G[1:even:2] @ G[0:even:2], G[even:]])
-            return G[0]
-        if self.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
-            K = (self.skew_B @ self.skew_C.T - self.skew_C @ self.skew_B.T).double()
-            eye = torch.eye(self.r, dtype=K.dtype, device=K.device)
-            return torch.linalg.solve(eye - K, eye + K).to(self.skew_B.dtype)
-        T = self.generator.double()  # way3: exp of a skew-symmetric matrix, computed in fp64, cast once
-        return torch.linalg.matrix_exp(T - T.T).to(self.generator.dtype)
+        bank = self.__dict__.get("bank")  # a plain attribute, not a submodule: the bank holds every rotation
+        return bank.matrix(self) if bank is not None else rotation_matrices([self])[0]
+
+    def group(self):
+        """Rotations that compute in one batched call: same way, size, shapes, dtype and device."""
+        p = next(self.parameters())
+        return self.method, self.r, tuple(tuple(q.shape) for q in self.parameters()), p.dtype, p.device
+
+    @staticmethod
+    def batched(rotations):
+        """(n, r, r): the matrices of n rotations of one group, a few kernels for all of them."""
+        first = rotations[0]
+        if first.method == "way0":
+            return torch.stack([rot.matrix for rot in rotations])
+        if first.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
+            angles = torch.stack([rot.angles for rot in rotations])  # (n, rounds, pairs)
+            rows = first.angle_of_row.expand(len(rotations), -1, -1)
+            theta = F.pad(angles, (0, 1)).gather(2, rows)  # (n, rounds, r): each row's angle (pad: 0)
+            eye = torch.eye(first.r, device=theta.device, dtype=theta.dtype)
+            G = torch.cos(theta)[..., None] * eye + (first.givens_sign * torch.sin(theta))[..., None] * first.givens_partner
+            while G.shape[1] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
+                even = G.shape[1] // 2 * 2
+                G = torch.cat([G[:, 1:even:2] @ G[:, 0:even:2], G[:, even:]], dim=1)
+            return G[:, 0]
+        if first.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
+            B = torch.stack([rot.skew_B for rot in rotations]).double()
+            C = torch.stack([rot.skew_C for rot in rotations]).double()
+            K = B @ C.transpose(1, 2) - C @ B.transpose(1, 2)
+            eye = torch.eye(first.r, dtype=K.dtype, device=K.device)
+            return torch.linalg.solve(eye - K, eye + K).to(first.skew_B.dtype)
+        T = torch.stack([rot.generator for rot in rotations]).double()  # way3: exp of T - Tᵀ in fp64, cast once
+        return torch.linalg.matrix_exp(T - T.transpose(1, 2)).to(first.generator.dtype)
 
     def orthogonality_error(self):
         R = self().double()
         return torch.linalg.matrix_norm(R.T @ R - torch.eye(self.r, dtype=R.dtype, device=R.device))
+
+
+def rotation_matrices(rotations):
+    """Every rotation's matrix, each group of alike rotations (Rotation.group) in one batched call."""
+    groups, out = {}, [None] * len(rotations)
+    for i, rot in enumerate(rotations):
+        groups.setdefault(rot.group(), []).append(i)
+    for members in groups.values():
+        for i, R in zip(members, Rotation.batched([rotations[i] for i in members]).unbind(0)):
+            out[i] = R
+    return out
+
+
+class RotationBank:
+    """The rotations (ways 1-3) of one model's PiSSA layers, computed together. The model's forward
+    pre-hook opens a forward and its forward hook closes it; these only flip Python state, so a
+    compiled model stays one graph. Inside a forward, the first rotation asked computes all of them in
+    a few batched calls (rotation_matrices) and the others take theirs from that batch: ~75 kernels per
+    rotation become ~75 per group of alike rotations. Outside a forward, each computes its own."""
+
+    def __init__(self, rotations):
+        self.rotations, self.active, self.batch = rotations, False, None
+        for i, rot in enumerate(rotations):
+            rot.__dict__["bank"], rot.__dict__["bank_index"] = self, i
+
+    def matrix(self, rot):
+        if not self.active:
+            return rotation_matrices([rot])[0]
+        if self.batch is None:
+            self.batch = rotation_matrices(self.rotations)
+        return self.batch[rot.__dict__["bank_index"]]
+
+    def open(self, module, args):
+        self.active, self.batch = True, None
+
+    def close(self, module, args, output):
+        self.active, self.batch = False, None  # the batch belongs to this forward's graph
+
+
+def bank_rotations(model):
+    """Give the model's way 1-3 rotations one RotationBank, opened and closed by the model's forward."""
+    rotations = [m for m in model.modules() if isinstance(m, Rotation) and m.method != "way0"]
+    if rotations:
+        bank = RotationBank(rotations)
+        model.register_forward_pre_hook(bank.open)
+        model.register_forward_hook(bank.close)
 
 
 class RotationalPiSSALinear(AdapterLinear):

@@ -30,7 +30,7 @@ from prepare import DATASETS, read_meta, write_text
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
 size = "cpu"  # 'cpu' (about 23 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
-methods = ""  # ','-separated, of full lora_r1 lora_r2 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
+methods = ""  # ','-separated, of full lora_r1 lora_r1_h8 lora_r2 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
 target_dataset = "python_stdlib"  # every method is fine-tuned on data/<target_dataset>
@@ -60,11 +60,13 @@ SIZES = {
 METHODS = {
     "full": (3e-3, dict(adapter="none")),
     "lora_r1": (1e-2, dict(adapter="lora", lora_rank=1, lora_alpha=2.0)),
+    "lora_r1_h8": (3e-2, dict(adapter="lora", lora_rank=1, lora_alpha=2.0, lora_rank_pattern="lm_head=8")),
     "lora_r2": (1e-2, dict(adapter="lora", lora_rank=2, lora_alpha=4.0)),
     "lora_r4": (1e-2, dict(adapter="lora", lora_rank=4, lora_alpha=8.0)),
     "dora_r4": (1e-2, dict(adapter="dora", lora_rank=4, lora_alpha=8.0)),
+    # λ rises over the first half, then the kept ranks tune with λ = 0 (sora_tune_iters) for the second
     "sora": (3e-3, dict(adapter="sora", lora_rank=8, lora_alpha=16.0, sora_lambda=0.5, sora_lambda_max=5.0,
-                        sora_lambda_levels=4, sora_lambda_every=75)),
+                        sora_lambda_levels=4, sora_lambda_every=38, sora_tune_iters=150)),
     "adalora": (1e-2, dict(adapter="adalora", lora_rank=4, lora_alpha=8.0, adalora_target_r=2, adalora_tinit=30,
                            adalora_tfinal=60, adalora_deltaT=10)),
     "adadora": (1e-2, dict(adapter="adadora", lora_rank=4, lora_alpha=8.0, adalora_target_r=2, adalora_tinit=30,
@@ -73,7 +75,7 @@ METHODS = {
     "sublora": (3e-2, dict(adapter="sublora", lora_rank=4, lora_alpha=32.0, allocation_mode="fixed",
                            allocation_ratio=0.5)),  # intrinsic_dim: the size's
 }
-SCHEDULE = ("sora_lambda_every", "adalora_tinit", "adalora_tfinal")  # iterations: scaled with the budget
+SCHEDULE = ("sora_lambda_every", "sora_tune_iters", "adalora_tinit", "adalora_tfinal")  # iterations: scaled with the budget
 
 
 def prepare_data(name, c):
@@ -209,7 +211,7 @@ def compare(argv=(), environ=None):
     if "sora" in results:  # SoRA's unpruned self: the same gated LoRA without the L1 push, at SoRA's rate
         sora = results["sora"]
         dense = one_run("sora_dense", "sora_dense", sora["lr"], dict(METHODS["sora"][1], sora_lambda=0.0,
-                                                                     sora_lambda_max=0.0))
+                                                                     sora_lambda_max=0.0, sora_tune_iters=0))
         runs.append(dense)
         sora["dense_val_loss"] = dense["val_loss"]
         sora["ranks_kept"] = sum((sora["effective_rank"] or {}).values())

@@ -21,7 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 import hf  # noqa: E402
 import train  # noqa: E402
 from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers,  # noqa: E402
-                      adapter_state_dict, inject_adapters, merge_adapters)
+                      adapter_state_dict, count_params, find_targets, inject_adapters, merge_adapters,
+                      rank_pattern_layers)
 from checkpoint import (FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file,  # noqa: E402
                         save_adapter_file)
 from model import GPT, GPTConfig  # noqa: E402
@@ -160,6 +161,26 @@ def test_peft_lora_and_dora_adapters_import(gpt2_dir, tmp_path):
         model, info, _ = hf.import_peft(str(folder), base=gpt2_dir)
         assert info["layers"]["transformer.h.1.mlp.c_fc"]["rank"] == 2
         assert torch.allclose(ours(model.eval(), idx), theirs(peft_model, idx), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_pattern_gives_peft_ranks_and_scalings(gpt2_dir, use_rslora):
+    """lora_rank_pattern reads as PEFT's rank_pattern: every layer's rank and scaling equal PEFT's for
+    the same config, and so does the trainable parameter count."""
+    pattern = {"c_fc": 3, "lm_head": 8, "h.1.attn.c_proj": 5}
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc", "lm_head"], rank_pattern=pattern,
+                     use_rslora=use_rslora)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
+    want = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+            for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.r}
+    model = GPT.from_pretrained(gpt2_dir)
+    names = find_targets(model)
+    inject_adapters(model, "lora", names, layers=rank_pattern_layers(names, pattern), rank=2, alpha=4.0,
+                    use_rslora=use_rslora)
+    got = {n: (m.rank, m.scaling) for n, m in adapter_layers(model).items()}
+    assert set(got) == set(want) and len({r for r, _ in got.values()}) == 4
+    assert all(got[n][0] == want[n][0] and got[n][1] == pytest.approx(want[n][1]) for n in got)
+    assert count_params(model)[0] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
 def test_fp64_merge_and_dora_norm_match_peft(gpt2_dir, tmp_path):

@@ -258,3 +258,76 @@ def test_givens_product_equals_the_sequential_rotations():
             G[i, i], G[j, j], G[i, j], G[j, i] = math.cos(t), math.cos(t), -math.sin(t), math.sin(t)
         expected = G @ expected
     assert torch.allclose(rot().detach(), expected, atol=1e-6)
+
+
+def closed_form_rotation(rot):
+    """R from a rotation's parameters in float64, by hand: Givens rounds one by one (way1), the Cayley
+    map with an explicit inverse (way2), the exponential as its Taylor series (way3)."""
+    import math
+
+    r = rot.r
+    if rot.method == "way1":
+        R = torch.eye(r, dtype=torch.float64)
+        for pairs, angles in zip(rot.pairs.tolist(), rot.angles.tolist()):
+            G = torch.eye(r, dtype=torch.float64)
+            for (i, j), t in zip(pairs, angles):
+                G[i, i], G[j, j], G[i, j], G[j, i] = math.cos(t), math.cos(t), -math.sin(t), math.sin(t)
+            R = G @ R
+        return R
+    if rot.method == "way2":
+        B, C = rot.skew_B.detach().double(), rot.skew_C.detach().double()
+        K = B @ C.T - C @ B.T
+        return torch.linalg.inv(torch.eye(r, dtype=torch.float64) - K) @ (torch.eye(r, dtype=torch.float64) + K)
+    A = rot.generator.detach().double()
+    A = A - A.T
+    R, term = torch.eye(r, dtype=torch.float64), torch.eye(r, dtype=torch.float64)
+    for k in range(1, 40):
+        term = term @ A / k
+        R = R + term
+    return R
+
+
+@pytest.mark.parametrize("method", ["way1", "way2", "way3"])
+def test_banked_rotations_equal_their_closed_forms_and_unbanked_gradients(method):
+    """Inside a forward every rotation comes from one batched computation (RotationBank): each equals
+    its own closed form, the loss and every gradient equal the model whose rotations compute one by
+    one, and the step dispatches fewer operators. Outside a forward nothing stale is returned."""
+    torch.manual_seed(0)
+    model = tiny("gpt")
+    inject_adapters(model, "pissa", rank=4, method=method, init_identity=False)
+    plain = copy.deepcopy(model)
+    plain._forward_pre_hooks.clear(), plain._forward_hooks.clear()  # no bank: each rotation on its own
+    layers = adapter_layers(model)
+    seen = {}
+
+    def record(layer, args, output):  # what the layer's rotations are inside the model's forward
+        seen.setdefault(layer, (layer.rotation_U(), layer.rotation_V()))
+
+    for layer in layers.values():
+        layer.register_forward_hook(record)
+    idx = tokens()
+    loss = model(idx, idx)[1]
+    for layer in layers.values():
+        for R, rot in zip(seen[layer], (layer.rotation_U, layer.rotation_V)):
+            assert torch.allclose(R.double(), closed_form_rotation(rot), atol=1e-6)
+    reference = plain(idx, idx)[1]
+    assert torch.allclose(loss, reference, atol=1e-6)
+    loss.backward(), reference.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in plain.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+    from torch.profiler import profile
+
+    def operators(m):
+        with profile() as prof:
+            m(idx, idx)[1].backward()
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children)
+
+    assert operators(model) < 0.8 * operators(plain)
+    rot = next(iter(layers.values())).rotation_U  # outside a forward: the current parameters, not a batch
+    with torch.no_grad():
+        for p in rot.parameters():
+            p.add_(0.1)
+    assert torch.allclose(rot().double(), closed_form_rotation(rot), atol=1e-6)

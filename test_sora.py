@@ -89,6 +89,28 @@ def test_proximal_step_equals_adamw_then_threshold():
     assert (g == 0).any()
 
 
+def test_hold_zeros_keeps_zero_gates_and_steps_the_rest_as_plain_adamw():
+    """The tuning phase: a gate at exactly zero stays there (its gradient is not zero), every other gate
+    follows torch's AdamW without weight decay, and nothing is thresholded even with λ > 0 left over."""
+    torch.manual_seed(1)
+    g = nn.Parameter(torch.randn(12))
+    with torch.no_grad():
+        g[[2, 5, 9]] = 0.0
+    ref = nn.Parameter(g.detach().clone())
+    opt = SoRAOptimizer([g], lr=0.05, sparse_lambda=0.0, betas=(0.9, 0.99))
+    opt.set_lambda(0.0, hold_zeros=True)
+    adam = torch.optim.AdamW([ref], lr=0.05, betas=(0.9, 0.99), weight_decay=0.0)
+    for step in range(4):
+        grad = torch.randn(12) + 1.0
+        g.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        adam.step()
+    zero = torch.zeros(12, dtype=torch.bool)
+    zero[[2, 5, 9]] = True
+    assert torch.equal(g[zero], torch.zeros(3))
+    assert torch.allclose(g[~zero], ref[~zero], atol=1e-7) and (ref[zero] != 0).all()
+
+
 def test_gates_get_no_weight_decay():
     model = tiny("gpt")
     inject_adapters(model, "sora", rank=4)
@@ -120,6 +142,28 @@ def test_large_lambda_drives_every_gate_to_exactly_zero():
         gate_opt.zero_grad(), regular.zero_grad()
     assert all(r == 0 for r in effective_ranks(model).values())
     assert all(torch.equal(m.gate, torch.zeros(4)) for m in adapter_layers(model).values())
+
+
+def test_rebalance_keeps_logits_and_leaves_unit_gates():
+    model = tiny("gpt")
+    inject_adapters(model, "sora", rank=4)
+    randomise(model)
+    with torch.no_grad():
+        for i, layer in enumerate(adapter_layers(model).values()):
+            layer.gate[i % 4] = 0.0
+    idx = tokens()
+    before = logits(model, idx)
+    products = {n: (m.lora_B * m.gate).clone() for n, m in adapter_layers(model).items()}
+    for layer in adapter_layers(model).values():
+        layer.rebalance()
+    assert torch.allclose(logits(model, idx), before, atol=1e-6)
+    for n, m in adapter_layers(model).items():
+        assert torch.allclose(m.lora_B * m.gate, products[n], atol=1e-7)
+        assert set(m.gate.abs().tolist()) == {0.0, 1.0} and int((m.gate == 0).sum()) == 1
+    twice = {n: m.lora_B.clone() for n, m in adapter_layers(model).items()}
+    for layer in adapter_layers(model).values():  # idempotent: a resumed run may call it again
+        layer.rebalance()
+    assert all(torch.equal(m.lora_B, twice[n]) for n, m in adapter_layers(model).items())
 
 
 def test_prune_keeps_logits_and_shrinks_by_the_pruned_ranks():
@@ -222,6 +266,28 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     assert torch.allclose(logits(base, idx), logits(model, idx), atol=1e-5)
     assert sum(v.numel() for v in adapter_state_dict(base).values()) < sum(
         v.numel() for v in adapter_state_dict(model).values())
+
+
+def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
+    """sora_tune_iters: λ is 0 for the last iterations, the ranks pruned when it starts stay pruned, the
+    kept gates still move, and the result differs from the run without the phase."""
+    args = dict(adapter="sora", lora_rank=4, sora_lambda=4.0, sora_lambda_max=12.0, sora_lambda_levels=2,
+                sora_lambda_every=10, max_iters=30, eval_interval=10, log_interval=1, learning_rate=3e-3,
+                lr_decay_iters=30)
+    train.train(tiny_args(char_data, tmp_path / "tuned", **args, sora_tune_iters=10), environ={})
+    train.train(tiny_args(char_data, tmp_path / "plain", **args), environ={})
+    rows = {r["iter"]: r for r in train.read_metrics(str(tmp_path / "tuned")) if r["train_loss"] is not None}
+    plain = {r["iter"]: r for r in train.read_metrics(str(tmp_path / "plain")) if r["train_loss"] is not None}
+    assert [rows[i]["sora_lambda"] for i in (0, 10, 19, 20, 29)] == pytest.approx([4.0, 12.0, 12.0, 0.0, 0.0])
+    assert rows[19]["train_loss"] == pytest.approx(plain[19]["train_loss"], abs=1e-6)  # the same run until then
+    at_start = rows[20]["effective_rank"]  # logged after iteration 20's step: the set the phase holds
+    assert 0 < sum(at_start.values()) < 4 * len(at_start)
+    assert all(rows[i]["effective_rank"] == at_start for i in range(20, 30))
+    final = effective_ranks(build_model(load_checkpoint(str(tmp_path / "tuned"))))
+    assert final == at_start and sum(final.values()) >= sum(plain[29]["effective_rank"].values())
+    assert rows[29]["train_loss"] != plain[29]["train_loss"]
+    with pytest.raises(ConfigError, match="sora_tune_iters 30 leaves no iteration to sparsify"):
+        train.train(tiny_args(char_data, tmp_path / "bad", **args, sora_tune_iters=30), environ={})
 
 
 def test_train_rejects_negative_lambda(char_data, tmp_path):

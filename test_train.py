@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import train
-from adapters import AdapterError
+from adapters import AdapterError, adapter_layers
 from checkpoint import CheckpointError, load_checkpoint
 from configurator import ConfigError
 from prepare import read_meta
@@ -96,6 +96,25 @@ def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
         assert len(texts) == 2
         for t in texts:
             assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 50 and set(t) <= vocab
+
+
+def test_rank_pattern_run_rebuilds_from_its_checkpoint_and_adapter_file(pretrained, char_data, tmp_path):
+    """--lora_rank_pattern: the layers it names get their ranks (scaling alpha / rank), the trainable
+    count is the closed form, and the checkpoint and adapter file rebuild the same model."""
+    out = tmp_path / "rp"
+    last = train.train(tiny(char_data, out, init_from=pretrained, adapter="lora", lora_rank=1, lora_alpha=2.0,
+                            lora_rank_pattern="lm_head=6; h.1.mlp.c_fc=3", max_iters=6, eval_interval=6), environ={})
+    model = checkpoint.build_model(load_checkpoint(str(out)))
+    layers = adapter_layers(model)
+    ranks = {n: m.rank for n, m in layers.items()}
+    assert ranks.pop("lm_head") == 6 and ranks.pop("transformer.h.1.mlp.c_fc") == 3 and set(ranks.values()) == {1}
+    assert layers["lm_head"].scaling == pytest.approx(2.0 / 6)
+    assert last["trainable_params"] == sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
+    base = checkpoint.build_model(load_checkpoint(pretrained))
+    checkpoint.load_adapter(base, str(out / "adapter.safetensors"))
+    idx = torch.randint(0, 65, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(base.eval()(idx, idx)[0], model.eval()(idx, idx)[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("adapter", ["none", "lora", "sora", "adadora"])
@@ -229,6 +248,13 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
     (["--compile_mode=fast"], ConfigError, "compile_mode must be one of"),
     (["--adapter=sublora", "--allocation_mode=learned", "--sublora_gate_grad_width=2"], AdapterError, "gate_grad_width"),
+    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head:8"], ConfigError,
+     "item 'lm_head:8' is not 'pattern=rank'"),
+    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head=0"], ConfigError, "with a rank >= 1"),
+    (["--adapter=adalora", "--init_from=scratch", "--lora_rank_pattern=lm_head=8"], ConfigError,
+     "not adalora .its ranks come from lora_rank and"),
+    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=mlp.c_fcx=8"], AdapterError,
+     "rank pattern 'mlp.c_fcx' matches no adapted layer"),
 ])
 def test_bad_config(argv, error, message, char_data, tmp_path):
     with pytest.raises(error, match=message):

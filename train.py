@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import (ADAPTERS, RankAllocator, SubLoRA, adapter_layers, adapter_state_dict, build_sora_optimizers,
-                      count_params, effective_ranks, inject_adapters, lambda_schedule, max_orthogonality_error,
-                      merge_adapters, orthogonal_regularization, prune_sora_model, rotation_penalty,
-                      slice_adalora_model)
+                      count_params, effective_ranks, find_targets, inject_adapters, lambda_schedule,
+                      max_orthogonality_error, merge_adapters, orthogonal_regularization, prune_sora_model,
+                      rank_pattern_layers, rotation_penalty, slice_adalora_model)
 from checkpoint import (ADAPTER_FILES, FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_adapter_file,
                         save_atomic)
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
@@ -68,6 +68,7 @@ lora_rank = 8  # r: rank of every adapter (initial rank for AdaLoRA, directions 
 lora_alpha = 16.0  # scaling alpha / r (alpha / sqrt(r) with use_rslora)
 lora_dropout = 0.0  # dropout on the adapter's input
 lora_targets = ""  # ';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults
+lora_rank_pattern = ""  # per-layer ranks, 'lm_head=8;c_fc=2' (patterns as in lora_targets; PEFT's rank_pattern: scaling lora_alpha / that rank)
 use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
 train_embeddings = False  # also train the token / position embeddings
 # SoRA: gates between A and B, L1 proximal steps on them (the lora_* keys set rank, alpha, dropout)
@@ -78,6 +79,7 @@ sora_lambda_every = 200  # iterations per λ level
 sora_lambda_spacing = "linear"  # 'linear' | 'log_linear' | 'exp_linear'
 sora_gate_lr = 0.0  # peak learning rate of the gates; 0 = learning_rate
 sora_gate_init = "randn"  # 'randn' (the SoRA code's) | 'ones'
+sora_tune_iters = 0  # the last N iterations: λ = 0, zero gates held at zero, kept gates rebalanced into B (SoRALinear.rebalance)
 sora_prune = True  # at the end, drop zero-gated ranks and save the smaller adapter_pruned.safetensors
 # AdaLoRA / AdaDoRA: lora_rank is the initial rank; the budget falls to adalora_target_r per layer on average
 adalora_target_r = 4  # average rank per layer at the end
@@ -140,13 +142,14 @@ RANGES = {"learning_rate": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0
           "sublora_gate_lr": "[0, inf)", "adalora_beta1": "[0, 1)", "adalora_beta2": "[0, 1)",
           "adalora_orth_reg_weight": "[0, inf)", "pissa_ortho_weight": "[0, inf)",
           **{k: "[0, inf)" for k in ("max_iters", "warmup_iters", "lr_decay_iters", "adalora_tinit", "adalora_tfinal",
-                                     "pissa_fold_every", "pissa_svd_niter")},
+                                     "sora_tune_iters", "pissa_fold_every", "pissa_svd_niter")},
           **{k: "[1, inf)" for k in ("eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
                                      "eval_interval", "n_layer", "n_head", "n_embd", "lora_rank", "intrinsic_dim",
                                      "adalora_target_r", "adalora_deltaT", "sora_lambda_levels", "sora_lambda_every",
                                      "pissa_skew_rank")}}
 # schedules counted in iterations: a --max_iters override rescales those the command line does not set
-SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters", "sora_lambda_every", "adalora_tinit", "adalora_tfinal")
+SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters", "sora_lambda_every", "sora_tune_iters", "adalora_tinit",
+                 "adalora_tfinal")
 AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 SUBLORA_TARGETS = ["c_attn:q,v", "query", "value", "lm_head"]  # q and v of every block and the head (the anchor's)
@@ -181,6 +184,22 @@ def adapter_settings(c):
     return settings
 
 
+def parse_rank_pattern(c):
+    """lora_rank_pattern 'lm_head=8;c_fc=2' as {'lm_head': 8, 'c_fc': 2}."""
+    pattern = {}
+    for item in (t.strip() for t in c["lora_rank_pattern"].split(";")):
+        key, eq, rank = item.partition("=")
+        if item and (not eq or not key.strip() or not rank.strip().isdigit() or int(rank) < 1):
+            raise ConfigError(f"lora_rank_pattern item {item!r} is not 'pattern=rank' with a rank >= 1; write e.g. "
+                              "'lm_head=8;c_fc=2'")
+        if item:
+            pattern[key.strip()] = int(rank)
+    if c["adapter"] not in ("lora", "dora", "sora"):
+        raise ConfigError(f"lora_rank_pattern sets ranks for lora, dora and sora, not {c['adapter']} (its ranks come "
+                          "from lora_rank" + (" and the allocator)" if c["adapter"].startswith("ada") else ")"))
+    return pattern
+
+
 def regularizer(c):
     """(function of the model, weight) of the term an adapter adds to the loss, or None."""
     if c["adapter"] in ("adalora", "adadora") and c["adalora_orth_reg_weight"] > 0:
@@ -206,8 +225,15 @@ def build_optimizers(model, c, device_type):
     return [(model.configure_optimizers(c["weight_decay"], c["learning_rate"], betas, device_type), c["learning_rate"])]
 
 
+def sora_tuning(it, c):
+    """Whether iteration `it` is in SoRA's final tuning phase (λ = 0, zero gates held at zero)."""
+    return c["sora_tune_iters"] > 0 and it >= c["max_iters"] - c["sora_tune_iters"]
+
+
 def sora_lambda_at(it, c):
-    """λ of the sparsifying schedule at iteration `it` (constant sora_lambda without one)."""
+    """λ of the sparsifying schedule at iteration `it` (constant sora_lambda without one; 0 while tuning)."""
+    if sora_tuning(it, c):
+        return 0.0
     if c["sora_lambda_max"] <= c["sora_lambda"]:
         return c["sora_lambda"]
     levels = lambda_schedule(c["sora_lambda"], c["sora_lambda_max"], c["sora_lambda_levels"], c["sora_lambda_spacing"])
@@ -344,7 +370,8 @@ def follow_max_iters(c, argv, environ):
     if planned == c["max_iters"] or planned == 0:
         return
     ratio = c["max_iters"] / planned
-    owner = {"sora_lambda_every": ("sora",), "adalora_tinit": ("adalora", "adadora"), "adalora_tfinal": ("adalora", "adadora")}
+    owner = {"sora_lambda_every": ("sora",), "sora_tune_iters": ("sora",), "adalora_tinit": ("adalora", "adadora"),
+             "adalora_tfinal": ("adalora", "adadora")}
     keys = [k for k in SCHEDULE_KEYS if k not in given and c["adapter"] in owner.get(k, (c["adapter"],))]
     scaled = {k: max(1 if k == "sora_lambda_every" else 0, round(c[k] * ratio)) for k in keys}
     changed = {k: v for k, v in scaled.items() if v != c[k]}
@@ -366,6 +393,11 @@ def check_config(c):
     if c["nonfinite"] not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {c['nonfinite']!r}")
     check_ranges(c, RANGES)
+    if c["lora_rank_pattern"]:
+        parse_rank_pattern(c)
+    if c["adapter"] == "sora" and c["sora_tune_iters"] >= max(1, c["max_iters"]):
+        raise ConfigError(f"sora_tune_iters {c['sora_tune_iters']} leaves no iteration to sparsify in max_iters "
+                          f"{c['max_iters']}; lower it below max_iters (0 = no tuning phase)")
 
 
 def open_data(c):
@@ -572,8 +604,11 @@ def _train(c, device, ddp, rank, world, given):
                     print(f"sublora: w in R^{c['intrinsic_dim']} drives D = {model.D:,} LoRA parameters through a "
                           f"{c['sublora_projector']} projector, {c['allocation_mode']} allocation")
             else:
-                names = inject_adapters(model, c["adapter"], targets, c["train_embeddings"], **settings)
-                info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"])
+                names = find_targets(model, targets)
+                layers = rank_pattern_layers(names, parse_rank_pattern(c)) if c["lora_rank_pattern"] else None
+                inject_adapters(model, c["adapter"], names, c["train_embeddings"], layers=layers, **settings)
+                info = dict(kind=c["adapter"], targets=names, settings=settings, train_embeddings=c["train_embeddings"],
+                            **({"layers": layers} if layers else {}))
             if c["adapter"] == "pissa" and master:
                 times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
                 slowest = max(times, key=times.get)
@@ -709,8 +744,12 @@ def _train(c, device, ddp, rank, world, given):
             if master and iter_num > 0 and sparse_lambda != sora_lambda_at(iter_num - 1, c):
                 report = adapter_report(raw_model)
                 print(f"λ level reached {sora_lambda_at(iter_num - 1, c):g}: {report['adapter_params_remaining']:,} "
-                      f"adapter parameters remain; effective ranks {list(report['effective_rank'].values())}")
-            optimizers[1][0].set_lambda(sparse_lambda)
+                      f"adapter parameters remain; effective ranks {list(report['effective_rank'].values())}"
+                      + ("; tuning the kept ranks with λ = 0 from here" if sora_tuning(iter_num, c) else ""))
+            optimizers[1][0].set_lambda(sparse_lambda, hold_zeros=sora_tuning(iter_num, c))
+            if sora_tuning(iter_num, c) and not sora_tuning(iter_num - 1, c):  # idempotent: safe on resume
+                for layer in adapter_layers(raw_model).values():
+                    layer.rebalance()
         if allocator and iter_num >= c["max_iters"] and not c["eval_only"]:
             allocator.finalize()  # the final mask is what the last eval sees and every save holds
         first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
