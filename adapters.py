@@ -148,17 +148,17 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def weight_norm(self):
         """‖W + ΔW‖ per output row without forming W + ΔW (peft PR #3387):
-        ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖², with ⟨W_i, ΔW_i⟩ = s (B' ⊙ (A Wᵀ)ᵀ)_i·1 and
-        ‖ΔW_i‖² = s² (B' (A Aᵀ) ⊙ B')_i·1. No gradient flows through it (DoRA §4.3). Computed in the
-        promotion of the weight's dtype and fp32 (fp64 models stay fp64), every call: one pass over W,
-        and nothing cached that torch.compile would have to guard on."""
+        ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖² = ‖W_i‖² + s (B' ⊙ (2 W Aᵀ + s B' A Aᵀ))_i·1,
+        since ⟨W_i, ΔW_i⟩ = s (B' ⊙ W Aᵀ)_i·1 and ‖ΔW_i‖² = s² (B' ⊙ B' A Aᵀ)_i·1: ten kernels a layer.
+        No gradient flows through it (DoRA §4.3). Computed in the promotion of the weight's dtype and
+        fp32 (fp64 models stay fp64), every call: W is read for W Aᵀ and ‖W_i‖², and nothing is cached
+        that torch.compile would have to guard on (or that a load or merge could leave stale)."""
         W = self.base.weight
         dt = compute_dtype(W)
         B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
         W = W.to(dt)
-        cross = (B * (A @ W.T).T).sum(1)  # (out,)
-        delta_sq = ((B @ (A @ A.T)) * B).sum(1)
-        return (W.pow(2).sum(1) + 2 * s * cross + s * s * delta_sq).clamp_min(0).sqrt()
+        inner = torch.addmm(W @ A.T, B, A @ A.T, beta=2.0, alpha=s)  # (out, r): 2 W Aᵀ + s B' A Aᵀ
+        return torch.add(W.pow(2).sum(1), (B * inner).sum(1), alpha=s).clamp_min(0).sqrt()
 
     def forward(self, x):
         if self.merged:
@@ -567,13 +567,17 @@ class SoRAOptimizer(torch.optim.AdamW):
         for group in self.param_groups:
             threshold = self.sparse_lambda * group["lr"]
             if threshold > 0:
-                for p in group["params"]:
-                    p.copy_(soft_threshold(p, threshold))
+                soft_threshold_(group["params"], threshold)
         return loss
 
 
-def soft_threshold(x, threshold):
-    return torch.sign(x) * torch.clamp(x.abs() - threshold, min=0.0)
+def soft_threshold_(tensors, threshold):
+    """x <- sign(x) · max(|x| - threshold, 0) for every tensor in the list, in a few _foreach kernels."""
+    shrunk = torch._foreach_abs(tensors)
+    torch._foreach_sub_(shrunk, threshold)
+    torch._foreach_clamp_min_(shrunk, 0.0)
+    torch._foreach_mul_(shrunk, torch._foreach_sign(tensors))
+    torch._foreach_copy_(tensors, shrunk)
 
 
 def split_sora_params(model):
@@ -669,8 +673,32 @@ class RankAllocator:
         self.beta1, self.beta2 = beta1, beta2
         self.init_budget = self.init_r * len(self.layers)
         self.target_budget = target_r * len(self.layers)
-        self.sensitivity, self.uncertainty = {}, {}
         self.final_mask = None
+        # the importance of every A, B and E lives in two flat buffers (one EMA step is then a few
+        # kernels for the whole model); sensitivity[key] and uncertainty[key] are views into them.
+        # rank_of[k] is the rank element k scores for, weight[k] turns a sum into AdaLoRA's mean:
+        # a rank's score = score(E_i) + mean_j score(A_ij) + mean_j score(B_ji)
+        tensors, first = self._tensors(), next(iter(self.layers.values())).lora_E
+        dt, dev = compute_dtype(first), first.device
+        n = sum(p.numel() for _, p in tensors)
+        self._sensitivity, self._uncertainty = torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev)
+        self.sensitivity, self.uncertainty, rank_of, weight, offset, rank0 = {}, {}, [], [], 0, 0
+        for (key, p), role in zip(tensors, ["lora_A", "lora_B", "lora_E"] * len(self.layers)):
+            self.sensitivity[key] = self._sensitivity[offset : offset + p.numel()].view(p.shape)
+            self.uncertainty[key] = self._uncertainty[offset : offset + p.numel()].view(p.shape)
+            r = p.shape[0] if role != "lora_B" else p.shape[1]
+            ranks = torch.arange(rank0, rank0 + r, device=dev)
+            if role == "lora_A":  # (r, in): row i scores rank i
+                rank_of.append(ranks.repeat_interleave(p.shape[1])), weight.append(torch.full((p.numel(),), 1 / p.shape[1]))
+            elif role == "lora_B":  # (out, r): column i scores rank i
+                rank_of.append(ranks.repeat(p.shape[0])), weight.append(torch.full((p.numel(),), 1 / p.shape[0]))
+            else:
+                rank_of.append(ranks), weight.append(torch.ones(r))
+                rank0 += r
+            offset += p.numel()
+        self._rank_of = torch.cat(rank_of)
+        self._weight = torch.cat(weight).to(dev, dt)
+        self._total_rank = rank0
 
     def budget(self, step):
         """(total ranks allowed at `step`, whether to mask at this step)."""
@@ -687,43 +715,36 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self):
-        """One EMA step of sensitivity and uncertainty for every A, B, E at once: a few _foreach ops
-        over all layers (no per-layer Python loop, no host sync)."""
-        live = [(k, p) for k, p in self._tensors() if p.grad is not None]  # skip what the loss did not reach
-        if not live:
+        """One EMA step of sensitivity and uncertainty for every A, B, E at once: a few kernels over
+        the flat buffers (no per-layer Python loop, no host sync). A tensor the loss did not reach
+        (no gradient) keeps its importance, as in peft."""
+        tensors = [p for _, p in self._tensors()]
+        if all(p.grad is None for p in tensors):
             return
-        for k, p in live:
-            if k not in self.sensitivity:
-                self.sensitivity[k] = torch.zeros_like(p, dtype=compute_dtype(p))
-                self.uncertainty[k] = torch.zeros_like(p, dtype=compute_dtype(p))
-        params, grads = [p for _, p in live], [p.grad for _, p in live]
-        sens, unc = [self.sensitivity[k] for k, _ in live], [self.uncertainty[k] for k, _ in live]
-        ipt = torch._foreach_mul(params, grads)
-        torch._foreach_abs_(ipt)  # I = |p ⊙ ∇p|
-        ipt = [i.to(s.dtype) for i, s in zip(ipt, sens)]
-        torch._foreach_mul_(sens, self.beta1)
-        torch._foreach_add_(sens, ipt, alpha=1 - self.beta1)  # Ī <- β1 Ī + (1 - β1) I
-        torch._foreach_sub_(ipt, sens)
-        torch._foreach_abs_(ipt)  # |I - Ī|
-        torch._foreach_mul_(unc, self.beta2)
-        torch._foreach_add_(unc, ipt, alpha=1 - self.beta2)  # Ū <- β2 Ū + (1 - β2) |I - Ī|
+        missing = [k for k, p in self._tensors() if p.grad is None]
+        kept = [(self.sensitivity[k].clone(), self.uncertainty[k].clone()) for k in missing]
+        params = torch.cat([p.reshape(-1) for p in tensors]).to(self._sensitivity.dtype)
+        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in tensors])
+        ipt = (params * grads.to(params.dtype)).abs_()  # I = |p ⊙ ∇p|
+        self._sensitivity.mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)  # Ī <- β1 Ī + (1 - β1) I
+        self._uncertainty.mul_(self.beta2).add_((ipt - self._sensitivity).abs_(), alpha=1 - self.beta2)  # |I - Ī|
+        for k, (sens, unc) in zip(missing, kept):
+            self.sensitivity[k].copy_(sens), self.uncertainty[k].copy_(unc)
+
+    def flat_rank_scores(self):
+        """(total ranks,) the score of every rank of every layer, in layer order: one index_add."""
+        scores = torch.zeros(self._total_rank, dtype=self._sensitivity.dtype, device=self._sensitivity.device)
+        return scores.index_add_(0, self._rank_of, self._sensitivity * self._uncertainty * self._weight)
 
     def rank_scores(self):
         """{layer: (r,) score of each rank}."""
-        scores = {}
-        for name, layer in self.layers.items():
-            s = {p: self.sensitivity[f"{name}.{p}"] * self.uncertainty[f"{name}.{p}"]
-                 if f"{name}.{p}" in self.sensitivity else torch.zeros_like(getattr(layer, p), dtype=compute_dtype(layer.lora_E))
-                 for p in ("lora_A", "lora_B", "lora_E")}
-            scores[name] = s["lora_E"] + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
-        return scores
+        return dict(zip(self.layers, self.flat_rank_scores().split([layer.rank for layer in self.layers.values()])))
 
     @torch.no_grad()
     def mask_to_budget(self, budget):
         """Zero the E entries of the (total - budget) lowest-scoring ranks over all layers. The anchors
         mask score <= kthvalue; taking exactly the k lowest keeps the count exact under ties."""
-        scores = self.rank_scores()
-        flat = torch.cat(list(scores.values()))
+        flat = self.flat_rank_scores()
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat)[: len(flat) - budget]] = False
         masks = dict(zip(self.layers, keep.split([layer.rank for layer in self.layers.values()])))
@@ -734,7 +755,8 @@ class RankAllocator:
     def apply_mask(self, masks):
         """E <- E ⊙ mask for every layer in one _foreach op."""
         E = [self.layers[n].lora_E for n in masks]
-        torch._foreach_mul_(E, [keep.to(e.device, e.dtype) for keep, e in zip(masks.values(), E)])
+        keep = torch.cat(list(masks.values())).to(E[0].device, E[0].dtype).split([e.numel() for e in E])
+        torch._foreach_mul_(E, list(keep))
 
     def update_and_allocate(self, step):
         """After optimizer.step(), before zero_grad(). Returns the budget in force. As peft's
