@@ -293,3 +293,15 @@ def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
 def test_train_rejects_negative_lambda(char_data, tmp_path):
     with pytest.raises(ConfigError, match=r"sora_lambda must be in \[0, inf\), got -0.5"):  # the key the user typed
         train.train(tiny_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})
+
+
+def test_a_shorter_max_iters_scales_the_tuning_phase(tmp_path, capsys):
+    """--max_iters on a SoRA config keeps the phase's share of the run (sora_tune_iters, like
+    sora_lambda_every), unless the command line sets it."""
+    cfg = tmp_path / "sora.py"
+    cfg.write_text("adapter = 'sora'\nmax_iters = 300\nsora_lambda_every = 38\nsora_tune_iters = 150\n")
+    for argv, want in (([str(cfg), "--max_iters=30"], (4, 15)), ([str(cfg), "--max_iters=30", "--sora_tune_iters=5"], (4, 5))):
+        c = train.configure(train.DEFAULTS, argv, {}, train.TEST_MODE)
+        train.follow_max_iters(c, argv, {})
+        assert (c["sora_lambda_every"], c["sora_tune_iters"]) == want
+    assert "sora_tune_iters 150 -> 15" in capsys.readouterr().out
