@@ -174,6 +174,8 @@ def compare(argv=(), environ=None):
         if reused:
             rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         else:
+            if os.path.isfile(record):  # an interrupted rerun must not look finished afterwards
+                os.remove(record)
             rows = run_train(argv, run_dir, run_dir + ".log")
             write_text(record, json.dumps({"argv": argv, "seconds": time.time() - t0}))
         evals, last = [r for r in rows if r.get("val_loss") is not None], rows[-1]

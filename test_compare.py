@@ -6,6 +6,7 @@ the table, compare.json and the Pareto plot written, every number read back from
 """
 
 import json
+import os
 
 import pytest
 
@@ -66,3 +67,27 @@ def test_bad_choices_are_one_line(tiny_comparison):
         compare.compare(["--methods=lora,nope"], environ={})
     with pytest.raises(compare.ConfigError, match="size must be one of"):
         compare.compare(["--size=huge"], environ={})
+
+
+def test_an_interrupted_rerun_is_not_reused(tiny_comparison, monkeypatch):
+    """--overwrite=True stopped inside a run: that run's folder no longer claims to be finished, so the
+    next call trains it again instead of reading its half-written metrics."""
+    root, summary = tiny_comparison
+    record = os.path.join(root, "out-compare", "runs", "lora_r1_lr1e-02", "run.json")
+    assert os.path.isfile(record)
+
+    real = compare.run_train
+
+    def killed(args, out, log_path):  # the frozen base's eval runs; the LoRA run is stopped
+        if out.endswith("lora_r1_lr1e-02"):
+            raise KeyboardInterrupt
+        return real(args, out, log_path)
+
+    monkeypatch.setattr(compare, "run_train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compare.compare(tiny(root, "--methods=lora_r1", "--overwrite=True"), environ={})
+    assert not os.path.isfile(record)
+    monkeypatch.undo()
+    again = compare.compare(tiny(root, "--methods=lora_r1"), environ={})
+    assert os.path.isfile(record) and not again["best"]["lora_r1"]["reused"]
+    assert again["best"]["lora_r1"]["val_loss"] == pytest.approx(summary["best"]["lora_r1"]["val_loss"], abs=1e-6)
