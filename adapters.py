@@ -688,16 +688,16 @@ class RankAllocator:
             self.uncertainty[key] = self._uncertainty[offset : offset + p.numel()].view(p.shape)
             r = p.shape[0] if role != "lora_B" else p.shape[1]
             ranks = torch.arange(rank0, rank0 + r, device=dev)
-            if role == "lora_A":  # (r, in): row i scores rank i
-                rank_of.append(ranks.repeat_interleave(p.shape[1])), weight.append(torch.full((p.numel(),), 1 / p.shape[1]))
+            if role == "lora_A":  # (r, in): row i scores rank i, 1/in of its mean
+                rank_of.append(ranks.repeat_interleave(p.shape[1])), weight.append(1 / p.shape[1])
             elif role == "lora_B":  # (out, r): column i scores rank i
-                rank_of.append(ranks.repeat(p.shape[0])), weight.append(torch.full((p.numel(),), 1 / p.shape[0]))
+                rank_of.append(ranks.repeat(p.shape[0])), weight.append(1 / p.shape[0])
             else:
-                rank_of.append(ranks), weight.append(torch.ones(r))
+                rank_of.append(ranks), weight.append(1.0)
                 rank0 += r
             offset += p.numel()
         self._rank_of = torch.cat(rank_of)
-        self._weight = torch.cat(weight).to(dev, dt)
+        self._weight = torch.cat([torch.full((len(i),), w, dtype=dt, device=dev) for i, w in zip(rank_of, weight)])
         self._total_rank = rank0
 
     def budget(self, step):
@@ -718,10 +718,11 @@ class RankAllocator:
         """One EMA step of sensitivity and uncertainty for every A, B, E at once: a few kernels over
         the flat buffers (no per-layer Python loop, no host sync). A tensor the loss did not reach
         (no gradient) keeps its importance, as in peft."""
-        tensors = [p for _, p in self._tensors()]
-        if all(p.grad is None for p in tensors):
+        named = self._tensors()
+        tensors = [p for _, p in named]
+        missing = [k for k, p in named if p.grad is None]
+        if len(missing) == len(named):
             return
-        missing = [k for k, p in self._tensors() if p.grad is None]
         kept = [(self.sensitivity[k].clone(), self.uncertainty[k].clone()) for k in missing]
         params = torch.cat([p.reshape(-1) for p in tensors]).to(self._sensitivity.dtype)
         grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in tensors])
@@ -912,6 +913,7 @@ class Rotation(nn.Module):
             self.generator = nn.Parameter(noise * torch.randn(r, r, **kw))
         else:
             raise AdapterError(f"pissa method must be way0, way1, way2 or way3, got {method!r}")
+        self.shapes = (method, r, tuple(tuple(p.shape) for p in self.parameters()))
 
     def forward(self):
         """R: inside a forward of the model, from the batch of all its rotations (RotationBank); else its own."""
@@ -921,16 +923,15 @@ class Rotation(nn.Module):
         return bank.matrix(self) if bank is not None else rotation_matrices([self])[0]
 
     def group(self):
-        """Rotations that compute in one batched call: same way, size, shapes, dtype and device."""
+        """Rotations that compute in one batched call: same way, size, shapes (fixed at init), dtype and
+        device."""
         p = next(self.parameters())
-        return self.method, self.r, tuple(tuple(q.shape) for q in self.parameters()), p.dtype, p.device
+        return self.shapes, p.dtype, p.device
 
     @staticmethod
     def batched(rotations):
-        """(n, r, r): the matrices of n rotations of one group, a few kernels for all of them."""
+        """(n, r, r): the matrices of n way 1-3 rotations of one group, a few kernels for all of them."""
         first = rotations[0]
-        if first.method == "way0":
-            return torch.stack([rot.matrix for rot in rotations])
         if first.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
             angles = torch.stack([rot.angles for rot in rotations])  # (n, rounds, pairs)
             rows = first.angle_of_row.expand(len(rotations), -1, -1)

@@ -740,14 +740,14 @@ def _train(c, device, ddp, rank, world, given):
             for group in opt.param_groups:
                 group["lr"] = lr * peak / c["learning_rate"]
         if c["adapter"] == "sora":
-            sparse_lambda = sora_lambda_at(iter_num, c)
+            sparse_lambda, tuning = sora_lambda_at(iter_num, c), sora_tuning(iter_num, c)
             if master and iter_num > 0 and sparse_lambda != sora_lambda_at(iter_num - 1, c):
                 report = adapter_report(raw_model)
                 print(f"λ level reached {sora_lambda_at(iter_num - 1, c):g}: {report['adapter_params_remaining']:,} "
                       f"adapter parameters remain; effective ranks {list(report['effective_rank'].values())}"
-                      + ("; tuning the kept ranks with λ = 0 from here" if sora_tuning(iter_num, c) else ""))
-            optimizers[1][0].set_lambda(sparse_lambda, hold_zeros=sora_tuning(iter_num, c))
-            if sora_tuning(iter_num, c) and not sora_tuning(iter_num - 1, c):  # idempotent: safe on resume
+                      + ("; tuning the kept ranks with λ = 0 from here" if tuning else ""))
+            optimizers[1][0].set_lambda(sparse_lambda, hold_zeros=tuning)
+            if tuning and not sora_tuning(iter_num - 1, c):  # idempotent: safe on resume
                 for layer in adapter_layers(raw_model).values():
                     layer.rebalance()
         if allocator and iter_num >= c["max_iters"] and not c["eval_only"]:
