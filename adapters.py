@@ -24,6 +24,7 @@ explicit idempotent `merge()` / `unmerge()` and a `merged` flag. A new adapter f
 adds its parameters and `delta_weight()`, and registers itself in ADAPTERS.
 """
 
+import contextlib
 import fnmatch
 import math
 import time
@@ -96,11 +97,24 @@ class _LoRALinear(torch.autograd.Function):
         return dx, dxd, None, None, dA, dB, None
 
 
+def autocasting(kind):
+    return kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind)  # meta has no autocast
+
+
+def forward_dtype(x):
+    """The dtype a Linear computes x in: autocast's if it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if autocasting(x.device.type) else x.dtype
+
+
+def autocast_off(kind):
+    """A context without autocast on device type `kind`: an adapter's own weights (factors, rotations,
+    norms) are built in their parameters' precision and cast once, not rounded op by op."""
+    return torch.autocast(kind, enabled=False) if autocasting(kind) else contextlib.nullcontext()
+
+
 def lora_linear(x, xd, W, b, A, B, s):
     """x Wᵀ + b + s (xd Aᵀ) Bᵀ with every operand in the compute dtype (autocast's, else x's)."""
-    kind = x.device.type
-    autocast = kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind)  # meta has no autocast
-    dt = torch.get_autocast_dtype(kind) if autocast else x.dtype
+    dt = forward_dtype(x)
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
     return _LoRALinear.apply(cast(x), None if xd is x else cast(xd), cast(W), cast(b), cast(A), cast(B), s)
 
@@ -155,15 +169,30 @@ class AdapterLinear(nn.Module):
         that torch.compile would have to guard on (or that a load or merge could leave stale)."""
         W = self.base.weight
         dt = compute_dtype(W)
-        B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
-        W = W.to(dt)
-        inner = torch.addmm(W @ A.T, B, A @ A.T, beta=2.0, alpha=s)  # (out, r): 2 W Aᵀ + s B' A Aᵀ
-        return torch.add(W.pow(2).sum(1), (B * inner).sum(1), alpha=s).clamp_min(0).sqrt()
+        with autocast_off(W.device.type):
+            B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
+            W = W.to(dt)
+            inner = torch.addmm(W @ A.T, B, A @ A.T, beta=2.0, alpha=s)  # (out, r): 2 W Aᵀ + s B' A Aᵀ
+            return torch.add(W.pow(2).sum(1), (B * inner).sum(1), alpha=s).clamp_min(0).sqrt()
+
+    def forward_factors(self, x):
+        """factors() in the dtype the forward computes x in (autocast's), built without autocast. Inside
+        a forward of the model, the FactorBank casts every layer's factors in one call; alone, a layer
+        casts its two."""
+        dt = forward_dtype(x)
+        if dt == self.base.weight.dtype:  # the factors have the compute dtype already: nothing to cast
+            return self.factors()
+        bank = self.__dict__.get("factor_bank")  # a plain attribute, not a submodule
+        if bank is not None and bank.active:
+            return bank.factors(self, dt, x.device.type)
+        with autocast_off(x.device.type):
+            B, A, s = self.factors()
+        return B.to(dt), A.to(dt), s
 
     def forward(self, x):
         if self.merged:
             return self.base(x)
-        B, A, s = self.factors()
+        B, A, s = self.forward_factors(x)
         xd = self.lora_dropout(x)
         if self.magnitude is None:  # x Wᵀ + b + s (xd Aᵀ) Bᵀ in three GEMMs, no pass over the output
             return lora_linear(x, xd, self.base.weight, self.base.bias, A, B, s)
@@ -200,6 +229,90 @@ class AdapterLinear(nn.Module):
         if not torch.isfinite(w).all():  # peft's safe_merge: never write inf/nan into the base
             raise AdapterError("merge produced non-finite weights; the adapter has diverged, not merged")
         self.base.weight = nn.Parameter(w.to(self.base.weight.dtype), requires_grad=False)
+
+
+class ForwardBank:
+    """Work done once per forward of a model for many of its layers. The model's forward pre-hook
+    opens a forward and its forward hook closes it (bank_adapters); these only flip Python state, so
+    a compiled model stays one graph. What a forward computed is dropped when it closes: it belongs to
+    that forward's autograd graph."""
+
+    def __init__(self):
+        self.active = False
+        self.reset()
+
+    def reset(self):
+        raise NotImplementedError
+
+    def open(self, module, args):
+        self.active = True
+        self.reset()
+
+    def close(self, module, args, output):
+        self.active = False
+        self.reset()
+
+
+class FactorBank(ForwardBank):
+    """Every adapter layer's factors() in the forward's compute dtype, cast in one call. Under bf16
+    autocast each layer would cast B' and A on its own: two casts forward and two (of the gradients)
+    backward, about 200 kernels a step for GPT-2 small. Here the first layer asked computes every live
+    layer's factors (in the parameters' dtype, as each layer would), concatenates them, casts once and
+    hands out views: the backward is one concatenation of the gradients and one cast. Values equal
+    the per-layer casts exactly. A model whose factors already have the compute dtype (fp32
+    training) casts nothing and never gets here."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+        for i, layer in enumerate(layers):
+            layer.__dict__["factor_bank"], layer.__dict__["factor_index"] = self, i
+
+    def reset(self):
+        self.batches = {}  # compute dtype -> per-layer (B', A, s), None for a merged layer
+
+    def factors(self, layer, dt, kind):
+        batch = self.batches.get(dt)
+        if batch is None:
+            batch = self.batches[dt] = self.cast_all(dt, kind)
+        own = batch[layer.__dict__["factor_index"]]
+        if own is None:  # merged when the batch was made, unmerged since (within one forward)
+            with autocast_off(kind):
+                B, A, s = layer.factors()
+            return B.to(dt), A.to(dt), s
+        return own
+
+    def cast_all(self, dt, kind):
+        live = [i for i, layer in enumerate(self.layers) if not layer.merged]
+        with autocast_off(kind):
+            found = [self.layers[i].factors() for i in live]
+        tensors = [t for B, A, _ in found for t in (B, A)]
+        batch = [None] * len(self.layers)
+        if not tensors:
+            return batch
+        if any(t.device != tensors[0].device for t in tensors):  # a model split over devices: one by one
+            for i, (B, A, s) in zip(live, found):
+                batch[i] = (B.to(dt), A.to(dt), s)
+            return batch
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(dt)  # cat promotes mixed dtypes exactly
+        pieces = flat.split([t.numel() for t in tensors])
+        for k, (i, (B, A, s)) in enumerate(zip(live, found)):
+            batch[i] = (pieces[2 * k].view(B.shape), pieces[2 * k + 1].view(A.shape), s)
+        return batch
+
+
+def bank_adapters(model):
+    """Attach the model's banks (every adapter layer's factor casts; the way 1-3 rotations) to its
+    forward, replacing the ones attached before (inject, prune and export change the layers)."""
+    for handle in model.__dict__.pop("_adapter_bank_hooks", []):
+        handle.remove()
+    layers = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+    rotations = [m for m in model.modules() if isinstance(m, Rotation) and m.method != "way0"]
+    banks = ([FactorBank(layers)] if layers else []) + ([RotationBank(rotations)] if rotations else [])
+    handles = []
+    for bank in banks:
+        handles += [model.register_forward_pre_hook(bank.open), model.register_forward_hook(bank.close)]
+    model.__dict__["_adapter_bank_hooks"] = handles
 
 
 def check_rank(rank, base: nn.Linear, minimum=1):
@@ -455,8 +568,7 @@ def inject_adapters(model, kind, targets=None, train_embeddings=False, layers=No
         if parts:
             own["out_ranges"] = fused_thirds(parts, base.out_features)
         setattr(owner, child, ADAPTERS[kind](base, **own))
-    if kind == "pissa":  # the rotations of every layer in a few batched calls per forward
-        bank_rotations(model)
+    bank_adapters(model)  # the factors' casts (and PiSSA's rotations) in a few batched calls per forward
     mark_trainable(model, train_embeddings)
     return names
 
@@ -525,6 +637,7 @@ def merge_adapters(model):
         layer.merge()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.base)
+    bank_adapters(model)
     return model
 
 
@@ -634,6 +747,7 @@ def prune_sora_model(model):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, lora if lora is not None else layer.base)
             kept[name] = lora.rank if lora is not None else 0
+    bank_adapters(model)
     return kept
 
 
@@ -829,6 +943,7 @@ def slice_adalora_model(model):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.keep_ranks(layer.lora_E != 0))
             kept[name] = layer.effective_rank()
+    bank_adapters(model)
     return kept
 
 
@@ -967,17 +1082,20 @@ def rotation_matrices(rotations):
     return out
 
 
-class RotationBank:
-    """The rotations (ways 1-3) of one model's PiSSA layers, computed together. The model's forward
-    pre-hook opens a forward and its forward hook closes it; these only flip Python state, so a
-    compiled model stays one graph. Inside a forward, the first rotation asked computes all of them in
-    a few batched calls (rotation_matrices) and the others take theirs from that batch: ~75 kernels per
-    rotation become ~75 per group of alike rotations. Outside a forward, each computes its own."""
+class RotationBank(ForwardBank):
+    """The rotations (ways 1-3) of one model's PiSSA layers, computed together. Inside a forward, the
+    first rotation asked computes all of them in a few batched calls (rotation_matrices) and the others
+    take theirs from that batch: ~75 kernels per rotation become ~75 per group of alike rotations.
+    Outside a forward, each computes its own."""
 
     def __init__(self, rotations):
-        self.rotations, self.active, self.batch = rotations, False, None
+        super().__init__()
+        self.rotations = rotations
         for i, rot in enumerate(rotations):
             rot.__dict__["bank"], rot.__dict__["bank_index"] = self, i
+
+    def reset(self):
+        self.batch = None
 
     def matrix(self, rot):
         if not self.active:
@@ -985,21 +1103,6 @@ class RotationBank:
         if self.batch is None:
             self.batch = rotation_matrices(self.rotations)
         return self.batch[rot.__dict__["bank_index"]]
-
-    def open(self, module, args):
-        self.active, self.batch = True, None
-
-    def close(self, module, args, output):
-        self.active, self.batch = False, None  # the batch belongs to this forward's graph
-
-
-def bank_rotations(model):
-    """Give the model's way 1-3 rotations one RotationBank, opened and closed by the model's forward."""
-    rotations = [m for m in model.modules() if isinstance(m, Rotation) and m.method != "way0"]
-    if rotations:
-        bank = RotationBank(rotations)
-        model.register_forward_pre_hook(bank.open)
-        model.register_forward_hook(bank.close)
 
 
 class RotationalPiSSALinear(AdapterLinear):
@@ -1078,7 +1181,7 @@ class RotationalPiSSALinear(AdapterLinear):
 
     def forward(self, x):
         if self.quantized and not self.merged:
-            B, A, s = self.factors()
+            B, A, s = self.forward_factors(x)
             return lora_linear(x, self.lora_dropout(x), self.residual_weight, self.base.bias, A, B, s)
         return super().forward(x)
 
@@ -1153,6 +1256,7 @@ def export_pissa_as_lora(model):
         if isinstance(layer, RotationalPiSSALinear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.to_lora())
+    bank_adapters(model)
     return model
 
 

@@ -261,3 +261,99 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     assert torch.autograd.gradcheck(fn, inputs)
     want = x @ W.T + (0 if b is None else b) + 0.7 * (xd @ A.T) @ B.T
     torch.testing.assert_close(fn(*inputs), want)
+
+
+# -----------------------------------------------------------------------------
+# FactorBank: under autocast, every layer's factors cast in one call per forward
+
+BANKED = {"lora": ("lora", {}), "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])), "dora": ("dora", {}),
+          "sora": ("sora", {}), "adalora": ("adalora", {}),
+          "pissa_way1": ("pissa", dict(method="way1", init_identity=False)),
+          "pissa_nf4": ("pissa", dict(method="way0", init_identity=False, quantize_residual=True))}
+
+
+def banked_model(name):
+    kind, settings = BANKED[name]
+    model = tiny("gpt")
+    inject_adapters(model, kind, rank=4, **settings)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for n, p in layer.named_parameters():
+                if p.requires_grad and n in ("lora_B", "lora_E", "gate", "singular_values"):
+                    p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def bf16_step(model, idx):
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(idx, idx)[1]
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("name", list(BANKED))
+def test_factor_bank_equals_per_layer_casts(name):
+    """Under bf16 autocast the banked forward (one concatenation and one cast for all layers) gives
+    bit-identical loss and gradients to each layer casting its own factors, the cast factors are the
+    fp32 factors rounded once (built without autocast), and the step dispatches fewer casts."""
+    from torch.profiler import profile
+
+    model = banked_model(name)
+    plain = copy.deepcopy(model)
+    for layer in adapter_layers(plain).values():
+        layer.__dict__["factor_bank"] = None  # each layer casts its own
+    idx = tokens()
+    assert torch.equal(bf16_step(model, idx), bf16_step(plain, idx))
+    grads = dict(plain.named_parameters())
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == p.dtype and torch.equal(p.grad, grads[n].grad), n
+
+    layers = list(adapter_layers(model).values())
+    bank = layers[0].__dict__["factor_bank"]
+    assert bank.layers == layers
+    twin = copy.deepcopy(model)  # a copy's bank serves the copy's layers
+    twin_layers = list(adapter_layers(twin).values())
+    assert all(layer.__dict__["factor_bank"].layers[i] is layer for i, layer in enumerate(twin_layers))
+    assert [h.__self__ for h in twin._forward_pre_hooks.values()][0] is twin_layers[0].__dict__["factor_bank"]
+    with torch.no_grad():
+        want = [[t.to(torch.bfloat16) for t in layer.factors()[:2]] for layer in layers]  # fp32, then one rounding
+        bank.open(model, ())
+        with torch.autocast("cpu", torch.bfloat16):
+            got = [bank.factors(layer, torch.bfloat16, "cpu")[:2] for layer in layers]
+        bank.close(model, (), None)
+    for w, g_ in zip(want, got):
+        assert all(torch.equal(a, b) for a, b in zip(w, g_))
+
+    def casts(m):
+        with profile() as prof:
+            bf16_step(m, idx)
+        return sum(1 for e in prof.events() if e.name == "aten::_to_copy")
+
+    assert casts(model) <= casts(plain) - 3 * len(layers)
+
+
+@pytest.mark.parametrize("change", ["prune", "slice", "export", "merge"])
+def test_factor_bank_follows_layer_replacement(change):
+    """Pruning, slicing, exporting and merging replace layers: the model's bank is rebuilt over the
+    new ones (no hook left for a layer that is gone), and the new layers still train under autocast."""
+    from adapters import export_pissa_as_lora, prune_sora_model, slice_adalora_model
+
+    kind = {"prune": "sora", "slice": "adalora", "export": "pissa", "merge": "lora"}[change]
+    model = tiny("gpt")
+    inject_adapters(model, kind, rank=4)
+    if kind == "sora":
+        with torch.no_grad():
+            for layer in adapter_layers(model).values():
+                layer.gate[:2] = 0.0
+    {"prune": prune_sora_model, "slice": slice_adalora_model, "export": export_pissa_as_lora,
+     "merge": merge_adapters}[change](model)
+    layers = list(adapter_layers(model).values())
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == (1 if layers else 0)
+    if layers:
+        assert all(layer.__dict__["factor_bank"].layers == layers for layer in layers)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        bf16_step(model, tokens())
+        assert all(layer.lora_A.grad is not None for layer in layers)

@@ -178,14 +178,15 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
 # torch.compile: one graph per model, no recompiles after the first step
 
 
-def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None):
+def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None, autocast=False):
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
         x = torch.randint(65, (2, 16), generator=gen)
-        loss = compiled(x, x)[1]
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):  # bf16: the FactorBank casts
+            loss = compiled(x, x)[1]
         if extra:
             loss = loss + extra(model)
         loss.backward()
@@ -198,15 +199,16 @@ def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None):
     return counter
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_compile_traces_one_graph_and_never_recompiles(name):
+def test_compile_traces_one_graph_and_never_recompiles(name, autocast):
     model = with_adapter(name, "cpu", True)
     kind = FAMILIES[name][0]
     opts = list(build_sora_optimizers(model)) if kind == "sora" else \
         [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
     allocator = RankAllocator(model, 2, total_step=6, deltaT=1) if kind in ("adalora", "adadora") else None
     extra = (lambda m: 0.1 * orthogonal_regularization(m)) if allocator else None
-    counter = compiled_steps(model, opts, allocator=allocator, extra=extra)
+    counter = compiled_steps(model, opts, allocator=allocator, extra=extra, autocast=autocast)
     assert counter.frame_count == 1  # a graph break or a recompile would add a frame
     assert counter.op_count > 0
 
