@@ -180,8 +180,6 @@ class AdapterLinear(nn.Module):
         a forward of the model, the FactorBank casts every layer's factors in one call; alone, a layer
         casts its two."""
         dt = forward_dtype(x)
-        if dt == self.base.weight.dtype:  # the factors have the compute dtype already: nothing to cast
-            return self.factors()
         bank = self.__dict__.get("factor_bank")  # a plain attribute, not a submodule
         if bank is not None and bank.active:
             return bank.factors(self, dt, x.device.type)
@@ -259,8 +257,9 @@ class FactorBank(ForwardBank):
     backward, about 200 kernels a step for GPT-2 small. Here the first layer asked computes every live
     layer's factors (in the parameters' dtype, as each layer would), concatenates them, casts once and
     hands out views: the backward is one concatenation of the gradients and one cast. Values equal
-    the per-layer casts exactly. A model whose factors already have the compute dtype (fp32
-    training) casts nothing and never gets here."""
+    the per-layer casts exactly. Factors that have the compute dtype already (fp32 training) are
+    handed out as they are. Under autocast, a layer that the forward never calls gets zero gradients
+    (not None): its share of the one cast still receives one."""
 
     def __init__(self, layers):
         super().__init__()
@@ -288,9 +287,8 @@ class FactorBank(ForwardBank):
             found = [self.layers[i].factors() for i in live]
         tensors = [t for B, A, _ in found for t in (B, A)]
         batch = [None] * len(self.layers)
-        if not tensors:
-            return batch
-        if any(t.device != tensors[0].device for t in tensors):  # a model split over devices: one by one
+        # nothing to cast (fp32 training), or a model split over devices: each as it is, or on its own
+        if all(t.dtype == dt for t in tensors) or any(t.device != tensors[0].device for t in tensors):
             for i, (B, A, s) in zip(live, found):
                 batch[i] = (B.to(dt), A.to(dt), s)
             return batch
