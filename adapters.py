@@ -97,6 +97,42 @@ class _LoRALinear(torch.autograd.Function):
         return dx, dxd, None, None, dA, dB, None
 
 
+class _MergedLoRALinear(torch.autograd.Function):
+    """The same y = x Wᵀ + b + s (x Aᵀ) Bᵀ (no dropout) as one GEMM over W' = W + s B A, for a
+    forward that casts W anyway (autocast): W' is built in fp32 and rounded once into the cast's place
+    (one kernel reading W, where the cast was), and neither the output nor the input gradient is
+    read and written again by an accumulating GEMM. Backward in 4 GEMMs: dx = dy W' (which is
+    dy W + s (dy B) A), dA = s (dy B)ᵀ x, dB = s dyᵀ h, and dy B. The gradients of A and B are the
+    unmerged layer's formulas; only the forward's rounding moves from W to W'. Pays where the
+    tokens outnumber the layer's width (lora_linear decides)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):  # x, b, A, B in the compute dtype; W the stored (fp32) weight
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ A.T  # (N, r)
+        merged = torch.empty(W.shape, dtype=x.dtype, device=W.device)
+        torch.add(W, B @ A, alpha=s, out=merged)  # fp32 sum, one rounding to the compute dtype
+        y = x2 @ merged.T if b is None else torch.addmm(b, x2, merged.T)
+        ctx.save_for_backward(merged, A, B, h, x2)
+        ctx.s, ctx.shape = s, x.shape
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        merged, A, B, h, x2 = ctx.saved_tensors
+        s, dy = ctx.s, dy.reshape(-1, dy.shape[-1])
+        need_x, _, _, need_A, need_B, _ = ctx.needs_input_grad
+        dx = dA = dB = None
+        if need_x:
+            dx = (dy @ merged).view(ctx.shape)
+        if need_A:
+            dh = torch.addmm(dy.new_empty(dy.shape[0], B.shape[1]), dy, B, beta=0, alpha=s)  # (N, r)
+            dA = dh.T @ x2
+        if need_B:
+            dB = torch.addmm(B.new_empty(B.shape), dy.T, h, beta=0, alpha=s)
+        return dx, None, None, dA, dB, None
+
+
 def autocasting(kind):
     return kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind)  # meta has no autocast
 
@@ -112,10 +148,21 @@ def autocast_off(kind):
     return torch.autocast(kind, enabled=False) if autocasting(kind) else contextlib.nullcontext()
 
 
+def merges_in_forward(x, xd, W, dt):
+    """Whether lora_linear takes the merged-weight GEMM: only where W is cast anyway (so W' takes the
+    cast's place and memory), without dropout (the adapter must read the base's input), and where
+    the passes it saves, about 4·N·(out + in) elements, outweigh building W' (about 2·out·in):
+    GPU-sized batches, not generation or small CPU batches."""
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return xd is x and W.dtype != dt and tokens * sum(W.shape) >= 2 * W.shape[0] * W.shape[1]
+
+
 def lora_linear(x, xd, W, b, A, B, s):
     """x Wᵀ + b + s (xd Aᵀ) Bᵀ with every operand in the compute dtype (autocast's, else x's)."""
     dt = forward_dtype(x)
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+    if merges_in_forward(x, xd, W, dt):
+        return _MergedLoRALinear.apply(cast(x), W, cast(b), cast(A), cast(B), s)
     return _LoRALinear.apply(cast(x), None if xd is x else cast(xd), cast(W), cast(b), cast(A), cast(B), s)
 
 

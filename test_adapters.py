@@ -263,6 +263,57 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     torch.testing.assert_close(fn(*inputs), want)
 
 
+def test_merged_weight_forward_gradients_are_exact():
+    """The merged-weight GEMM (W' = W + s B A, taken under autocast for large batches) against finite
+    differences in float64, and its output against the closed form."""
+    from adapters import _MergedLoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    W, b = torch.randn(4, 5, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+    A = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, A, B: _MergedLoRALinear.apply(x, W, b, A, B, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B))
+    torch.testing.assert_close(fn(x, A, B), x @ W.T + b + 0.7 * (x @ A.T) @ B.T)
+
+
+def test_merged_weight_forward_is_chosen_where_it_pays_and_rounds_no_worse():
+    """Under bf16 autocast with many tokens, lora_linear takes the merged GEMM; its output and the
+    gradients of x, A and B are as close to the float64 result as the unmerged three-GEMM path's.
+    Dropout, fp32 and few tokens keep the unmerged path."""
+    from adapters import _LoRALinear, lora_linear, merges_in_forward
+
+    g = torch.Generator().manual_seed(0)
+    N, d_in, d_out = 2048, 128, 512
+    W = torch.randn(d_out, d_in, generator=g) * 0.02
+    x0 = torch.randn(N, d_in, generator=g)
+    A0, B0 = torch.randn(8, d_in, generator=g) * 0.05, torch.randn(d_out, 8, generator=g) * 0.01
+    dy = torch.randn(N, d_out, generator=g)
+    assert merges_in_forward(x0, x0, W, torch.bfloat16)
+    assert not merges_in_forward(x0, x0.clone(), W, torch.bfloat16)  # dropout: the adapter reads xd
+    assert not merges_in_forward(x0, x0, W, torch.float32)  # nothing is cast: W' would cost memory
+    assert not merges_in_forward(x0[:64], x0[:64], W, torch.bfloat16)  # few tokens: building W' costs more
+
+    def run(path, dtype):
+        x, A, B = (t.to(dtype, copy=True).requires_grad_() for t in (x0, A0, B0))
+        if path == "merged":
+            with torch.autocast("cpu", torch.bfloat16):
+                y = lora_linear(x, x, W, None, A, B, 2.0)
+        elif path == "unmerged":
+            y = _LoRALinear.apply(x.bfloat16(), None, W.bfloat16(), None, A.bfloat16(), B.bfloat16(), 2.0)
+        else:
+            y = lora_linear(x, x, W.double(), None, A, B, 2.0)
+        y.backward(dy.to(y.dtype))
+        return [t.double() for t in (y, x.grad, A.grad, B.grad)]
+
+    exact = run("exact", torch.float64)
+    err = lambda got: [((a - e).norm() / e.norm()).item() for a, e in zip(got, exact)]  # noqa: E731
+    merged, unmerged = err(run("merged", torch.float32)), err(run("unmerged", torch.float32))
+    assert all(m <= 1.25 * u + 1e-4 for m, u in zip(merged, unmerged)), (merged, unmerged)
+    assert max(merged) < 0.02
+
+
 # -----------------------------------------------------------------------------
 # FactorBank: under autocast, every layer's factors cast in one call per forward
 
