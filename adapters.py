@@ -972,11 +972,12 @@ def orthogonal_regularization(model):
     if not layers:
         raise AdapterError("orthogonal_regularization needs AdaLoRA layers in the model")
     terms = []
-    for factors in (_stacked_by_shape([m.lora_A for m in layers]), _stacked_by_shape([m.lora_B.T for m in layers])):
-        for F_ in factors:  # (n, r, k): ‖F Fᵀ - I‖_F per layer
-            eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
-            terms.append(torch.linalg.matrix_norm(F_ @ F_.transpose(1, 2) - eye))
-    return torch.cat(terms).mean()
+    with autocast_off(layers[0].lora_A.device.type):  # in the factors' precision, not autocast's
+        for factors in (_stacked_by_shape([m.lora_A for m in layers]), _stacked_by_shape([m.lora_B.T for m in layers])):
+            for F_ in factors:  # (n, r, k): ‖F Fᵀ - I‖_F per layer
+                eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
+                terms.append(torch.linalg.matrix_norm(F_ @ F_.transpose(1, 2) - eye))
+        return torch.cat(terms).mean()
 
 
 def slice_adalora_model(model):
@@ -1282,10 +1283,11 @@ def rotation_penalty(model):
     if not rotations:
         raise AdapterError("rotation_penalty needs Rotational PiSSA layers in the model")
     terms = []
-    for R in _stacked_by_shape(rotations):  # (n, r, r)
-        eye = torch.eye(R.shape[1], device=R.device, dtype=R.dtype)
-        terms.append((R.transpose(1, 2) @ R - eye).pow(2).sum((1, 2)))
-    return torch.cat(terms).mean()
+    with autocast_off(rotations[0].device.type):  # in the rotations' precision, not autocast's
+        for R in _stacked_by_shape(rotations):  # (n, r, r)
+            eye = torch.eye(R.shape[1], device=R.device, dtype=R.dtype)
+            terms.append((R.transpose(1, 2) @ R - eye).pow(2).sum((1, 2)))
+        return torch.cat(terms).mean()
 
 
 def max_orthogonality_error(model):

@@ -408,3 +408,17 @@ def test_factor_bank_follows_layer_replacement(change):
             p.requires_grad_(True)
         bf16_step(model, tokens())
         assert all(layer.lora_A.grad is not None for layer in layers)
+
+
+def test_regularisers_ignore_autocast():
+    """AdaLoRA's orthogonality term and PiSSA way0's rotation penalty are computed in the factors'
+    precision: under bf16 autocast they equal their fp32 values exactly."""
+    from adapters import orthogonal_regularization, rotation_penalty
+
+    for kind, term, settings in (("adalora", orthogonal_regularization, {}),
+                                 ("pissa", rotation_penalty, dict(method="way0", init_identity=False))):
+        model = tiny("gpt")
+        inject_adapters(model, kind, rank=4, **settings)
+        with torch.autocast("cpu", torch.bfloat16):
+            under = term(model)
+        assert under.dtype == torch.float32 and torch.equal(under, term(model)), kind
