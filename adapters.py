@@ -199,6 +199,12 @@ class AdapterLinear(nn.Module):
         """(B', A, s) with ΔW = s · B' A: B' (out, r), A (r, in)."""
         raise NotImplementedError
 
+    @staticmethod
+    def batched_factors(layers):
+        """factors() of many layers of one class (the FactorBank asks): a family whose factors are
+        products batches them here."""
+        return [layer.factors() for layer in layers]
+
     def delta_weight(self):
         """The branch as a dense (out, in) matrix in fp32 (fp64 for fp64 models); only merge and tests
         build it."""
@@ -330,8 +336,14 @@ class FactorBank(ForwardBank):
 
     def cast_all(self, dt, kind):
         live = [i for i, layer in enumerate(self.layers) if not layer.merged]
+        by_class = {}  # a family's batched_factors, over its layers, in order
+        for i in live:
+            by_class.setdefault(type(self.layers[i]).batched_factors, []).append(i)
+        own = {}
         with autocast_off(kind):
-            found = [self.layers[i].factors() for i in live]
+            for batched, members in by_class.items():
+                own.update(zip(members, batched([self.layers[i] for i in members])))
+        found = [own[i] for i in live]
         tensors = [t for B, A, _ in found for t in (B, A)]
         batch = [None] * len(self.layers)
         # nothing to cast (fp32 training), or a model split over devices: each as it is, or on its own
@@ -358,6 +370,24 @@ def bank_adapters(model):
     for bank in banks:
         handles += [model.register_forward_pre_hook(bank.open), model.register_forward_hook(bank.close)]
     model.__dict__["_adapter_bank_hooks"] = handles
+
+
+def rows_scaled(vectors, matrices):
+    """[v[:, None] * M] for each (r,) vector and (r, in) matrix, the alike shapes stacked into one
+    product: a few kernels per shape instead of one per layer, forward and backward (SoRA's gate,
+    AdaLoRA's E)."""
+    groups, out = {}, [None] * len(matrices)
+    for i, (v, M) in enumerate(zip(vectors, matrices)):
+        groups.setdefault((tuple(M.shape), M.dtype, M.device, v.dtype), []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            i = members[0]
+            out[i] = vectors[i][:, None] * matrices[i]
+            continue
+        product = torch.stack([vectors[i] for i in members])[:, :, None] * torch.stack([matrices[i] for i in members])
+        for i, P in zip(members, product.unbind(0)):
+            out[i] = P
+    return out
 
 
 def check_rank(rank, base: nn.Linear, minimum=1):
@@ -426,7 +456,12 @@ class SoRALinear(LoRALinear):
         self.gate = nn.Parameter(init(rank, device=base.weight.device, dtype=base.weight.dtype))
 
     def factors(self):
-        return self.full_B() * self.gate, self.lora_A, self.scaling  # B diag(g): an (out, r) product, cheap
+        return self.full_B(), self.gate[:, None] * self.lora_A, self.scaling  # B (diag(g) A)
+
+    @staticmethod
+    def batched_factors(layers):
+        gated = rows_scaled([m.gate for m in layers], [m.lora_A for m in layers])
+        return [(m.full_B(), A, m.scaling) for m, A in zip(layers, gated)]
 
     def effective_rank(self):
         return int((self.gate != 0).sum())
@@ -479,7 +514,12 @@ class AdaLoRALinear(AdapterLinear):
         self.forwards_since_allocation = 0
 
     def factors(self):
-        return self.lora_B * self.lora_E, self.lora_A, self.scaling
+        return self.lora_B, self.lora_E[:, None] * self.lora_A, self.scaling  # B (diag(E) A), as peft
+
+    @staticmethod
+    def batched_factors(layers):
+        scaled = rows_scaled([m.lora_E for m in layers], [m.lora_A for m in layers])
+        return [(m.lora_B, A, m.scaling) for m, A in zip(layers, scaled)]
 
     def forward(self, x):
         # a training loop that never calls RankAllocator.update_and_allocate trains a plain, fixed-rank
