@@ -288,9 +288,13 @@ class ForwardBank:
     a compiled model stays one graph. What a forward computed is dropped when it closes: it belongs to
     that forward's autograd graph."""
 
-    def __init__(self):
+    def __init__(self, members, key):
+        """Each member (a layer, a rotation) finds this bank at member.__dict__[key] (a plain attribute,
+        not a submodule) and its place in it at key + '_index'."""
         self.active = False
         self.reset()
+        for i, member in enumerate(members):
+            member.__dict__[key], member.__dict__[key + "_index"] = self, i
 
     def reset(self):
         raise NotImplementedError
@@ -315,10 +319,8 @@ class FactorBank(ForwardBank):
     (not None): its share of the one cast still receives one."""
 
     def __init__(self, layers):
-        super().__init__()
+        super().__init__(layers, "factor_bank")
         self.layers = layers
-        for i, layer in enumerate(layers):
-            layer.__dict__["factor_bank"], layer.__dict__["factor_index"] = self, i
 
     def reset(self):
         self.batches = {}  # compute dtype -> per-layer (B', A, s), None for a merged layer
@@ -327,7 +329,7 @@ class FactorBank(ForwardBank):
         batch = self.batches.get(dt)
         if batch is None:
             batch = self.batches[dt] = self.cast_all(dt, kind)
-        own = batch[layer.__dict__["factor_index"]]
+        own = batch[layer.__dict__["factor_bank_index"]]
         if own is None:  # merged when the batch was made, unmerged since (within one forward)
             with autocast_off(kind):
                 B, A, s = layer.factors()
@@ -1175,10 +1177,8 @@ class RotationBank(ForwardBank):
     Outside a forward, each computes its own."""
 
     def __init__(self, rotations):
-        super().__init__()
+        super().__init__(rotations, "bank")
         self.rotations = rotations
-        for i, rot in enumerate(rotations):
-            rot.__dict__["bank"], rot.__dict__["bank_index"] = self, i
 
     def reset(self):
         self.batch = None
