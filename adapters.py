@@ -732,6 +732,13 @@ def merge_adapters(model):
 # SoRA: the gates' proximal optimizer, the sparsity schedule, prune
 
 
+def fused_on_cuda(params):
+    """AdamW's keyword for its fused CUDA kernel (what model.configure_optimizers uses) when every
+    parameter is a CUDA tensor; nothing elsewhere. params: tensors or param-group dicts."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    return {"fused": True} if tensors and all(t.is_cuda for t in tensors) else {}
+
+
 class SoRAOptimizer(torch.optim.AdamW):
     """AdamW for the gates, then the proximal step of an L1 penalty λ‖g‖₁ (soft-threshold):
     g <- sign(g) · max(|g| - λ·lr, 0). The SoRA paper's proximal step scales λ by the learning rate;
@@ -745,7 +752,8 @@ class SoRAOptimizer(torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, sparse_lambda=0.1, betas=(0.9, 0.999), eps=1e-8):
         if sparse_lambda < 0:
             raise AdapterError(f"sparse_lambda must be >= 0 (the L1 strength), got {sparse_lambda}")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        params = list(params)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **fused_on_cuda(params))
         self.sparse_lambda = sparse_lambda
         self.hold_zeros = False
 
@@ -795,7 +803,7 @@ def build_sora_optimizers(model, lr=1e-3, gate_lr=None, sparse_lambda=0.1, weigh
     if not gates:
         raise AdapterError("the model has no trainable SoRA gates; inject_adapters(model, 'sora', ...) first")
     gate_opt = SoRAOptimizer(gates, lr=gate_lr or lr, sparse_lambda=sparse_lambda, betas=betas)
-    return gate_opt, torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay)
+    return gate_opt, torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay, **fused_on_cuda(others))
 
 
 def lambda_schedule(start, stop, levels, spacing="linear"):

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_params, inject_adapters, merge_adapters,
-                      orthogonal_regularization, rotation_penalty)
+from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_params, fused_on_cuda, inject_adapters,
+                      merge_adapters, orthogonal_regularization, rotation_penalty)
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT, GPTConfig
 from prepare import write_text
@@ -74,7 +74,9 @@ class Method:
 
 
 def adam(model):
-    return [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)]
+    """train.py's optimizer: AdamW, its fused kernel on CUDA (model.configure_optimizers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **fused_on_cuda(params))]
 
 
 def build(name, base, c):

@@ -253,3 +253,17 @@ def test_compiled_training_on_cuda(adapter, char_data, tmp_path):
             "--eval_interval=30", "--adapter=" + adapter, "--adalora_deltaT=2"]
     last = train(args, environ={"TEST_MODE": "True"})
     assert last["val_loss"] == last["val_loss"] and last["val_loss"] < 4.2  # finite, below ln(65)
+
+
+def test_adamw_takes_its_fused_kernel_only_on_cuda():
+    """train.py's and bench.py's optimizers (SoRA's two, SubLoRA's) ask for AdamW's fused kernel when
+    every parameter is on CUDA, as model.configure_optimizers does; never on a CPU or a mixed list."""
+    from adapters import fused_on_cuda
+
+    cpu = torch.zeros(2)
+    assert fused_on_cuda([cpu]) == {} and fused_on_cuda([{"params": [cpu]}]) == {} and fused_on_cuda([]) == {}
+    if torch.cuda.is_available():
+        gpu = torch.zeros(2, device="cuda", requires_grad=True)
+        assert fused_on_cuda([gpu]) == {"fused": True} and fused_on_cuda([gpu, cpu]) == {}
+        model = with_adapter("sora", "cuda", True)
+        assert all(opt.defaults.get("fused") for opt in build_sora_optimizers(model))

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import (ADAPTERS, RankAllocator, SubLoRA, adapter_layers, adapter_state_dict, build_sora_optimizers,
-                      count_params, effective_ranks, find_targets, inject_adapters, lambda_schedule,
+                      count_params, effective_ranks, find_targets, fused_on_cuda, inject_adapters, lambda_schedule,
                       max_orthogonality_error, merge_adapters, orthogonal_regularization, prune_sora_model,
                       rank_pattern_layers, rotation_penalty, slice_adalora_model)
 from checkpoint import (ADAPTER_FILES, FORMAT, NO_ADAPTER, CheckpointError, build_model, load_checkpoint, save_adapter_file,
@@ -217,10 +217,12 @@ def build_optimizers(model, c, device_type):
         gates, rest = build_sora_optimizers(model, c["learning_rate"], gate_lr, c["sora_lambda"], c["weight_decay"], betas)
         return [(rest, c["learning_rate"]), (gates, gate_lr)]
     if c["adapter"] == "sublora":  # w (a vector: no weight decay), and the learned mode's gates on their own rate
-        opts = [(torch.optim.AdamW([model.w], lr=c["learning_rate"], betas=betas, weight_decay=0.0), c["learning_rate"])]
+        opts = [(torch.optim.AdamW([model.w], lr=c["learning_rate"], betas=betas, weight_decay=0.0,
+                                   **fused_on_cuda([model.w])), c["learning_rate"])]
         if c["allocation_mode"] == "learned":
             gate_lr = c["sublora_gate_lr"] or c["learning_rate"]
-            opts.append((torch.optim.AdamW([model.gate_logits], lr=gate_lr, betas=betas, weight_decay=0.0), gate_lr))
+            opts.append((torch.optim.AdamW([model.gate_logits], lr=gate_lr, betas=betas, weight_decay=0.0,
+                                           **fused_on_cuda([model.gate_logits])), gate_lr))
         return opts
     return [(model.configure_optimizers(c["weight_decay"], c["learning_rate"], betas, device_type), c["learning_rate"])]
 
