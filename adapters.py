@@ -212,21 +212,17 @@ class AdapterLinear(nn.Module):
         dt = compute_dtype(self.base.weight)
         return (B.to(dt) @ A.to(dt)) * s
 
-    @torch.no_grad()
     def weight_norm(self):
-        """‖W + ΔW‖ per output row without forming W + ΔW (peft PR #3387):
-        ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖² = ‖W_i‖² + s (B' ⊙ (2 W Aᵀ + s B' A Aᵀ))_i·1,
-        since ⟨W_i, ΔW_i⟩ = s (B' ⊙ W Aᵀ)_i·1 and ‖ΔW_i‖² = s² (B' ⊙ B' A Aᵀ)_i·1: ten kernels a layer.
-        No gradient flows through it (DoRA §4.3). Computed in the promotion of the weight's dtype and
-        fp32 (fp64 models stay fp64), every call: W is read for W Aᵀ and ‖W_i‖², and nothing is cached
-        that torch.compile would have to guard on (or that a load or merge could leave stale)."""
-        W = self.base.weight
-        dt = compute_dtype(W)
-        with autocast_off(W.device.type):
-            B, A, s = (t.to(dt) if torch.is_tensor(t) else t for t in self.factors())
-            W = W.to(dt)
-            inner = torch.addmm(W @ A.T, B, A @ A.T, beta=2.0, alpha=s)  # (out, r): 2 W Aᵀ + s B' A Aᵀ
-            return torch.add(W.pow(2).sum(1), (B * inner).sum(1), alpha=s).clamp_min(0).sqrt()
+        """‖W + ΔW‖ per output row (weight_norms), without forming W + ΔW; no gradient."""
+        return weight_norms([self], [self.factors()])
+
+    def forward_scale(self, x, dtype):
+        """DoRA's m / ‖W + ΔW‖ per output row, in `dtype`; inside a forward of the model from the
+        FactorBank, which computes every DoRA layer's in one batch."""
+        bank = self.__dict__.get("factor_bank")
+        if bank is not None and bank.active:
+            return bank.scale(self, dtype, x.device.type)
+        return (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(dtype)
 
     def forward_factors(self, x):
         """factors() in the dtype the forward computes x in (autocast's), built without autocast. Inside
@@ -249,7 +245,7 @@ class AdapterLinear(nn.Module):
             return lora_linear(x, xd, self.base.weight, self.base.bias, A, B, s)
         # DoRA: y = m / ‖W + ΔW‖ ⊙ (x Wᵀ + x ΔWᵀ) + b, the bias not rescaled, ΔW through its factors
         y = lora_linear(x, xd, self.base.weight, None, A, B, s)
-        scale = (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(y.dtype)
+        scale = self.forward_scale(x, y.dtype)
         return y * scale if self.base.bias is None else torch.addcmul(self.base.bias.to(y.dtype), y, scale)
 
     @torch.no_grad()
@@ -282,6 +278,35 @@ class AdapterLinear(nn.Module):
         self.base.weight = nn.Parameter(w.to(self.base.weight.dtype), requires_grad=False)
 
 
+@torch.no_grad()
+def weight_norms(layers, factors, flat=False):
+    """‖W + ΔW‖ per output row of each layer, without forming W + ΔW (peft PR #3387):
+    ‖W_i + ΔW_i‖² = ‖W_i‖² + 2⟨W_i, ΔW_i⟩ + ‖ΔW_i‖² = ‖W_i‖² + (B' ⊙ (2s W Aᵀ + s² B' A Aᵀ))_i·1,
+    since ⟨W_i, ΔW_i⟩ = s (B' ⊙ W Aᵀ)_i·1 and ‖ΔW_i‖² = s² (B' ⊙ B' A Aᵀ)_i·1. Per layer three GEMMs
+    and one row norm; the rest runs once over all layers' rows together. No gradient flows through it
+    (DoRA §4.3). Computed in the promotion of the weights' dtype and fp32 (fp64 models stay fp64),
+    every call: nothing is cached that torch.compile would have to guard on (or that a load or merge
+    could leave stale). factors: each layer's (B', A, s). One layer: its norms; several: a list, or
+    with flat=True the (Σ out,) concatenation."""
+    dt = compute_dtype(layers[0].base.weight)
+    rows, weights, terms = [], [], []
+    with autocast_off(layers[0].base.weight.device.type):
+        for layer, (B, A, s) in zip(layers, factors):
+            W, B, A = layer.base.weight.to(dt), B.to(dt), A.to(dt)
+            rows.append(B)
+            terms.append(torch.addmm(W @ A.T, B, A @ A.T, beta=2.0 * s, alpha=s * s))  # (out, r)
+            weights.append(torch.linalg.vector_norm(W, dim=1))
+        join = lambda ts: torch.cat(ts) if len(ts) > 1 else ts[0]  # noqa: E731
+        if len({B.shape[1] for B in rows}) == 1:  # one rank (a sliced AdaDoRA has several): one product
+            dots = (join(rows) * join(terms)).sum(1)
+        else:
+            dots = join([(B * T).sum(1) for B, T in zip(rows, terms)])
+        norms = (join(weights).square() + dots).clamp_min(0).sqrt()
+    if len(layers) == 1 or flat:
+        return norms
+    return list(norms.split([layer.out_features for layer in layers]))
+
+
 class ForwardBank:
     """Work done once per forward of a model for many of its layers. The model's forward pre-hook
     opens a forward and its forward hook closes it (bank_adapters); these only flip Python state, so
@@ -309,55 +334,91 @@ class ForwardBank:
 
 
 class FactorBank(ForwardBank):
-    """Every adapter layer's factors() in the forward's compute dtype, cast in one call. Under bf16
-    autocast each layer would cast B' and A on its own: two casts forward and two (of the gradients)
-    backward, about 200 kernels a step for GPT-2 small. Here the first layer asked computes every live
-    layer's factors (in the parameters' dtype, as each layer would), concatenates them, casts once and
-    hands out views: the backward is one concatenation of the gradients and one cast. Values equal
-    the per-layer casts exactly. Factors that have the compute dtype already (fp32 training) are
-    handed out as they are. Under autocast, a layer that the forward never calls gets zero gradients
-    (not None): its share of the one cast still receives one."""
+    """Every adapter layer's factors() in the forward's compute dtype, cast in one call, and every DoRA
+    layer's scale m / ‖W + ΔW‖ in one batch. Under bf16 autocast each layer would cast B' and A on its
+    own: two casts forward and two (of the gradients) backward, about 200 kernels a step for GPT-2
+    small. Here the first layer asked computes every live layer's factors (in the parameters' dtype,
+    each family's layers at once: batched_factors), concatenates them, casts once and hands out
+    views: the backward is one concatenation of the gradients and one cast. Values equal the
+    per-layer casts exactly. Factors that have the compute dtype already (fp32 training) are handed
+    out as they are. Under autocast, a layer that the forward never calls gets zero gradients (not
+    None): its share of the one cast still receives one."""
 
     def __init__(self, layers):
         super().__init__(layers, "factor_bank")
         self.layers = layers
 
     def reset(self):
-        self.batches = {}  # compute dtype -> per-layer (B', A, s), None for a merged layer
+        self.own = None  # per layer: its factors in the parameters' dtype, None for a merged layer
+        self.batches = {}  # compute dtype -> per layer (B', A, s) in that dtype
+        self.scales = {}  # dtype -> per layer DoRA scale in that dtype
+
+    def own_factors(self, kind):
+        """Every live layer's factors, each family's in one batched_factors call, without autocast."""
+        if self.own is None:
+            live = [i for i, layer in enumerate(self.layers) if not layer.merged]
+            by_class = {}  # a family's batched_factors, over its layers, in order
+            for i in live:
+                by_class.setdefault(type(self.layers[i]).batched_factors, []).append(i)
+            self.own = [None] * len(self.layers)
+            with autocast_off(kind):
+                for batched, members in by_class.items():
+                    for i, f in zip(members, batched([self.layers[i] for i in members])):
+                        self.own[i] = f
+        return self.own
 
     def factors(self, layer, dt, kind):
         batch = self.batches.get(dt)
         if batch is None:
             batch = self.batches[dt] = self.cast_all(dt, kind)
-        own = batch[layer.__dict__["factor_bank_index"]]
-        if own is None:  # merged when the batch was made, unmerged since (within one forward)
+        mine = batch[layer.__dict__["factor_bank_index"]]
+        if mine is None:  # merged when the batch was made, unmerged since (within one forward)
             with autocast_off(kind):
                 B, A, s = layer.factors()
             return B.to(dt), A.to(dt), s
-        return own
+        return mine
 
     def cast_all(self, dt, kind):
-        live = [i for i, layer in enumerate(self.layers) if not layer.merged]
-        by_class = {}  # a family's batched_factors, over its layers, in order
-        for i in live:
-            by_class.setdefault(type(self.layers[i]).batched_factors, []).append(i)
-        own = {}
-        with autocast_off(kind):
-            for batched, members in by_class.items():
-                own.update(zip(members, batched([self.layers[i] for i in members])))
-        found = [own[i] for i in live]
-        tensors = [t for B, A, _ in found for t in (B, A)]
+        own = self.own_factors(kind)
+        live = [i for i, f in enumerate(own) if f is not None]
+        tensors = [t for i in live for t in own[i][:2]]
         batch = [None] * len(self.layers)
         # nothing to cast (fp32 training), or a model split over devices: each as it is, or on its own
         if all(t.dtype == dt for t in tensors) or any(t.device != tensors[0].device for t in tensors):
-            for i, (B, A, s) in zip(live, found):
+            for i in live:
+                B, A, s = own[i]
                 batch[i] = (B.to(dt), A.to(dt), s)
             return batch
         flat = torch.cat([t.reshape(-1) for t in tensors]).to(dt)  # cat promotes mixed dtypes exactly
         pieces = flat.split([t.numel() for t in tensors])
-        for k, (i, (B, A, s)) in enumerate(zip(live, found)):
+        for k, i in enumerate(live):
+            B, A, s = own[i]
             batch[i] = (pieces[2 * k].view(B.shape), pieces[2 * k + 1].view(A.shape), s)
         return batch
+
+    def scale(self, layer, dt, kind):
+        """DoRA's m / ‖W + ΔW‖ for `layer`, from one batch over every live DoRA layer: its norms
+        (weight_norms), one division and one cast for all of them."""
+        scales = self.scales.get(dt)
+        if scales is None:
+            scales = self.scales[dt] = self.scale_all(dt, kind)
+        mine = scales[layer.__dict__["factor_bank_index"]]
+        if mine is None:
+            return (layer.magnitude / layer.weight_norm().to(layer.magnitude.dtype)).to(dt)
+        return mine
+
+    def scale_all(self, dt, kind):
+        own = self.own_factors(kind)
+        dora = [i for i, f in enumerate(own) if f is not None and self.layers[i].magnitude is not None]
+        out = [None] * len(self.layers)
+        layers = [self.layers[i] for i in dora]
+        if not layers or len({(m.base.weight.dtype, m.magnitude.dtype, m.magnitude.device) for m in layers}) > 1:
+            return out  # none, or mixed dtypes / devices: each layer on its own
+        norms = weight_norms(layers, [own[i] for i in dora], flat=True)
+        m = torch.cat([layer.magnitude for layer in layers]) if len(layers) > 1 else layers[0].magnitude
+        for i, c in zip(dora, (m / norms.to(m.dtype)).to(dt).split([layer.out_features for layer in layers])):
+            out[i] = c
+        return out
 
 
 def bank_adapters(model):

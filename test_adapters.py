@@ -318,7 +318,7 @@ def test_merged_weight_forward_is_chosen_where_it_pays_and_rounds_no_worse():
 # FactorBank: under autocast, every layer's factors cast in one call per forward
 
 BANKED = {"lora": ("lora", {}), "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])), "dora": ("dora", {}),
-          "sora": ("sora", {}), "adalora": ("adalora", {}),
+          "sora": ("sora", {}), "adalora": ("adalora", {}), "adadora": ("adadora", {}),
           "pissa_way1": ("pissa", dict(method="way1", init_identity=False)),
           "pissa_nf4": ("pissa", dict(method="way0", init_identity=False, quantize_residual=True))}
 
@@ -346,7 +346,7 @@ def bf16_step(model, idx):
 @pytest.mark.parametrize("name", list(BANKED))
 def test_factor_bank_equals_per_layer_casts(name):
     """Under bf16 autocast the banked forward (one concatenation and one cast for all layers; SoRA's
-    and AdaLoRA's products batched) gives bit-identical loss and gradients to each layer computing and
+    and AdaLoRA's products and DoRA's norms batched) gives bit-identical loss and gradients to each layer computing and
     casting its own factors, the cast factors are the fp32 factors rounded once (built without
     autocast), and the step dispatches fewer casts and products."""
     from torch.profiler import profile
@@ -386,6 +386,8 @@ def test_factor_bank_equals_per_layer_casts(name):
     assert count(model, "aten::_to_copy") <= count(plain, "aten::_to_copy") - 3 * len(layers)
     if name in ("sora", "adalora"):  # the gate / E products of alike layers in one stacked product
         assert count(model, "aten::mul") <= count(plain, "aten::mul") - 2 * len(layers)
+    if name in ("dora", "adadora"):  # every layer's ‖W + ΔW‖ finished in one batch: one square root
+        assert count(model, "aten::sqrt") == 1 and count(plain, "aten::sqrt") == len(layers)
 
 
 @pytest.mark.parametrize("change", ["prune", "slice", "export", "merge"])
