@@ -60,7 +60,8 @@ class _LoRALinear(torch.autograd.Function):
     """y = x Wᵀ + b + s · (xd Aᵀ) Bᵀ (xd: the dropped-out x) in 3 GEMMs, the adapter's product
     accumulated into the base output (addmm_, alpha = s): no elementwise pass over the (N, out)
     output. Backward in 5 GEMMs: dx = dy W + s (dy B) A (accumulated), dA = s (dy B)ᵀ xd,
-    dB = s dyᵀ h. W is frozen: it gets no gradient and its weight-gradient GEMM is never run."""
+    dB = s dyᵀ h. A frozen W gets no gradient and its weight-gradient GEMM is never run; a trained one
+    (the embedding a head is tied to, with train_embeddings) gets dyᵀ x, a trained bias Σ dy."""
 
     @staticmethod
     def forward(ctx, x, xd, W, b, A, B, s):  # xd None: no dropout, the adapter reads x
@@ -69,16 +70,21 @@ class _LoRALinear(torch.autograd.Function):
         h = xd2 @ A.T  # (N, r)
         y = x2 @ W.T if b is None else torch.addmm(b, x2, W.T)
         y.addmm_(h, B.T, alpha=s)
-        ctx.save_for_backward(W, A, B, h, xd2)
+        # a trained W (an embedding tied to the head, train_embeddings=True) also needs x for dW
+        ctx.save_for_backward(W, A, B, h, xd2, x2 if ctx.needs_input_grad[2] else None)
         ctx.s, ctx.shape, ctx.same = s, x.shape, xd is None
         return y.view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        W, A, B, h, xd2 = ctx.saved_tensors
+        W, A, B, h, xd2, x2 = ctx.saved_tensors
         s, dy = ctx.s, dy.reshape(-1, dy.shape[-1])
-        need_x, need_xd, _, _, need_A, need_B, _ = ctx.needs_input_grad
-        dx = dxd = dA = dB = None
+        need_x, need_xd, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        dx = dxd = dW = db = dA = dB = None
+        if need_W:
+            dW = dy.T @ x2
+        if need_b:
+            db = dy.sum(0)
         # s folded into the GEMMs (alpha; beta = 0 ignores the uninitialised input): no extra pass
         dh = None
         if need_x or need_xd or need_A:
@@ -94,7 +100,7 @@ class _LoRALinear(torch.autograd.Function):
             dA = dh.T @ xd2
         if need_B:
             dB = torch.addmm(B.new_empty(B.shape), dy.T, h, beta=0, alpha=s)
-        return dx, dxd, None, None, dA, dB, None
+        return dx, dxd, dW, db, dA, dB, None
 
 
 class _MergedLoRALinear(torch.autograd.Function):
@@ -150,11 +156,12 @@ def autocast_off(kind):
 
 def merges_in_forward(x, xd, W, dt):
     """Whether lora_linear takes the merged-weight GEMM: only where W is cast anyway (so W' takes the
-    cast's place and memory), without dropout (the adapter must read the base's input), and where
+    cast's place and memory) and frozen, without dropout (the adapter must read the base's input), and where
     the passes it saves, about 4·N·(out + in) elements, outweigh building W' (about 2·out·in):
     GPU-sized batches, not generation or small CPU batches."""
     tokens = x.numel() // max(x.shape[-1], 1)
-    return xd is x and W.dtype != dt and tokens * sum(W.shape) >= 2 * W.shape[0] * W.shape[1]
+    trained = torch.is_grad_enabled() and W.requires_grad  # a tied, trained embedding: its own gradient
+    return xd is x and not trained and W.dtype != dt and tokens * sum(W.shape) >= 2 * W.shape[0] * W.shape[1]
 
 
 def lora_linear(x, xd, W, b, A, B, s):

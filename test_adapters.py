@@ -85,6 +85,38 @@ def test_train_embeddings_option():
     assert trainable == lora + wte.numel() + wpe.numel()
 
 
+def test_trained_embedding_gets_the_tied_heads_gradient():
+    """train_embeddings=True trains the token embedding, which the GPT's head is tied to: the adapted
+    head passes its weight gradient dyᵀ x to it, as the plain Linear plus LoRA branch does (the fused
+    layer once dropped it), and the merged-weight GEMM is never taken for a trained W."""
+    import types
+
+    from adapters import merges_in_forward
+
+    model = tiny("gpt").double()
+    inject_adapters(model, "lora", rank=2, train_embeddings=True)
+    randomise_adapters(model)
+    plain = copy.deepcopy(model)
+
+    def reference(self, x):  # W x + s (x Aᵀ) Bᵀ through autograd's own ops
+        B, A, s = self.factors()
+        return nn.functional.linear(x, self.base.weight, self.base.bias) + s * (x @ A.T) @ B.T
+
+    for layer in adapter_layers(plain).values():
+        layer.forward = types.MethodType(reference, layer)
+    idx = tokens()
+    model(idx, idx)[1].backward()
+    plain(idx, idx)[1].backward()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+    W = model.lm_head.base.weight
+    x = torch.zeros(4096, W.shape[1])
+    assert W.requires_grad and not merges_in_forward(x, x, W, torch.float16)
+    with torch.no_grad():
+        assert merges_in_forward(x, x, W, torch.float16)  # no gradient wanted: merging is safe
+
+
 def test_base_weights_unchanged_after_steps():
     model = tiny("gpt")
     inject_adapters(model, "lora", rank=4, dropout=0.1)
