@@ -240,6 +240,23 @@ def test_compiled_gradients_equal_eager():
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_compiled_bf16_step_equals_eager(name):
+    """Under bf16 autocast, with 8 x 16 tokens (the merged-weight GEMM, the FactorBank's one cast and
+    DoRA's batched norms all in the graph), AOT autograd's trace gives eager's loss and gradients."""
+    eager, compiled = with_adapter(name, "cpu", True), with_adapter(name, "cpu", True)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    x = torch.randint(65, (8, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        want, got = eager(x, x)[1], torch.compile(compiled, backend="aot_eager")(x, x)[1]
+    want.backward(), got.backward()
+    assert torch.equal(want, got)
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), n
+
+
 # -----------------------------------------------------------------------------
 # the GPU check: compiled training through train.py for every adapter (CUDA only; make gpu-check)
 
