@@ -229,6 +229,10 @@ class AdapterLinear(nn.Module):
         bank = self.__dict__.get("factor_bank")
         if bank is not None and bank.active:
             return bank.scale(self, dtype, x.device.type)
+        return self.own_scale(dtype)
+
+    def own_scale(self, dtype):
+        """This layer's m / ‖W + ΔW‖ on its own, in `dtype`."""
         return (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(dtype)
 
     def forward_factors(self, x):
@@ -239,7 +243,11 @@ class AdapterLinear(nn.Module):
         bank = self.__dict__.get("factor_bank")  # a plain attribute, not a submodule
         if bank is not None and bank.active:
             return bank.factors(self, dt, x.device.type)
-        with autocast_off(x.device.type):
+        return self.cast_factors(dt, x.device.type)
+
+    def cast_factors(self, dt, kind):
+        """This layer's factors built without autocast, then cast to dt: two casts."""
+        with autocast_off(kind):
             B, A, s = self.factors()
         return B.to(dt), A.to(dt), s
 
@@ -364,14 +372,12 @@ class FactorBank(ForwardBank):
         """Every live layer's factors, each family's in one batched_factors call, without autocast."""
         if self.own is None:
             live = [i for i, layer in enumerate(self.layers) if not layer.merged]
-            by_class = {}  # a family's batched_factors, over its layers, in order
-            for i in live:
-                by_class.setdefault(type(self.layers[i]).batched_factors, []).append(i)
-            self.own = [None] * len(self.layers)
             with autocast_off(kind):
-                for batched, members in by_class.items():
-                    for i, f in zip(members, batched([self.layers[i] for i in members])):
-                        self.own[i] = f
+                found = in_groups([self.layers[i] for i in live], lambda m: type(m).batched_factors,
+                                  lambda group: type(group[0]).batched_factors(group))
+            self.own = [None] * len(self.layers)
+            for i, f in zip(live, found):
+                self.own[i] = f
         return self.own
 
     def factors(self, layer, dt, kind):
@@ -379,11 +385,8 @@ class FactorBank(ForwardBank):
         if batch is None:
             batch = self.batches[dt] = self.cast_all(dt, kind)
         mine = batch[layer.__dict__["factor_bank_index"]]
-        if mine is None:  # merged when the batch was made, unmerged since (within one forward)
-            with autocast_off(kind):
-                B, A, s = layer.factors()
-            return B.to(dt), A.to(dt), s
-        return mine
+        # None: merged when the batch was made, unmerged since (within one forward)
+        return mine if mine is not None else layer.cast_factors(dt, kind)
 
     def cast_all(self, dt, kind):
         own = self.own_factors(kind)
@@ -410,9 +413,7 @@ class FactorBank(ForwardBank):
         if scales is None:
             scales = self.scales[dt] = self.scale_all(dt, kind)
         mine = scales[layer.__dict__["factor_bank_index"]]
-        if mine is None:
-            return (layer.magnitude / layer.weight_norm().to(layer.magnitude.dtype)).to(dt)
-        return mine
+        return mine if mine is not None else layer.own_scale(dt)  # None: not batched (mixed dtypes / devices)
 
     def scale_all(self, dt, kind):
         own = self.own_factors(kind)
@@ -442,22 +443,29 @@ def bank_adapters(model):
     model.__dict__["_adapter_bank_hooks"] = handles
 
 
+def in_groups(items, key, compute):
+    """[result for each item], where the items with equal key(item) form one group and compute(group)
+    returns one result per member, in order: one batched call per group instead of one per item."""
+    groups, out = {}, [None] * len(items)
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    for members in groups.values():
+        for i, result in zip(members, compute([items[i] for i in members])):
+            out[i] = result
+    return out
+
+
 def rows_scaled(vectors, matrices):
     """[v[:, None] * M] for each (r,) vector and (r, in) matrix, the alike shapes stacked into one
     product: a few kernels per shape instead of one per layer, forward and backward (SoRA's gate,
     AdaLoRA's E)."""
-    groups, out = {}, [None] * len(matrices)
-    for i, (v, M) in enumerate(zip(vectors, matrices)):
-        groups.setdefault((tuple(M.shape), M.dtype, M.device, v.dtype), []).append(i)
-    for members in groups.values():
-        if len(members) == 1:
-            i = members[0]
-            out[i] = vectors[i][:, None] * matrices[i]
-            continue
-        product = torch.stack([vectors[i] for i in members])[:, :, None] * torch.stack([matrices[i] for i in members])
-        for i, P in zip(members, product.unbind(0)):
-            out[i] = P
-    return out
+    def product(group):  # [(v, M), ...]; a group of one needs no stacking copy
+        if len(group) == 1:
+            return [group[0][0][:, None] * group[0][1]]
+        return (torch.stack([v for v, _ in group])[:, :, None] * torch.stack([M for _, M in group])).unbind(0)
+
+    return in_groups(list(zip(vectors, matrices)), lambda vm: (tuple(vm[1].shape), vm[1].dtype, vm[1].device,
+                                                               vm[0].dtype), product)
 
 
 def check_rank(rank, base: nn.Linear, minimum=1):
@@ -836,7 +844,7 @@ class SoRAOptimizer(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
-        keep = [(p != 0).to(p.dtype) for p in params] if self.hold_zeros else None
+        keep = torch._foreach_abs(torch._foreach_sign(params)) if self.hold_zeros else None  # 1 where g != 0
         loss = super().step(closure)
         if keep is not None:
             torch._foreach_mul_(params, keep)
@@ -1237,13 +1245,7 @@ class Rotation(nn.Module):
 
 def rotation_matrices(rotations):
     """Every rotation's matrix, each group of alike rotations (Rotation.group) in one batched call."""
-    groups, out = {}, [None] * len(rotations)
-    for i, rot in enumerate(rotations):
-        groups.setdefault(rot.group(), []).append(i)
-    for members in groups.values():
-        for i, R in zip(members, Rotation.batched([rotations[i] for i in members]).unbind(0)):
-            out[i] = R
-    return out
+    return in_groups(rotations, Rotation.group, lambda group: Rotation.batched(group).unbind(0))
 
 
 class RotationBank(ForwardBank):
