@@ -29,7 +29,6 @@ demo: install data/shakespeare_char/train.bin
 	$(PY) train.py config/train_shakespeare_char.py --out_dir=out-demo-base --overwrite=True
 	$(PY) train.py config/finetune_shakespeare_lora.py --init_from=out-demo-base --out_dir=out-demo-lora --overwrite=True
 	$(PY) sample.py --out_dir=out-demo-lora --merge=True --num_samples=1 --max_new_tokens=300 --start="ROMEO:"
-	$(PY) -c "import train; train.report(['out-demo-base', 'out-demo-lora'])"
 	$(PY) plots.py out-demo-base out-demo-lora
 
 test: install-test

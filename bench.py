@@ -27,7 +27,7 @@ from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_param
                       merge_adapters, orthogonal_regularization, rotation_penalty)
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from model import GPT, GPTConfig
-from prepare import write_text
+from files import atomic_write
 from train import COMPILE_MODES
 
 size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
@@ -361,9 +361,9 @@ def main(argv=()):
     info = dict(device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
                 dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"],
                 compile=str(c["compile"]), compile_mode=c["compile_mode"], date=time.strftime("%Y-%m-%d"), command="python bench.py " + " ".join(argv))
-    write_text(os.path.join(c["out_dir"], "bench.json"), json.dumps(dict(info=info, rows=rows), indent=1))
+    atomic_write(os.path.join(c["out_dir"], "bench.json"), json.dumps(dict(info=info, rows=rows), indent=1))
     table = markdown(rows)
-    write_text(os.path.join(c["out_dir"], "bench.md"), table + "\n")
+    atomic_write(os.path.join(c["out_dir"], "bench.md"), table + "\n")
     print(table)
     for r in rows:
         if r["method"] == "pissa_init_full_over_lowrank":

@@ -20,43 +20,30 @@ the tensors under "state", torch-saved) still load.
 
 import json
 import os
+import re
 
 import torch
 
-from adapters import SubLoRA, adapter_layers, inject_adapters, load_adapter_state_dict
+from adapters import NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict
+from files import atomic_write
 from model import MODELS, GPTConfig
 
 FORMAT = "lowrank-gpt/1"
 # adapter-only files a run folder may hold (the .pt names: older runs)
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
-NO_ADAPTER = {"kind": "none", "targets": [], "settings": {}, "train_embeddings": False}
 
 
 class CheckpointError(ValueError):
     """A missing, corrupt or foreign checkpoint; the message names the file and what is wrong."""
 
 
-def save_atomic(obj, path):
-    """torch.save(obj) (bytes: written as they are) to a temp file beside `path`, fsync, then rename: a
-    crash leaves the old file whole."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+def save_checkpoint(ckpt, path):
+    """torch.save, atomically (files.atomic_write)."""
+    def write(tmp):
         with open(tmp, "wb") as f:
-            if isinstance(obj, bytes):
-                f.write(obj)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished folder (torch wraps some as RuntimeError)
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
-        raise CheckpointError(f"could not write {path} ({reason}); {kept}: free space or choose another --out_dir, "
-                              "then continue with --init_from=resume") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            torch.save(ckpt, f)
+
+    atomic_write(path, write)
 
 
 def checkpoint_path(path):
@@ -103,14 +90,9 @@ def build_model(ckpt, load_weights=True):
 
 
 def inject_from_info(model, info):
-    """Inject the adapters a checkpoint's `adapter` entry describes (nothing for kind 'none'). Returns
-    the model: SubLoRA wraps it (LoRA inside a random subspace)."""
-    if info["kind"] == "none":
-        return model
-    kind = "lora" if info["kind"] == "sublora" else info["kind"]
-    inject_adapters(model, kind, targets=info["targets"], train_embeddings=info["train_embeddings"],
-                    layers=info.get("layers"), **info["settings"])
-    return SubLoRA(model, **info["sublora"]) if info["kind"] == "sublora" else model
+    """Inject the adapters a checkpoint's `adapter` entry describes (through its family's rebuild).
+    Returns the model (SubLoRA wraps it)."""
+    return family_of(info["kind"]).rebuild(model, info)
 
 
 def base_from_seed(blob):
@@ -129,7 +111,7 @@ def save_adapter_file(blob, path):
     settings = {k: v for k, v in blob.items() if k != "state"}
     tensors = {k: v.detach().contiguous() for k, v in blob["state"].items()}
     data = save(tensors, metadata={"format": "pt", "lowrank": json.dumps(settings)})
-    save_atomic(data, path)
+    atomic_write(path, data)
 
 
 def read_adapter_file(path):
@@ -161,3 +143,26 @@ def load_adapter(model, path):
         model = inject_from_info(model, blob["adapter"])
     load_adapter_state_dict(model, blob["state"])
     return model
+
+
+def check_resume_shape(c, ckpt, given):
+    """A resumed run keeps its checkpoint's model: a shape key given on the command line that differs
+    from it is a mistake, named in one line (not silently ignored)."""
+    saved = dict(ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
+    for key in ("n_layer", "n_head", "n_embd", "bias", "block_size", "model_type"):
+        if key in given and c[key] != saved[key]:
+            raise CheckpointError(f"--{key}={c[key]} but the checkpoint being resumed has {key}={saved[key]}: a resumed "
+                                  f"run keeps its model; drop --{key}, or start a new run in another --out_dir")
+
+
+def remove_stale_temp_files(out_dir):
+    """Temp files of saves that were killed before their rename (files.atomic_write names them
+    FILE.tmp.PID): never valid, so removed at the next start, with a note."""
+    if not os.path.isdir(out_dir):
+        return
+    stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if re.search(r"\.(pt|safetensors)\.tmp\.\d+$", f)]
+    if stale:
+        size = sum(os.path.getsize(f) for f in stale)
+        for f in stale:
+            os.remove(f)
+        print(f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves")

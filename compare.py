@@ -26,7 +26,9 @@ import time
 import torch
 
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from prepare import DATASETS, read_meta, write_text
+from files import atomic_write
+from plots import read_metrics
+from prepare import DATASETS, read_meta
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
 size = "cpu"  # 'cpu' (about 27 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
@@ -114,8 +116,7 @@ def run_train(args, out, log_path):
     if proc.returncode != 0:
         tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
         raise ConfigError(f"train.py failed in {out} ({tail[0][:200]}); see {log_path}")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(out)
 
 
 def adapter_bytes(run_dir, row):
@@ -154,7 +155,7 @@ def compare(argv=(), environ=None):
                          lr_decay_iters=iters, eval_interval=max(1, iters // 3), eval_iters=20, overwrite=True)
         t0 = time.time()
         run_train([f"--{k}={v}" for k, v in base_args.items()], base_dir, os.path.join(out, "base.log"))
-        write_text(os.path.join(base_dir, "run.json"), json.dumps({"seconds": time.time() - t0}))
+        atomic_write(os.path.join(base_dir, "run.json"), json.dumps({"seconds": time.time() - t0}))
     else:
         print(f"reusing the base in {base_dir}/ (delete it to pretrain again)")
 
@@ -172,12 +173,12 @@ def compare(argv=(), environ=None):
         reused = os.path.isfile(record) and json.load(open(record))["argv"] == argv and not c["overwrite"]
         t0 = time.time()
         if reused:
-            rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+            rows = read_metrics(run_dir)
         else:
             if os.path.isfile(record):  # an interrupted rerun must not look finished afterwards
                 os.remove(record)
             rows = run_train(argv, run_dir, run_dir + ".log")
-            write_text(record, json.dumps({"argv": argv, "seconds": time.time() - t0}))
+            atomic_write(record, json.dumps({"argv": argv, "seconds": time.time() - t0}))
         evals, last = [r for r in rows if r.get("val_loss") is not None], rows[-1]
         tokens = tune["batch_size"] * spec["model"]["block_size"]
         return dict(method=method, lr=lr, run=name, val_loss=evals[-1]["val_loss"], train_loss=evals[-1]["train_loss"],
@@ -231,9 +232,9 @@ def compare(argv=(), environ=None):
                    budget=dict(tune, model=spec["model"]), device=c["device"], machine=machine, seconds=seconds,
                    best=results, runs=runs,
                    grid_seconds={m: sum(r["seconds"] for r in runs if r["method"] == m) for m in results})
-    write_text(os.path.join(out, "compare.json"), json.dumps(summary, indent=1))
+    atomic_write(os.path.join(out, "compare.json"), json.dumps(summary, indent=1))
     table = markdown_table(summary)
-    write_text(os.path.join(out, "compare.md"), table + "\n")
+    atomic_write(os.path.join(out, "compare.md"), table + "\n")
     print(table)
     import plots
 

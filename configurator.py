@@ -51,13 +51,16 @@ def config_defaults(names):
     return {k: v for k, v in names.items() if not k.isupper() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 
-def configure(defaults, argv, environ=None, test_overrides=None):
+def configure(defaults, argv, environ=None, test_overrides=None, described=None, given=None):
     """defaults <- config files in argv <- environment <- --key=value in argv. With TEST_MODE=True (or
-    test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides."""
+    test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides.
+    described: {key: (section, help)} for keys that are not the script's own globals (the adapter
+    families' keys), for --help. given: a dict to fill with {key: where it was set} for the keys a
+    config file, the environment or the command line set (a user's choice, not a default)."""
     if "--help" in argv or "-h" in argv:
         caller = sys._getframe(1).f_globals  # the script whose globals are `defaults`
         env = environ != {} and any(k in defaults for k in ("adapter", *ENV_KEYS.values()))
-        print(help_text(caller.get("__file__", "script.py"), caller.get("__doc__"), defaults, env))
+        print(help_text(caller.get("__file__", "script.py"), caller.get("__doc__"), defaults, env, described))
         raise SystemExit(0)
     config = dict(defaults)
     environ = os.environ if environ is None else environ
@@ -73,17 +76,26 @@ def configure(defaults, argv, environ=None, test_overrides=None):
         elif "=" in arg:
             raise ConfigError(f"argument {arg!r}: overrides are written --key=value")
         else:
-            config.update(_read_config_file(arg, defaults))
+            from_file = _read_config_file(arg, defaults)
+            config.update(from_file)
+            if given is not None:
+                given.update(dict.fromkeys(from_file, arg))
 
     use_lora = _typed("USE_LORA", _parse(environ.get("USE_LORA", "False"), False), False, "environment variable")
     if use_lora and "adapter" in config:
         config["adapter"] = "lora"
+        if given is not None:
+            given["adapter"] = "USE_LORA"
     for var, key in ENV_KEYS.items():
         if var in environ and key in config:
             config[key] = _typed(key, _parse(environ[var], defaults[key]), defaults[key], f"environment variable {var}")
+            if given is not None:
+                given[key] = var
     if overrides.get("test_mode", config.get("test_mode")):
         config.update(test_overrides or {})
     config.update(overrides)
+    if given is not None:
+        given.update(dict.fromkeys(overrides, "command line"))
     return config
 
 
@@ -103,7 +115,7 @@ def _read_config_file(path, defaults):
     return values
 
 
-def help_text(path, doc, defaults, env=True):
+def help_text(path, doc, defaults, env=True, described=None):
     """--help: the script's docstring, then every config key with its default and the comment beside
     it in the script's source, so the list is the configurator's own and cannot drift."""
     comments, section = {}, {}
@@ -115,6 +127,8 @@ def help_text(path, doc, defaults, env=True):
             m = re.match(r"^(\w+) = .*?(?:  # (.*))?$", line.rstrip("\n"))
             if m and m.group(1) in defaults and m.group(1) not in comments:
                 comments[m.group(1)], section[m.group(1)] = (m.group(2) or "").strip(), current
+    for key, (where, text) in (described or {}).items():
+        section[key], comments[key] = where, text
     name = os.path.basename(path)
     lines = [f"usage: python {name} [config/FILE.py ...] [--key=value ...]   (also: torchrun ... {name} ...)", ""]
     lines += [(doc or "").strip(), "", "keys (default), in the order of the script; a config file or --key=value sets them:"]
@@ -174,7 +188,7 @@ def cli(main, argv):
         return main(argv)
     except (ValueError, OSError, RuntimeError) as e:  # the repo's errors subclass these three
         own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds",
-                                         "hf", "model")
+                                     "hf", "model", "files", "plots")
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         message = f"error: {text}" if own else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
         raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1) from None

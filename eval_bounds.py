@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from adapters import adapter_state_dict
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from prepare import EOT, load_tokenizer, read_meta, write_text
+from files import atomic_write
+from prepare import EOT, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
@@ -443,7 +444,7 @@ def evaluate(c, run_dir):
                                       sampling=0.0 if exact else m["bound"] - m["empirical"] - complexity)
     results["seconds"] = time.time() - t0
     print_table(results)
-    write_text(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
+    atomic_write(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
     import plots
 
     print(f"  wrote {run_dir}/bounds.json, {plots.plot_bound_vs_alpha(run_dir, results)} and "

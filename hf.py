@@ -22,7 +22,6 @@ and peft installed:
     model = PeftModel.from_pretrained(base, "out-shakespeare-lora/peft")
 """
 
-import copy
 import json
 import math
 import os
@@ -32,9 +31,9 @@ from collections import Counter
 
 import torch
 
-from adapters import (AdaLoRALinear, RotationalPiSSALinear, SoRALinear, SubLoRA, adapter_layers,
-                      adapter_state_dict, inject_adapters, load_adapter_state_dict)
-from checkpoint import FORMAT, build_model, load_checkpoint, save_adapter_file, save_atomic
+from adapters import AdapterError, adapter_layers, adapter_state_dict, inject_adapters, load_adapter_state_dict, lora_model
+from checkpoint import FORMAT, build_model, load_checkpoint, save_adapter_file, save_checkpoint
+from files import atomic_write
 from configurator import ConfigError, cli, config_defaults, configure
 from model import GPT, GPT2_SIZES
 
@@ -63,35 +62,19 @@ class InteropError(ValueError):
 @torch.no_grad()
 def lora_factors(model):
     """{module name: (A (r, in), B (out, r), s, magnitude or None)} with ΔW = s B A, for the adapters
-    of `model` (not changed): every family as a plain LoRA, DoRA's magnitude kept."""
-    if isinstance(model, SubLoRA):  # θ₀ + P w written into a copy of the inner LoRA model
-        params, inner = model.lora_params(), copy.deepcopy(model.model)
-        for name, p in inner.named_parameters():
-            if name in params:
-                p.copy_(params[name])
-        model = inner
-    out = {}
-    for name, layer in adapter_layers(model).items():
-        if isinstance(layer, RotationalPiSSALinear) and layer.quantized:
-            raise InteropError(f"{name}: a PiSSA layer with an NF4 residual computes deq(W_res) x, which no LoRA on "
-                               "the original weights reproduces; export a run trained with pissa_quantize_residual=False")
-        if layer.merged:
-            raise InteropError(f"{name} is merged into its base weight; export the unmerged model")
-        if isinstance(layer, SoRALinear):
-            layer = layer.to_lora()  # zero gates dropped, g baked into B; None: every gate is zero
-            if layer is None:
-                continue
-        elif isinstance(layer, AdaLoRALinear):
-            layer = layer.keep_ranks(layer.lora_E != 0)
-        B, A, s = layer.factors()
-        m = None if layer.magnitude is None else layer.magnitude.detach().clone()
-        if A.shape[0] == 0:  # AdaLoRA kept no rank here: ΔW = 0, yet DoRA's magnitude still rescales W
-            if m is None:
-                continue
-            A, B = A.new_zeros(1, A.shape[1]), B.new_zeros(B.shape[0], 1)  # PEFT needs r >= 1
-        out[name] = (A.detach().clone(), B.detach().clone(), float(s), m)
+    of `model` (not changed): every family as the plain LoRA it computes (adapters.lora_model), DoRA's
+    magnitude kept."""
+    if any(layer.merged for layer in adapter_layers(model).values()):
+        raise InteropError("the model's adapters are merged into their base weights; export the unmerged model")
+    try:
+        view = lora_model(model)
+    except AdapterError as e:
+        raise InteropError(str(e)) from None
+    out = {n: (layer.lora_A.clone(), layer.full_B().clone(), float(layer.scaling),
+               None if layer.magnitude is None else layer.magnitude.clone()) for n, layer in adapter_layers(view).items()}
     if not out:
-        raise InteropError("the model has no adapter left to export (every rank pruned)")
+        raise InteropError("the run holds no adapter (adapter='none'), or every rank was pruned: export a "
+                           "fine-tuned run, or save a plain model with GPT.save_pretrained")
     return out
 
 
@@ -123,8 +106,8 @@ def export_peft(factors, folder, base_name_or_path, dropout=0.0):
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.contiguous()
     config = peft_config(factors, dropout, base_name_or_path)
     os.makedirs(folder, exist_ok=True)
-    save_atomic(save(tensors, metadata={"format": "pt"}), os.path.join(folder, "adapter_model.safetensors"))
-    save_atomic(json.dumps(config, indent=2).encode(), os.path.join(folder, "adapter_config.json"))
+    atomic_write(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    atomic_write(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
     return config
 
 
@@ -136,9 +119,6 @@ def hub_name(init_from):
 def export_run(c):
     ckpt = load_checkpoint(c["out_dir"])
     info, cfg = ckpt["adapter"], ckpt.get("config", {})
-    if info["kind"] == "none":
-        raise InteropError(f"{c['out_dir']} holds no adapter (adapter='none'); export a fine-tuned run, or load its "
-                           "base with GPT.save_pretrained")
     if ckpt.get("model_type", "gpt") != "gpt":
         raise InteropError(f"{c['out_dir']} is a {ckpt['model_type']!r} model; only the GPT has GPT-2's layout")
     folder = c["export_dir"] or os.path.join(c["out_dir"], "peft")
@@ -151,9 +131,9 @@ def export_run(c):
     if hub and not info["train_embeddings"] and not c["write_base"]:
         base_name = hub
     else:  # the frozen weights of the run: the adapters' bases, put back into a plain GPT
-        base_model = GPT(model.model.config if isinstance(model, SubLoRA) else model.config)
-        inner = model.model if isinstance(model, SubLoRA) else model
-        state = {k.replace(".base.", "."): v for k, v in inner.state_dict().items()}
+        plain = lora_model(model)
+        base_model = GPT(plain.config)
+        state = {k.replace(".base.", "."): v for k, v in plain.state_dict().items()}
         base_model.load_state_dict({k: v for k, v in state.items() if k in base_model.state_dict()})
         base_model.save_pretrained(base_dir)
         base_name = os.path.abspath(base_dir)
@@ -258,9 +238,9 @@ def import_run(c):
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
     config = {"init_from": base, "dataset": c["dataset"], "data_dir": c["data_dir"], "imported_from": os.path.abspath(folder)}
     os.makedirs(out, exist_ok=True)
-    save_atomic({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
-                 "iter_num": 0, "best_val_loss": float("inf"), "config": config, "adapter": info, "meta": None},
-                os.path.join(out, "ckpt.pt"))
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
+                     "iter_num": 0, "best_val_loss": float("inf"), "config": config, "adapter": info, "meta": None},
+                    os.path.join(out, "ckpt.pt"))
     save_adapter_file({"format": FORMAT, "adapter": info, "model_type": "gpt", "model_args": model_args, "base": base,
                        "seed": 0, "state": adapter_state_dict(model)}, os.path.join(out, "adapter.safetensors"))
     ranks = sorted({s["rank"] for s in info["layers"].values()})

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from files import DownloadError, atomic_write, reachable
+
 
 @dataclass
 class GPTConfig:
@@ -243,20 +245,15 @@ class GPT(LanguageModel):
         if cfg.vocab_size > 50256:  # GPT-2's BPE: <|endoftext|> starts and ends a text
             hf.update(bos_token_id=50256, eos_token_id=50256)
         os.makedirs(folder, exist_ok=True)
-        weights, config = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
-        save_file(to_hf_gpt2_state_dict(self), weights + ".tmp", metadata={"format": "pt"})
-        with open(config + ".tmp", "w") as f:
-            json.dump(hf, f, indent=2)
-        for path in (weights, config):  # renamed whole: a crash leaves the old file or the new one
-            os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(folder, "model.safetensors"),
+                     lambda tmp: save_file(to_hf_gpt2_state_dict(self), tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(folder, "config.json"), json.dumps(hf, indent=2))
 
 
 def _hub_weights(name):
     """Path of GPT-2 `name`'s model.safetensors: from the Hugging Face cache, else downloaded in one
     try; offline, one DownloadError naming the local alternative instead of the hub's retries."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache  # only needed here
-
-    from prepare import DownloadError, reachable
 
     repo = f"openai-community/{name}"
     cached = try_to_load_from_cache(repo, "model.safetensors")

@@ -1,11 +1,12 @@
 """
-Plots from a run's metrics.jsonl, saved as PNG next to it. train.py calls the ones that fit the run
-at its end (loss.png always); by hand:
+A run's metrics.jsonl: read, summed up in one line per run, and plotted as PNG next to it. train.py
+calls the plots that fit the run at its end (loss.png always); by hand:
 
-    python plots.py out-shakespeare-sora                    # every plot the run's metrics allow
+    python plots.py out-shakespeare-sora                    # a summary line and every plot the run's metrics allow
     python plots.py out-demo-base out-demo-lora             # and both losses on one figure: out-demo-lora/loss_comparison.png
 """
 
+import json
 import math
 import os
 import sys
@@ -15,8 +16,38 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prepare import atomic_write  # noqa: E402
-from train import read_metrics  # noqa: E402
+from files import atomic_write  # noqa: E402
+
+
+def read_metrics(out_dir):
+    """The rows of out_dir/metrics.jsonl. A last line cut short (a kill or a full disk during its
+    write) is dropped with a note; a bad line before it is an error naming the file and the line."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not JSON; the file is damaged: delete that line") from None
+            print(f"note: {path} ends in a cut line (an interrupted write), dropped")
+    return rows
+
+
+def report(out_dirs):
+    """One line per run: val loss at its first and last eval, trainable fraction, speed (the run's mean,
+    evals excluded; the median logged step for runs from before it was recorded)."""
+    print(f"{'run':<28} {'iters':>6} {'val first':>10} {'val last':>9} {'trainable':>22} {'tok/s':>8}")
+    for d in out_dirs:
+        rows = read_metrics(d)
+        evals = [r for r in rows if r["val_loss"] is not None]
+        speed = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+        speed = [rows[-1]["mean_tokens_per_s"]] if "mean_tokens_per_s" in rows[-1] else speed
+        frac = f"{rows[-1]['trainable_params']:,} ({100 * rows[-1]['trainable_params'] / rows[-1]['total_params']:.2f}%)"
+        print(f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
+              f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}")
 
 
 def save(fig, folder, name):
@@ -246,7 +277,9 @@ def plot_pareto(sweep_dir, results):
 
 
 def main(out_dirs):
-    """Every plot each run's metrics allow, and the runs' losses on one figure when there are several."""
+    """The summary lines, every plot each run's metrics allow, and the runs' losses on one figure when
+    there are several."""
+    report(out_dirs)
     for d in out_dirs:
         paths = [plot_losses([d])]
         if any(r.get("effective_rank") for r in read_metrics(d)):

@@ -24,45 +24,16 @@ Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tr
 import json
 import os
 import platform
-import socket
 import sys
 import sysconfig
-import urllib.parse
-import urllib.request
 import zlib
 
 import numpy as np
 
+from files import DownloadError, atomic_write, download, reachable
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 EOT = 50256  # GPT-2's <|endoftext|>: separates documents
-
-
-class DownloadError(RuntimeError):
-    """A download that cannot happen (offline, host unreachable): the message names the local way."""
-
-
-def reachable(url, timeout=5.0):
-    """Whether url's host takes a TCP connection within `timeout` seconds: one try, so an offline
-    machine learns it at once instead of after a library's retries."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def download(url, path, fix):
-    """url -> path, atomically; DownloadError saying `fix` when the host cannot be reached or the
-    transfer fails."""
-    host = urllib.parse.urlsplit(url).hostname
-    if not reachable(url):
-        raise DownloadError(f"cannot reach {host} to download {url} (offline?): {fix}")
-    print(f"downloading {url}")
-    try:
-        atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
-    except OSError as e:
-        raise DownloadError(f"downloading {url} failed ({e}): {fix}") from None
 
 
 def gpt2_encoding():
@@ -104,6 +75,32 @@ def read_meta(data_dir):
         return json.load(f)
 
 
+def vocabulary(meta):
+    """What a token id means: ('char', its characters in id order), ('gpt2',) or None if unknown."""
+    if not meta:
+        return None
+    if meta.get("tokenizer") == "char":
+        return ("char", "".join(meta["itos"][str(i)] if str(i) in meta["itos"] else meta["itos"][i]
+                                for i in range(meta["vocab_size"])))
+    return (meta.get("tokenizer", "gpt2"),)
+
+
+def check_vocabulary(base_meta, meta, source, data_dir):
+    """A base trained on one vocabulary fine-tuned on data prepared with another would read every
+    token id as another character: refused in one line."""
+    have, want = vocabulary(base_meta), vocabulary(meta)
+    if have is None or want is None or have == want:
+        return
+    if have[0] == want[0] == "char":
+        extra = sorted(set(want[1]) - set(have[1]))
+        detail = f"characters the base never saw: {''.join(extra)!r}" if extra else "the same characters with other ids"
+        raise ValueError(f"the base {source!r} was trained on a {len(have[1])}-character vocabulary and {data_dir!r} uses "
+                          f"another ({len(want[1])} characters; {detail}): prepare the data with the base's vocabulary "
+                          f"(python prepare.py shakespeare_char --input=FILE --vocab_from=DIR_OF_THE_BASE_DATA)")
+    raise ValueError(f"the base {source!r} reads {have[0]} tokens but {data_dir!r} holds {want[0]} tokens: prepare the "
+                      "data with the base's tokenizer")
+
+
 def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
     """First (1 - val_fraction) of the stream to train.bin, the rest to val.bin (as nanoGPT does), and
     meta.json (write_split)."""
@@ -128,7 +125,7 @@ def write_split(out_dir, train, val, meta, overwrite=False):
                          "--overwrite=True to replace it, or --out_dir=ANOTHER_FOLDER")
     os.makedirs(out_dir, exist_ok=True)
     for f, data in files.items():
-        atomic_write(os.path.join(out_dir, f), lambda tmp, data=data: open(tmp, "wb").write(data))
+        atomic_write(os.path.join(out_dir, f), data)
     print(f"train.bin: {len(files['train.bin']) // 2:,} tokens\nval.bin: {len(files['val.bin']) // 2:,} tokens")
 
 
@@ -138,22 +135,6 @@ def refuse_to_replace(out_dir, overwrite):
     if held and not overwrite:
         raise ValueError(f"{out_dir} already holds a prepared dataset ({', '.join(held)}): pass --overwrite=True to "
                          "replace it, or --out_dir=ANOTHER_FOLDER")
-
-
-def atomic_write(path, write):
-    """write(tmp) beside path, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    """A text file (JSON, a table) written atomically."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def read_shakespeare(input_path, out_dir):
@@ -294,18 +275,19 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
                        num_proc=min(num_proc, max(1, len(dset) // 64)))
         total = int(np.sum(tok["len"], dtype=np.uint64))
         path = os.path.join(out_dir, f"{split_name}.bin")
-        arr = np.memmap(path + ".tmp", dtype=np.uint16, mode="w+", shape=(total,))
-        shards, idx = min(1024, len(tok)), 0
-        for i in tqdm(range(shards), desc=f"writing {path}", disable=None):  # no bar in a log file
-            batch = tok.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
-            ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
-            arr[idx : idx + len(ids)] = ids
-            idx += len(ids)
-        arr.flush()
-        del arr
-        os.replace(path + ".tmp", path)
+
+        def write(tmp, tok=tok, total=total, path=path):
+            arr, shards, idx = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(total,)), min(1024, len(tok)), 0
+            for i in tqdm(range(shards), desc=f"writing {path}", disable=None):  # no bar in a log file
+                batch = tok.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
+                ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
+                arr[idx : idx + len(ids)] = ids
+                idx += len(ids)
+            arr.flush()
+
+        atomic_write(path, write)
         print(f"{split_name}.bin: {total:,} tokens in {len(tok):,} documents")
-    write_text(os.path.join(out_dir, "meta.json"), json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1))
+    atomic_write(os.path.join(out_dir, "meta.json"), json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1))
 
 
 DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf,

@@ -17,7 +17,7 @@ import shlex
 import sys
 
 from configurator import ConfigError, check_ranges, cli, config_defaults, configure
-from prepare import write_text
+from files import atomic_write
 
 sweep_dir = "out-sublora-sweep"  # one run per folder below it, then summary.json and plots
 base_config = "config/train_shakespeare_sublora.py"  # the train.py config every run starts from
@@ -47,9 +47,9 @@ def finished(out_dir, iters):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path) or not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         return False
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    return any(r["iter"] == iters and r["val_loss"] is not None for r in rows)
+    from plots import read_metrics
+
+    return any(r["iter"] == iters and r["val_loss"] is not None for r in read_metrics(out_dir))
 
 
 def sweep(argv=()):
@@ -70,13 +70,13 @@ def sweep(argv=()):
         else:
             print(f"[{k + 1}/{len(runs)}] {name}")
             train.train([c["base_config"], f"--out_dir={out_dir}", "--overwrite=True", *args, *shlex.split(c["train_args"])])
-        rows = train.read_metrics(out_dir)
+        rows = plots.read_metrics(out_dir)
         evals = [r for r in rows if r["val_loss"] is not None]
         steps = [r for r in rows if r["train_loss"] is not None]
         summary.append(dict(params, name=name, out_dir=out_dir, val_loss=evals[-1]["val_loss"],
                             init_val_loss=evals[0]["val_loss"], train_loss=evals[-1]["eval_train_loss"],
                             gamma=steps[-1].get("gamma", {})))
-    write_text(os.path.join(c["sweep_dir"], "summary.json"), json.dumps(summary, indent=1))
+    atomic_write(os.path.join(c["sweep_dir"], "summary.json"), json.dumps(summary, indent=1))
     print(f"{'run':<24} {'val loss':>9} {'(init)':>8}")
     for s in summary:
         print(f"{s['name']:<24} {s['val_loss']:>9.4f} {s['init_val_loss']:>8.4f}")

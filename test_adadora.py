@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import adapters
+import plots
 import train
 from adapters import (AdaLoRALinear, AdapterError, LoRALinear, RankAllocator, adapter_layers, adapter_state_dict,
                       effective_ranks, inject_adapters, merge_adapters, orthogonal_regularization, slice_adalora_model)
@@ -321,11 +322,11 @@ def test_train_adadora_end_to_end(char_data, tmp_path):
     model = build_model(ckpt)
     n = len(adapter_layers(model))
     assert sum(effective_ranks(model).values()) == 2 * n
-    rows = [r for r in train.read_metrics(str(out)) if r["train_loss"] is not None]
+    rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     assert [r["rank_budget"] for r in rows[:5]] == [4 * n] * 5  # tinit
     assert all(r["rank_budget"] == 2 * n and sum(r["effective_rank"].values()) == 2 * n for r in rows[12:])
     assert all(r["ortho_loss"] > 0 for r in rows)
-    v = [r["val_loss"] for r in train.read_metrics(str(out)) if r["val_loss"] is not None]
+    v = [r["val_loss"] for r in plots.read_metrics(str(out)) if r["val_loss"] is not None]
     assert v[-1] < v[0]
     assert os.path.isfile(out / "rank_allocation.png") and os.path.isfile(out / "effective_rank.png")
     # the sliced adapter: smaller, and the base plus it gives the trained model's logits

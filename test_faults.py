@@ -18,12 +18,14 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import compare
 import eval_bounds
 import hf
 import prepare
 import sample
 import sweep
+import plots
 import train
 from checkpoint import load_checkpoint
 from configurator import cli
@@ -147,7 +149,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
 
 
 def rows_without_timing(out_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in train.read_metrics(out_dir)]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in plots.read_metrics(out_dir)]
 
 
 def crash_at(monkeypatch, iteration, error):
@@ -248,7 +250,7 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     # each saver starts at its own version (1000 k) and says "ready" after its first save
     saver = ("import sys, torch, checkpoint\nv = int(sys.argv[1])\nwhile True:\n"
-             f"    checkpoint.save_atomic({{'v': v, 't': torch.full((400_000,), float(v))}}, {str(path)!r})\n"
+             f"    checkpoint.save_checkpoint({{'v': v, 't': torch.full((400_000,), float(v))}}, {str(path)!r})\n"
              "    if v % 1000 == 0:\n        print('ready', flush=True)\n    v += 1\n")
     rng = np.random.default_rng(0)
     versions = set()
@@ -263,5 +265,5 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
         assert blob["v"] // 1000 == k  # this saver's, written after its first save
         versions.add(blob["v"])
     assert len(versions) > 1  # the saves went on between kills
-    train.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left
+    checkpoint.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left
     assert os.listdir(tmp_path) == ["ckpt.pt"]

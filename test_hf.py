@@ -280,7 +280,7 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
     for name, source in (("original", run), ("imported", imported)):
         out = tmp_path / f"eval-{name}"
         train.train(tiny_run(char_data, out, init_from=str(source), eval_only=True), environ={})
-        losses[name] = [r["val_loss"] for r in train.read_metrics(str(out)) if r["val_loss"] is not None]
+        losses[name] = [r["val_loss"] for r in plots.read_metrics(str(out)) if r["val_loss"] is not None]
     assert losses["original"] and losses["imported"] == pytest.approx(losses["original"], abs=1e-5)
     import eval_bounds  # and bounded: the same training loss before quantisation (the messages differ)
 

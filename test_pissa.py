@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import plots
 import train
 from adapters import (NF4_LEVELS, AdapterError, LoRALinear, Rotation, RotationalPiSSAConfig, RotationalPiSSALinear,
                       adapter_layers, adapter_state_dict, export_pissa_as_lora, inject_adapters,
@@ -234,7 +235,7 @@ def test_train_pissa_end_to_end(method, char_data, tmp_path):
     out = tmp_path / method
     train.train(tiny_args(char_data, out, adapter="pissa", pissa_method=method, lora_rank=4, lora_alpha=4.0,
                           pissa_ortho_weight=0.5, max_iters=12, eval_interval=12, learning_rate=1e-2), environ={})
-    rows = [r for r in train.read_metrics(str(out)) if r["train_loss"] is not None]
+    rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     if method == "way0":
         for r in rows:  # the penalty is logged beside the task loss, and their weighted sum
             assert r["total_loss"] == pytest.approx(r["task_loss"] + 0.5 * r["ortho_loss"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import plots
 import train
 from configurator import ConfigError
 from adapters import (AdapterError, LoRALinear, SoRALinear, SoRAOptimizer, adapter_layers, adapter_state_dict,
@@ -235,7 +236,7 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     model = build_model(ckpt)
     ranks = effective_ranks(model)
     assert 0 < sum(ranks.values()) < 4 * len(ranks)  # some gates switched off, not all
-    rows = [r for r in train.read_metrics(str(out)) if r["train_loss"] is not None]
+    rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     last = rows[-1]
     assert last["effective_rank"] == ranks  # logged ranks are the model's (the step at 29 is the last)
     import plots
@@ -276,8 +277,8 @@ def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
                 lr_decay_iters=30)
     train.train(tiny_args(char_data, tmp_path / "tuned", **args, sora_tune_iters=10), environ={})
     train.train(tiny_args(char_data, tmp_path / "plain", **args), environ={})
-    rows = {r["iter"]: r for r in train.read_metrics(str(tmp_path / "tuned")) if r["train_loss"] is not None}
-    plain = {r["iter"]: r for r in train.read_metrics(str(tmp_path / "plain")) if r["train_loss"] is not None}
+    rows = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "tuned")) if r["train_loss"] is not None}
+    plain = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "plain")) if r["train_loss"] is not None}
     assert [rows[i]["sora_lambda"] for i in (0, 10, 19, 20, 29)] == pytest.approx([4.0, 12.0, 12.0, 0.0, 0.0])
     assert rows[19]["train_loss"] == pytest.approx(plain[19]["train_loss"], abs=1e-6)  # the same run until then
     at_start = rows[20]["effective_rank"]  # logged after iteration 20's step: the set the phase holds
@@ -302,6 +303,6 @@ def test_a_shorter_max_iters_scales_the_tuning_phase(tmp_path, capsys):
     cfg.write_text("adapter = 'sora'\nmax_iters = 300\nsora_lambda_every = 38\nsora_tune_iters = 150\n")
     for argv, want in (([str(cfg), "--max_iters=30"], (4, 15)), ([str(cfg), "--max_iters=30", "--sora_tune_iters=5"], (4, 5))):
         c = train.configure(train.DEFAULTS, argv, {}, train.TEST_MODE)
-        train.follow_max_iters(c, argv, {})
+        train.follow_max_iters(c, train.DEFAULTS, argv, {}, {})
         assert (c["sora_lambda_every"], c["sora_tune_iters"]) == want
     assert "sora_tune_iters 150 -> 15" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import plots
 import train
 from adapters import (AdapterError, DenseProjector, RdKronQRProjector, SparseProjector, SubLoRA, count_params,
                       inject_adapters, merge_adapters)
@@ -169,7 +170,7 @@ def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
     train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=300, allocation_mode=mode,
                           allocation_ratio=0.5, lora_rank=4, lora_alpha=32.0, max_iters=30, eval_interval=30,
                           learning_rate=2e-2, lr_decay_iters=30), environ={})
-    rows = train.read_metrics(str(out))
+    rows = plots.read_metrics(str(out))
     v = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert v[-1] < v[0] - 0.1
     steps = [r for r in rows if r["train_loss"] is not None]

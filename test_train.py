@@ -14,7 +14,9 @@ import time
 import pytest
 import torch
 
+import adapters
 import checkpoint
+import plots
 import train
 from adapters import AdapterError, adapter_layers
 from checkpoint import CheckpointError, load_checkpoint
@@ -34,11 +36,11 @@ def tiny(data_dir, out_dir, **kw):
 
 
 def evals(out_dir):
-    return [r["val_loss"] for r in train.read_metrics(out_dir) if r["val_loss"] is not None]
+    return [r["val_loss"] for r in plots.read_metrics(out_dir) if r["val_loss"] is not None]
 
 
 def step_losses(out_dir):
-    return {r["iter"]: r["train_loss"] for r in train.read_metrics(out_dir) if r["train_loss"] is not None}
+    return {r["iter"]: r["train_loss"] for r in plots.read_metrics(out_dir) if r["train_loss"] is not None}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_every_run_writes_its_loss_curve_and_runs_compare_on_one(pretrained, tmp
     finally:
         plots.save = real_save
     assert os.path.isfile(path)
-    rows = train.read_metrics(pretrained)
+    rows = plots.read_metrics(pretrained)
     train_losses = [r["train_loss"] for r in rows if r["train_loss"] is not None]
     assert drawn["lines"] == [train_losses, evals(pretrained)] * 2  # each run's train and val curves
     plt.close("all")
@@ -123,7 +125,7 @@ def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter, m
     kw = dict(adapter=adapter, dropout=0.1, lora_dropout=0.1, eval_interval=4, lr_decay_iters=8)
     train.train(tiny(char_data, tmp_path / "full", max_iters=8, **kw), environ={})
     with monkeypatch.context() as m:  # stopped, not finished: an interrupted run never finalizes AdaLoRA's mask
-        m.setattr(train.RankAllocator, "finalize", lambda self: None)
+        m.setattr(adapters.RankAllocator, "finalize", lambda self: None)
         train.train(tiny(char_data, tmp_path / "part", max_iters=4, **kw), environ={})
     train.train(tiny(char_data, tmp_path / "part", max_iters=8, init_from="resume", **kw), environ={})
     full, part = step_losses(tmp_path / "full"), step_losses(tmp_path / "part")
@@ -157,7 +159,7 @@ def test_torchrun_accumulation_is_raised_and_errors_print_once(char_data, tmp_pa
     proc = subprocess.run(base + args, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gradient_accumulation_steps=1 raised to 2" in proc.stdout
-    assert train.read_metrics(str(tmp_path / "acc"))[-1]["iter"] == 2
+    assert plots.read_metrics(str(tmp_path / "acc"))[-1]["iter"] == 2
     proc = subprocess.run(base + args + ["--lora_rnak=4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("error: unknown config key 'lora_rnak'") == 1
@@ -172,7 +174,7 @@ def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
              "--device=cpu", "--max_iters=50", "--eval_interval=50", "--eval_iters=2", "--batch_size=4", "--block_size=32"]
     capsys.readouterr()
     train.train(short, environ={})
-    rows = [r for r in train.read_metrics(str(tmp_path / "ada")) if r["train_loss"] is not None]
+    rows = [r for r in plots.read_metrics(str(tmp_path / "ada")) if r["train_loss"] is not None]
     out = capsys.readouterr().out
     assert "max_iters 300 -> 50" in out and "adalora_tinit 30 -> 5" in out and "lr_decay_iters 300 -> 50" in out
     assert rows[-1]["lr"] == pytest.approx(train.get_lr(rows[-1]["iter"], dict(train.DEFAULTS, learning_rate=2e-3, min_lr=2e-4,
@@ -296,7 +298,7 @@ def test_resume_with_another_adapter_kind_and_overwrite_guard(pretrained, char_d
 
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    checkpoint.save_atomic({"format": checkpoint.FORMAT, "x": torch.ones(3)}, path)
+    checkpoint.save_checkpoint({"format": checkpoint.FORMAT, "x": torch.ones(3)}, path)
     before = open(path, "rb").read()
 
     def crash(obj, f):
@@ -305,7 +307,7 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_atomic({"x": torch.zeros(3)}, path)
+        checkpoint.save_checkpoint({"x": torch.zeros(3)}, path)
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
 

@@ -1,0 +1,66 @@
+"""
+Files on disk, written so that a crash never leaves half of one, and fetched so that an offline
+machine learns it at once. The lowest module: every script and model.py write through it.
+
+    atomic_write("out/bench.json", json.dumps(rows))               # bytes or text
+    atomic_write("out/ckpt.pt", lambda tmp: torch.save(ckpt, tmp))  # or a function that writes the temp path
+"""
+
+import os
+import socket
+import urllib.parse
+import urllib.request
+
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a quota, a vanished folder); the old one is whole."""
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot happen (offline, host unreachable): the message names the local way."""
+
+
+def atomic_write(path, data):
+    """data (bytes, text, or a function writing the temp path it is given) to a temp file beside
+    `path` (PATH.tmp.PID), fsync, then rename: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch wraps some OSErrors as RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
+        raise WriteError(f"could not write {path} ({reason}); {kept}: free space or choose another folder "
+                         "(a training run then continues with --init_from=resume)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def reachable(url, timeout=5.0):
+    """Whether url's host takes a TCP connection within `timeout` seconds: one try, so an offline
+    machine learns it at once instead of after a library's retries."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def download(url, path, fix):
+    """url -> path, atomically; DownloadError saying `fix` when the host cannot be reached or the
+    transfer fails."""
+    if not reachable(url):
+        raise DownloadError(f"cannot reach {urllib.parse.urlsplit(url).hostname} to download {url} (offline?): {fix}")
+    print(f"downloading {url}")
+    try:
+        atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
+    except OSError as e:
+        raise DownloadError(f"downloading {url} failed ({e}): {fix}") from None
