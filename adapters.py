@@ -196,14 +196,36 @@ class AdapterLinear(nn.Module):
 # a family, as the scripts see it
 
 
+# the config keys every family reads (train.py's); a family adds its own in Family.keys
+SHARED_KEYS = {
+    "lora_rank": (8, "[1, inf)", "r: rank of every adapter (initial rank for AdaLoRA, directions for PiSSA)"),
+    "lora_alpha": (16.0, "(0, inf)", "scaling alpha / r (alpha / sqrt(r) with use_rslora)"),
+    "lora_dropout": (0.0, "[0, 1)", "dropout on the adapter's input"),
+    "lora_targets": ("", None, "';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults"),
+    "lora_rank_pattern": ("", None, "per-layer ranks, 'lm_head=8;c_fc=2' (patterns as in lora_targets; PEFT's "
+                          "rank_pattern: scaling lora_alpha / that rank)"),
+    "use_rslora": (False, None, "scaling alpha / sqrt(r) instead of alpha / r"),
+    "train_embeddings": (False, None, "also train the token / position embeddings"),
+}
+
+
+def config_keys():
+    """{key: (default, allowed interval or None, help, section)}: the shared keys, then every registered
+    family's own."""
+    keys = {k: (*v, "adapter: the keys every family reads") for k, v in SHARED_KEYS.items()}
+    for family in FAMILIES.values():
+        section = f"{family.kind}: {(family.__doc__ or '').strip().splitlines()[0]}" if family.__doc__ else family.kind
+        keys.update({k: (*v, section) for k, v in family.keys.items()})
+    return keys
+
+
 class Family:
     """An adapter family as train.py, bench.py, hf.py and checkpoint.py see it: they call these hooks
     and nothing else of a family. The defaults are plain LoRA's; a family overrides what differs.
 
     keys: the family's own config keys, {key: (default, allowed interval or None, help)}; train.py
-    accepts them like its own globals (a config file, --key=value, --help). The shared adapter keys
-    (lora_rank, lora_alpha, lora_dropout, lora_targets, lora_rank_pattern, use_rslora,
-    train_embeddings) are train.py's. schedule_keys: those of keys counted in iterations, rescaled
+    accepts them like its own globals (a config file, --key=value, --help), beside SHARED_KEYS.
+    schedule_keys: those of keys counted in iterations, rescaled
     when --max_iters shortens a run. An instance holds one run's flat config `c` and whatever the
     family tracks during training (SoRA's gate optimizer, AdaLoRA's allocator)."""
 

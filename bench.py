@@ -23,12 +23,10 @@ import time
 
 import torch
 
-from adapters import (RankAllocator, SubLoRA, build_sora_optimizers, count_params, fused_on_cuda, inject_adapters,
-                      merge_adapters, orthogonal_regularization, rotation_penalty)
-from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from model import GPT, GPTConfig
+from adapters import config_keys, count_params, family_of, find_targets, fused_on_cuda, merge_adapters
+from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
-from train import COMPILE_MODES
+from model import GPT, GPTConfig
 
 size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
 methods = ""  # comma-separated subset of METHODS; '' = all
@@ -65,53 +63,50 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
 
 
 class Method:
-    """A model to train plus what its step needs: optimizers, a loss term, an after-step hook."""
+    """A model to train and its family (optimizers, extra loss, the work around each step), or PEFT's."""
 
-    def __init__(self, model, optimizers, extra_loss=None, after_step=None, init_seconds=0.0):
-        self.model, self.optimizers, self.extra_loss, self.after_step = model, optimizers, extra_loss, after_step
+    def __init__(self, model, family, optimizers, init_seconds=0.0):
+        self.model, self.family, self.optimizers = model, family, optimizers
         self.init_seconds, self.step_times = init_seconds, []
         self.forward = model  # torch.compile(model) for a compiled row
 
 
 def adam(model):
-    """train.py's optimizer: AdamW, its fused kernel on CUDA (model.configure_optimizers)."""
+    """AdamW over the trainable parameters, its fused kernel on CUDA (for PEFT's models)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **fused_on_cuda(params))]
 
 
+# method -> the train.py settings it runs with (every other key at train.py's default)
+QV = dict(lora_targets="c_attn:q,v;lm_head", lora_rank=4, lora_alpha=32.0)  # SubLoRA's LoRA: r = 4 on q, v and the head
+SETTINGS = {"full": dict(adapter="none"), "lora": dict(adapter="lora"), "dora": dict(adapter="dora"),
+            "sora": dict(adapter="sora"), "adalora": dict(adapter="adalora"), "adadora": dict(adapter="adadora"),
+            **{f"pissa_{w}": dict(adapter="pissa", pissa_method=w) for w in ("way0", "way1", "way2", "way3")},
+            "pissa_way0_lowrank": dict(adapter="pissa", pissa_svd="lowrank"), "lora_qv": dict(adapter="lora", **QV),
+            **{f"sublora_{p}": dict(adapter="sublora", sublora_projector=p, **QV) for p in ("rdkronqr", "dense", "sparse")}}
+
+
 def build(name, base, c):
-    """The method `name` on a copy of `base`, timed from the copy to a model ready to train."""
+    """The method `name` on a copy of `base` through the hooks train.py calls, timed from the copy to a
+    model ready to train."""
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
-    if name == "full":
-        return Method(model, adam(model))
     if name.startswith("peft_"):
         return build_peft(name, model, c)
-    kind, _, variant = name.partition("_")
-    if kind == "sublora" or name == "lora_qv":  # SubLoRA wraps LoRA r=4 on q, v and the head
-        inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4, alpha=32.0)
-        if kind == "sublora":
-            D = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            # dense draws D·d Gaussians in each pass: 1.6e10 for d = 50,000 on the large model, so it
-            # is measured at d <= 2,000 (the row says which d it ran)
-            d = min(c["sublora_dim"], D // 2, 2000 if variant == "dense" else D)
-            model = SubLoRA(model, d, projector=variant)
-        return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
-    settings = dict(rank=c["rank"])
-    if kind == "pissa":
-        method, _, svd = variant.partition("_")
-        settings.update(method=method, svd=svd or "full", alpha=float(c["rank"]))
-    inject_adapters(model, kind, **settings)
-    init = time.perf_counter() - t0
-    if kind == "sora":
-        return Method(model, list(build_sora_optimizers(model, lr=1e-4, sparse_lambda=0.1)), init_seconds=init)
-    if kind in ("adalora", "adadora"):
-        alloc = RankAllocator(model, target_r=c["rank"] // 2, total_step=10**6, deltaT=1)
-        return Method(model, adam(model), lambda m: 0.1 * orthogonal_regularization(m),
-                      lambda step: alloc.update_and_allocate(step), init)
-    if kind == "pissa" and variant.startswith("way0"):
-        return Method(model, adam(model), lambda m: 0.01 * rotation_penalty(m), init_seconds=init)
-    return Method(model, adam(model), init_seconds=init)
+    settings = {k: default for k, (default, *_) in config_keys().items()}
+    settings.update(lora_rank=c["rank"], max_iters=10**6)
+    settings.update(SETTINGS[name])
+    if settings["adapter"] == "sublora":
+        # dense draws D·d Gaussians in each pass: 1.6e10 for d = 50,000 on the large model, so it is
+        # measured at d <= 2,000 (the row says which d it ran)
+        D = sum(4 * (m.in_features + (2 * m.out_features // 3 if t.endswith(":q,v") else m.out_features))
+                for t in find_targets(model, QV["lora_targets"].split(";")) for m in [model.get_submodule(t.partition(":")[0])])
+        settings["intrinsic_dim"] = min(c["sublora_dim"], D // 2, 2000 if name.endswith("dense") else D)
+    family = family_of(settings["adapter"])(settings, say=lambda *a: None)
+    model, _ = family.inject(model)
+    device_type = "cuda" if c["device"].startswith("cuda") else "cpu"
+    optimizers = [opt for opt, _ in family.optimizers(model, 1e-4, (0.9, 0.99), 0.1, device_type)]
+    return Method(model, family, optimizers, time.perf_counter() - t0)
 
 
 def build_peft(name, model, c):
@@ -119,21 +114,39 @@ def build_peft(name, model, c):
 
     targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
     t0 = time.perf_counter()
-    if name == "peft_adalora":  # timed like ours: the same orthogonality weight and an allocation every step
+    if name == "peft_adalora":  # timed like ours: train.py's orthogonality weight and allocation interval
         config = AdaLoraConfig(init_r=c["rank"], target_r=c["rank"] // 2, lora_alpha=16, target_modules=targets,
-                               total_step=10**6, deltaT=1, orth_reg_weight=0.1)
+                               total_step=10**6, deltaT=10, orth_reg_weight=0.5)
     else:
         config = LoraConfig(r=c["rank"], lora_alpha=16, target_modules=targets, use_dora=name == "peft_dora")
     model = inject_adapter_in_model(config, model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-    if name != "peft_adalora":
-        return Method(model, adam(model), init_seconds=time.perf_counter() - t0)
-    from peft.tuners.adalora import RankAllocator as PeftRankAllocator
+    family = PeftFamily(config, model)
+    return Method(model, family, adam(model), time.perf_counter() - t0)
 
-    allocator = PeftRankAllocator(model, config, "default")
-    return Method(model, adam(model), lambda m: config.orth_reg_weight * peft_orthogonal_regularization(m),
-                  lambda step: allocator.update_and_allocate(model, step), time.perf_counter() - t0)
+
+class PeftFamily:
+    """PEFT's side of a row: AdaLoRA's orthogonality term and allocation, as PEFT's own loop adds them."""
+
+    def __init__(self, config, model):
+        from peft import AdaLoraConfig
+        from peft.tuners.adalora import RankAllocator as PeftRankAllocator
+
+        self.adalora = isinstance(config, AdaLoraConfig)
+        self.extra_weight = config.orth_reg_weight if self.adalora else 0.0
+        self.allocator = PeftRankAllocator(model, config, "default") if self.adalora else None
+        self.model = model
+
+    def extra_loss(self, model):
+        return peft_orthogonal_regularization(model) if self.adalora else None
+
+    def before_step(self, model, it):
+        pass
+
+    def after_step(self, model, it):
+        if self.allocator:
+            self.allocator.update_and_allocate(self.model, it)
 
 
 def peft_orthogonal_regularization(model):
@@ -147,9 +160,7 @@ def peft_orthogonal_regularization(model):
     return torch.stack(terms).mean()
 
 
-METHODS = ["full", "lora", "dora", "sora", "adalora", "adadora", "pissa_way0", "pissa_way1", "pissa_way2",
-           "pissa_way3", "lora_qv", "sublora_rdkronqr", "sublora_dense", "sublora_sparse",
-           "peft_lora", "peft_dora", "peft_adalora"]
+METHODS = [m for m in SETTINGS if m != "pissa_way0_lowrank"] + ["peft_lora", "peft_dora", "peft_adalora"]
 
 
 def step(method, x, y, ctx, it):
@@ -159,15 +170,16 @@ def step(method, x, y, ctx, it):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
+    method.family.before_step(method.model, it)
     with ctx:
         loss = method.forward(x, y)[1]
-        if method.extra_loss:
-            loss = loss + method.extra_loss(method.model)
+        extra = method.family.extra_loss(method.model)
+        if extra is not None:
+            loss = loss + method.family.extra_weight * extra
     loss.backward()
     for opt in method.optimizers:
         opt.step()
-    if method.after_step:
-        method.after_step(it)
+    method.family.after_step(method.model, it)
     for opt in method.optimizers:
         opt.zero_grad(set_to_none=True)
     if cuda:

@@ -18,6 +18,7 @@ import sys
 # script for a tiny fast run (each script decides what that shrinks).
 ENV_KEYS = {"LORA_RANK": "lora_rank", "LORA_ALPHA": "lora_alpha", "LORA_DROPOUT": "lora_dropout",
             "TEST_MODE": "test_mode"}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 
 
 class ConfigError(ValueError):

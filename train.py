@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import FAMILIES, AdapterError, adapter_state_dict, count_params, family_of, merge_adapters
+from adapters import FAMILIES, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
 from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, check_resume_shape, load_checkpoint,
                         remove_stale_temp_files, save_adapter_file, save_checkpoint)
-from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
+from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
@@ -61,15 +61,8 @@ n_head = 6  # attention heads
 n_embd = 384  # embedding width
 dropout = 0.2  # dropout in the model (adapters have their own lora_dropout); a fine-tune inherits its base's unless set
 bias = False  # biases in Linears and LayerNorms
-# adapter: the family, and the keys every family reads (each family's own keys follow, from adapters.py)
+# adapter: the family (each family's keys, and those every family reads, follow: adapters.config_keys)
 adapter = "none"  # 'none' | 'lora' | 'dora' | 'sora' | 'adalora' | 'adadora' | 'pissa' | 'sublora'
-lora_rank = 8  # r: rank of every adapter (initial rank for AdaLoRA, directions for PiSSA)
-lora_alpha = 16.0  # scaling alpha / r (alpha / sqrt(r) with use_rslora)
-lora_dropout = 0.0  # dropout on the adapter's input
-lora_targets = ""  # ';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults
-lora_rank_pattern = ""  # per-layer ranks, 'lm_head=8;c_fc=2' (patterns as in lora_targets; PEFT's rank_pattern: scaling lora_alpha / that rank)
-use_rslora = False  # scaling alpha / sqrt(r) instead of alpha / r
-train_embeddings = False  # also train the token / position embeddings
 # AdamW
 learning_rate = 1e-3  # peak learning rate
 max_iters = 5000  # training iterations (a shorter or longer value rescales the schedules)
@@ -96,22 +89,18 @@ TEST_MODE = dict(max_iters=20, eval_interval=10, eval_iters=4, log_interval=5, b
                  n_layer=2, n_head=2, n_embd=32, warmup_iters=2, lr_decay_iters=20, dropout=0.0)
 # the values each key may take (check_config): intervals, inf for no bound; the families give theirs
 RANGES = {"learning_rate": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "grad_clip": "[0, inf)",
-          "beta1": "[0, 1)", "beta2": "[0, 1)", "dropout": "[0, 1)", "lora_dropout": "[0, 1)", "lora_alpha": "(0, inf)",
+          "beta1": "[0, 1)", "beta2": "[0, 1)", "dropout": "[0, 1)",
           **{k: "[0, inf)" for k in ("max_iters", "warmup_iters", "lr_decay_iters")},
           **{k: "[1, inf)" for k in ("eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
-                                     "eval_interval", "n_layer", "n_head", "n_embd", "lora_rank")}}
+                                     "eval_interval", "n_layer", "n_head", "n_embd")}}
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters")  # + the family's: a --max_iters override rescales them
 AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
 
 
 def all_keys():
-    """Every config key: this script's, then each registered family's (a family registered later counts)."""
-    keys = dict(OWN_KEYS)
-    for family in FAMILIES.values():
-        keys.update({k: default for k, (default, _, _) in family.keys.items()})
-    return keys
+    """Every config key: this script's, then the adapter families' (a family registered later counts)."""
+    return dict(OWN_KEYS, **{k: default for k, (default, *_) in config_keys().items()})
 
 
 DEFAULTS = all_keys()
@@ -133,8 +122,7 @@ class DataError(FileNotFoundError):
 def read_config(argv, environ):
     """(config, {key: where the user set it}), every check that needs no data or model done."""
     defaults, given = all_keys(), {}
-    described = {k: (f"{f.kind}: {f.__doc__.strip().splitlines()[0]}" if f.__doc__ else f.kind, text)
-                 for f in FAMILIES.values() for k, (_, _, text) in f.keys.items()}
+    described = {k: (section, text) for k, (_, _, text, section) in config_keys().items()}
     c = configure(defaults, list(argv), environ, TEST_MODE, described, given)
     resolve_auto_base(c)
     follow_max_iters(c, defaults, list(argv), environ, given)
@@ -148,7 +136,7 @@ def read_config(argv, environ):
         raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
     if c["nonfinite"] not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {c['nonfinite']!r}")
-    check_ranges(c, dict(RANGES, **{k: r for f in FAMILIES.values() for k, (_, r, _) in f.keys.items() if r}))
+    check_ranges(c, dict(RANGES, **{k: r for k, (_, r, *_) in config_keys().items() if r}))
     try:
         family_of(c["adapter"])(c).check()
     except AdapterError as e:
