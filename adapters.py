@@ -28,6 +28,7 @@ the Family hooks; LoRA / DoRA; SoRA; AdaLoRA / AdaDoRA; Rotational PiSSA; SubLoR
 state and merge; the fused speed path; the registry.
 """
 
+import contextlib
 import copy
 import fnmatch
 import math
@@ -59,7 +60,8 @@ def compute_dtype(t):
 def autocast_off(kind):
     """A context without autocast on device type `kind` (regularisers and norms in their parameters'
     precision). The meta device has no autocast."""
-    return torch.autocast(kind, enabled=kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind))
+    on = kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind)
+    return torch.autocast(kind, enabled=False) if on else contextlib.nullcontext()
 
 
 def check_rank(rank, base: nn.Linear, minimum=1):
@@ -500,12 +502,18 @@ def soft_threshold_(tensors, threshold):
     torch._foreach_copy_(tensors, shrunk)
 
 
-def build_sora_optimizers(model, lr=1e-3, gate_lr=None, sparse_lambda=0.1, weight_decay=0.0, betas=(0.9, 0.999)):
-    """(gate_optimizer, regular_optimizer) for a custom loop: step both every iteration."""
+def split_sora_params(model):
+    """(gates, every other trainable parameter): each goes to its own optimizer."""
     gates, others = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (gates if name.rpartition(".")[2] == "gate" else others).append(p)
+    return gates, others
+
+
+def build_sora_optimizers(model, lr=1e-3, gate_lr=None, sparse_lambda=0.1, weight_decay=0.0, betas=(0.9, 0.999)):
+    """(gate_optimizer, regular_optimizer) for a custom loop: step both every iteration."""
+    gates, others = split_sora_params(model)
     if not gates:
         raise AdapterError("the model has no trainable SoRA gates; inject_adapters(model, 'sora', ...) first")
     gate_opt = SoRAOptimizer(gates, lr=gate_lr or lr, sparse_lambda=sparse_lambda, betas=betas)

@@ -19,6 +19,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import hf  # noqa: E402
+import plots  # noqa: E402
 import train  # noqa: E402
 from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers,  # noqa: E402
                       adapter_state_dict, count_params, find_targets, inject_adapters, merge_adapters,

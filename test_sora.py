@@ -239,8 +239,6 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     last = rows[-1]
     assert last["effective_rank"] == ranks  # logged ranks are the model's (the step at 29 is the last)
-    import plots
-
     final = plots.rank_rows(str(out))[-1]  # what the rank plots show as the end: the state pruning sees
     assert final["iter"] == 30 and final["effective_rank"] == ranks
     layers = adapter_layers(model)
