@@ -40,8 +40,8 @@ def sample(argv=(), environ=None):
     if c["init_from"] == "resume":
         ckpt = load_checkpoint(c["out_dir"])
         model = build_model(ckpt)
-        cfg = ckpt.get("config", {})
-        meta = read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
+        cfg = ckpt.get("config", {})  # the vocabulary the run trained on: its own copy, else its data folder's
+        meta = ckpt.get("meta") or read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
         if meta is None and ckpt["model_args"]["vocab_size"] < 50257:
             raise CheckpointError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
                                   f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it")

@@ -1,0 +1,174 @@
+"""
+A family is one object: a new one, defined in this file alone and registered, trains, resumes,
+samples, exports to PEFT and is bounded through the scripts, with no other file changed. And runs
+written before families were objects (testdata/runs_v1, made at tiny size by the earlier code) still
+load, sample and resume.
+
+    python -m pytest -q test_families.py
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adapters
+import eval_bounds
+import hf
+import plots
+import sample
+import train
+from adapters import Family, LoRALinear, register
+from checkpoint import build_model, load_adapter, load_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS_V1 = os.path.join(HERE, "testdata", "runs_v1")
+
+
+class GainLoRALinear(LoRALinear):
+    """A toy family: LoRA whose update has one trained gain, ΔW = s · g · B A (g starts at gain_init)."""
+
+    def __init__(self, base, gain_init=1.0, **settings):
+        super().__init__(base, **settings)
+        self.gain = nn.Parameter(torch.full((), gain_init, device=base.weight.device, dtype=base.weight.dtype))
+
+    def factors(self):
+        return self.full_B() * self.gain, self.lora_A, self.scaling
+
+    def as_lora(self):
+        return adapters.AdapterLinear.as_lora(self)  # the plain LoRA with g folded into B
+
+
+class GainLoRA(Family):
+    kind, layer = "gainlora", GainLoRALinear
+    keys = {"gain_init": (1.0, "(0, inf)", "the gain g at the start"),
+            "gain_log_every": (2, "[1, inf)", "iterations between two checks of the gain")}
+    schedule_keys = ("gain_log_every",)
+
+    def layer_settings(self):
+        return dict(super().layer_settings(), gain_init=self.c["gain_init"])
+
+    def after_step(self, model, it):  # something tracked across steps, saved and resumed
+        self.steps = getattr(self, "steps", 0) + 1
+
+    def stats(self, model):
+        return {"mean_gain": sum(float(m.gain.detach()) for m in adapters.adapter_layers(model).values()) /
+                len(adapters.adapter_layers(model)), "steps_seen": getattr(self, "steps", 0)}
+
+    def state_dict(self):
+        return {"steps": getattr(self, "steps", 0)}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+@pytest.fixture
+def gainlora(monkeypatch):
+    monkeypatch.setattr(adapters, "FAMILIES", dict(adapters.FAMILIES))
+    monkeypatch.setattr(adapters, "ADAPTERS", dict(adapters.ADAPTERS))
+    monkeypatch.setattr(train, "FAMILIES", adapters.FAMILIES)
+    register(GainLoRA)
+
+
+def tiny(data_dir, out_dir, **kw):
+    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32,
+                batch_size=8, eval_iters=4, eval_interval=4, log_interval=1, dropout=0.0, learning_rate=1e-2,
+                warmup_iters=1, lr_decay_iters=8, min_lr=1e-3, max_iters=8, init_from="scratch")
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def steps(out_dir):
+    return {r["iter"]: r for r in plots.read_metrics(str(out_dir)) if r["train_loss"] is not None}
+
+
+def test_a_family_defined_here_runs_through_every_script(gainlora, char_data, tmp_path):
+    base = tmp_path / "base"
+    train.train(tiny(char_data, base, max_iters=30, eval_interval=30, learning_rate=3e-3), environ={})
+    kw = dict(adapter="gainlora", init_from=str(base), gain_init=0.5, lora_rank=2)
+    train.train(tiny(char_data, tmp_path / "full", **kw), environ={})
+    full = steps(tmp_path / "full")
+    assert full[7]["steps_seen"] == 8 and full[7]["mean_gain"] != 0.5  # its hooks ran; its gain trained
+    model = build_model(load_checkpoint(str(tmp_path / "full")))
+    assert all(isinstance(m, GainLoRALinear) for m in adapters.adapter_layers(model).values())
+
+    # resume: stopped at 4 (its own key, rescaled with max_iters, and its state come back), continued to 8
+    train.train(tiny(char_data, tmp_path / "part", **dict(kw, max_iters=4, lr_decay_iters=8)), environ={})
+    train.train(tiny(char_data, tmp_path / "part", **dict(kw, init_from="resume")), environ={})
+    part = steps(tmp_path / "part")
+    assert sorted(part) == list(range(8))
+    for it in range(8):
+        assert part[it]["train_loss"] == pytest.approx(full[it]["train_loss"], abs=1e-6), it
+        assert part[it]["steps_seen"] == full[it]["steps_seen"]
+
+    texts = sample.sample([f"--out_dir={tmp_path / 'full'}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20",
+                           "--device=cpu"], environ={})
+    assert texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 20
+
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    export = tmp_path / "export"
+    hf.main([f"--out_dir={tmp_path / 'full'}", f"--export_dir={export}"])
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(idx, idx)[0]
+        got = peft_model(input_ids=idx).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    eval_bounds.main([f"--out_dir={tmp_path / 'full'}", "--eval_blocks=16", "--eval_docs=8", "--exact_max_tokens=0",
+                      "--device=cpu"])
+    bounds = json.loads((tmp_path / "full" / "bounds.json").read_text())
+    assert bounds["kind"] == "gainlora" and bounds["d"] == sum(v.numel() for v in adapters.adapter_state_dict(model).values())
+
+
+def test_a_family_key_is_a_config_key(gainlora, char_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.train(["--help"], environ={})
+    assert "--gain_init=1.0" in capsys.readouterr().out
+    from configurator import ConfigError
+
+    with pytest.raises(ConfigError, match=r"gain_init must be in \(0, inf\)"):
+        train.train(tiny(char_data, tmp_path / "bad", adapter="gainlora", gain_init=-1.0), environ={})
+
+
+def copy_run(name, tmp_path):
+    out = tmp_path / name
+    shutil.copytree(os.path.join(RUNS_V1, name), out)
+    return out
+
+
+def test_runs_written_before_families_load_sample_and_resume(char_data, tmp_path):
+    """testdata/runs_v1: a base, a LoRA and an AdaLoRA run (1 x 16 GPT) written by the code before the
+    family objects. Each builds; the adapter files load onto the base; sampling works from the
+    checkpoint alone; the LoRA run, resumed from iteration 6 to 9, gives the losses its uninterrupted
+    9-iteration run gave under the old code."""
+    for name in ("lora", "adalora"):
+        model = build_model(load_checkpoint(os.path.join(RUNS_V1, name))).eval()
+        idx = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
+        for file in ("adapter.safetensors", "adapter_pruned.safetensors"):
+            if os.path.exists(os.path.join(RUNS_V1, name, file)):
+                loaded = load_adapter(build_model(load_checkpoint(os.path.join(RUNS_V1, "base"))),
+                                      os.path.join(RUNS_V1, name, file)).eval()
+                with torch.no_grad():
+                    torch.testing.assert_close(loaded(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
+        texts = sample.sample([f"--out_dir={os.path.join(RUNS_V1, name)}", "--start=ROMEO:", "--num_samples=1",
+                               "--max_new_tokens=10", "--device=cpu"], environ={})
+        assert texts[0].startswith("ROMEO:")
+    run = copy_run("lora", tmp_path)
+    ckpt = load_checkpoint(str(run))
+    old = ckpt["config"]
+    args = [f"--{k}={old[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_iters", "eval_interval",
+                                       "log_interval", "warmup_iters", "lr_decay_iters", "dropout", "lora_rank", "adapter")]
+    train.train([*args, f"--data_dir={char_data}", f"--out_dir={run}", "--init_from=resume", "--max_iters=9",
+                 "--device=cpu"], environ={})
+    with open(os.path.join(RUNS_V1, "lora", "metrics_uninterrupted_9.jsonl")) as f:
+        want = {r["iter"]: r for r in map(json.loads, f) if r["train_loss"] is not None}
+    got = steps(run)
+    assert sorted(got) == sorted(want) == list(range(9))
+    for it in range(9):
+        assert got[it]["train_loss"] == pytest.approx(want[it]["train_loss"], abs=1e-6), it
