@@ -24,12 +24,15 @@ import re
 
 import torch
 
-from adapters import NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict
+from adapters import NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
+from configurator import ConfigError
 from files import atomic_write
-from model import MODELS, GPTConfig
+from model import GPT, MODELS, GPTConfig
+from prepare import check_vocabulary, read_meta
 
 FORMAT = "lowrank-gpt/1"
 # adapter-only files a run folder may hold (the .pt names: older runs)
+MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
 
 
@@ -166,3 +169,31 @@ def remove_stale_temp_files(out_dir):
         for f in stale:
             os.remove(f)
         print(f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves")
+
+
+def load_base(c, meta, given, say):
+    """The model before any new adapter: from scratch, GPT-2, or another run's checkpoint (whose own
+    adapters, if any, are merged first: its weights become the frozen base). A trained base keeps how
+    it computes (MODEL_SETTINGS) unless the user set them."""
+    source = c["init_from"]
+    if source == "scratch":
+        vocab = meta["vocab_size"] if meta else 50304
+        args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                    bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
+        return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    if source.startswith("gpt2") or os.path.isfile(os.path.join(source, "model.safetensors")):
+        check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
+        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
+    if not os.path.exists(source):
+        raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
+    ckpt = load_checkpoint(source)
+    cfg = ckpt.get("config", {})
+    base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
+    check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
+    for key in MODEL_SETTINGS:
+        if key not in given and key in ckpt["model_args"] and ckpt["model_args"][key] != c[key]:
+            say(f"note: {key} {c[key]} -> {ckpt['model_args'][key]}, the base's (set --{key} to choose)")
+            c[key] = ckpt["model_args"][key]
+        ckpt["model_args"][key] = c[key]
+    return merge_adapters(build_model(ckpt)), ckpt["model_type"]

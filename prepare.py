@@ -29,6 +29,7 @@ import sysconfig
 import zlib
 
 import numpy as np
+import torch
 
 from files import DownloadError, atomic_write, download, reachable
 
@@ -73,6 +74,40 @@ def read_meta(data_dir):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+class DataError(FileNotFoundError):
+    """The data directory or its files are missing."""
+
+
+def open_data(c):
+    """(data folder, its meta.json or None) for train.py's config c, checked before any model is built."""
+    path = c["data_dir"] or os.path.join("data", c["dataset"])
+    for f in ("train.bin", "val.bin"):
+        if not os.path.isfile(os.path.join(path, f)):
+            how = f"run `python prepare.py {c['dataset']}`" if c["dataset"] in DATASETS else \
+                f"prepare it with prepare.py ({', '.join(DATASETS)}, or --input=FILE for your own text)"
+            raise DataError(f"data directory {path!r} has no {f}: {how}, or set --data_dir")
+    for split in ("train", "val"):  # before any model is built: a block needs block_size + 1 tokens
+        n = num_tokens(path, split)
+        if n <= c["block_size"]:
+            raise DataError(f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
+                            "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else ""))
+    # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
+    return path, read_meta(path)
+
+
+def get_batch(data_dir, split, ix, block_size, device):
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+    x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def num_tokens(data_dir, split):
+    return os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2
 
 
 def vocabulary(meta):

@@ -22,11 +22,13 @@ TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_s
 
 
 def readme_commands():
-    """(env, argv) of every command line in the README's un-tagged code blocks, comments dropped."""
+    """(env, argv) of every command line in the README's un-tagged code blocks, then in train.py's
+    docstring, comments dropped."""
     text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    lines = text.splitlines() + ["```"] + [line.strip() for line in train.__doc__.splitlines()] + ["```"]
     commands = []
     fence = None  # the open block's language tag ('' for a shell block), None outside blocks
-    for line in text.splitlines():
+    for line in lines:
         if line.startswith("```"):
             fence = line[3:].strip() if fence is None else None
             continue
@@ -88,6 +90,9 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
             c = configure(train.DEFAULTS, args[args.index(script) + 1 :], env, train.TEST_MODE)
             rows = [json.loads(line) for line in open(os.path.join(c["out_dir"], "metrics.jsonl"))]
             assert rows[-1]["iter"] == c["max_iters"] and rows[-1]["val_loss"] is not None, shown
+            evals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+            if load_checkpoint(c["out_dir"])["config"]["init_from"] != "scratch":  # a fine-tune improves its base
+                assert evals[-1] < evals[0], (shown, evals)
         ran.append((shown, proc.stdout))
     scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
     assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py", "compare.py"}

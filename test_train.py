@@ -330,3 +330,23 @@ def test_eval_only_on_resume_repeats_the_last_eval(pretrained, char_data, tmp_pa
     v = evals(out)
     assert v[-1] == pytest.approx(v[-2], abs=1e-6)  # the same fixed eval batches, the same weights
     assert (out / "ckpt.pt").read_bytes() == before  # an eval-only run writes no checkpoint
+
+
+def test_a_fine_tune_computes_as_its_base_did(char_data, tmp_path, capsys):
+    """A base pretrained with dropout 0.0 (the Shakespeare config) fine-tuned without a dropout setting
+    (train.py's default is 0.2): the run takes the base's 0.0, with a note, and its first step's loss
+    is the base's own eval loss (dropout 0.2 on the frozen base made it far worse). An explicit
+    --dropout wins."""
+    train.train(tiny(char_data, tmp_path / "base", max_iters=40, eval_interval=40, dropout=0.0), environ={})
+    base_val = evals(tmp_path / "base")[-1]
+    args = [a for a in tiny(char_data, tmp_path / "lora", adapter="lora", init_from=str(tmp_path / "base"), max_iters=10,
+                            eval_interval=10) if not a.startswith("--dropout")]
+    capsys.readouterr()
+    train.train(args, environ={})
+    assert "dropout 0.2 -> 0.0, the base's" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "lora"))["model_args"]["dropout"] == 0.0
+    first = evals(tmp_path / "lora")
+    assert first[0] == pytest.approx(base_val, abs=1e-5) and first[-1] < first[0]
+    assert step_losses(tmp_path / "lora")[0] == pytest.approx(base_val, abs=0.15)
+    train.train(args + [f"--out_dir={tmp_path / 'explicit'}", "--dropout=0.1"], environ={})
+    assert load_checkpoint(str(tmp_path / "explicit"))["model_args"]["dropout"] == 0.1

@@ -7,7 +7,7 @@ TEST_MODE=True), then --key=value.
     python prepare.py shakespeare_char
     python train.py config/train_shakespeare_char.py --device=cpu          # pretrain the baby GPT
     python train.py config/finetune_shakespeare_lora.py --device=cpu       # LoRA on top of it
-    USE_LORA=True LORA_RANK=4 python train.py config/finetune_shakespeare_lora.py --device=cpu
+    USE_LORA=True LORA_RANK=4 python train.py config/finetune_shakespeare_lora.py --device=cpu --out_dir=out-lora-r4
     TEST_MODE=True python train.py --device=cpu                            # a tiny run, seconds
     python train.py config/finetune_shakespeare_lora.py --init_from=resume # continue where it stopped
     torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py --device=cpu
@@ -21,19 +21,18 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import FAMILIES, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
-from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, check_resume_shape, load_checkpoint,
+from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, check_resume_shape, load_base, load_checkpoint,
                         remove_stale_temp_files, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
-from prepare import DATASETS, check_vocabulary, read_meta
+from prepare import DataError, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError: raised by open_data)
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
@@ -95,7 +94,6 @@ RANGES = {"learning_rate": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0
                                      "eval_interval", "n_layer", "n_head", "n_embd")}}
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters")  # + the family's: a --max_iters override rescales them
 AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
-MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
 
 
 def all_keys():
@@ -109,10 +107,6 @@ DEFAULTS = all_keys()
 class Diverged(RuntimeError):
     """The loss or the weights became nan / inf: the run stops before anything is saved over the last
     good checkpoint."""
-
-
-class DataError(FileNotFoundError):
-    """The data directory or its files are missing."""
 
 
 # -----------------------------------------------------------------------------
@@ -192,36 +186,7 @@ def follow_max_iters(c, defaults, argv, environ, given):
 
 
 # -----------------------------------------------------------------------------
-# data, schedule, model
-
-
-def open_data(c):
-    path = c["data_dir"] or os.path.join("data", c["dataset"])
-    for f in ("train.bin", "val.bin"):
-        if not os.path.isfile(os.path.join(path, f)):
-            how = f"run `python prepare.py {c['dataset']}`" if c["dataset"] in DATASETS else \
-                f"prepare it with prepare.py ({', '.join(DATASETS)}, or --input=FILE for your own text)"
-            raise DataError(f"data directory {path!r} has no {f}: {how}, or set --data_dir")
-    for split in ("train", "val"):  # before any model is built: a block needs block_size + 1 tokens
-        n = num_tokens(path, split)
-        if n <= c["block_size"]:
-            raise DataError(f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
-                            "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else ""))
-    # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
-    return path, read_meta(path)
-
-
-def get_batch(data_dir, split, ix, block_size, device):
-    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-    x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def num_tokens(data_dir, split):
-    return os.path.getsize(os.path.join(data_dir, f"{split}.bin")) // 2
+# schedule, model
 
 
 def get_lr(it, c):
@@ -234,34 +199,6 @@ def get_lr(it, c):
         return c["min_lr"]
     ratio = (it - c["warmup_iters"]) / max(1, c["lr_decay_iters"] - c["warmup_iters"])
     return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
-
-
-def load_base(c, meta, given, say):
-    """The model before any new adapter: from scratch, GPT-2, or another run's checkpoint (whose own
-    adapters, if any, are merged first: its weights become the frozen base). A trained base keeps how
-    it computes (MODEL_SETTINGS) unless the user set them."""
-    source = c["init_from"]
-    if source == "scratch":
-        vocab = meta["vocab_size"] if meta else 50304
-        args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                    bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
-        return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
-    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    if source.startswith("gpt2") or os.path.isfile(os.path.join(source, "model.safetensors")):
-        check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
-        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
-    if not os.path.exists(source):
-        raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
-    ckpt = load_checkpoint(source)
-    cfg = ckpt.get("config", {})
-    base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
-    check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
-    for key in MODEL_SETTINGS:
-        if key not in given and key in ckpt["model_args"] and ckpt["model_args"][key] != c[key]:
-            say(f"note: {key} {c[key]} -> {ckpt['model_args'][key]}, the base's (set --{key} to choose)")
-            c[key] = ckpt["model_args"][key]
-        ckpt["model_args"][key] = c[key]
-    return merge_adapters(build_model(ckpt)), ckpt["model_type"]
 
 
 def build(c, meta, given, say):
@@ -291,6 +228,79 @@ def build(c, meta, given, say):
             "trained model")
     model, info = family.inject(model)
     return model, model_type, info, family, None
+
+
+@torch.no_grad()
+def estimate_loss(model, c, data_dir, device, autocast, rank, world):
+    """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared among
+    the processes."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(c["seed"] + 1)
+        ix = torch.randint(num_tokens(data_dir, split) - c["block_size"], (c["eval_iters"], c["batch_size"]), generator=gen)
+        total_loss = torch.zeros(2, device=device)
+        for k in range(rank, c["eval_iters"], world):
+            X, Y = get_batch(data_dir, split, ix[k], c["block_size"], device)
+            with autocast:
+                _, loss = model(X, Y)
+            total_loss += torch.stack([loss.float(), torch.ones((), device=device)])
+        if world > 1:
+            dist.all_reduce(total_loss)
+        out[split] = (total_loss[0] / total_loss[1]).item()
+    model.train()
+    return out
+
+
+def train_step(model, raw_model, family, optimizers, scaler, batches, it, c, data_dir, device, autocast, rank, world):
+    """One optimizer step over this process's micro-batches: (summed task loss, the family's last
+    extra-loss term or None, whether the step was taken)."""
+    accum = c["gradient_accumulation_steps"] // world
+    ix = torch.randint(num_tokens(data_dir, "train") - c["block_size"], (c["gradient_accumulation_steps"], c["batch_size"]),
+                       generator=batches)
+    loss_sum, extra = torch.zeros((), device=device), None
+    for micro_step in range(accum):
+        X, Y = get_batch(data_dir, "train", ix[rank * accum + micro_step], c["block_size"], device)
+        if world > 1:  # all-reduce gradients only at the last micro-step
+            model.require_backward_grad_sync = micro_step == accum - 1
+        with autocast:
+            _, loss = model(X, Y)
+        extra = family.extra_loss(raw_model)  # the family's regulariser: 1/accum of it per micro-step
+        scaler.scale((loss if extra is None else loss + family.extra_weight * extra) / accum).backward()
+        loss_sum += loss.detach().float()
+    for opt, _ in optimizers:
+        scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
+    step_ok = True
+    if c["nonfinite"] == "skip":  # one host sync per step: the price of knowing before the update
+        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+        step_ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if step_ok:
+        if c["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
+        for opt, _ in optimizers:
+            scaler.step(opt)
+        family.after_step(raw_model, it)
+    scaler.update()
+    for opt, _ in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return loss_sum, extra, step_ok
+
+
+def finish_run(c, model, family, info, model_type, model_args, last, iters, seconds, best_val_loss):
+    """The end of a run (rank 0): the summary line, the plots, and the family's smaller adapter file."""
+    speed = f", {last['mean_tokens_per_s']:,.0f} tok/s on average (evals excluded)" if "mean_tokens_per_s" in last else ""
+    print(f"done: {iters} iterations in {format_eta(seconds)}{speed}; best val loss {best_val_loss:.4f}")
+    if c["eval_only"]:
+        return
+    print(f"wrote {plot_losses([c['out_dir']])}")
+    if last.get("effective_rank"):
+        print(f"wrote {plot_effective_ranks(c['out_dir'])} and {plot_rank_allocation(c['out_dir'])}")
+    finished = family.finish(model, info)  # a smaller adapter file (pruned ranks), if the family makes one
+    if finished:
+        path = os.path.join(c["out_dir"], "adapter_pruned.safetensors")
+        save_adapter_file({"format": FORMAT, "adapter": finished[0], "model_type": model_type, "model_args": model_args,
+                           "base": c["init_from"], "state": finished[1]}, path)
+        print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
 
 
 def peak_memory_mb(device):
@@ -427,28 +437,6 @@ def _train(c, device, ddp, rank, world, given):
 
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c, resume="allow")
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared
-        among the processes."""
-        model.eval()
-        out = {}
-        for split in ("train", "val"):
-            gen = torch.Generator().manual_seed(c["seed"] + 1)
-            n = num_tokens(data_dir, split) - c["block_size"]
-            ix = torch.randint(n, (c["eval_iters"], c["batch_size"]), generator=gen)
-            total_loss = torch.zeros(2, device=device)
-            for k in range(rank, c["eval_iters"], world):
-                X, Y = get_batch(data_dir, split, ix[k], c["block_size"], device)
-                with autocast:
-                    _, loss = model(X, Y)
-                total_loss += torch.stack([loss.float(), torch.ones((), device=device)])
-            if ddp:
-                dist.all_reduce(total_loss)
-            out[split] = (total_loss[0] / total_loss[1]).item()
-        model.train()
-        return out
-
     def save(eval_row):
         states = [opt.state_dict() for opt, _ in optimizers]
         save_checkpoint({"format": FORMAT, "model": raw_model.state_dict(), "optimizer": states[0],
@@ -472,7 +460,6 @@ def _train(c, device, ddp, rank, world, given):
         raise Diverged(f"{what} at iteration {at}: stopped, and {kept}; lower --learning_rate (now {c['learning_rate']:g}) "
                        "or pass --nonfinite=skip to skip non-finite steps")
 
-    n_train = num_tokens(data_dir, "train") - c["block_size"]  # > 0: open_data checked it
     model.train()
     start_iter, t_start, t_outside, dt_avg, last = iter_num, time.time(), 0.0, None, {}
     saved_iter, skipped = (iter_num if resume else None), 0
@@ -491,7 +478,7 @@ def _train(c, device, ddp, rank, world, given):
             if iter_num == start_iter:  # the first eval can take a while on a CPU: say what runs
                 say(f"step {iter_num}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
                     "tokens per split (train, val)", flush=True)
-            losses = estimate_loss()
+            losses = estimate_loss(model, c, data_dir, device, autocast, rank, world)
             if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
                 diverged(f"the eval loss became {losses}", iter_num)
             if master:
@@ -518,36 +505,11 @@ def _train(c, device, ddp, rank, world, given):
         # one optimizer step over `accum` micro-batches
         t0 = time.time()
         log_now = iter_num % c["log_interval"] == 0 or evaluate  # the same on every process
-        ix = torch.randint(n_train, (c["gradient_accumulation_steps"], c["batch_size"]), generator=batches)
-        loss_sum, extra = torch.zeros((), device=device), None
-        for micro_step in range(accum):
-            X, Y = get_batch(data_dir, "train", ix[rank * accum + micro_step], c["block_size"], device)
-            if ddp:  # all-reduce gradients only at the last micro-step
-                model.require_backward_grad_sync = micro_step == accum - 1
-            with autocast:
-                _, loss = model(X, Y)
-            extra = family.extra_loss(raw_model)  # the family's regulariser: 1/accum of it per micro-step
-            scaler.scale((loss if extra is None else loss + family.extra_weight * extra) / accum).backward()
-            loss_sum += loss.detach().float()
-        for opt, _ in optimizers:
-            scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
-        step_ok = True
-        if c["nonfinite"] == "skip":  # one host sync per step: the price of knowing before the update
-            grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-            step_ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-            if not step_ok:
-                skipped += 1
-                say(f"iter {iter_num}: non-finite gradient, step skipped ({skipped} so far)")
-        if step_ok:
-            if c["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"])
-            for opt, _ in optimizers:
-                scaler.step(opt)
-            family.after_step(raw_model, iter_num)
-        scaler.update()
-        for opt, _ in optimizers:
-            opt.zero_grad(set_to_none=True)
-
+        loss_sum, extra, step_ok = train_step(model, raw_model, family, optimizers, scaler, batches, iter_num, c, data_dir,
+                                              device, autocast, rank, world)
+        if not step_ok:
+            skipped += 1
+            say(f"iter {iter_num}: non-finite gradient, step skipped ({skipped} so far)")
         if log_now:
             if ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
@@ -575,19 +537,8 @@ def _train(c, device, ddp, rank, world, given):
         iter_num += 1
 
     if master:
-        speed = f", {last['mean_tokens_per_s']:,.0f} tok/s on average (evals excluded)" if "mean_tokens_per_s" in last else ""
-        print(f"done: {iter_num - start_iter} iterations in {format_eta(time.time() - t_start)}{speed}; "
-              f"best val loss {best_val_loss:.4f}")
-        if not c["eval_only"]:
-            print(f"wrote {plot_losses([out_dir])}")
-            if last.get("effective_rank"):
-                print(f"wrote {plot_effective_ranks(out_dir)} and {plot_rank_allocation(out_dir)}")
-            finished = family.finish(raw_model, info)  # a smaller adapter file (pruned ranks), if the family makes one
-            if finished:
-                path = os.path.join(out_dir, "adapter_pruned.safetensors")
-                save_adapter_file({"format": FORMAT, "adapter": finished[0], "model_type": model_type,
-                                   "model_args": model_args, "base": c["init_from"], "state": finished[1]}, path)
-                print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
+        finish_run(c, raw_model, family, info, model_type, model_args, last, iter_num - start_iter, time.time() - t_start,
+                   best_val_loss)
     if wandb:
         wandb.finish()
     return last
