@@ -21,11 +21,10 @@ TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_s
             eval_interval=4, log_interval=2, max_iters=4, warmup_iters=1, lr_decay_iters=4, intrinsic_dim=300)
 
 
-def readme_commands():
-    """(env, argv) of every command line in the README's un-tagged code blocks, then in train.py's
-    docstring, comments dropped."""
-    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    lines = text.splitlines() + ["```"] + [line.strip() for line in train.__doc__.splitlines()] + ["```"]
+def readme_commands(lines=None):
+    """(env, argv) of every command line in the README's un-tagged code blocks (or in `lines`),
+    comments dropped."""
+    lines = lines or open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
     commands = []
     fence = None  # the open block's language tag ('' for a shell block), None outside blocks
     for line in lines:
@@ -54,12 +53,12 @@ def tiny_args(words, keys):
     return [f"--{k}={v}" for k, v in over.items() if k in keys]
 
 
-def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+def run_as_written(commands, tmp_path, monkeypatch):
+    """Run each command in a scratch folder holding the repo's scripts; [(line, stdout)] of those run."""
     for name in os.listdir(HERE):
         if name.endswith(".py") or name in ("config", "testdata"):
             os.symlink(os.path.join(HERE, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    commands = readme_commands()
     ran = []
     for env, words in commands:
         if needs_download_or_gpu(words):
@@ -94,11 +93,22 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
             if load_checkpoint(c["out_dir"])["config"]["init_from"] != "scratch":  # a fine-tune improves its base
                 assert evals[-1] < evals[0], (shown, evals)
         ran.append((shown, proc.stdout))
+    return ran
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
+    ran = run_as_written(readme_commands(), tmp_path, monkeypatch)
     scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
     assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py", "compare.py"}
     assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
     auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
     assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
+
+
+def test_every_command_of_train_docstring_runs_as_written(tmp_path, monkeypatch):
+    lines = ["```", *(line.strip() for line in train.__doc__.splitlines()), "```"]
+    ran = run_as_written(readme_commands(lines), tmp_path, monkeypatch)
+    assert len(ran) >= 6
 
 
 @pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf", "compare"])

@@ -10,7 +10,7 @@ TEST_MODE=True), then --key=value.
     USE_LORA=True LORA_RANK=4 python train.py config/finetune_shakespeare_lora.py --device=cpu --out_dir=out-lora-r4
     TEST_MODE=True python train.py --device=cpu                            # a tiny run, seconds
     python train.py config/finetune_shakespeare_lora.py --init_from=resume # continue where it stopped
-    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py --device=cpu
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char.py --device=cpu --out_dir=out-ddp
     torchrun --standalone --nproc_per_node=8 train.py config/finetune_gpt2_lora.py   # 8 GPUs
 """
 
