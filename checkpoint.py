@@ -148,14 +148,18 @@ def load_adapter(model, path):
     return model
 
 
-def check_resume_shape(c, ckpt, given):
-    """A resumed run keeps its checkpoint's model: a shape key given on the command line that differs
-    from it is a mistake, named in one line (not silently ignored)."""
-    saved = dict(ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
-    for key in ("n_layer", "n_head", "n_embd", "bias", "block_size", "model_type"):
-        if key in given and c[key] != saved[key]:
-            raise CheckpointError(f"--{key}={c[key]} but the checkpoint being resumed has {key}={saved[key]}: a resumed "
-                                  f"run keeps its model; drop --{key}, or start a new run in another --out_dir")
+def resume_settings(c, ckpt, given, keys):
+    """A resumed run keeps what shaped its model and adapter (`keys`): one set on the command line or
+    in the environment (`given`) to another value than the checkpoint's is refused in one line; any
+    other takes the checkpoint's value, so the config saved again describes what was trained."""
+    saved = dict(ckpt.get("config", {}), **ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
+    differ = [k for k in keys if k in saved and k in given and c[k] != saved[k]]
+    if differ:
+        asked = ", ".join(f"--{k}={c[k]!r}" for k in differ)
+        has = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        raise CheckpointError(f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
+                              f"drop {', '.join('--' + k for k in differ)}, or start a new run in another --out_dir")
+    c.update({k: saved[k] for k in keys if k in saved})
 
 
 def remove_stale_temp_files(out_dir):

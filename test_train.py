@@ -350,3 +350,20 @@ def test_a_fine_tune_computes_as_its_base_did(char_data, tmp_path, capsys):
     assert step_losses(tmp_path / "lora")[0] == pytest.approx(base_val, abs=0.15)
     train.train(args + [f"--out_dir={tmp_path / 'explicit'}", "--dropout=0.1"], environ={})
     assert load_checkpoint(str(tmp_path / "explicit"))["model_args"]["dropout"] == 0.1
+
+
+def test_a_resume_keeps_the_adapter_it_trained(pretrained, char_data, tmp_path):
+    """Resuming a rank-2 LoRA with --lora_rank=16 (or another alpha or targets) is refused in one line
+    naming the keys; resumed without them, the run keeps rank 2 and its saved config says so."""
+    out = tmp_path / "r2"
+    kw = dict(init_from=pretrained, adapter="lora", lora_rank=2, lora_alpha=4.0, max_iters=4, eval_interval=4)
+    train.train(tiny(char_data, out, **kw), environ={})
+    for bad in (dict(lora_rank=16), dict(lora_alpha=8.0, lora_targets="lm_head")):
+        with pytest.raises(CheckpointError, match="the checkpoint being resumed has .*drop " +
+                           ", ".join(f"--{k}" for k in bad)):
+            train.train(tiny(char_data, out, **dict(kw, init_from="resume", max_iters=8, **bad)), environ={})
+    plain = [a for a in tiny(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)]
+    train.train(plain, environ={})  # lora_rank and lora_alpha left at train.py's defaults (8, 16.0)
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["iter_num"] == 8 and (ckpt["config"]["lora_rank"], ckpt["config"]["lora_alpha"]) == (2, 4.0)
+    assert {m.rank for m in adapter_layers(checkpoint.build_model(ckpt)).values()} == {2}

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import FAMILIES, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
-from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, check_resume_shape, load_base, load_checkpoint,
-                        remove_stale_temp_files, save_adapter_file, save_checkpoint)
+from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
+from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
+                        resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig
@@ -210,9 +210,10 @@ def build(c, meta, given, say):
         if saved != c["adapter"]:
             raise CheckpointError(f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
                                   f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
-        check_resume_shape(c, ckpt, {k for k, where in given.items() if where == "command line"})
+        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout", *SHARED_KEYS,
+                   *FAMILIES[c["adapter"]].keys)
+        resume_settings(c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping)
         check_vocabulary(ckpt.get("meta"), meta, c["out_dir"], data_dir)
-        ckpt["model_args"]["dropout"] = c["dropout"]
         # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
         c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
         return build_model(ckpt), ckpt["model_type"], ckpt["adapter"], family_of(c["adapter"])(c, say), ckpt
