@@ -64,3 +64,31 @@ def download(url, path, fix):
         atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
     except OSError as e:
         raise DownloadError(f"downloading {url} failed ({e}): {fix}") from None
+
+
+def lock_folder(folder, what):
+    """An exclusive lock on folder/.lock, held while the returned file stays open (close it to
+    release). The kernel drops it when the process dies, so a killed run leaves nothing stuck. A folder
+    another process holds gets one line naming that process."""
+    import fcntl
+
+    path = os.path.join(folder, ".lock")
+    if path in _HELD:  # this process's own, left by a run that ended in an exception: a process runs one at a time
+        _HELD.pop(path).close()
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise WriteError(f"{folder} is in use by {holder}: wait for it to finish (or stop it), or choose another folder") \
+            from None
+    f.seek(0), f.truncate()
+    f.write(f"pid {os.getpid()} ({what})")
+    f.flush()
+    _HELD[path] = f
+    return f
+
+
+_HELD = {}  # lock path -> its open file, for the locks this process holds

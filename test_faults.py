@@ -267,3 +267,26 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     assert len(versions) > 1  # the saves went on between kills
     checkpoint.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_run_folder_has_one_writer(char_data, tmp_path):
+    """A second train.py into a folder another process is training in gets one line naming that
+    process, and writes nothing; once that process is killed (kill -9) the folder is free again."""
+    out = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
+                              *tiny(char_data, out, max_iters=100000, eval_interval=100000)],
+                             cwd=HERE, stdout=subprocess.PIPE, text=True)
+    for line in first.stdout:  # training has started: the folder is held
+        if line.startswith("iter "):
+            break
+    before = sorted(os.listdir(out))
+    second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *tiny(char_data, out, overwrite=True)],
+                            capture_output=True, text=True, cwd=HERE)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 1 and len(lines) == 1, second.stderr
+    assert f"is in use by pid {first.pid}" in lines[0] and "train.py" in lines[0]
+    assert sorted(os.listdir(out)) == before
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    train.train(tiny(char_data, out, overwrite=True, max_iters=2, eval_interval=2), environ={})
+    assert plots.read_metrics(str(out))[-1]["iter"] == 2

@@ -29,7 +29,7 @@ from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, co
 from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
                         resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from files import atomic_write
+from files import atomic_write, lock_folder
 from model import GPT, MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
 from prepare import DataError, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError: raised by open_data)
@@ -421,8 +421,10 @@ def _train(c, device, ddp, rank, world, given):
     if ddp:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
 
+    lock = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        lock = lock_folder(out_dir, "python train.py " + " ".join(sys.argv[1:]))  # one writer per run folder
         if not resume and os.path.exists(metrics_file):
             os.remove(metrics_file)  # --overwrite=True was given
         if resume and not c["eval_only"] and os.path.exists(metrics_file):  # rows after the checkpoint come again
@@ -542,6 +544,8 @@ def _train(c, device, ddp, rank, world, given):
                    best_val_loss)
     if wandb:
         wandb.finish()
+    if lock:
+        lock.close()
     return last
 
 
