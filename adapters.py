@@ -126,7 +126,7 @@ class AdapterLinear(nn.Module):
             return lora_linear(x, xd, W, self.base.bias, A, B, s)  # y = x Wᵀ + b + s (xd Aᵀ) Bᵀ
         # DoRA (Liu et al. 2024, eq. 5): y = m / ‖W + ΔW‖ ⊙ (x Wᵀ + s (xd Aᵀ) Bᵀ) + b, the norm detached (§4.3)
         y = lora_linear(x, xd, W, None, A, B, s)
-        y = y * (self.magnitude / self.weight_norm().to(self.magnitude.dtype)).to(y.dtype)
+        y = y * (self.magnitude / self.weight_norm((B, A, s)).to(self.magnitude.dtype)).to(y.dtype)
         return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
 
     def delta_weight(self):
@@ -137,10 +137,10 @@ class AdapterLinear(nn.Module):
         return (B.to(dt) @ A.to(dt)) * s
 
     @torch.no_grad()
-    def weight_norm(self):
+    def weight_norm(self, factors=None):
         """‖W + ΔW‖ per output row without forming W + ΔW (peft PR #3387), in fp32 (fp64 models: fp64):
         ‖W_i + ΔW_i‖² = ‖W_i‖² + (B ⊙ (2s W Aᵀ + s² B A Aᵀ))_i·1. No gradient flows through it."""
-        B, A, s = self.factors()
+        B, A, s = factors or self.factors()
         dt = compute_dtype(self.base.weight)
         with autocast_off(self.base.weight.device.type):
             W, B, A = self.base.weight.to(dt), B.to(dt), A.to(dt)
@@ -1167,7 +1167,8 @@ class RotationalPiSSALinear(AdapterLinear):
         return B, A
 
     def factors(self):
-        B, A = self.principal_factors()
+        with autocast_off(self.U.device.type):  # in the buffers' precision: P(θ₀) cancels exactly at init
+            B, A = self.principal_factors()
         if self.quantized:
             return B, A, 1.0  # the forward adds deq(W_res) x itself
         return torch.cat([B, -self.B0], dim=1), torch.cat([A, self.A0], dim=0), 1.0  # P(θ) - P(θ₀), rank 2r

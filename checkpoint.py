@@ -34,6 +34,9 @@ FORMAT = "lowrank-gpt/1"
 # adapter-only files a run folder may hold (the .pt names: older runs)
 MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
+# what a run folder may hold besides them: a folder holding any of these holds a run
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", *ADAPTER_FILES, "loss.png", "loss_comparison.png", "effective_rank.png",
+             "rank_allocation.png", "bounds.json", "bound_parts.png", "bound_vs_alpha.png", "peft")
 
 
 class CheckpointError(ValueError):

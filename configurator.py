@@ -187,6 +187,9 @@ def cli(main, argv):
         return main(argv)
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted (Ctrl-C); files are written whole, so a training run continues from its "
+                         "last checkpoint with --init_from=resume" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
     except (ValueError, OSError, RuntimeError) as e:  # the repo's errors subclass these three
         own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds",
                                      "hf", "model", "files", "plots")

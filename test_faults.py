@@ -28,7 +28,7 @@ import sweep
 import plots
 import train
 from checkpoint import load_checkpoint
-from configurator import cli
+from configurator import ConfigError, cli
 from conftest import HERE
 from test_train import tiny
 
@@ -290,3 +290,35 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     first.wait()
     train.train(tiny(char_data, out, overwrite=True, max_iters=2, eval_interval=2), environ={})
     assert plots.read_metrics(str(out))[-1]["iter"] == 2
+
+
+def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=8, eval_interval=4, log_interval=1)
+    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+
+    def interrupt(it):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        crash_at(m, 6, interrupt)
+        with pytest.raises(SystemExit) as exit_info:
+            cli(train.train, tiny(char_data, tmp_path / "ctrl_c", **kw))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: interrupted (Ctrl-C)") and "\n" not in message and "--init_from=resume" in message
+    with open(tmp_path / "ctrl_c" / "metrics.jsonl", "a") as f:  # a kill during a write: the last line cut short
+        f.write('{"iter": 5, "train_lo')
+    train.train(tiny(char_data, tmp_path / "ctrl_c", init_from="resume", **kw), environ={})
+    assert rows_without_timing(tmp_path / "ctrl_c") == rows_without_timing(tmp_path / "clean")
+
+
+def test_a_folder_with_another_runs_artifacts_holds_a_run(char_data, tmp_path, capsys):
+    """loss.png, bounds.json and a peft/ export with no checkpoint: refused without --overwrite, and
+    cleared with it (no stale bound beside the new checkpoint)."""
+    out = tmp_path / "old"
+    (out / "peft").mkdir(parents=True)
+    (out / "loss.png").write_bytes(b"png")
+    (out / "bounds.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"already holds a run \(loss.png, bounds.json, peft\)"):
+        train.train(tiny(char_data, out, max_iters=2, eval_interval=2), environ={})
+    train.train(tiny(char_data, out, max_iters=2, eval_interval=2, overwrite=True), environ={})
+    assert not (out / "bounds.json").exists() and not (out / "peft").exists() and (out / "loss.png").exists()

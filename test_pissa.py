@@ -299,3 +299,17 @@ def test_rotations_equal_their_closed_forms(method):
     for R, rot in zip(Rotation.batched(rotations), rotations):
         assert torch.allclose(R.double(), closed_form_rotation(rot), atol=1e-6)
         assert torch.allclose(rot().double(), closed_form_rotation(rot), atol=1e-6)
+
+
+def test_factors_are_built_in_the_buffers_precision_under_autocast():
+    """Under bf16 autocast U R_U and V R_V stay fp32 products, so P(θ) - P(θ₀) is built from the same
+    numbers as the frozen P(θ₀) (at init its two halves are equal, not a bf16 rounding apart)."""
+    model = tiny("gpt")
+    inject_adapters(model, "pissa", rank=4, method="way1")
+    for layer in adapter_layers(model).values():
+        want = layer.factors()
+        with torch.autocast("cpu", torch.bfloat16):
+            got = layer.factors()
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
+        B, A, _ = got
+        assert torch.equal(B[:, :4], -B[:, 4:]) and torch.equal(A[:4], A[4:])

@@ -17,6 +17,7 @@ TEST_MODE=True), then --key=value.
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
-from checkpoint import (ADAPTER_FILES, FORMAT, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
+from checkpoint import (FORMAT, RUN_FILES, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
                         resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write, lock_folder
@@ -371,7 +372,7 @@ def _train(c, device, ddp, rank, world, given):
     out_dir = c["out_dir"]
     ckpt_file, metrics_file = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     resume = c["init_from"] == "resume"
-    held = [f for f in ("ckpt.pt", "metrics.jsonl", *ADAPTER_FILES) if os.path.exists(os.path.join(out_dir, f))]
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
     if not resume and not c["overwrite"] and held:
         raise ConfigError(f"{out_dir!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
                           "choose another --out_dir, or pass --overwrite=True to replace it")
@@ -425,8 +426,12 @@ def _train(c, device, ddp, rank, world, given):
     if master:
         os.makedirs(out_dir, exist_ok=True)
         lock = lock_folder(out_dir, "python train.py " + " ".join(sys.argv[1:]))  # one writer per run folder
-        if not resume and os.path.exists(metrics_file):
-            os.remove(metrics_file)  # --overwrite=True was given
+        for f in [] if resume else held:  # --overwrite=True was given: nothing of the old run stays
+            path = os.path.join(out_dir, f)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
         if resume and not c["eval_only"] and os.path.exists(metrics_file):  # rows after the checkpoint come again
             kept = [r for r in read_metrics(out_dir) if r["iter"] < iter_num]
             atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
