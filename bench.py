@@ -77,13 +77,26 @@ def adam(model):
     return [torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, **fused_on_cuda(params))]
 
 
-# method -> the train.py settings it runs with (every other key at train.py's default)
+def qv_dim(cap=None):
+    """A SubLoRA row's d: sublora_dim, at most half the LoRA numbers it drives and at most `cap`."""
+    def dim(model, c):
+        D = sum(4 * (m.in_features + (2 * m.out_features // 3 if t.endswith(":q,v") else m.out_features))
+                for t in find_targets(model, QV["lora_targets"].split(";")) for m in [model.get_submodule(t.partition(":")[0])])
+        return min(c["sublora_dim"], D // 2, cap or D)
+
+    return dim
+
+
+# method -> the train.py settings it runs with (every other key at train.py's default; a callable is
+# given the base model and bench.py's config). The dense projector draws D·d Gaussians in each pass:
+# 1.6e10 for d = 50,000 on the large model, so it is measured at d <= 2,000 (the row says which d).
 QV = dict(lora_targets="c_attn:q,v;lm_head", lora_rank=4, lora_alpha=32.0)  # SubLoRA's LoRA: r = 4 on q, v and the head
 SETTINGS = {"full": dict(adapter="none"), "lora": dict(adapter="lora"), "dora": dict(adapter="dora"),
             "sora": dict(adapter="sora"), "adalora": dict(adapter="adalora"), "adadora": dict(adapter="adadora"),
             **{f"pissa_{w}": dict(adapter="pissa", pissa_method=w) for w in ("way0", "way1", "way2", "way3")},
             "pissa_way0_lowrank": dict(adapter="pissa", pissa_svd="lowrank"), "lora_qv": dict(adapter="lora", **QV),
-            **{f"sublora_{p}": dict(adapter="sublora", sublora_projector=p, **QV) for p in ("rdkronqr", "dense", "sparse")}}
+            **{f"sublora_{p}": dict(adapter="sublora", sublora_projector=p, intrinsic_dim=qv_dim(2000 if p == "dense" else None),
+                                    **QV) for p in ("rdkronqr", "dense", "sparse")}}
 
 
 def build(name, base, c):
@@ -95,13 +108,7 @@ def build(name, base, c):
         return build_peft(name, model, c)
     settings = {k: default for k, (default, *_) in config_keys().items()}
     settings.update(lora_rank=c["rank"], max_iters=10**6)
-    settings.update(SETTINGS[name])
-    if settings["adapter"] == "sublora":
-        # dense draws D·d Gaussians in each pass: 1.6e10 for d = 50,000 on the large model, so it is
-        # measured at d <= 2,000 (the row says which d it ran)
-        D = sum(4 * (m.in_features + (2 * m.out_features // 3 if t.endswith(":q,v") else m.out_features))
-                for t in find_targets(model, QV["lora_targets"].split(";")) for m in [model.get_submodule(t.partition(":")[0])])
-        settings["intrinsic_dim"] = min(c["sublora_dim"], D // 2, 2000 if name.endswith("dense") else D)
+    settings.update({k: v(model, c) if callable(v) else v for k, v in SETTINGS[name].items()})
     family = family_of(settings["adapter"])(settings, say=lambda *a: None)
     model, _ = family.inject(model)
     device_type = "cuda" if c["device"].startswith("cuda") else "cpu"

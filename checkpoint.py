@@ -24,7 +24,7 @@ import re
 
 import torch
 
-from adapters import NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
+from adapters import FAMILIES, NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
 from configurator import ConfigError
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig
@@ -32,6 +32,7 @@ from prepare import check_vocabulary, read_meta
 
 FORMAT = "lowrank-gpt/1"
 # adapter-only files a run folder may hold (the .pt names: older runs)
+AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
 # what a run folder may hold besides them: a folder holding any of these holds a run
@@ -204,3 +205,24 @@ def load_base(c, meta, given, say):
             c[key] = ckpt["model_args"][key]
         ckpt["model_args"][key] = c[key]
     return merge_adapters(build_model(ckpt)), ckpt["model_type"]
+
+
+def resolve_auto_base(c):
+    """init_from='auto' made concrete: a new model for pretraining, for a family whose setting is a random
+    base (SubLoRA) and in TEST_MODE; for any other adapter, the first trained base of AUTO_BASES, else
+    one line saying what to run first."""
+    if c["init_from"] != "auto" or c["adapter"] not in FAMILIES:  # train.py names a wrong adapter
+        return
+    if FAMILIES[c["adapter"]].scratch_base or c["test_mode"]:
+        c["init_from"] = "scratch"
+        return
+    for base in AUTO_BASES:
+        if os.path.isfile(os.path.join(base, "ckpt.pt")):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
+                      "to choose)")
+            c["init_from"] = base
+            return
+    raise ConfigError(f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
+                      "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
+                      "(--init_from=scratch trains it on a random frozen base)")

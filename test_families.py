@@ -67,9 +67,9 @@ class GainLoRA(Family):
 
 @pytest.fixture
 def gainlora(monkeypatch):
-    monkeypatch.setattr(adapters, "FAMILIES", dict(adapters.FAMILIES))
-    monkeypatch.setattr(adapters, "ADAPTERS", dict(adapters.ADAPTERS))
-    monkeypatch.setattr(train, "FAMILIES", adapters.FAMILIES)
+    """GainLoRA registered for one test (register(GainLoRA) is all a user writes)."""
+    for registry in (adapters.FAMILIES, adapters.ADAPTERS):
+        monkeypatch.setitem(registry, "gainlora", None)  # restored (removed) after the test
     register(GainLoRA)
 
 

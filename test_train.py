@@ -186,7 +186,7 @@ def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
 def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(char_data, tmp_path, monkeypatch, capsys):
     """USE_LORA=True python train.py (init_from='auto'): the trained base the pretraining config or the
     demo wrote, its context taken when block_size exceeds it; none there: one line saying what to run."""
-    monkeypatch.setattr(train, "AUTO_BASES", (str(tmp_path / "none"), str(tmp_path / "base")))
+    monkeypatch.setattr(checkpoint, "AUTO_BASES", (str(tmp_path / "none"), str(tmp_path / "base")))
     with pytest.raises(ConfigError, match="needs a trained base and none is in .*run `make demo`"):
         train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
     train.train(tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"), environ={})

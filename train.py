@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
 from checkpoint import (FORMAT, RUN_FILES, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
-                        resume_settings, save_adapter_file, save_checkpoint)
+                        resolve_auto_base, resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write, lock_folder
 from model import GPT, MODELS, GPTConfig
@@ -94,7 +94,6 @@ RANGES = {"learning_rate": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0
           **{k: "[1, inf)" for k in ("eval_iters", "batch_size", "block_size", "gradient_accumulation_steps", "log_interval",
                                      "eval_interval", "n_layer", "n_head", "n_embd")}}
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters")  # + the family's: a --max_iters override rescales them
-AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 
 
 def all_keys():
@@ -119,7 +118,7 @@ def read_config(argv, environ):
     defaults, given = all_keys(), {}
     described = {k: (section, text) for k, (_, _, text, section) in config_keys().items()}
     c = configure(defaults, list(argv), environ, TEST_MODE, described, given)
-    resolve_auto_base(c)
+    resolve_auto_base(c)  # init_from='auto' made concrete
     follow_max_iters(c, defaults, list(argv), environ, given)
     if c["adapter"] not in FAMILIES:
         raise ConfigError(f"adapter must be one of {tuple(FAMILIES)}, got {c['adapter']!r}")
@@ -143,27 +142,6 @@ def read_config(argv, environ):
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"out_dir {c['out_dir']!r} cannot be a folder: {path!r} is a file; choose another --out_dir")
     return c, given
-
-
-def resolve_auto_base(c):
-    """init_from='auto' made concrete: a new model for pretraining, for a family whose setting is a random
-    base (SubLoRA) and in TEST_MODE; for any other adapter, the first trained base of AUTO_BASES, else
-    one line saying what to run first."""
-    if c["init_from"] != "auto" or c["adapter"] not in FAMILIES:  # read_config names a wrong adapter
-        return
-    if FAMILIES[c["adapter"]].scratch_base or c["test_mode"]:
-        c["init_from"] = "scratch"
-        return
-    for base in AUTO_BASES:
-        if os.path.isfile(os.path.join(base, "ckpt.pt")):
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
-                      "to choose)")
-            c["init_from"] = base
-            return
-    raise ConfigError(f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
-                      "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
-                      "(--init_from=scratch trains it on a random frozen base)")
 
 
 def follow_max_iters(c, defaults, argv, environ, given):
