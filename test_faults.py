@@ -322,3 +322,43 @@ def test_a_folder_with_another_runs_artifacts_holds_a_run(char_data, tmp_path, c
         train.train(tiny(char_data, out, max_iters=2, eval_interval=2), environ={})
     train.train(tiny(char_data, out, max_iters=2, eval_interval=2, overwrite=True), environ={})
     assert not (out / "bounds.json").exists() and not (out / "peft").exists() and (out / "loss.png").exists()
+
+
+FAMILY_RUNS = {  # each family mid-schedule at the crash (iteration 13 of 20, checkpoint at 10)
+    "lora": dict(adapter="lora", lora_dropout=0.1, dropout=0.1),
+    "dora": dict(adapter="dora"),
+    "sora": dict(adapter="sora", lora_rank=4, sora_lambda=0.5, sora_lambda_max=5.0, sora_lambda_levels=3,
+                 sora_lambda_every=4, sora_tune_iters=6),
+    "adalora": dict(adapter="adalora", lora_rank=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2),
+    "adadora": dict(adapter="adadora", lora_rank=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2),
+    "pissa": dict(adapter="pissa", lora_rank=4, pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3),
+    "sublora": dict(adapter="sublora", lora_rank=4, intrinsic_dim=200, allocation_mode="learned"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_RUNS))
+def test_every_family_resumes_bit_for_bit_mid_schedule(name, char_data, tmp_path, monkeypatch):
+    """Killed at iteration 13 and resumed from its checkpoint at 10, with the same max_iters, a run of
+    every family ends with the uninterrupted run's tensors (model, adapter files, the family's own
+    state such as AdaLoRA's importance scores) and metrics rows, exactly."""
+    kw = dict(FAMILY_RUNS[name], max_iters=20, eval_interval=5, log_interval=1, lr_decay_iters=20)
+    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+
+    def crash(it):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        crash_at(m, 13, crash)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(tiny(char_data, tmp_path / "crashed", **kw), environ={})
+    train.train(tiny(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
+    assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
+    a, b = (load_checkpoint(str(tmp_path / d)) for d in ("clean", "crashed"))
+    for key in ("model", "family"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a.get(key))[0], torch.utils._pytree.tree_flatten(b.get(key))[0]
+        assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y
+                                                  for x, y in zip(flat_a, flat_b)), key
+    for f in ("adapter.safetensors", "adapter_pruned.safetensors"):
+        if (tmp_path / "clean" / f).exists():
+            sa, sb = (checkpoint.read_adapter_file(str(tmp_path / d / f))["state"] for d in ("clean", "crashed"))
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
