@@ -141,6 +141,17 @@ def read_adapter_file(path):
     return blob
 
 
+def adapter_file_note(out_dir, iter_num):
+    """A line when out_dir/adapter.safetensors holds another iteration than the checkpoint (a save
+    killed between the two files), else None."""
+    path = os.path.join(out_dir, "adapter.safetensors")
+    held = read_adapter_file(path).get("iter_num") if os.path.isfile(path) else None
+    if held is None or held == iter_num:
+        return None
+    return (f"note: {path} holds iteration {held} but ckpt.pt iteration {iter_num} (a save was interrupted between "
+            "the two): the run resumes from ckpt.pt and rewrites the adapter file at its next save")
+
+
 def load_adapter(model, path):
     """Load an adapter file (adapter.safetensors, adapter_pruned.safetensors, or an older .pt) into its
     base model: the adapters it describes are injected first unless the model has them already.

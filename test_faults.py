@@ -362,3 +362,29 @@ def test_every_family_resumes_bit_for_bit_mid_schedule(name, char_data, tmp_path
         if (tmp_path / "clean" / f).exists():
             sa, sb = (checkpoint.read_adapter_file(str(tmp_path / d / f))["state"] for d in ("clean", "crashed"))
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
+
+
+def test_a_kill_between_the_two_files_of_a_save_is_detected(char_data, tmp_path, monkeypatch, capsys):
+    """Each file of a save records its iteration; killed after the adapter file and before the
+    checkpoint, the pair disagrees, and the resume says so, continues from the checkpoint, and leaves a
+    consistent pair."""
+    kw = dict(adapter="lora", lora_rank=2, max_iters=10, eval_interval=5)
+    out = tmp_path / "run"
+    real, saves = train.save_checkpoint, []
+
+    def killed_on_second(ckpt, path):
+        saves.append(ckpt["iter_num"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real(ckpt, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", killed_on_second)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(tiny(char_data, out, **kw), environ={})
+    assert checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"] == 10
+    assert load_checkpoint(str(out))["iter_num"] == 5
+    capsys.readouterr()
+    train.train(tiny(char_data, out, init_from="resume", **kw), environ={})
+    assert "adapter.safetensors holds iteration 10 but ckpt.pt iteration 5" in capsys.readouterr().out
+    assert checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"] == load_checkpoint(str(out))["iter_num"]

@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
-from checkpoint import (FORMAT, RUN_FILES, CheckpointError, build_model, load_base, load_checkpoint, remove_stale_temp_files,
-                        resolve_auto_base, resume_settings, save_adapter_file, save_checkpoint)
+from checkpoint import (FORMAT, RUN_FILES, CheckpointError, adapter_file_note, build_model, load_base, load_checkpoint,
+                        remove_stale_temp_files, resolve_auto_base, resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write, lock_folder
 from model import GPT, MODELS, GPTConfig
@@ -389,6 +389,9 @@ def _train(c, device, ddp, rank, world, given):
             opt.load_state_dict(state)
         family.load_state_dict(ckpt.get("family", ckpt))  # older checkpoints kept the family's state at the top
         iter_num, best_val_loss, resume_row = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("eval_row")
+        note = adapter_file_note(out_dir, iter_num)
+        if note:
+            say(note)
         batches.set_state(ckpt["rng"]["batches"])
         if master:
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -424,16 +427,16 @@ def _train(c, device, ddp, rank, world, given):
         wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c, resume="allow")
 
     def save(eval_row):
+        if info["targets"]:  # the adapter file first: the checkpoint, written last, is what a resume takes
+            blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
+                    "base": c["init_from"], "seed": c["seed"], "iter_num": iter_num, "state": adapter_state_dict(raw_model)}
+            save_adapter_file(blob, os.path.join(out_dir, "adapter.safetensors"))
         states = [opt.state_dict() for opt, _ in optimizers]
         save_checkpoint({"format": FORMAT, "model": raw_model.state_dict(), "optimizer": states[0],
                          "extra_optimizers": states[1:], "model_type": model_type, "model_args": model_args,
                          "iter_num": iter_num, "best_val_loss": best_val_loss, "config": c, "adapter": info,
                          "family": family.state_dict(), "meta": meta, "eval_row": eval_row,
                          "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()}}, ckpt_file)
-        if info["kind"] != "none":
-            blob = {"format": FORMAT, "adapter": info, "model_type": model_type, "model_args": model_args,
-                    "base": c["init_from"], "seed": c["seed"], "state": adapter_state_dict(raw_model)}
-            save_adapter_file(blob, os.path.join(out_dir, "adapter.safetensors"))
 
     def log(row):
         with open(metrics_file, "a") as f:
