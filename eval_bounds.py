@@ -35,7 +35,7 @@ from adapters import adapter_state_dict
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
-from prepare import EOT, load_tokenizer, read_meta
+from prepare import EOT, check_vocabulary, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
@@ -315,6 +315,7 @@ def evaluate(c, run_dir):
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
+    check_vocabulary(ckpt.get("meta"), meta, run_dir, data_dir)  # scored on the vocabulary it trained on, or refused
     vocab = meta["vocab_size"] if meta else 50257
     ks = [k for k in (int(k) for k in c["topk"].split(",")) if k < vocab]
     block = ckpt["model_args"]["block_size"]

@@ -8,6 +8,7 @@ the last good checkpoint, and a resumed run continues as if nothing had happened
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,3 +389,22 @@ def test_a_kill_between_the_two_files_of_a_save_is_detected(char_data, tmp_path,
     train.train(tiny(char_data, out, init_from="resume", **kw), environ={})
     assert "adapter.safetensors holds iteration 10 but ckpt.pt iteration 5" in capsys.readouterr().out
     assert checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"] == load_checkpoint(str(out))["iter_num"]
+
+
+def test_sample_and_bounds_use_the_vocabulary_the_checkpoint_carries(char_data, tmp_path):
+    """With its data folder gone, a run still samples (its checkpoint carries the vocabulary); with the
+    folder re-prepared from another text, eval_bounds refuses in one line instead of scoring other ids."""
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    out = tmp_path / "run"
+    train.train(tiny(str(data), out, max_iters=2, eval_interval=2), environ={})
+    shutil.rmtree(data)
+    texts = sample.sample([f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"],
+                          environ={})
+    assert texts[0].startswith("ROMEO:")
+    (tmp_path / "other.txt").write_text("ZZZ qqq 123 456 789 !!! " * 400)
+    prepare.main(["shakespeare_char", f"--input={tmp_path / 'other.txt'}", f"--out_dir={data}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli(eval_bounds.main, [f"--out_dir={out}", "--eval_blocks=8", "--eval_docs=8", "--device=cpu"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "was trained on a 65-character vocabulary" in message, message
