@@ -536,6 +536,14 @@ def main(argv):
     for a in c["alphas"].split(","):
         if not 0 < float(a) < 1:
             raise ConfigError(f"every α in --alphas must be in (0, 1), got {a}")
+    for k in c["topk"].split(","):
+        if not k.strip().isdigit() or int(k) < 1:
+            raise ConfigError(f"every k in --topk must be an integer >= 1, got {k!r} (e.g. --topk=1,10,100)")
+    for item in (kv for kv in c["choices"].split(",") if kv):
+        name, eq, count = item.partition("=")
+        if not eq or not name or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--choices item {item!r} is not name=count with a count >= 1 (e.g. "
+                              "--choices=intrinsic_dim=2,allocation=5,seed=3)")
     check_device(c["device"])
     torch.manual_seed(c["seed"])
     if not c["sweep_dir"]:

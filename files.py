@@ -92,3 +92,28 @@ def lock_folder(folder, what):
 
 
 _HELD = {}  # lock path -> its open file, for the locks this process holds
+
+
+def read_json(path):
+    """A JSON object from `path`; a file that is not one (cut short, not UTF-8, a list) is one line
+    naming it."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:80]}): restore or re-create it") \
+            from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object expected: restore or re-create it")
+    return value
+
+
+def read_text(path):
+    """A UTF-8 text file; one that is not UTF-8 is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8 first") from None

@@ -32,8 +32,8 @@ from collections import Counter
 import torch
 
 from adapters import AdapterError, adapter_layers, adapter_state_dict, inject_adapters, load_adapter_state_dict, lora_model
-from checkpoint import FORMAT, build_model, load_checkpoint, save_adapter_file, save_checkpoint
-from files import atomic_write
+from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, save_adapter_file, save_checkpoint
+from files import atomic_write, read_json
 from configurator import ConfigError, cli, config_defaults, configure
 from model import GPT, GPT2_SIZES
 
@@ -169,8 +169,7 @@ def read_peft(folder):
     if not all(os.path.isfile(p) for p in paths):
         raise InteropError(f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
                            "adapter_model.safetensors (PeftModel.save_pretrained writes both)")
-    with open(paths[0]) as f:
-        config = json.load(f)
+    config = read_json(paths[0])
     if config.get("peft_type") != "LORA":
         raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters import "
                            "(an AdaLoRA adapter: export it from PEFT as LoRA, or train it here)")
@@ -178,8 +177,20 @@ def read_peft(folder):
         if config.get(key, want) not in (want, [], {}):
             raise InteropError(f"{folder}: adapter_config.json sets {key}={config[key]!r}, which this repo does not "
                                f"implement; only {key}={want!r} imports")
+    alpha, r = config.setdefault("lora_alpha", 8), config.get("r", 8)  # PEFT's defaults
+    for key, value in (("lora_alpha", alpha), ("r", r), *((f"alpha_pattern[{k!r}]", v) for k, v in
+                                                         (config.get("alpha_pattern") or {}).items())):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise InteropError(f"{paths[0]}: {key} must be a number > 0, got {value!r}")
+    try:
+        tensors = load_file(paths[1])
+    except Exception as e:  # a truncated or foreign file: safetensors' errors are several
+        raise InteropError(f"{paths[1]} is not a readable safetensors file ({type(e).__name__}): export it again") from None
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise InteropError(f"{paths[1]}: {bad[:3]} hold nan or inf values: the adapter diverged; export a good one")
     layers = {}
-    for key, t in load_file(paths[1]).items():
+    for key, t in tensors.items():
         name, part = next(((key[len(PREFIX): -len(p) - 1], p) for p in TENSORS if key.startswith(PREFIX)
                            and key.endswith("." + p)), (None, None))
         if name is None:
@@ -232,8 +243,10 @@ def import_peft(folder, base=""):
 
 def import_run(c):
     folder, out = c["import_from"], c["out_dir"]
-    if os.path.exists(os.path.join(out, "ckpt.pt")) and not c["overwrite"]:
-        raise ConfigError(f"{out!r} already holds a run (ckpt.pt): choose another --out_dir or pass --overwrite=True")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if held and not c["overwrite"]:
+        raise ConfigError(f"{out!r} already holds a run ({', '.join(held)}): choose another --out_dir or pass "
+                          "--overwrite=True")
     model, info, base = import_peft(folder, c["base"])
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
     config = {"init_from": base, "dataset": c["dataset"], "data_dir": c["data_dir"], "imported_from": os.path.abspath(folder)}

@@ -259,8 +259,8 @@ def _hub_weights(name):
     cached = try_to_load_from_cache(repo, "model.safetensors")
     if isinstance(cached, str):
         return cached
-    fix = ("fetch it on a connected machine and pass --init_from=PATH, a folder holding its config.json and "
-           "model.safetensors")
+    fix = ("fetch it on a connected machine and pass the folder holding its config.json and model.safetensors instead "
+           "(train.py and sample.py: --init_from=PATH; hf.py: --base=PATH)")
     if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
         raise DownloadError(f"cannot reach {constants.ENDPOINT} to download {name}'s weights (offline?): {fix}")
     try:

@@ -31,7 +31,7 @@ import zlib
 import numpy as np
 import torch
 
-from files import DownloadError, atomic_write, download, reachable
+from files import DownloadError, atomic_write, download, reachable, read_json, read_text
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 EOT = 50256  # GPT-2's <|endoftext|>: separates documents
@@ -72,8 +72,7 @@ def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path)
 
 
 class DataError(FileNotFoundError):
@@ -182,8 +181,7 @@ def read_shakespeare(input_path, out_dir):
         path = os.path.join(out_dir, "input.txt")
         if not os.path.exists(path):
             download(SHAKESPEARE_URL, path, "pass a local copy of Tiny Shakespeare with --input=PATH")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return read_text(path)
 
 
 def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1, overwrite=False, vocab_from=None):
@@ -201,6 +199,9 @@ def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1, overwri
                              f"{''.join(unseen)!r}; remove them from the text or prepare without --vocab_from")
     else:
         chars = sorted(set(text))
+    if len(chars) > 65536:
+        raise ValueError(f"the input has {len(chars):,} distinct characters, more than the 65,536 ids a uint16 token "
+                         "file holds: prepare it as bytes (shakespeare_bytes) or GPT-2 BPE (shakespeare)")
     stoi = {ch: i for i, ch in enumerate(chars)}
     print(f"{len(text):,} characters, vocabulary of {len(chars)}")
     write_dataset(out_dir, [stoi[c] for c in text], val_fraction, {"tokenizer": "char", "vocab_size": len(chars),

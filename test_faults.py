@@ -6,6 +6,7 @@ the last good checkpoint, and a resumed run continues as if nothing had happened
     python -m pytest -q test_faults.py
 """
 
+import json
 import os
 import resource
 import shutil
@@ -65,6 +66,26 @@ def world(char_data, tmp_path_factory):
     os.makedirs(root / "only_adapter")
     (root / "only_adapter" / "adapter.safetensors").write_bytes((root / "lora" / "adapter.safetensors").read_bytes())
     (root / "a_file").write_text("not a folder")
+    hf.main([f"--out_dir={root / 'lora'}", f"--export_dir={root / 'peft_ok'}"])
+    for name, edit in (("list", lambda cfg: [cfg]), ("alpha_str", lambda cfg: dict(cfg, lora_alpha="16")),
+                       ("r0", lambda cfg: dict(cfg, r=0)), ("noalpha", lambda cfg: {k: v for k, v in cfg.items() if k != "lora_alpha"}),
+                       ("cut", None), ("nan", None)):
+        shutil.copytree(root / "peft_ok", root / f"peft_{name}", ignore=shutil.ignore_patterns("base"))
+        cfg = json.loads((root / "peft_ok" / "adapter_config.json").read_text())
+        (root / f"peft_{name}" / "adapter_config.json").write_text(json.dumps(edit(cfg) if edit else cfg))
+    weights = root / "peft_cut" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(root / "peft_nan" / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0] = float("nan")
+    save_file(tensors, root / "peft_nan" / "adapter_model.safetensors")
+    hf.main([f"--import_from={root / 'peft_ok'}", f"--out_dir={root / 'imported'}", f"--data_dir={char_data}"])
+    shutil.copytree(char_data, root / "cutmeta")
+    (root / "cutmeta" / "meta.json").write_text((root / "small" / "meta.json").read_text()[:40])
+    (root / "latin1.txt").write_bytes("café, naïve\n".encode("latin-1") * 50)
+    (root / "wide.txt").write_text("".join(chr(i) for i in [*range(0x20, 0xD800), *range(0xE000, 0xE000 + 12000)]),
+                                   encoding="utf-8")
     return root
 
 
@@ -114,7 +135,24 @@ CASES = [
     ("hf", lambda d, r: [f"--out_dir={r / 'base'}"], "holds no adapter (adapter='none')"),
     ("hf", lambda d, r: [f"--out_dir={r / 'lora'}", f"--export_dir={r / 'lora'}"], "is not empty"),
     ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'x'}"], "not a PEFT adapter folder"),
-    ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"], "already holds a run (ckpt.pt)"),
+    ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"], "already holds a run (ckpt.pt"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_list'}", f"--out_dir={r / 'x'}"], "holds a JSON list, not the object"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_alpha_str'}", f"--out_dir={r / 'x'}"], "lora_alpha must be a number > 0"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_r0'}", f"--out_dir={r / 'x'}"], "r must be a number > 0, got 0"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_cut'}", f"--out_dir={r / 'x'}"], "is not a readable safetensors file"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_nan'}", f"--out_dir={r / 'x'}"], "hold nan or inf values"),
+    ("hf", lambda d, r: [f"--import_from={r / 'peft_ok'}", f"--out_dir={r / 'only_adapter'}"],
+     "already holds a run (adapter.safetensors)"),
+    ("train", lambda d, r: T(d, r, out_dir=r / "imported", init_from="resume", adapter="lora"),
+     "holds no training state (an imported adapter): fine-tune on top of it with --init_from="),
+    ("train", lambda d, r: T(str(r / "cutmeta"), r), "meta.json is not readable JSON"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'latin1.txt'}", f"--out_dir={r / 'x'}"],
+     "latin1.txt is not UTF-8 text"),
+    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'wide.txt'}", f"--out_dir={r / 'x'}"],
+     "distinct characters, more than the 65,536 ids"),
+    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--topk=0", "--device=cpu"], "every k in --topk must be"),
+    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--choices=seed", "--device=cpu"],
+     "--choices item 'seed' is not name=count"),
 ]
 MAINS = {"train": train.train, "prepare": prepare.main, "sample": sample.sample, "eval_bounds": eval_bounds.main,
          "bench": bench.main, "sweep": sweep.sweep, "hf": hf.main, "compare": compare.compare}
@@ -408,3 +446,11 @@ def test_sample_and_bounds_use_the_vocabulary_the_checkpoint_carries(char_data, 
         cli(eval_bounds.main, [f"--out_dir={out}", "--eval_blocks=8", "--eval_docs=8", "--device=cpu"])
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "was trained on a 65-character vocabulary" in message, message
+
+
+def test_a_peft_adapter_without_lora_alpha_imports_with_peft_default(world):
+    """PEFT's LoraConfig defaults lora_alpha to 8: an adapter_config.json without it imports as PEFT
+    would load it, scaling 8 / r."""
+    model, info, _ = hf.import_peft(str(world / "peft_noalpha"))
+    r = json.loads((world / "peft_ok" / "adapter_config.json").read_text())["r"]
+    assert {s["scaling"] for s in info["layers"].values()} == {8 / r}

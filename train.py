@@ -185,6 +185,9 @@ def build(c, meta, given, say):
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
     if c["init_from"] == "resume":
         ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
+                                  f"top of it with --init_from={c['out_dir']} and another --out_dir")
         saved = ckpt["adapter"]["kind"]
         if saved != c["adapter"]:
             raise CheckpointError(f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
