@@ -6,12 +6,13 @@ calls load_checkpoint + build_model.
     {"format": FORMAT, "model": state_dict, "optimizer": state_dict, "model_type": "gpt",
      "model_args": {...}, "iter_num": int, "best_val_loss": float, "config": {...},
      "adapter": {"kind": "lora", "targets": [...], "settings": {...}, "train_embeddings": False},
-     "rng": {"torch": ByteTensor, "batches": ByteTensor}}
+     "family": the family's own state (AdaLoRA: its allocator), "rng": {"torch": ..., "batches": ...}}
 
 The adapter-only file (adapter.safetensors, adapter_pruned.safetensors) is safetensors, no pickle:
 its tensors are adapters.adapter_state_dict, and its header's metadata holds, as JSON under
 "lowrank", the settings that rebuild the layers: "format", "adapter", "model_type", "model_args",
-"base" (where the frozen weights came from) and "seed". Older adapter.pt files (the same dict, with
+"base" (where the frozen weights came from), "seed" and "iter_num" (the iteration it holds: the
+checkpoint, saved after it, holds the same one unless a save was interrupted). Older adapter.pt files (the same dict, with
 the tensors under "state", torch-saved) still load.
 
     blob = read_adapter_file("out-shakespeare-lora/adapter.safetensors")   # {"adapter": ..., "state": ...}
@@ -31,9 +32,9 @@ from model import GPT, MODELS, GPTConfig
 from prepare import check_vocabulary, read_meta
 
 FORMAT = "lowrank-gpt/1"
-# adapter-only files a run folder may hold (the .pt names: older runs)
 AUTO_BASES = ("out-shakespeare-char", "out-demo-base")  # where the pretraining config and `make demo` write
 MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune inherits them unless set
+# adapter-only files a run folder may hold (the .pt names: older runs)
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
 # what a run folder may hold besides them: a folder holding any of these holds a run
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", *ADAPTER_FILES, "loss.png", "loss_comparison.png", "effective_rank.png",

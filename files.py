@@ -1,11 +1,13 @@
 """
-Files on disk, written so that a crash never leaves half of one, and fetched so that an offline
-machine learns it at once. The lowest module: every script and model.py write through it.
+Files on disk: written so that a crash never leaves half of one, fetched so that an offline machine
+learns it at once, read so that a damaged one is one line naming it, and a run folder locked to one
+writer. The lowest module: every script and model.py write through it.
 
     atomic_write("out/bench.json", json.dumps(rows))               # bytes or text
     atomic_write("out/ckpt.pt", lambda tmp: torch.save(ckpt, tmp))  # or a function that writes the temp path
 """
 
+import json
 import os
 import socket
 import urllib.parse
@@ -97,8 +99,6 @@ _HELD = {}  # lock path -> its open file, for the locks this process holds
 def read_json(path):
     """A JSON object from `path`; a file that is not one (cut short, not UTF-8, a list) is one line
     naming it."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
