@@ -33,8 +33,8 @@ import torch
 
 from adapters import AdapterError, adapter_layers, adapter_state_dict, inject_adapters, load_adapter_state_dict, lora_model
 from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, save_adapter_file, save_checkpoint
-from files import atomic_write, read_json
 from configurator import ConfigError, cli, config_defaults, configure
+from files import atomic_write, read_json
 from model import GPT, GPT2_SIZES
 
 out_dir = "out"  # export: the run to export; import: the run folder to write

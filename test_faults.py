@@ -31,6 +31,7 @@ import plots
 import train
 from checkpoint import load_checkpoint
 from configurator import ConfigError, cli
+from model import GPT
 from conftest import HERE
 from test_train import tiny
 
@@ -242,7 +243,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_p
 
 def test_skip_mode_steps_over_a_nan_gradient(char_data, tmp_path, monkeypatch, capsys):
     kw = dict(max_iters=8, eval_interval=8, log_interval=1, nonfinite="skip")
-    model_forward = train.GPT.forward
+    model_forward = GPT.forward
     calls = {"n": 0}
 
     def forward(self, idx, targets=None):
@@ -252,7 +253,7 @@ def test_skip_mode_steps_over_a_nan_gradient(char_data, tmp_path, monkeypatch, c
             loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(train.GPT, "forward", forward)
+    monkeypatch.setattr(GPT, "forward", forward)
     last = train.train(tiny(char_data, tmp_path / "skip", **kw), environ={})
     out = capsys.readouterr().out
     assert "non-finite gradient, step skipped (1 so far)" in out
@@ -315,8 +316,8 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
                               *tiny(char_data, out, max_iters=100000, eval_interval=100000)],
                              cwd=HERE, stdout=subprocess.PIPE, text=True)
-    for line in first.stdout:  # training has started: the folder is held
-        if line.startswith("iter "):
+    for line in first.stdout:  # training is under way (iteration 0's row written): the folder is held
+        if line.startswith("iter 1/"):
             break
     before = sorted(os.listdir(out))
     second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *tiny(char_data, out, overwrite=True)],

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of, merge_adapters
+from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of
 from checkpoint import (FORMAT, RUN_FILES, CheckpointError, adapter_file_note, build_model, load_base, load_checkpoint,
                         remove_stale_temp_files, resolve_auto_base, resume_settings, save_adapter_file, save_checkpoint)
 from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write, lock_folder
-from model import GPT, MODELS, GPTConfig
+from model import MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
 from prepare import DataError, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError: raised by open_data)
 
