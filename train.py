@@ -269,6 +269,24 @@ def train_step(model, raw_model, family, optimizers, scaler, batches, it, c, dat
     return loss_sum, extra, step_ok
 
 
+def open_run_folder(out_dir, old, resume_at):
+    """The run folder made and locked to this process (the lock is returned); an earlier run's files
+    (`old`: --overwrite=True was given) removed; on a resume at iteration `resume_at`, the metrics rows
+    logged after the checkpoint dropped (they come again)."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = lock_folder(out_dir, "python train.py " + " ".join(sys.argv[1:]))
+    for f in old:
+        path = os.path.join(out_dir, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    if resume_at is not None and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        kept = [r for r in read_metrics(out_dir) if r["iter"] < resume_at]
+        atomic_write(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+    return lock
+
+
 def finish_run(c, model, family, info, model_type, model_args, last, iters, seconds, best_val_loss):
     """The end of a run (rank 0): the summary line, the plots, and the family's smaller adapter file."""
     speed = f", {last['mean_tokens_per_s']:,.0f} tok/s on average (evals excluded)" if "mean_tokens_per_s" in last else ""
@@ -408,17 +426,7 @@ def _train(c, device, ddp, rank, world, given):
 
     lock = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = lock_folder(out_dir, "python train.py " + " ".join(sys.argv[1:]))  # one writer per run folder
-        for f in [] if resume else held:  # --overwrite=True was given: nothing of the old run stays
-            path = os.path.join(out_dir, f)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        if resume and not c["eval_only"] and os.path.exists(metrics_file):  # rows after the checkpoint come again
-            kept = [r for r in read_metrics(out_dir) if r["iter"] < iter_num]
-            atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        lock = open_run_folder(out_dir, [] if resume else held, iter_num if resume and not c["eval_only"] else None)
         print(f"model {model_type} {model_args}")
         print(f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {trainable:,} of "
               f"{total:,} parameters ({100 * trainable / total:.3f}%)")
