@@ -96,6 +96,16 @@ def open_data(c):
     return path, read_meta(path)
 
 
+def check_token_ids(data_dir, vocab_size):
+    """For data without a meta.json (no vocabulary on record): every token id must fit the model's
+    vocabulary, or one line says which file holds which id."""
+    for split in ("train", "val"):
+        top = int(np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r").max())
+        if top >= vocab_size:
+            raise DataError(f"{data_dir}/{split}.bin holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
+                            "prepare the data with the model's tokenizer (prepare.py writes a meta.json saying which)")
+
+
 def get_batch(data_dir, split, ix, block_size, device):
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])

@@ -82,6 +82,10 @@ def world(char_data, tmp_path_factory):
     next(iter(tensors.values()))[0] = float("nan")
     save_file(tensors, root / "peft_nan" / "adapter_model.safetensors")
     hf.main([f"--import_from={root / 'peft_ok'}", f"--out_dir={root / 'imported'}", f"--data_dir={char_data}"])
+    shutil.copytree(char_data, root / "bigids", ignore=shutil.ignore_patterns("meta.json"))
+    ids = np.fromfile(root / "bigids" / "val.bin", dtype=np.uint16)
+    ids[7] = 300  # an id the 65-character base has no row for
+    ids.tofile(root / "bigids" / "val.bin")
     shutil.copytree(char_data, root / "cutmeta")
     (root / "cutmeta" / "meta.json").write_text((root / "small" / "meta.json").read_text()[:40])
     (root / "latin1.txt").write_bytes("café, naïve\n".encode("latin-1") * 50)
@@ -147,6 +151,8 @@ CASES = [
     ("train", lambda d, r: T(d, r, out_dir=r / "imported", init_from="resume", adapter="lora"),
      "holds no training state (an imported adapter): fine-tune on top of it with --init_from="),
     ("train", lambda d, r: T(str(r / "cutmeta"), r), "meta.json is not readable JSON"),
+    ("train", lambda d, r: T(str(r / "bigids"), r, adapter="lora", init_from=str(r / "base")),
+     "bigids/val.bin holds token id 300, beyond the model's vocabulary of 65"),
     ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'latin1.txt'}", f"--out_dir={r / 'x'}"],
      "latin1.txt is not UTF-8 text"),
     ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'wide.txt'}", f"--out_dir={r / 'x'}"],

@@ -33,7 +33,7 @@ from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges,
 from files import atomic_write, lock_folder
 from model import MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
-from prepare import DataError, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError: raised by open_data)
+from prepare import DataError, check_token_ids, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError)
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
@@ -387,6 +387,8 @@ def _train(c, device, ddp, rank, world, given):
                               f"lower it to {model.config.block_size} or less")
         say(f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from")
         c["block_size"] = model.config.block_size
+    if meta is None:
+        check_token_ids(data_dir, model.config.vocab_size)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     model.to(device)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
