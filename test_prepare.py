@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import prepare
 from conftest import HERE
@@ -157,3 +158,22 @@ def test_shakespeare_bytes_round_trip(tmp_path, shakespeare_text):
     train, val = read_ids(str(tmp_path / "out"))
     assert bytes(np.concatenate([train, val]).astype(np.uint8)).decode("utf-8") == shakespeare_text
     assert read_meta(str(tmp_path / "out"))["vocab_size"] == 256
+
+
+def test_offline_hf_import_names_its_own_flag(tmp_path):
+    """hf.py --import_from of an adapter whose base is the hub's gpt2, offline: one line that names
+    hf.py's --base (not another script's flag)."""
+    from safetensors.torch import save_file
+
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "gpt2", "r": 1,
+                                                         "lora_alpha": 1, "target_modules": ["lm_head"]}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(1, 4),
+               "base_model.model.lm_head.lora_B.weight": torch.zeros(4, 1)}, str(peft / "adapter_model.safetensors"))
+    env = dict(os.environ, HF_ENDPOINT=OFFLINE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
+    proc = subprocess.run([sys.executable, "hf.py", f"--import_from={peft}", f"--out_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: cannot reach"), proc.stderr
+    assert "hf.py: --base=PATH" in lines[0]
