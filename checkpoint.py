@@ -28,7 +28,7 @@ import torch
 from adapters import FAMILIES, NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
 from configurator import ConfigError
 from files import atomic_write
-from model import GPT, MODELS, GPTConfig
+from model import GPT, MODELS, GPTConfig, is_gpt2_folder
 from prepare import check_vocabulary, read_meta
 
 FORMAT = "lowrank-gpt/1"
@@ -202,7 +202,7 @@ def load_base(c, meta, given, say):
                     bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    if source.startswith("gpt2") or os.path.isfile(os.path.join(source, "model.safetensors")):
+    if source.startswith("gpt2") or is_gpt2_folder(source):
         check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
         return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
     if not os.path.exists(source):

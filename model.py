@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from files import DownloadError, atomic_write, reachable
+from files import DownloadError, atomic_write, reachable, read_json
 
 
 @dataclass
@@ -206,28 +206,27 @@ class GPT(LanguageModel):
         override_args = override_args or {}
         assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
         if os.path.isdir(name_or_path):
-            with open(os.path.join(name_or_path, "config.json")) as f:
-                hf = json.load(f)
-            weights = os.path.join(name_or_path, "model.safetensors")
+            hf = read_json(os.path.join(name_or_path, "config.json"))
             args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
-            act = hf.get("activation_function", "gelu_new")
-            if act not in HF_GELU:
-                raise ValueError(f"{name_or_path}/config.json has activation_function {act!r}; this GPT computes "
-                                 f"{sorted(HF_GELU)}")
-            args["gelu"] = HF_GELU[act]
+                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], gelu=_gelu(hf, name_or_path))
+            tensors = _folder_weights(name_or_path)
         elif name_or_path in GPT2_SIZES:
-            weights = _hub_weights(name_or_path)
-            args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024)
+            from safetensors.torch import load_file
+
+            tensors = load_file(_hub_weights(name_or_path))
+            args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh")
         else:
             raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
                              "or a folder holding config.json and model.safetensors")
-        from safetensors.torch import load_file
-
-        args.setdefault("gelu", "tanh")  # OpenAI's GPT-2 computes the tanh GELU (transformers' gelu_new)
         args.update(bias=True, **override_args)  # GPT-2's layout always has biases
         model = cls(GPTConfig(**args))
-        model.load_state_dict(convert_hf_gpt2_state_dict(load_file(weights)), strict=False)
+        state = convert_hf_gpt2_state_dict(tensors)
+        missing = sorted(set(model.state_dict()) - set(state) - {"lm_head.weight"})  # the head is tied to wte
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            raise ValueError(f"{name_or_path}: the weights do not fit GPT-2's layout: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}; load a complete GPT-2 checkpoint")
+        model.load_state_dict(state, strict=False)
         return model
 
     def save_pretrained(self, folder):
@@ -306,7 +305,45 @@ def to_hf_gpt2_state_dict(model):
 
 
 # config.json's activation_function -> GPTConfig.gelu (transformers' names)
-HF_GELU = {"gelu_new": "tanh", "gelu": "none"}
+HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+# GPT-2 config fields that change the function, at the values this GPT computes: any other is refused
+HF_FIXED = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "layer_norm_epsilon": 1e-5, "n_inner": None}
+
+
+def is_gpt2_folder(path):
+    """Whether `path` is a Hugging Face GPT-2 folder (a config.json beside its weights), not a run here."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "ckpt.pt"))
+
+
+def _gelu(hf, folder):
+    """The GELU a GPT-2 config.json names, as GPTConfig.gelu; the fields this GPT does not compute refused."""
+    for key, want in HF_FIXED.items():
+        have = hf.get(key, want)
+        if have != want and not (key == "n_inner" and have == 4 * hf["n_embd"]):
+            raise ValueError(f"{folder}/config.json sets {key}={have!r}; this GPT computes {key}={want!r} only, so "
+                             "its outputs would differ: use a checkpoint with the standard GPT-2 settings")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in HF_GELU:
+        raise ValueError(f"{folder}/config.json has activation_function {act!r}; this GPT computes {sorted(HF_GELU)}")
+    return HF_GELU[act]
+
+
+def _folder_weights(folder):
+    """The tensors of a GPT-2 folder: model.safetensors, or the shards its index names."""
+    from safetensors.torch import load_file
+
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):
+        tensors = {}
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            tensors.update(load_file(os.path.join(folder, shard)))
+        return tensors
+    bins = [f for f in os.listdir(folder) if f.endswith(".bin")]
+    raise ValueError(f"{folder} has no model.safetensors" + (f" (only {bins[0]}, a pickle this repo does not load)" if
+                     bins else "") + ": save it with transformers' save_pretrained(folder, safe_serialization=True)")
 
 
 def _init_weights(module):

@@ -16,7 +16,7 @@ import torch
 from adapters import merge_adapters
 from checkpoint import CheckpointError, build_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from model import GPT
+from model import GPT, is_gpt2_folder
 from prepare import load_tokenizer, read_meta
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a gpt2 name, or a GPT-2 folder (config.json + model.safetensors)
@@ -46,7 +46,7 @@ def sample(argv=(), environ=None):
             raise CheckpointError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
                                   f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it")
         del ckpt
-    elif c["init_from"].startswith("gpt2") or os.path.isfile(os.path.join(c["init_from"], "model.safetensors")):
+    elif c["init_from"].startswith("gpt2") or is_gpt2_folder(c["init_from"]):
         model, meta = GPT.from_pretrained(c["init_from"]), None
     else:
         raise ConfigError(f"init_from must be 'resume', a gpt2 name or a GPT-2 folder (config.json + model.safetensors), "

@@ -115,3 +115,54 @@ def test_bigram_layout_has_separate_qkv():
     model = MODELS["bigram"](GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert {"blocks.0.sa.key", "blocks.0.sa.query", "blocks.0.sa.value", "blocks.0.sa.proj"} <= names
+
+
+def hf_gpt2(folder, **config):
+    """A tiny GPT2LMHeadModel saved by transformers itself (the oracle), with these config fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, **config)
+    model = GPT2LMHeadModel(cfg).eval()
+    return model
+
+
+@pytest.mark.parametrize("field, value", [("tie_word_embeddings", False), ("scale_attn_by_inverse_layer_idx", True),
+                                          ("scale_attn_weights", False), ("layer_norm_epsilon", 1e-3), ("n_inner", 48)])
+def test_a_gpt2_config_field_this_gpt_does_not_compute_is_refused(tmp_path, field, value):
+    """Each of these changes transformers' outputs; reading the folder as if it did not would give
+    other logits without a word."""
+    hf_gpt2(tmp_path, **{field: value}).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=f"config.json sets {field}="):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "gelu_pytorch_tanh", "n_inner_4x"])
+def test_gpt2_folders_transformers_writes_load_with_its_logits(tmp_path, layout):
+    extra = {"activation_function": "gelu_pytorch_tanh"} if layout == "gelu_pytorch_tanh" else \
+        {"n_inner": 128} if layout == "n_inner_4x" else {}
+    hf = hf_gpt2(tmp_path, **extra)
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB" if layout == "sharded" else "5GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == (layout == "sharded")
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, idx)[0], hf(input_ids=idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_incomplete_or_pickled_gpt2_folder_is_one_line(tmp_path):
+    from safetensors.torch import load_file
+
+    hf = hf_gpt2(tmp_path)
+    hf.save_pretrained(str(tmp_path / "bin"))  # as older transformers wrote it: a pickled pytorch_model.bin
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), str(tmp_path / "bin" / "pytorch_model.bin"))
+    with pytest.raises(ValueError, match="has no model.safetensors .only pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path / "bin"))
+    hf.save_pretrained(str(tmp_path / "cut"))
+    tensors = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    del tensors["transformer.h.1.mlp.c_fc.weight"]
+    save_file(tensors, str(tmp_path / "cut" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.weight'\]"):
+        GPT.from_pretrained(str(tmp_path / "cut"))
