@@ -235,6 +235,16 @@ class GPT(LanguageModel):
         without biases gets zero biases (the same function: GPT-2's layout always has them)."""
         from safetensors.torch import save_file
 
+        with torch.device("meta"):  # this GPT's own tensors, without allocating them
+            own = set(GPT(self.config).state_dict())
+        foreign = sorted(set(self.state_dict()) - own)
+        if foreign:
+            raise ValueError(f"the model holds tensors that are not GPT-2's ({foreign[:2]}...): adapters still in it? merge "
+                             "them first (adapters.merge_adapters(model)), then save_pretrained")
+        if self.lm_head.weight is not self.transformer.wte.weight:
+            raise ValueError("the LM head is no longer tied to the token embedding (an adapter on lm_head was merged): "
+                             "a GPT-2 folder ties them, so it would compute another function; export the unmerged run "
+                             "with hf.py instead")
         cfg = self.config
         hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
               "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,

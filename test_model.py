@@ -4,6 +4,7 @@ The models: GPT-2 weight loading (Conv1D transposes), generation, cropping, opti
     python -m pytest -q test_model.py
 """
 
+import copy
 import json
 
 import pytest
@@ -166,3 +167,27 @@ def test_an_incomplete_or_pickled_gpt2_folder_is_one_line(tmp_path):
     save_file(tensors, str(tmp_path / "cut" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['transformer.h.1.mlp.c_fc.weight'\]"):
         GPT.from_pretrained(str(tmp_path / "cut"))
+
+
+def test_save_pretrained_refuses_a_model_that_still_holds_adapters(tmp_path):
+    """Its folder would load as another function: refused in one line; merged first, it writes and
+    loads back with the adapted model's logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True)).eval()
+    inject_adapters(model, "lora", rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()
+    with pytest.raises(ValueError, match="adapters still in it"):
+        model.save_pretrained(str(tmp_path / "unmerged"))
+    assert not (tmp_path / "unmerged" / "model.safetensors").exists()
+    idx = torch.randint(0, 50, (2, 16))
+    from adapters import merge_adapters
+
+    with pytest.raises(ValueError, match="no longer tied"):  # the merged head is not the embedding any more
+        merge_adapters(copy.deepcopy(model)).save_pretrained(str(tmp_path / "untied"))
+    model.lm_head = model.lm_head.base  # the head's adapter dropped: the rest merged still differs from the base
+    want = model(idx, idx)[0]
+    merge_adapters(model).save_pretrained(str(tmp_path / "merged"))
+    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path / "merged")).eval()(idx, idx)[0], want, rtol=1e-5, atol=1e-5)
