@@ -226,6 +226,9 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
     """For every target token: −log₂ p̃ for each α and whether the true token misses the top k."""
     logits, _ = model(x, y)
     logits = logits.float()[..., :vocab]
+    if not torch.isfinite(logits).all():  # a nan rank compares false: the top-k errors would read 0
+        raise ValueError("the model's logits hold nan or inf: no bound is printed for a diverged model; bound a "
+                         "checkpoint from before it diverged")
     logp = F.log_softmax(logits, dim=-1)
     p_true = logp.gather(-1, y[..., None]).squeeze(-1).exp()
     smooth = torch.stack([-torch.log2((1 - a) * p_true + a / vocab) for a in alphas], dim=-1)  # (B, T, |α|)
@@ -552,6 +555,11 @@ def main(argv):
                   if os.path.isfile(os.path.join(c["sweep_dir"], d, "ckpt.pt")))
     if not runs:
         raise ConfigError(f"no run with a ckpt.pt under {c['sweep_dir']!r}")
+    grid = math.prod(int(kv.partition("=")[2]) for kv in c["choices"].split(",") if kv)
+    if grid < len(runs):  # the best of the sweep is a choice made by looking: paid for, asked or not
+        print(f"note: the sweep holds {len(runs)} runs and --choices covers {grid}: every bound pays for choosing "
+              f"among {len(runs)} (⌈log₂ {len(runs)}⌉ bits in K and the union)")
+        c["choices"] = f"runs={len(runs)}"
     results = [evaluate(c, r) for r in runs]
     import plots
 

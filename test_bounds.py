@@ -15,6 +15,7 @@ import torch
 
 import eval_bounds as eb
 import train
+from model import GPT, GPTConfig
 from test_train import tiny as tiny_args
 
 
@@ -254,3 +255,26 @@ def test_a_pretrained_or_resumed_base_is_named_in_the_caveats(char_data, tmp_pat
                           eval_interval=4), environ={})
     r = eb.main([f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"])[0]
     assert any(f"the base comes from {str(base)!r}" in c for c in r["caveats"])  # not 'resume'
+
+
+def test_a_sweep_pays_for_its_runs_without_being_asked(char_data, tmp_path, capsys):
+    """eval_bounds --sweep_dir over 3 runs and no --choices: each bound pays ⌈log₂ 3⌉ = 2 bits (choosing
+    the best of the sweep is a choice made by looking at the results)."""
+    for seed in range(3):
+        train.train(tiny_args(char_data, tmp_path / "sweep" / f"run{seed}", adapter="sublora", intrinsic_dim=100,
+                              lora_rank=4, max_iters=2, eval_interval=2, sublora_seed=seed), environ={})
+    results = eb.main([f"--sweep_dir={tmp_path / 'sweep'}", "--eval_docs=8", "--eval_blocks=8", "--exact_max_tokens=0",
+                       "--device=cpu"])
+    assert len(results) == 3 and all(r["message"]["extra_bits"] == 2 for r in results)
+    assert "the sweep holds 3 runs and --choices covers 1" in capsys.readouterr().out
+
+
+def test_non_finite_logits_give_no_bound():
+    """A nan logit ranks below nothing (every comparison is false): its top-k error would read 0 while the
+    bits are nan. Refused instead."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=65, bias=False))
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")
+    x = torch.randint(0, 65, (2, 8))
+    with pytest.raises(ValueError, match="logits hold nan or inf"):
+        eb.per_token_stats(model, x, x, [0.1], [1, 10], 65)
