@@ -86,7 +86,8 @@ def lock_folder(folder, what):
         f.close()
         raise WriteError(f"{folder} is in use by {holder}: wait for it to finish (or stop it), or choose another folder") \
             from None
-    f.seek(0), f.truncate()
+    f.seek(0)
+    f.truncate()
     f.write(f"pid {os.getpid()} ({what})")
     f.flush()
     _HELD[path] = f
