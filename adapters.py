@@ -273,6 +273,11 @@ class Family:
                         layers=info.get("layers"), **info["settings"])
         return model
 
+    @classmethod
+    def unboundable(cls, config):
+        """Why a run with this config cannot be bounded from its message (eval_bounds.py), or None."""
+        return None
+
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         """[(optimizer, peak learning rate)]; every one follows train.py's schedule scaled to its peak.
         Called once the model to train exists, new or resumed."""
@@ -1340,6 +1345,13 @@ class PiSSA(Family):
 
     def stats(self, model):
         return {"max_orthogonality_error": max_orthogonality_error(model)}
+
+    @classmethod
+    def unboundable(cls, config):
+        if config.get("pissa_fold_every"):
+            return ("pissa_fold_every > 0 folded the learned rotations into the frozen U and V, which the message "
+                    "does not carry (the receiver's model would differ); bound a run trained with pissa_fold_every=0")
+        return None
 
 # -----------------------------------------------------------------------------
 # SubLoRA: LoRA inside a random subspace (Lotfi et al. 2024), for compression bounds

@@ -97,6 +97,24 @@ def build_model(ckpt, load_weights=True):
     return model
 
 
+def initial_model(ckpt, meta):
+    """The model a run started from, before its first step, as train.py built it: its base (rebuilt from
+    the seed, or loaded from what init_from names) cut to the run's block_size, with the adapters its
+    entry describes initialised from the same random stream. A bound's receiver holds this before the
+    message arrives (eval_bounds.py checks that the two give the scored model)."""
+    c = {**ckpt["model_args"], "model_type": ckpt.get("model_type", "gpt"), "data_dir": "", "dataset": "", "seed": 1337,
+         **ckpt["config"]}  # an imported adapter's config names little more than its base
+    torch.manual_seed(c["seed"])
+    try:
+        model, _ = load_base(c, meta, set(c), say=lambda line: None, check=False)
+    except Exception as e:  # a base moved, deleted or not downloadable here: one line, no bound
+        raise CheckpointError(f"the base this run names ({c.get('init_from')!r}) cannot be rebuilt: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    if ckpt["model_args"]["block_size"] < model.config.block_size:
+        model.crop_block_size(ckpt["model_args"]["block_size"])
+    return inject_from_info(model, ckpt["adapter"])
+
+
 def inject_from_info(model, info):
     """Inject the adapters a checkpoint's `adapter` entry describes (through its family's rebuild).
     Returns the model (SubLoRA wraps it)."""
@@ -191,10 +209,11 @@ def remove_stale_temp_files(out_dir):
         print(f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves")
 
 
-def load_base(c, meta, given, say):
+def load_base(c, meta, given, say, check=True):
     """The model before any new adapter: from scratch, GPT-2, or another run's checkpoint (whose own
     adapters, if any, are merged first: its weights become the frozen base). A trained base keeps how
-    it computes (MODEL_SETTINGS) unless the user set them."""
+    it computes (MODEL_SETTINGS) unless the user set them; check=False skips the vocabulary check
+    (a run already checked against its data)."""
     source = c["init_from"]
     if source == "scratch":
         vocab = meta["vocab_size"] if meta else 50304
@@ -203,14 +222,16 @@ def load_base(c, meta, given, say):
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
     if source.startswith("gpt2") or is_gpt2_folder(source):
-        check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
+        if check:
+            check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
         return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
     if not os.path.exists(source):
         raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
     ckpt = load_checkpoint(source)
     cfg = ckpt.get("config", {})
     base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
-    check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
+    if check:
+        check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
     for key in MODEL_SETTINGS:
         if key not in given and key in ckpt["model_args"] and ckpt["model_args"][key] != c[key]:
             say(f"note: {key} {c[key]} -> {ckpt['model_args'][key]}, the base's (set --{key} to choose)")

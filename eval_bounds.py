@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters import adapter_state_dict
-from checkpoint import CheckpointError, build_model, load_checkpoint
+from adapters import adapter_state_dict, family_of
+from checkpoint import CheckpointError, build_model, initial_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write
 from prepare import EOT, check_vocabulary, load_tokenizer, read_meta
@@ -176,12 +176,15 @@ def elias_delta_bits(n):
 
 
 def message_length(groups, extra_bits=0):
-    """groups: [(symbols, n_levels)], one per codebook. Each is arithmetic-coded (and decoded, checked)
-    under its own counts; L = Σ (code + 16-bit centroids + counts of ⌈log₂(d_g + 1)⌉ bits), sent after
-    its own Elias-δ length so the message is prefix-free; `extra_bits` index the choices made (fixed
-    width, the grids being known in advance)."""
-    code = codebook = count_bits = 0
-    entropy = 0.0
+    """groups: [(symbols, n_levels)], one per codebook. Each group is sent the cheaper way, after one bit
+    that says which: coded (arithmetic-coded under its own counts, then decoded and checked; + 16-bit
+    centroids + the counts but the last, which d_g implies, at ⌈log₂(d_g + 1)⌉ bits each) or raw (its
+    d_g values as fp16, no codebook: a handful of gate logits). L = Σ (1 + the cheaper), sent after its
+    Elias-δ length so the message is prefix-free; `extra_bits` index the choices made (fixed width, the
+    grids being known in advance). sent_raw[g] says which groups went raw: their values are then the fp16
+    of the trained ones, not centroids."""
+    code = codebook = count_bits = fp16_bits = 0
+    entropy, sent_raw = 0.0, []
     for symbols, n_levels in groups:
         symbols = [int(v) for v in symbols]
         counts = [symbols.count(k) for k in range(n_levels)]
@@ -189,14 +192,19 @@ def message_length(groups, extra_bits=0):
         if arithmetic_decode(bits, counts, len(symbols)) != symbols:
             raise RuntimeError("arithmetic coder round trip failed")
         d = len(symbols)
+        coded = len(bits) + 16 * n_levels + (n_levels - 1) * math.ceil(math.log2(d + 1))
+        sent_raw.append(16 * d < coded)
+        if sent_raw[-1]:
+            fp16_bits += 16 * d
+            continue
         code, codebook = code + len(bits), codebook + 16 * n_levels
-        count_bits += n_levels * math.ceil(math.log2(d + 1))
+        count_bits += (n_levels - 1) * math.ceil(math.log2(d + 1))
         entropy -= sum(c * math.log2(c / d) for c in counts if c)
-    L = code + codebook + count_bits
+    L = len(groups) + code + codebook + count_bits + fp16_bits
     length_bits = elias_delta_bits(L)
-    return dict(code_bits=code, entropy_bits=entropy, codebook_bits=codebook, count_bits=count_bits, raw_bits=L,
-                length_bits=length_bits, prefix_free_bits=L + length_bits, extra_bits=extra_bits,
-                total_bits=L + length_bits + extra_bits)
+    return dict(code_bits=code, entropy_bits=entropy, codebook_bits=codebook, count_bits=count_bits,
+                fp16_bits=fp16_bits, mode_bits=len(groups), sent_raw=sent_raw, L_bits=L, length_bits=length_bits,
+                prefix_free_bits=L + length_bits, extra_bits=extra_bits, total_bits=L + length_bits + extra_bits)
 
 
 # -----------------------------------------------------------------------------
@@ -222,19 +230,62 @@ def bound(empirical, delta, K_bits, N, s, eps, candidates=1):
             + delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s)))
 
 
+# the empirical-Bernstein bound's λ grid (31 values; with Azuma–Hoeffding as a 32nd choice, 5 bits in K)
+LAMBDAS = tuple(float(v) for v in np.geomspace(1e-3, 0.99, 31))
+
+
+def psi(lam):
+    """ψ(λ) = −ln(1 − λ) − λ (Fan, Grama & Liu 2012): exp(λξ − ψ(λ)ξ²) ≤ 1 + λξ for ξ ≥ −1, λ ∈ [0, 1)."""
+    return -np.log1p(-lam) - lam
+
+
+def bernstein(mean, second, delta, K_bits, N, eps, lambdas=LAMBDAS):
+    """The empirical-Bernstein token bound (docs/bounds.md, theorem 2), every point scored: the least over
+    the λ grid of R̂ + ψ(λ)/(λΔ) · V̂ + Δ (K ln 2 + ln(1/ε)) / (λN), where R̂ is the mean loss and V̂ the
+    mean of (loss − centre)², the centre being the model's own expected loss at each position. K must
+    pay for the λ grid. Returns (bound, λ); mean and second may be arrays (one bound per entry)."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    C = K_bits * math.log(2) + math.log(1 / eps)
+    b = np.asarray(mean, np.float64)[..., None] + psi(lam) / (lam * delta) * np.asarray(second, np.float64)[..., None] \
+        + delta * C / (lam * N)
+    return b.min(-1), lam[b.argmin(-1)]
+
+
+def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBDAS):
+    """The same with s of the N / block positions' blocks sampled with replacement (theorem 3): the
+    full-data quantity R̂ + c V̂ (c = ψ(λ)/(λΔ)) is the mean of the block means z = x + c q, bounded
+    from the s sampled ones by Maurer & Pontil's empirical Bernstein inequality (i.i.d. z in a range of
+    Δ + cΔ²), union over the `candidates` hypotheses the samples chose among; r = s / (s + N) splits ε.
+    stats: the sampled blocks' mean_x, mean_q, var_x, var_q, cov_xq (variances unbiased). (bound, λ)."""
+    r = s / (s + N)
+    C = K_bits * math.log(2) + math.log(1 / (r * eps))
+    L = math.log(2 * candidates / ((1 - r) * eps))
+    best = None
+    for lam in lambdas:
+        c = float(psi(lam)) / (lam * delta)
+        var = max(stats["var_x"] + 2 * c * stats["cov_xq"] + c * c * stats["var_q"], 0.0)
+        b = (stats["mean_x"] + c * stats["mean_q"] + math.sqrt(2 * var * L / s) + 7 * (delta + c * delta**2) * L / (3 * (s - 1))
+             + delta * C / (lam * N))
+        best = min(best or (b, lam), (b, lam))
+    return best
+
+
 def per_token_stats(model, x, y, alphas, ks, vocab):
-    """For every target token: −log₂ p̃ for each α and whether the true token misses the top k."""
+    """For every target token and α: the smoothed loss −log₂ p̃(y) (p̃ = (1 − α) p + α / V), the model's
+    own expectation of it before seeing y, Σ_v p(v) · −log₂ p̃(v) (the empirical-Bernstein centre: a
+    function of the text before the token), and whether y misses the top k."""
     logits, _ = model(x, y)
     logits = logits.float()[..., :vocab]
     if not torch.isfinite(logits).all():  # a nan rank compares false: the top-k errors would read 0
         raise ValueError("the model's logits hold nan or inf: no bound is printed for a diverged model; bound a "
                          "checkpoint from before it diverged")
-    logp = F.log_softmax(logits, dim=-1)
-    p_true = logp.gather(-1, y[..., None]).squeeze(-1).exp()
+    p = F.softmax(logits, dim=-1)
+    p_true = p.gather(-1, y[..., None]).squeeze(-1)
     smooth = torch.stack([-torch.log2((1 - a) * p_true + a / vocab) for a in alphas], dim=-1)  # (B, T, |α|)
+    centre = torch.stack([-(p * torch.log2((1 - a) * p + a / vocab)).sum(-1) for a in alphas], dim=-1)
     rank = (logits >= logits.gather(-1, y[..., None])).sum(-1) - 1  # others scored at or above the true one: ties count against it
     errors = torch.stack([(rank >= k).float() for k in ks], dim=-1)
-    return smooth, errors
+    return smooth, centre, errors
 
 
 def documents(train, separator):
@@ -294,6 +345,16 @@ def quantize_message(state, groups, n_levels, init):
     return {g: quantize(group_vector(state, names, torch.float64), n_levels, init) for g, names in groups.items()}
 
 
+def send_raw(state, groups, coded, sent_raw):
+    """coded, with each group message_length sends raw as (its fp16 values, one symbol per value)."""
+    out = dict(coded)
+    for (g, names), raw in zip(groups.items(), sent_raw):
+        if raw:
+            v = group_vector(state, names, torch.float64)
+            out[g] = (v.half().double(), torch.arange(len(v), device=v.device))
+    return out
+
+
 def dequantize(state, groups, coded):
     """The message as the decoder rebuilds it: every tensor from its group's centroids and symbols."""
     out = {}
@@ -301,6 +362,38 @@ def dequantize(state, groups, coded):
         centroids, symbols = coded[g]
         out.update({n: t.to(state[n].dtype) for n, t in split_vector(centroids[symbols], state, names).items()})
     return out
+
+
+MEANING = {
+    "token": "the average, over the N training positions, of the expected smoothed loss of the token at that "
+             "position given the text before it (Lotfi et al. 2024: tokens as data points); not the loss on unseen "
+             "text. No independence is assumed: the positions form a martingale",
+    "document": "the expected loss (per-token average within a document) of a new document drawn like the training "
+                "documents; assumes the N training documents are independent draws from one distribution",
+}
+
+
+def block_stats(x, q):
+    """The sufficient statistics of sampled block means for bernstein_sampled (float64)."""
+    cov = np.cov(x, q, ddof=1) if len(x) > 1 else np.zeros((2, 2))
+    return dict(mean_x=float(x.mean()), mean_q=float(q.mean()), var_x=float(cov[0, 0]), var_q=float(cov[1, 1]),
+                cov_xq=float(cov[0, 1]))
+
+
+@torch.no_grad()
+def check_rebuild(prior, scored, message, x, y, what):
+    """The receiver's model, the prior (initial_model) with `message` written in, gives the scored model's
+    logits bit for bit; otherwise one line naming what differs (state the message does not carry)."""
+    set_message(prior, message)
+    if torch.equal(prior(x, y)[0], scored(x, y)[0]):
+        return
+    mine = prior.state_dict()
+    differ = [n for n, t in scored.state_dict().items() if n not in mine or not torch.equal(mine[n].to(t.device), t)]
+    named = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+    raise CheckpointError(f"{what}: the prior with the message does not give the scored model's logits "
+                          f"({named + ' differ from the prior: state the message does not carry' if differ else 'every tensor equal'}"
+                          "); a bound would describe another model, so none is given. Check that the base the run "
+                          "names is the one it trained on")
 
 
 def evaluate(c, run_dir):
@@ -315,6 +408,9 @@ def evaluate(c, run_dir):
                           "replace it (or copy it away first)")
     ckpt = load_checkpoint(run_dir, map_location="cpu")
     cfg = ckpt["config"]
+    refusal = family_of(ckpt["adapter"]["kind"]).unboundable(cfg)
+    if refusal:
+        raise ConfigError(f"{run_dir}: no bound: {refusal}")
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
@@ -328,6 +424,11 @@ def evaluate(c, run_dir):
     d = sum(v.numel() for v in state.values())
     print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} trained numbers in {len(groups)} codebook "
           f"group(s): " + ", ".join(f"{g} ({sum(state[n].numel() for n in names):,})" for g, names in groups.items()))
+    # the receiver's side: the prior (seeded base or the base run, fresh adapters from the run's seed), to
+    # which the message is written; it must give the scored model's logits bit for bit, now and at the end
+    prior = initial_model(ckpt, meta).to(c["device"]).eval()
+    probe = torch.from_numpy(train[: block + 1].astype(np.int64))[None].to(c["device"])  # one block, one forward
+    check_rebuild(prior, model, state, probe[:, :-1], probe[:, 1:], run_dir)
     caveats = []
     base = cfg.get("init_from", "scratch")
     if base != "scratch":
@@ -361,52 +462,77 @@ def evaluate(c, run_dir):
 
     @torch.no_grad()
     def token_level(desc):
-        smooth, errors, n = 0, 0, 0
+        """Per scored block and α, the block's mean loss x and mean (loss − centre)² q; the mean top-k errors."""
+        xs, qs, errors, n = [], [], 0, 0
         t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
         for k, (x, y) in enumerate(batches(blocks)):
-            s, e = per_token_stats(model, x, y, alpha_grid, ks, vocab)
-            smooth, errors, n = smooth + s.sum((0, 1)), errors + e.sum((0, 1)), n + y.numel()
+            s, m, e = per_token_stats(model, x, y, alpha_grid, ks, vocab)
+            xs.append(s.double().mean(1).cpu())
+            qs.append((s.double() - m.double()).square().mean(1).cpu())
+            errors, n = errors + e.sum((0, 1)), n + y.numel()
             done = (k + 1) / steps
             line = f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s"
             if tty:  # one line redrawn in a terminal; in a log file, a plain line every tenth
                 print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
             elif (k + 1) * 10 // steps > k * 10 // steps:
                 print(line, flush=True)
-        return (smooth / n).tolist(), (errors / n).tolist()
+        return torch.cat(xs).numpy(), torch.cat(qs).numpy(), (errors / n).tolist()
 
     s_tok = None if exact else len(blocks)
     print(f"  token level: {'all' if exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {block} "
           f"(N = {N_tok:,} positions){'' if exact else ', sampled with replacement'}")
-    before = token_level("unquantised")[0][0]  # bits per token at the smallest α: next to no smoothing
+    before = float(token_level("unquantised")[0][:, 0].mean())  # bits per token at the smallest α: next to no smoothing
 
+    # every choice made by looking at the data, paid once: runs of a sweep and the level count (K and every
+    # union), α (K of the bits bounds), and the bits bound's method, Azuma–Hoeffding or empirical Bernstein
+    # at one of the λ grid's values (K and the sampling union)
     grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
     choice_count = (math.prod(int(v) for v in grid.values()) if grid else 1) * len(level_grid)
     choice_bits = math.ceil(math.log2(choice_count)) if choice_count > 1 else 0
     alpha_bits = math.ceil(math.log2(len(alpha_grid)))
+    method_bits = math.ceil(math.log2(len(LAMBDAS) + 1))
+    M_tok = len(alpha_grid) * (len(LAMBDAS) + 1) * choice_count
+
+    def token_bounds(xb, qb, K_bits):
+        """Per α: (Azuma–Hoeffding bound, (empirical-Bernstein bound, λ), that bound's inputs)."""
+        out = []
+        for j, a in enumerate(alpha_grid):
+            delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
+            inputs = dict(mean=float(x.mean()), second=float(q.mean())) if exact else block_stats(x, q)
+            out.append((bound(float(x.mean()), delta, K_bits, N_tok, s_tok, eps, M_tok),
+                        tuple(map(float, bernstein(inputs["mean"], inputs["second"], delta, K_bits, N_tok, eps))) if exact else
+                        bernstein_sampled(inputs, delta, K_bits, N_tok, s_tok, eps, M_tok), inputs))
+        return out
 
     # quantise each group (optionally tuning w and the centroids), for every level count of the grid;
     # the bound picks the count (its choice is paid for in K and in the sampling term's union)
     tried = []
+    qat_gen = torch.Generator().manual_seed(c["seed"] + 1)  # apart from the sampled blocks' draws
     for n_levels in level_grid:
         coded = quantize_message(state, groups, n_levels, c["quant_init"])
         if c["qat_steps"]:
-            coded = quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_blocks, block)
-        set_message(model, dequantize(state, groups, coded))
-        smooth, errors = token_level(f"quantised, {n_levels} levels")
+            coded = quantization_aware_tuning(c, model, state, groups, coded, batches, qat_gen, n_blocks, block)
         msg = message_length([(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits)
-        best = min(bound(v, smoothed_range(a, vocab), msg["total_bits"] + alpha_bits, N_tok, s_tok, eps,
-                         len(alpha_grid) * choice_count) for v, a in zip(smooth, alpha_grid))
-        print(f"  {n_levels} levels: {smooth[0]:.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
+        coded = send_raw(state, groups, coded, msg["sent_raw"])
+        set_message(model, dequantize(state, groups, coded))
+        xb, qb, errors = token_level(f"quantised, {n_levels} levels")
+        per_alpha = token_bounds(xb, qb, msg["total_bits"] + alpha_bits + method_bits)
+        best = min(min(ah, be[0]) for ah, be, _ in per_alpha)
+        print(f"  {n_levels} levels: {xb[:, 0].mean():.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
               f"best token bound {best:.4f}")
-        tried.append((best, n_levels, coded, smooth, errors, msg))
-    _, n_levels, coded, smooth, errors, msg = min(tried, key=lambda t: t[0])
-    set_message(model, dequantize(state, groups, coded))
+        tried.append((best, n_levels, coded, xb, qb, errors, msg, per_alpha))
+    _, n_levels, coded, xb, qb, errors, msg, per_alpha = min(tried, key=lambda t: t[0])
+    message = dequantize(state, groups, coded)
+    set_message(model, message)
+    check_rebuild(prior, model, message, probe[:, :-1], probe[:, 1:], f"{run_dir}, quantised message")
+    del prior
     K = msg["total_bits"]
-    print(f"  message: {msg['code_bits']:,} code bits (entropy bound {msg['entropy_bits']:.0f}) + "
-          f"{msg['codebook_bits']} codebook + {msg['count_bits']} counts = L = {msg['raw_bits']:,}; + Elias-δ(L) = "
-          f"{msg['length_bits']} bits; + ⌈log₂ {choice_count}⌉ = {choice_bits} bits for the choices "
-          f"{dict(grid, levels=len(level_grid))} = K = {K:,} bits; BPD also pays ⌈log₂ {len(alpha_grid)}⌉ = "
-          f"{alpha_bits} for α")
+    smooth = xb.mean(0).tolist()
+    print(f"  message: {len(groups)} mode bits + {msg['code_bits']:,} code bits (entropy bound {msg['entropy_bits']:.0f}) + "
+          f"{msg['codebook_bits']} codebook + {msg['count_bits']} counts + {msg['fp16_bits']} fp16 (groups sent raw: "
+          f"{sum(msg['sent_raw'])}) = L = {msg['L_bits']:,}; + Elias-δ(L) = {msg['length_bits']} bits; + ⌈log₂ "
+          f"{choice_count}⌉ = {choice_bits} bits for the choices {dict(grid, levels=len(level_grid))} = K = {K:,} bits; "
+          f"bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {alpha_bits} for α and {method_bits} for the method")
 
     # document level: per-document average losses of s sampled documents
     separator = c["doc_separator"].encode().decode("unicode_escape") if c["doc_separator"] else None
@@ -423,29 +549,52 @@ def evaluate(c, run_dir):
     doc_smooth, doc_err = doc_level(model, train, starts[doc_ix], ends[doc_ix], block, alpha_grid, ks, vocab, c)
 
     N_doc, s_doc = len(starts), len(doc_ix)
+    K_bits = K + alpha_bits + method_bits
     results = {"run": run_dir, "kind": ckpt["adapter"]["kind"], "d": d, "levels": n_levels, "levels_grid": level_grid,
                "groups": {g: len(names) for g, names in groups.items()}, "vocab": vocab, "N_tokens": N_tok,
                "N_documents": N_doc, "s_blocks": s_tok, "exact": exact, "s_documents": s_doc,
-               "confidence": c["confidence"], "caveats": caveats, "loss_before_quantization_bits": before,
-               "loss_after_quantization_bits": smooth[0], "message": msg, "alphas": alpha_grid,
-               "candidates": {"bpd": len(alpha_grid) * choice_count, "error": choice_count}, "metrics": {}}
-    for level, N, s, sm, er in (("token", N_tok, s_tok, smooth, errors), ("document", N_doc, s_doc, doc_smooth, doc_err)):
-        per_alpha = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N, s, eps, len(alpha_grid) * choice_count)
-                     for v, a in zip(sm, alpha_grid)]
-        best = int(np.argmin(per_alpha))
-        results["metrics"][f"{level}_bpd"] = dict(empirical=sm[best], bound=per_alpha[best], alpha=alpha_grid[best],
-                                                  delta=smoothed_range(alpha_grid[best], vocab), per_alpha=per_alpha,
-                                                  empirical_per_alpha=sm, random_guess=math.log2(vocab))
-        for k, e in zip(ks, er):
-            results["metrics"][f"{level}_top{k}_error"] = dict(
-                empirical=e, bound=min(1.0, bound(e, 1.0, K, N, s, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
-    # where the token-level bits-per-token bound comes from, part by part (they add up to it)
-    m = results["metrics"]["token_bpd"]
-    complexity = bound(0.0, m["delta"], K + alpha_bits, N_tok, None, eps) if exact else \
-        m["delta"] * math.sqrt(((K + alpha_bits) * math.log(2) + math.log((s_tok + N_tok) / (s_tok * eps))) / (2 * N_tok))
-    results["token_bpd_parts"] = dict(unquantised=before, quantisation=smooth[0] - before,
-                                      smoothing=m["empirical"] - smooth[0], complexity=complexity,
-                                      sampling=0.0 if exact else m["bound"] - m["empirical"] - complexity)
+               "confidence": c["confidence"], "meaning": MEANING, "caveats": caveats,
+               "loss_before_quantization_bits": before, "loss_after_quantization_bits": smooth[0], "message": msg,
+               "alphas": alpha_grid, "lambdas": list(LAMBDAS),
+               "K_bits": {"bpd": K_bits, "error": K}, "candidates": {"bpd": M_tok, "error": choice_count},
+               "token_bpd_inputs": [inputs for _, _, inputs in per_alpha], "metrics": {}}
+    ah = [b for b, _, _ in per_alpha]
+    be = [b for _, (b, _), _ in per_alpha]
+    j, i = int(np.argmin(ah)), int(np.argmin(be))
+    common = dict(empirical_per_alpha=smooth, random_guess=math.log2(vocab))
+    m_ah = dict(empirical=smooth[j], bound=ah[j], alpha=alpha_grid[j], delta=smoothed_range(alpha_grid[j], vocab),
+                per_alpha=ah, **common)
+    m_be = dict(empirical=smooth[i], bound=be[i], alpha=alpha_grid[i], lam=per_alpha[i][1][1],
+                delta=smoothed_range(alpha_grid[i], vocab), per_alpha=be, **common)
+    results["metrics"]["token_bpd"] = dict(m_be if be[i] < ah[j] else m_ah,
+                                           method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding")
+    results["metrics"]["token_bpd_hoeffding"], results["metrics"]["token_bpd_bernstein"] = m_ah, m_be
+    for k, e in zip(ks, errors):
+        results["metrics"][f"token_top{k}_error"] = dict(
+            empirical=e, bound=min(1.0, bound(e, 1.0, K, N_tok, s_tok, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
+    per_doc = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * choice_count)
+               for v, a in zip(doc_smooth, alpha_grid)]
+    j = int(np.argmin(per_doc))
+    results["metrics"]["document_bpd"] = dict(empirical=doc_smooth[j], bound=per_doc[j], alpha=alpha_grid[j],
+                                              delta=smoothed_range(alpha_grid[j], vocab), per_alpha=per_doc,
+                                              empirical_per_alpha=doc_smooth, random_guess=math.log2(vocab))
+    for k, e in zip(ks, doc_err):
+        results["metrics"][f"document_top{k}_error"] = dict(
+            empirical=e, bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
+    # where each token-level bits bound comes from, part by part (they add up to it)
+    results["token_bpd_parts"] = {}
+    for name, m in (("hoeffding", m_ah), ("bernstein", m_be)):
+        complexity = (bound(0.0, m["delta"], K_bits, N_tok, None, eps) if name == "hoeffding" else
+                      float(bernstein(0.0, per_alpha[alpha_grid.index(m["alpha"])][2]["second"], m["delta"], K_bits, N_tok,
+                                      eps, [m["lam"]])[0])) if exact else None
+        if not exact:  # the complexity term at rε; the rest of the distance to the bound is sampling
+            r, a = s_tok / (s_tok + N_tok), per_alpha[alpha_grid.index(m["alpha"])][2]
+            C = K_bits * math.log(2) + math.log(1 / (r * eps))
+            complexity = (m["delta"] * math.sqrt(C / (2 * N_tok)) if name == "hoeffding" else
+                          float(psi(m["lam"])) / (m["lam"] * m["delta"]) * a["mean_q"] + m["delta"] * C / (m["lam"] * N_tok))
+        results["token_bpd_parts"][name] = dict(unquantised=before, quantisation=smooth[0] - before,
+                                                smoothing=m["empirical"] - smooth[0], complexity=complexity,
+                                                sampling=m["bound"] - m["empirical"] - complexity)
     results["seconds"] = time.time() - t0
     print_table(results)
     atomic_write(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
@@ -478,7 +627,7 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
             x[r, :n] = torch.from_numpy(train[j : j + n].astype(np.int64))
             y[r, :n] = torch.from_numpy(train[j + 1 : j + 1 + n].astype(np.int64))
             mask[r, :n] = 1
-        s, e = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
+        s, _, e = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
         s, e = s.cpu() * mask[..., None], e.cpu() * mask[..., None]
         idx = torch.tensor([i for i, _, _ in part], device="cpu")
         sums.index_add_(0, idx, s.sum(1))
@@ -524,12 +673,17 @@ def print_table(r):
     print(f"  bits per token before / after quantisation: {r['loss_before_quantization_bits']:.4f} / "
           f"{r['loss_after_quantization_bits']:.4f}; K = {r['message']['total_bits']:.0f} bits, "
           f"N = {r['N_tokens']:,} tokens / {r['N_documents']:,} documents")
-    print("  token bits-per-token bound, part by part: " + " + ".join(f"{k} {v:.4f}" for k, v in r["token_bpd_parts"].items())
-          + f" = {r['metrics']['token_bpd']['bound']:.4f}")
+    for name, parts in r["token_bpd_parts"].items():
+        print(f"  token bits bound ({name}), part by part: " + " + ".join(f"{k} {v:.4f}" for k, v in parts.items())
+              + f" = {r['metrics']['token_bpd_' + name]['bound']:.4f}")
     print(f"  {'metric':<22} {'empirical':>10} {'bound':>8} {'random guess':>13} {'α':>7}")
     for name, m in r["metrics"].items():
         alpha = f"{m['alpha']:g}" if "alpha" in m else ""
         print(f"  {name:<22} {m['empirical']:>10.4f} {m['bound']:>8.4f} {m['random_guess']:>13.4f} {alpha:>7}")
+    b = r["metrics"]["token_bpd"]
+    print(f"  with {100 * r['confidence']:g}% confidence, {b['bound']:.4f} bits per token ({b['method']}) bounds {MEANING['token']}."
+          f"\n  The document rows bound {MEANING['document']}. Every top-k row bounds the same average for the error "
+          "(the true token outside the model's k most likely).")
 
 
 def main(argv):

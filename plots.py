@@ -185,13 +185,14 @@ def plot_grad_norms(sweep_dir, summary):
 
 
 def plot_bound_vs_alpha(run_dir, results):
-    """The token- and document-level BPD bound and the smoothed empirical BPD against α."""
-    alphas = results["alphas"]
+    """The token-level bits bounds (both methods), the document-level one and the smoothed empirical BPD
+    against α."""
+    alphas, metrics = results["alphas"], results["metrics"]
     fig, ax = plt.subplots(figsize=(6, 4))
+    for name, color in (("token_bpd_hoeffding", "C0"), ("token_bpd_bernstein", "C2"), ("document_bpd", "C1")):
+        ax.plot(alphas, metrics[name]["per_alpha"], "o-", color=color, label=f"{name.replace('_bpd', '')} bound")
     for level, color in (("token", "C0"), ("document", "C1")):
-        m = results["metrics"][f"{level}_bpd"]
-        ax.plot(alphas, m["per_alpha"], "o-", color=color, label=f"{level}-level bound")
-        ax.plot(alphas, m["empirical_per_alpha"], "x--", color=color, label=f"{level}-level empirical")
+        ax.plot(alphas, metrics[f"{level}_bpd"]["empirical_per_alpha"], "x--", color=color, label=f"{level}-level empirical")
     ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess log₂ {results['vocab']}")
     ax.set_xscale("log")
     ax.set_xlabel("prediction smoothing α")
@@ -202,18 +203,20 @@ def plot_bound_vs_alpha(run_dir, results):
 
 
 def plot_bound_parts(run_dir, results):
-    """The token-level bits-per-token bound as one stacked bar: the unquantised training loss, then what
-    quantisation, smoothing, the complexity term and the sampling term each add, beside random guessing."""
-    parts = results["token_bpd_parts"]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    bottom = 0.0
-    for k, (name, value) in enumerate(parts.items()):
-        ax.bar(0, value, bottom=bottom, color=f"C{k}", width=0.5, label=f"{name} {value:.3f}")
-        bottom += value
+    """Each token-level bits-per-token bound (Azuma–Hoeffding, empirical Bernstein) as a stacked bar: the
+    unquantised training loss, then what quantisation, smoothing, the complexity term and the sampling
+    term each add, beside random guessing."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for x, (method, parts) in enumerate(results["token_bpd_parts"].items()):
+        bottom = 0.0
+        for k, (name, value) in enumerate(parts.items()):
+            ax.bar(x, value, bottom=bottom, color=f"C{k}", width=0.5, label=name if x == 0 else None)
+            bottom += value
+        ax.annotate(f"{bottom:.3f}", (x, bottom), ha="center", va="bottom", fontsize=8)
     ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess {math.log2(results['vocab']):.2f}")
-    ax.set_xticks([])
+    ax.set_xticks(range(len(results["token_bpd_parts"])), list(results["token_bpd_parts"]))
     ax.set_ylabel("bits per token")
-    ax.set_title(f"token-level bound {bottom:.3f} bits, part by part", fontsize=9)
+    ax.set_title("token-level bounds, part by part", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return save(fig, run_dir, "bound_parts.png")
 

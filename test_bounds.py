@@ -77,12 +77,29 @@ def test_elias_delta_is_a_prefix_free_length():
 def test_message_length_parts():
     symbols = [0] * 90 + [1] * 10
     msg = eb.message_length([(symbols, 3), ([0, 1, 1, 0], 2)], extra_bits=5)
-    # per group: 16 bits per level, ⌈log₂(d + 1)⌉ per count: 3·16 + 2·16 and 3·7 + 2·3
-    assert msg["codebook_bits"] == 48 + 32 and msg["count_bits"] == 21 + 6
+    # per group: 16 bits per level, ⌈log₂(d + 1)⌉ per count but the last (d implies it): 2·7 + 1·3
+    assert msg["codebook_bits"] == 48 + 32 and msg["count_bits"] == 14 + 3 and msg["sent_raw"] == [False, False]
     alone = [eb.message_length([g])["code_bits"] for g in [(symbols, 3), ([0, 1, 1, 0], 2)]]
     assert msg["code_bits"] == sum(alone)  # each group under its own counts
-    L = msg["code_bits"] + 80 + 27
-    assert msg["raw_bits"] == L and msg["total_bits"] == L + eb.elias_delta_bits(L) + 5
+    L = 2 + msg["code_bits"] + 80 + 17  # one bit per group says coded or raw
+    assert msg["L_bits"] == L and msg["total_bits"] == L + eb.elias_delta_bits(L) + 5
+
+
+def test_a_small_group_is_sent_raw_when_that_is_shorter(tmp_path):
+    """SubLoRA's 5 gate logits at 11 levels: a codebook of 176 bits against 80 bits of fp16 values. The
+    group goes raw, the decoder then holds the fp16 values themselves, and the message is shorter."""
+    state = {"w": torch.randn(3000, dtype=torch.float64), "gates": torch.tensor([0.3, -1.2, 2.5, 0.0, 0.71])}
+    groups = eb.message_groups(state)
+    coded = eb.quantize_message(state, groups, 11, "kmeans")
+    msg = eb.message_length([(symbols.tolist(), 11) for _, symbols in coded.values()])
+    assert msg["sent_raw"] == [False, True] and msg["fp16_bits"] == 80
+    gate_codes = coded["gates"][1].tolist()
+    coded_cost = len(eb.arithmetic_encode(gate_codes, [gate_codes.count(k) for k in range(11)])) + 11 * 16 + 10 * 3
+    assert coded_cost > 80
+    rebuilt = eb.dequantize(state, groups, eb.send_raw(state, groups, coded, msg["sent_raw"]))
+    assert torch.equal(rebuilt["gates"], state["gates"].half().double())
+    centroids, symbols = coded["w"]
+    assert torch.equal(rebuilt["w"], centroids[symbols])
 
 
 def test_sampling_term_pays_for_the_hypotheses_chosen_by_the_samples():
@@ -104,7 +121,7 @@ def test_top_k_error_counts_ties_against_the_true_token():
 
     x = torch.randint(65, (2, 16))
     y = torch.randint(65, (2, 16))
-    _, errors = eb.per_token_stats(Uniform(), x, y, [0.1], [1, 10, 64], 65)
+    _, _, errors = eb.per_token_stats(Uniform(), x, y, [0.1], [1, 10, 64], 65)
     assert errors.mean(dim=(0, 1)).tolist() == [1.0, 1.0, 1.0]  # a uniform guess is never in any top k < V
 
 
@@ -172,9 +189,10 @@ def test_non_vacuous_bound_end_to_end(char_data, tmp_path):
 
 
 def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path):
-    """A sampled evaluation that picks among 2 level counts, 3 runs and 8 α values: the JSON's bounds are
-    the formula with K paying ⌈log₂ 6⌉ + ⌈log₂ 8⌉ bits and the sampling term ln(48 / ((1 - r) ε)); N is
-    the positions the blocks cover. Exact evaluation of the same run drops the sampling term."""
+    """A sampled evaluation that picks among 2 level counts, 3 runs, 8 α values and 32 methods (Azuma–
+    Hoeffding or empirical Bernstein at one of 31 λ): the JSON's Azuma–Hoeffding bound is the formula with
+    K paying ⌈log₂ 6⌉ + ⌈log₂ 8⌉ + ⌈log₂ 32⌉ bits and the sampling term ln(1536 / ((1 - r) ε)); N is the
+    positions the blocks cover. Exact evaluation of the same run drops the sampling term."""
     out = tmp_path / "sublora"
     train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, lora_rank=4, lora_alpha=32.0,
                           max_iters=20, eval_interval=20, learning_rate=2e-2, lr_decay_iters=20), environ={})
@@ -185,18 +203,20 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     assert r["N_tokens"] == N and r["s_blocks"] == s and r["levels"] in (5, 11)
     K = r["message"]["total_bits"]
     assert r["message"]["extra_bits"] == 3  # ⌈log₂(3 runs · 2 level counts)⌉
-    m = r["metrics"]["token_bpd"]
+    m = r["metrics"]["token_bpd_hoeffding"]
     delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
     rr = s / (s + N)
-    expect = m["empirical"] + delta * math.sqrt(((K + 3) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
-        delta * math.sqrt(math.log(48 / ((1 - rr) * eps)) / (2 * s))
+    expect = m["empirical"] + delta * math.sqrt(((K + 8) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
+        delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s))
     assert m["bound"] == pytest.approx(expect, rel=1e-9)
+    assert r["metrics"]["token_bpd"]["bound"] == min(m["bound"], r["metrics"]["token_bpd_bernstein"]["bound"])
     e = r["metrics"]["token_top1_error"]
     expect = e["empirical"] + math.sqrt((K * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
         math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
     assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
     assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
-    assert sum(r["token_bpd_parts"].values()) == pytest.approx(r["metrics"]["token_bpd"]["bound"], rel=1e-9)
+    for name, parts in r["token_bpd_parts"].items():
+        assert sum(parts.values()) == pytest.approx(r["metrics"][f"token_bpd_{name}"]["bound"], rel=1e-9)
     import matplotlib.pyplot as plt
 
     import plots
@@ -207,20 +227,23 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
         plots.plot_bound_parts(str(out), r)
     finally:
         plots.save = real_save
-    bars = [(p.get_y(), p.get_height()) for p in drawn["ax"].patches]  # the stacked bar: each part on the last
-    assert [h for _, h in bars] == pytest.approx(list(r["token_bpd_parts"].values()))
-    assert bars[-1][0] + bars[-1][1] == pytest.approx(r["metrics"]["token_bpd"]["bound"])
+    bars = [(p.get_x(), p.get_y(), p.get_height()) for p in drawn["ax"].patches]  # two stacked bars: each part on the last
+    for k, name in enumerate(r["token_bpd_parts"]):
+        mine = bars[5 * k : 5 * k + 5]
+        assert [h for _, _, h in mine] == pytest.approx(list(r["token_bpd_parts"][name].values()))
+        assert mine[-1][1] + mine[-1][2] == pytest.approx(r["metrics"][f"token_bpd_{name}"]["bound"])
     plt.close("all")
-    assert r["token_bpd_parts"]["sampling"] == pytest.approx(delta * math.sqrt(math.log(48 / ((1 - rr) * eps)) / (2 * s)))
+    assert r["token_bpd_parts"]["hoeffding"]["sampling"] == pytest.approx(
+        delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s)))
 
     exact = eb.main([a for a in common if not a.startswith("--levels_grid")] + ["--overwrite=True"])[0]  # every block scored
-    m = exact["metrics"]["token_bpd"]
-    K = exact["message"]["total_bits"] + 3
+    m = exact["metrics"]["token_bpd_hoeffding"]
+    K = exact["message"]["total_bits"] + 8
     delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
     assert exact["exact"] and exact["s_blocks"] is None
     assert m["bound"] == pytest.approx(m["empirical"] + delta * math.sqrt((K * math.log(2) + math.log(1 / eps)) / (2 * N)),
                                        rel=1e-9)
-    assert exact["token_bpd_parts"]["sampling"] == pytest.approx(0, abs=1e-12)
+    assert all(parts["sampling"] == pytest.approx(0, abs=1e-12) for parts in exact["token_bpd_parts"].values())
 
 
 def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
@@ -278,3 +301,208 @@ def test_non_finite_logits_give_no_bound():
     x = torch.randint(0, 65, (2, 8))
     with pytest.raises(ValueError, match="logits hold nan or inf"):
         eb.per_token_stats(model, x, x, [0.1], [1, 10], 65)
+
+
+def test_fan_grama_liu_inequality():
+    """exp(λξ − ψ(λ)ξ²) ≤ 1 + λξ for every ξ ≥ −1 and λ ∈ [0, 1): the step the empirical-Bernstein proof
+    rests on. It fails below ξ = −1, which is why the centre must lie in the loss's range."""
+    xi = np.linspace(-1, 50, 200_001)[:, None]
+    lam = np.array(eb.LAMBDAS)[None, :]
+    assert (np.exp(lam * xi - eb.psi(lam) * xi**2) <= 1 + lam * xi + 1e-12).all()
+    assert np.exp(0.9 * -1.5 - eb.psi(0.9) * 2.25) > 1 + 0.9 * -1.5
+
+
+def segments_martingale(rng, H, J, n, scenario):
+    """H independent loss sequences of J·n tokens in [0, 1]. In segment j each token is a two-point loss
+    (u or v, v with probability p), u, v, p chosen from the past (whether the last segment came out high),
+    so the conditional means are known and change with the past. Returns per sequence the mean loss, the
+    mean squared distance to the predictable centre m, and the mean conditional mean (what is bounded)."""
+    S1, S2, mu, high = np.zeros(H), np.zeros(H), np.zeros(H), np.zeros(H, bool)
+    for _ in range(J):
+        u, v, p, m = (np.broadcast_to(np.asarray(t, np.float64), (H,)) for t in scenario(high))
+        count = rng.binomial(n, p)  # the segment's tokens equal to v: the sums follow from the count
+        S1 += n * u + count * (v - u)
+        S2 += (n - count) * (u - m) ** 2 + count * (v - m) ** 2
+        mu += n * (u + p * (v - u))
+        high = count > n * p
+    return S1 / (J * n), S2 / (J * n), mu / (J * n)
+
+
+SCENARIOS = {  # (u, v, p, centre) from the past; and the per-token variance the λ grid is centred on
+    "same mean, spread from the past": (lambda h: (np.where(h, 0.40, 0.45), np.where(h, 0.60, 0.55), 0.5, 0.5), 0.0056),
+    "skewed: rare full-range loss": (lambda h: (0.0, 1.0, np.where(h, 0.06, 0.05), np.where(h, 0.06, 0.05)), 0.052),
+    "heavy range, low variance, centre off": (lambda h: (0.1, 1.0, np.where(h, 0.011, 0.01), 0.1 + 0.009), 0.0081),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_the_bernstein_bound_covers_martingale_losses_and_a_halved_variance_term_does_not(scenario):
+    """1,024 hypotheses (K = 10 bits, + 2 for a 4-value λ grid), each a martingale of 10⁶ losses; the one
+    with the smallest bound is chosen. Over 1,000 draws its mean conditional loss exceeds its bound in at
+    most ε = 1% of them (+ 3 binomial standard errors); with the variance term halved, far more often. With
+    the default 31-value λ grid the bound covers too."""
+    make, V = SCENARIOS[scenario]
+    rng = np.random.default_rng(0)
+    H, J, n, eps, draws = 1024, 10, 100_000, 0.01, 1000
+    lam = math.sqrt(2 * math.log(4 * H / eps) / (J * n * V))  # fixed before the data, from the known variance
+    grid = [lam / 2, lam / math.sqrt(2), lam, lam * math.sqrt(2)]
+    slack = 3 * math.sqrt(eps * (1 - eps) / draws)
+
+    def failure_rate(halve, lambdas, draws):
+        fails = 0
+        for _ in range(draws):
+            mean, second, mu = segments_martingale(rng, H, J, n, make)
+            b, _ = eb.bernstein(mean, second / (2 if halve else 1), 1.0, math.log2(H * len(lambdas)), J * n, eps, lambdas)
+            fails += mu[b.argmin()] > b[b.argmin()]
+        return fails / draws
+
+    assert failure_rate(False, grid, draws) <= eps + slack
+    assert failure_rate(True, grid, draws) > eps + slack
+    assert failure_rate(False, eb.LAMBDAS, 200) <= eps + 3 * math.sqrt(eps * (1 - eps) / 200)
+
+
+def test_the_bernstein_bounds_equal_the_theorems_in_float64():
+    """Theorem 2 (every point) and theorem 3 (sampled blocks, Maurer & Pontil's empirical Bernstein),
+    computed here from their statements over the raw per-token arrays, equal eval_bounds' numbers."""
+    rng = np.random.default_rng(1)
+    blocks, T, delta, K, eps = 400, 16, 7.5, 3000, 0.05
+    x = rng.gamma(2.0, 1.0, (blocks, T)).clip(0, delta)  # losses
+    m = (x + rng.normal(0, 0.5, x.shape)).clip(0, delta)  # some predictable centre in the range
+    N = x.size
+    best = math.inf
+    for lam in eb.LAMBDAS:
+        psi = -math.log(1 - lam) - lam
+        best = min(best, x.mean() + psi / (lam * delta) * ((x - m) ** 2).mean() + delta * (K * math.log(2) + math.log(1 / eps)) / (lam * N))
+    assert float(eb.bernstein(x.mean(), ((x - m) ** 2).mean(), delta, K, N, eps)[0]) == pytest.approx(best, rel=1e-12)
+
+    s, N_all, M = 100, 10**6, 7  # s of the blocks sampled; N_all positions in the corpus
+    bx, bq = x[:s].mean(1), ((x[:s] - m[:s]) ** 2).mean(1)
+    r = s / (s + N_all)
+    best = math.inf
+    for lam in eb.LAMBDAS:
+        c = (-math.log(1 - lam) - lam) / (lam * delta)
+        z = bx + c * bq  # block means of loss + c (loss − centre)², i.i.d. in [0, Δ + cΔ²]
+        dev = math.log(2 * M / ((1 - r) * eps))
+        mp = z.mean() + math.sqrt(2 * z.var(ddof=1) * dev / s) + 7 * (delta + c * delta**2) * dev / (3 * (s - 1))
+        best = min(best, mp + delta * (K * math.log(2) + math.log(1 / (r * eps))) / (lam * N_all))
+    assert eb.bernstein_sampled(eb.block_stats(bx, bq), delta, K, N_all, s, eps, M)[0] == pytest.approx(best, rel=1e-10)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(char_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bounds_base")
+    train.train(tiny_args(char_data, out, max_iters=4, eval_interval=4), environ={})
+    return str(out)
+
+
+REBUILDS = {  # every family and the options that change what the message must carry
+    "lora": dict(adapter="lora", lora_rank=2),
+    "dora, embeddings": dict(adapter="dora", lora_rank=2, train_embeddings=True),
+    "sora, tuning phase": dict(adapter="sora", lora_rank=2, sora_tune_iters=2),
+    "adalora, ranks masked": dict(adapter="adalora", lora_rank=4, adalora_target_r=1, adalora_deltaT=1, adalora_tfinal=1),
+    "adadora": dict(adapter="adadora", lora_rank=4, adalora_target_r=2, adalora_deltaT=1),
+    **{f"pissa {way}": dict(adapter="pissa", lora_rank=2, pissa_method=way) for way in ("way0", "way1", "way2", "way3")},
+    "pissa, NF4 residual and components": dict(adapter="pissa", lora_rank=2, pissa_method="way2", pissa_quantize_residual=True,
+                                               pissa_quantize_base_components=True),
+    "sublora dense uniform": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="dense",
+                                  allocation_mode="uniform"),
+    "sublora sparse fixed": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="sparse",
+                                 allocation_mode="fixed", allocation_ratio=0.3),
+    "sublora rdkronqr learned": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="rdkronqr",
+                                     allocation_mode="learned"),
+}
+
+
+def scored_and_prior(out, data_dir, levels=5):
+    """The model eval_bounds scores (the checkpoint with its message quantised) and the receiver's prior."""
+    from checkpoint import build_model, initial_model, load_checkpoint
+    from prepare import read_meta
+
+    ckpt = load_checkpoint(str(out))
+    model = build_model(ckpt).eval()
+    state = eb.message_vector(model)
+    groups = eb.message_groups(state)
+    coded = eb.quantize_message(state, groups, levels, "kmeans")
+    msg = eb.message_length([(symbols.tolist(), levels) for _, symbols in coded.values()])
+    message = eb.dequantize(state, groups, eb.send_raw(state, groups, coded, msg["sent_raw"]))
+    eb.set_message(model, message)
+    return model, initial_model(ckpt, read_meta(data_dir)).eval(), message
+
+
+@pytest.mark.parametrize("name", list(REBUILDS))
+def test_the_prior_and_the_decoded_message_rebuild_the_scored_model(name, char_data, tiny_base, tmp_path):
+    """For every family and option: the base the run names (a trained run, or the seeded random init),
+    fresh adapters from the run's seed, and the decoded message give the scored model's logits bit for
+    bit; before the message is written they differ (the message is what training changed)."""
+    out = tmp_path / "run"
+    kw = dict(dict(init_from=tiny_base, learning_rate=3e-2), **REBUILDS[name])
+    train.train(tiny_args(char_data, out, max_iters=4, eval_interval=4, **kw), environ={})
+    model, prior, message = scored_and_prior(out, char_data)
+    x = torch.randint(65, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(prior(x, x)[0], model(x, x)[0])
+        eb.check_rebuild(prior, model, message, x, x, name)
+        assert torch.equal(prior(x, x)[0], model(x, x)[0])
+
+
+def test_folded_pissa_rotations_and_a_changed_base_are_refused(char_data, tiny_base, tmp_path, capsys):
+    """Folding writes learned rotations into U and V, which the message leaves out: eval_bounds refuses in
+    one line before any work, and the rebuild check alone names U and V. A base run retrained after
+    the fine-tune makes the prior another model: refused, naming the tensors that differ."""
+    from checkpoint import CheckpointError
+    from configurator import ConfigError
+
+    fold = tmp_path / "fold"
+    train.train(tiny_args(char_data, fold, adapter="pissa", lora_rank=2, pissa_method="way1", pissa_fold_every=2,
+                          init_from=tiny_base, learning_rate=3e-2, max_iters=4, eval_interval=4), environ={})
+    with pytest.raises(ConfigError, match="pissa_fold_every > 0 folded the learned rotations"):
+        eb.main([f"--out_dir={fold}", "--device=cpu"])
+    model, prior, message = scored_and_prior(fold, char_data)
+    x = torch.randint(65, (2, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CheckpointError, match=r"attn\.c_attn\.U.*differ from the prior"):
+        eb.check_rebuild(prior, model, message, x, x, "fold")
+
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    train.train(tiny_args(char_data, base, max_iters=2, eval_interval=2), environ={})
+    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=2,
+                          eval_interval=2), environ={})
+    train.train(tiny_args(char_data, base, max_iters=2, eval_interval=2, seed=7, overwrite=True), environ={})
+    with pytest.raises(CheckpointError, match=r"transformer\..*differ from the prior.*Check that the base"):
+        eb.main([f"--out_dir={lora}", "--device=cpu", "--eval_docs=4"])
+
+
+def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
+    """Every training position scored: the per-α mean loss and mean squared distance to the model's own
+    expected loss, recomputed here in float64 from the scored model over the whole training set, equal
+    bounds.json's inputs; from those inputs, N, K, ε and the grids, both bounds follow as stated."""
+    out = tmp_path / "sublora"
+    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, lora_rank=4, lora_alpha=32.0, max_iters=20,
+                          eval_interval=20, learning_rate=2e-2, lr_decay_iters=20), environ={})
+    r = eb.main([f"--out_dir={out}", "--eval_docs=20", "--device=cpu", "--levels=5", "--alphas=0.001,0.1"])[0]
+    saved = json.loads((out / "bounds.json").read_text())
+    model, _, _ = scored_and_prior(out, char_data)
+    data = np.memmap(f"{char_data}/train.bin", dtype=np.uint16, mode="r")
+    block, V = 32, 65
+    n_blocks = (len(data) - 1) // block
+    ids = torch.from_numpy(data[: n_blocks * block + 1].astype(np.int64))
+    x, y = ids[:-1].view(n_blocks, block), ids[1:].view(n_blocks, block)
+    with torch.no_grad():
+        p = torch.cat([torch.softmax(model(x[i : i + 512], y[i : i + 512])[0].double(), -1) for i in range(0, n_blocks, 512)])
+    p_y = p.gather(-1, y[..., None]).squeeze(-1)
+    N, K, eps = saved["N_tokens"], saved["K_bits"]["bpd"], 1 - saved["confidence"]
+    assert N == n_blocks * block and K == saved["message"]["total_bits"] + 1 + 5  # α: 1 bit, method: 5
+    for alpha, inputs, ah, be in zip(saved["alphas"], saved["token_bpd_inputs"],
+                                     saved["metrics"]["token_bpd_hoeffding"]["per_alpha"],
+                                     saved["metrics"]["token_bpd_bernstein"]["per_alpha"]):
+        loss = -torch.log2((1 - alpha) * p_y + alpha / V)
+        centre = -(p * torch.log2((1 - alpha) * p + alpha / V)).sum(-1)
+        assert inputs["mean"] == pytest.approx(loss.mean().item(), rel=1e-5)
+        assert inputs["second"] == pytest.approx((loss - centre).square().mean().item(), rel=1e-4)
+        delta = math.log2(1 + (1 - alpha) * V / alpha)
+        C = K * math.log(2) + math.log(1 / eps)
+        assert ah == pytest.approx(inputs["mean"] + delta * math.sqrt(C / (2 * N)), rel=1e-12)
+        assert be == pytest.approx(min(inputs["mean"] + (-math.log(1 - lam) - lam) / (lam * delta) * inputs["second"]
+                                       + delta * C / (lam * N) for lam in saved["lambdas"]), rel=1e-12)
+    assert r["metrics"]["token_bpd"]["bound"] == min(min(saved["metrics"]["token_bpd_hoeffding"]["per_alpha"]),
+                                                     min(saved["metrics"]["token_bpd_bernstein"]["per_alpha"]))
+    assert "not the loss on unseen text" in saved["meaning"]["token"] and "independent" in saved["meaning"]["document"]
