@@ -1,23 +1,30 @@
 """
 Generalization bounds from compression (Lotfi et al.: SubLoRA, ICML 2024; tokens as data points,
 NeurIPS 2024). Loads a checkpoint, quantises the trained vector (SubLoRA's w and gates, or any
-adapter's tensors), arithmetic-codes it, and bounds the expected loss on unseen data by the training
-loss plus a complexity term in the code length.
+adapter's tensors), arithmetic-codes it, and bounds the model's risk by its training loss plus a
+complexity term in the code length.
 
     python eval_bounds.py --out_dir=out-shakespeare-sublora                 # one run: table, bounds.json, plot
     python eval_bounds.py --sweep_dir=out-sublora-sweep                     # every run of a sweep + Pareto plot
     python eval_bounds.py --out_dir=out-shakespeare-lora --levels=31        # a plain LoRA run (see README)
     python eval_bounds.py --out_dir=... --qat_steps=100 --eval_blocks=4000  # quantisation-aware tuning, more data
 
-The bound (ε = 1 - confidence, r = s / (s + N), M hypotheses chosen among by looking at the samples):
-    R ≤ R̂_s + Δ √((K ln 2 + ln(1/(r ε))) / (2N)) + Δ √(ln(M/((1 - r) ε)) / (2s))      (s sampled points)
-    R ≤ R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N))                                          (all N points scored)
-token level: N positions covered by the blocks of block_size training tokens (each scored with its
-prefix in the block), every block scored when N ≤ exact_max_tokens, else s sampled blocks; document
-level: N training documents, s sampled documents. K is the message length in bits (the trainable
-tensors, quantised with one codebook per group, arithmetic-coded, Elias-δ length prefix, plus the
-choices: runs, level counts, α); Δ the range of the loss: log₂(1 + (1 - α) V / α) for the smoothed
-bits per token, 1 for errors. M is |α grid| × choices for bits per token, the choices for errors.
+What is bounded, at confidence 1 - ε: token level, the average over the N training positions of the
+expected smoothed loss of the token at each position given the text before it (Lotfi et al. 2024; not
+the loss on unseen text); document level, the expected loss of a new document, the N training
+documents assumed independent draws. Two token-level bounds from one pass (docs/bounds.md states and
+proves them), the better reported, both paid for:
+    R ≤ R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N))                                   Azuma–Hoeffding
+    R ≤ R̂ + ψ(λ)/(λΔ) · V̂ + Δ (K ln 2 + ln(1/ε)) / (λN),  ψ(λ) = −ln(1−λ) − λ   empirical Bernstein
+V̂ is the mean of (loss − centre)², the centre the model's own expected loss at each position; λ from a
+31-value grid. With s sampled blocks (N > exact_max_tokens; r = s / (s + N)) the complexity term takes
+rε and a sampling term (1 − r)ε / M over the M hypotheses the samples chose among: Hoeffding's
+Δ √(ln(M/((1 − r)ε)) / (2s)) or Maurer & Pontil's empirical Bernstein. K is the message length in bits
+(the trainable tensors, quantised with one codebook per group, arithmetic-coded or sent raw, Elias-δ
+length prefix) plus the choices: runs, level counts, α and the method (⌈log₂ 32⌉ = 5 bits). Δ is the
+loss's range, log₂(1 + (1 − α) V / α) for smoothed bits, 1 for errors. Before any work, the prior (the
+base the run names, fresh adapters from its seed) with the message must give the scored model's
+logits bit for bit, or no bound is given.
 """
 
 import bisect

@@ -150,8 +150,35 @@ def export_run(c):
 
 
 TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "base_layer.weight": "W"}
-UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "use_qalora": False,
-               "layer_replication": None, "trainable_token_indices": None, "target_parameters": None}
+# the LoraConfig fields the importer understands: what it reads (ranks, scales, DoRA; which modules the
+# tensors say), and what describes the file rather than the function
+UNDERSTOOD = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+              "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
+              "peft_type", "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "runtime_config",
+              "megatron_core", "qalora_group_size"}
+INITS = (True, False, "gaussian")  # initialisations that leave the base weights as they are (not pissa, olora, ...)
+# every other field must hold PEFT's default (LoraConfig, peft 0.21); a field not listed, an empty value
+DEFAULTS_ONLY = {"bias": "none", "modules_to_save": None, "init_lora_weights": True, "megatron_config": None,
+                 "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
+                 "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
+                 "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+                 "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False}
+
+
+def unsupported_options(config):
+    """The adapter_config.json fields that would change the function in a way this importer does not
+    implement, as 'key=value' strings."""
+    bad = []
+    for key, value in config.items():
+        if key in UNDERSTOOD:
+            continue
+        if key == "init_lora_weights":
+            ok = any(value is init or (isinstance(init, str) and value == init) for init in INITS)
+        else:
+            ok = value == DEFAULTS_ONLY[key] if key in DEFAULTS_ONLY else value in (None, False, {}, [])
+        if not ok:
+            bad.append(f"{key}={value!r}")
+    return bad
 
 
 def pattern_key(patterns, name):
@@ -173,10 +200,11 @@ def read_peft(folder):
     if config.get("peft_type") != "LORA":
         raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters import "
                            "(an AdaLoRA adapter: export it from PEFT as LoRA, or train it here)")
-    for key, want in UNSUPPORTED.items():
-        if config.get(key, want) not in (want, [], {}):
-            raise InteropError(f"{folder}: adapter_config.json sets {key}={config[key]!r}, which this repo does not "
-                               f"implement; only {key}={want!r} imports")
+    bad = unsupported_options(config)
+    if bad:
+        raise InteropError(f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
+                           f"(it reads plain LoRA / DoRA: every other LoraConfig field at its default, init_lora_weights "
+                           f"one of {INITS}); merge or convert the adapter in PEFT first")
     alpha, r = config.setdefault("lora_alpha", 8), config.get("r", 8)  # PEFT's defaults
     for key, value in (("lora_alpha", alpha), ("r", r), *((f"alpha_pattern[{k!r}]", v) for k, v in
                                                          (config.get("alpha_pattern") or {}).items())):

@@ -323,3 +323,28 @@ def test_bad_folders_and_adapters_give_one_clear_error(gpt2_dir, tmp_path):
     inject_adapters(model, "pissa", rank=4, quantize_residual=True)
     with pytest.raises(hf.InteropError, match="NF4 residual"):
         hf.lora_factors(model)
+
+
+def test_import_accepts_only_the_options_it_understands(gpt2_dir, tmp_path):
+    """Adapters PEFT makes and reloads exactly, which this importer would get wrong: aLoRA (applied only
+    after its invocation tokens) and an unconverted PiSSA initialisation (its base is the residual).
+    Each is refused naming the field; an adapter whose other fields hold PEFT's defaults, with
+    harmless metadata set (task_type, layers_to_transform), still imports with PEFT's logits."""
+    for name, cfg in (("alora", LoraConfig(r=2, target_modules=["c_attn"], alora_invocation_tokens=[3, 4])),
+                      ("pissa", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="pissa"))):
+        peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
+        peft_model.save_pretrained(str(tmp_path / name))
+        with pytest.raises(hf.InteropError, match={"alora": r"alora_invocation_tokens=\[3, 4\]",
+                                                   "pissa": "init_lora_weights='pissa'"}[name]):
+            hf.import_peft(str(tmp_path / name), base=gpt2_dir)
+    config = json.loads((tmp_path / "alora" / "adapter_config.json").read_text())
+    config.update(alora_invocation_tokens=None, lora_bias=True, use_qalora=True, some_future_option={"on": 1})
+    assert hf.unsupported_options(config) == ["lora_bias=True", "use_qalora=True", "some_future_option={'on': 1}"]
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, target_modules=["c_attn"], layers_to_transform=[1], task_type="CAUSAL_LM", init_lora_weights=False)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "plain"))
+    model, info, _ = hf.import_peft(str(tmp_path / "plain"), base=gpt2_dir)
+    assert info["targets"] == ["transformer.h.1.attn.c_attn"]
+    idx = ids()
+    assert torch.allclose(ours(model.eval(), idx), theirs(peft_model, idx), rtol=0, atol=1e-5)
