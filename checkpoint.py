@@ -87,7 +87,11 @@ def build_model(ckpt, load_weights=True):
     model_type = ckpt.get("model_type", "gpt")
     if model_type not in MODELS:
         raise CheckpointError(f"checkpoint model_type {model_type!r} is unknown; known: {sorted(MODELS)}")
-    model = MODELS[model_type](GPTConfig(**ckpt["model_args"]))
+    args, state = dict(ckpt["model_args"]), ckpt["model"]
+    head = state.get("lm_head.weight", state.get("lm_head.base.weight"))
+    if "transformer.wte.weight" in state and head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+        args["tie_word_embeddings"] = False  # a merged head adapter untied them (older checkpoints do not say so)
+    model = MODELS[model_type](GPTConfig(**args))
     model = inject_from_info(model, ckpt["adapter"])
     if load_weights:
         try:
@@ -237,7 +241,9 @@ def load_base(c, meta, given, say, check=True):
             say(f"note: {key} {c[key]} -> {ckpt['model_args'][key]}, the base's (set --{key} to choose)")
             c[key] = ckpt["model_args"][key]
         ckpt["model_args"][key] = c[key]
-    return merge_adapters(build_model(ckpt)), ckpt["model_type"]
+    model = merge_adapters(build_model(ckpt))
+    model.config.tie_word_embeddings = model.head_is_tied()  # what the checkpoints of the new run record
+    return model, ckpt["model_type"]
 
 
 def resolve_auto_base(c):

@@ -32,6 +32,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     gelu: str = "none"  # GELU's approximation: 'none' (exact, nanoGPT's) | 'tanh' (GPT-2's gelu_new, set by from_pretrained)
+    tie_word_embeddings: bool = True  # GPT: the LM head is the token embedding (GPT-2's); False once a head adapter merged
 
 
 class LayerNorm(nn.Module):
@@ -69,6 +70,10 @@ class LanguageModel(nn.Module):
         if non_embedding:
             n -= self.position_embedding().weight.numel()
         return n
+
+    def head_is_tied(self):
+        """Whether the LM head shares the token embedding's weight (GPT's tying)."""
+        return False
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # only trainable parameters: with adapters injected this is the adapter and nothing else.
@@ -179,8 +184,8 @@ class GPT(LanguageModel):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (https://paperswithcode.com/method/weight-tying)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_word_embeddings:  # weight tying (https://paperswithcode.com/method/weight-tying)
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(_init_weights)
         # scaled init of the residual projections, GPT-2 paper
         for name, p in self.named_parameters():
@@ -189,6 +194,9 @@ class GPT(LanguageModel):
 
     def position_embedding(self):
         return self.transformer.wpe
+
+    def head_is_tied(self):
+        return self.lm_head.weight is self.transformer.wte.weight  # merging a head adapter unties them
 
     def forward(self, idx, targets=None):
         b, t = idx.size()
@@ -207,8 +215,9 @@ class GPT(LanguageModel):
         assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
         if os.path.isdir(name_or_path):
             hf = read_json(os.path.join(name_or_path, "config.json"))
-            args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], gelu=_gelu(hf, name_or_path))
+            args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
+                        block_size=hf["n_positions"], gelu=_gelu(hf, name_or_path),
+                        tie_word_embeddings=hf.get("tie_word_embeddings", True))
             tensors = _folder_weights(name_or_path)
         elif name_or_path in GPT2_SIZES:
             from safetensors.torch import load_file
@@ -220,8 +229,8 @@ class GPT(LanguageModel):
                              "or a folder holding config.json and model.safetensors")
         args.update(bias=True, **override_args)  # GPT-2's layout always has biases
         model = cls(GPTConfig(**args))
-        state = convert_hf_gpt2_state_dict(tensors)
-        missing = sorted(set(model.state_dict()) - set(state) - {"lm_head.weight"})  # the head is tied to wte
+        state = convert_hf_gpt2_state_dict(tensors, keep_head=not model.config.tie_word_embeddings)
+        missing = sorted(set(model.state_dict()) - set(state) - ({"lm_head.weight"} if model.head_is_tied() else set()))
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
             raise ValueError(f"{name_or_path}: the weights do not fit GPT-2's layout: missing {missing[:3]}, unexpected "
@@ -241,16 +250,12 @@ class GPT(LanguageModel):
         if foreign:
             raise ValueError(f"the model holds tensors that are not GPT-2's ({foreign[:2]}...): adapters still in it? merge "
                              "them first (adapters.merge_adapters(model)), then save_pretrained")
-        if self.lm_head.weight is not self.transformer.wte.weight:
-            raise ValueError("the LM head is no longer tied to the token embedding (an adapter on lm_head was merged): "
-                             "a GPT-2 folder ties them, so it would compute another function; export the unmerged run "
-                             "with hf.py instead")
         cfg = self.config
         hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
               "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,
               "activation_function": {v: k for k, v in HF_GELU.items()}[cfg.gelu], "layer_norm_epsilon": 1e-5,
               "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-              "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}
+              "tie_word_embeddings": self.head_is_tied(), "bos_token_id": None, "eos_token_id": None}
         if cfg.vocab_size > 50256:  # GPT-2's BPE: <|endoftext|> starts and ends a text
             hf.update(bos_token_id=50256, eos_token_id=50256)
         os.makedirs(folder, exist_ok=True)
@@ -289,21 +294,24 @@ GPT2_SIZES = {
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def convert_hf_gpt2_state_dict(sd):
-    """Hugging Face GPT-2 keys and layout -> this file's GPT. The head is tied to wte, so not loaded."""
+def convert_hf_gpt2_state_dict(sd, keep_head=False):
+    """Hugging Face GPT-2 keys and layout -> this file's GPT. A head tied to wte is not loaded; an
+    untied one (keep_head) is."""
     out = {}
     for k, v in sd.items():
         k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" and keep_head:
+            out[k] = v
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers of old checkpoints; the tied head
+            continue  # causal-mask buffers of old checkpoints; the head
         out["transformer." + k] = v.t().contiguous() if k.endswith(_CONV1D) else v
     return out
 
 
 def to_hf_gpt2_state_dict(model):
     """This file's GPT -> Hugging Face GPT-2 keys and Conv1D layout (the inverse of the above): zero
-    biases where the model has none, the tied head left out (transformers ties it to wte)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    biases where the model has none, a tied head left out (transformers ties it to wte)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.head_is_tied()}
     out = {}
     for k, v in sd.items():
         out[k] = (v.t() if k.endswith(_CONV1D) else v).contiguous().clone()
@@ -317,7 +325,7 @@ def to_hf_gpt2_state_dict(model):
 # config.json's activation_function -> GPTConfig.gelu (transformers' names)
 HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # GPT-2 config fields that change the function, at the values this GPT computes: any other is refused
-HF_FIXED = {"tie_word_embeddings": True, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "layer_norm_epsilon": 1e-5, "n_inner": None}
 
 

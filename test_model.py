@@ -129,7 +129,7 @@ def hf_gpt2(folder, **config):
     return model
 
 
-@pytest.mark.parametrize("field, value", [("tie_word_embeddings", False), ("scale_attn_by_inverse_layer_idx", True),
+@pytest.mark.parametrize("field, value", [("scale_attn_by_inverse_layer_idx", True),
                                           ("scale_attn_weights", False), ("layer_norm_epsilon", 1e-3), ("n_inner", 48)])
 def test_a_gpt2_config_field_this_gpt_does_not_compute_is_refused(tmp_path, field, value):
     """Each of these changes transformers' outputs; reading the folder as if it did not would give
@@ -139,11 +139,14 @@ def test_a_gpt2_config_field_this_gpt_does_not_compute_is_refused(tmp_path, fiel
         GPT.from_pretrained(str(tmp_path))
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded", "gelu_pytorch_tanh", "n_inner_4x"])
+@pytest.mark.parametrize("layout", ["single", "sharded", "gelu_pytorch_tanh", "n_inner_4x", "untied head"])
 def test_gpt2_folders_transformers_writes_load_with_its_logits(tmp_path, layout):
-    extra = {"activation_function": "gelu_pytorch_tanh"} if layout == "gelu_pytorch_tanh" else \
-        {"n_inner": 128} if layout == "n_inner_4x" else {}
+    extra = {"single": {}, "sharded": {}, "gelu_pytorch_tanh": {"activation_function": "gelu_pytorch_tanh"},
+             "n_inner_4x": {"n_inner": 128}, "untied head": {"tie_word_embeddings": False}}[layout]
     hf = hf_gpt2(tmp_path, **extra)
+    if layout == "untied head":  # a head of its own, not a copy of the embedding
+        with torch.no_grad():
+            hf.lm_head.weight.normal_(0, 0.1)
     hf.save_pretrained(str(tmp_path), max_shard_size="20KB" if layout == "sharded" else "5GB")
     assert (tmp_path / "model.safetensors.index.json").exists() == (layout == "sharded")
     model = GPT.from_pretrained(str(tmp_path)).eval()
@@ -171,7 +174,9 @@ def test_an_incomplete_or_pickled_gpt2_folder_is_one_line(tmp_path):
 
 def test_save_pretrained_refuses_a_model_that_still_holds_adapters(tmp_path):
     """Its folder would load as another function: refused in one line; merged first, it writes and
-    loads back with the adapted model's logits."""
+    loads back with the adapted model's logits. A merged head adapter unties the head from the
+    embedding: the folder says tie_word_embeddings=false and holds lm_head.weight, and both this GPT
+    and transformers load it with the adapted logits."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True)).eval()
     inject_adapters(model, "lora", rank=2)
@@ -185,8 +190,17 @@ def test_save_pretrained_refuses_a_model_that_still_holds_adapters(tmp_path):
     idx = torch.randint(0, 50, (2, 16))
     from adapters import merge_adapters
 
-    with pytest.raises(ValueError, match="no longer tied"):  # the merged head is not the embedding any more
-        merge_adapters(copy.deepcopy(model)).save_pretrained(str(tmp_path / "untied"))
+    want = model(idx, idx)[0]
+    merge_adapters(copy.deepcopy(model)).save_pretrained(str(tmp_path / "untied"))
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = GPT.from_pretrained(str(tmp_path / "untied")).eval()
+    assert not back.head_is_tied()
+    assert (back(idx, idx)[0] - want).abs().max() <= 1e-5 * want.abs().max()  # merged in fp32: rounding only
+    from transformers import GPT2LMHeadModel
+
+    with torch.no_grad():
+        theirs = GPT2LMHeadModel.from_pretrained(str(tmp_path / "untied")).eval()(idx).logits
+    assert (theirs - want).abs().max() <= 1e-5 * want.abs().max()
     model.lm_head = model.lm_head.base  # the head's adapter dropped: the rest merged still differs from the base
     want = model(idx, idx)[0]
     merge_adapters(model).save_pretrained(str(tmp_path / "merged"))

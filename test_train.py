@@ -367,3 +367,22 @@ def test_a_resume_keeps_the_adapter_it_trained(pretrained, char_data, tmp_path):
     ckpt = load_checkpoint(str(out))
     assert ckpt["iter_num"] == 8 and (ckpt["config"]["lora_rank"], ckpt["config"]["lora_alpha"]) == (2, 4.0)
     assert {m.rank for m in adapter_layers(checkpoint.build_model(ckpt)).values()} == {2}
+
+
+def test_a_fine_tune_of_a_fine_tune_keeps_its_untied_head(char_data, pretrained, tmp_path):
+    """Fine-tuning a run whose LM head was adapted merges that adapter into the head only, untying it
+    from the token embedding. The new run's checkpoint holds the two tensors, and build_model gives
+    back each one bit for bit (tying them again would overwrite one with the other)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.train(tiny(char_data, first, adapter="lora", lora_rank=2, init_from=pretrained, learning_rate=5e-2,
+                     max_iters=4, eval_interval=4), environ={})
+    train.train(tiny(char_data, second, adapter="lora", lora_rank=2, init_from=str(first), max_iters=4,
+                     eval_interval=4), environ={})
+    ckpt = checkpoint.load_checkpoint(str(second))
+    assert ckpt["model_args"]["tie_word_embeddings"] is False
+    assert not torch.equal(ckpt["model"]["transformer.wte.weight"], ckpt["model"]["lm_head.base.weight"])
+    state = checkpoint.build_model(ckpt).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
+    del ckpt["model_args"]["tie_word_embeddings"]  # as a checkpoint written before the flag: the tensors decide
+    state = checkpoint.build_model(ckpt).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
