@@ -101,19 +101,25 @@ def build_model(ckpt, load_weights=True):
     return model
 
 
-def initial_model(ckpt, meta):
-    """The model a run started from, before its first step, as train.py built it: its base (rebuilt from
-    the seed, or loaded from what init_from names) cut to the run's block_size, with the adapters its
-    entry describes initialised from the same random stream. A bound's receiver holds this before the
-    message arrives (eval_bounds.py checks that the two give the scored model)."""
+def run_base(ckpt, meta=None):
+    """The base a run started from, as train.py loaded it (before the cut to block_size and the
+    adapters): rebuilt from the seed, or loaded from what init_from names. Seeds torch as train.py did."""
     c = {**ckpt["model_args"], "model_type": ckpt.get("model_type", "gpt"), "data_dir": "", "dataset": "", "seed": 1337,
          **ckpt["config"]}  # an imported adapter's config names little more than its base
     torch.manual_seed(c["seed"])
     try:
-        model, _ = load_base(c, meta, set(c), say=lambda line: None, check=False)
-    except Exception as e:  # a base moved, deleted or not downloadable here: one line, no bound
+        return load_base(c, meta, set(c), say=lambda line: None, check=False)[0]
+    except Exception as e:  # a base moved, deleted or not downloadable here: one line
         raise CheckpointError(f"the base this run names ({c.get('init_from')!r}) cannot be rebuilt: "
                               f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def initial_model(ckpt, meta):
+    """The model a run started from, before its first step, as train.py built it: its base (run_base)
+    cut to the run's block_size, with the adapters its entry describes initialised from the same random
+    stream. A bound's receiver holds this before the message arrives (eval_bounds.py checks that the
+    two give the scored model)."""
+    model = run_base(ckpt, meta)
     if ckpt["model_args"]["block_size"] < model.config.block_size:
         model.crop_block_size(ckpt["model_args"]["block_size"])
     return inject_from_info(model, ckpt["adapter"])

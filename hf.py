@@ -22,6 +22,7 @@ and peft installed:
     model = PeftModel.from_pretrained(base, "out-shakespeare-lora/peft")
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -32,10 +33,11 @@ from collections import Counter
 import torch
 
 from adapters import AdapterError, adapter_layers, adapter_state_dict, inject_adapters, load_adapter_state_dict, lora_model
-from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, save_adapter_file, save_checkpoint
+from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, run_base, save_adapter_file, save_checkpoint
 from configurator import ConfigError, cli, config_defaults, configure
 from files import atomic_write, read_json
-from model import GPT, GPT2_SIZES
+from model import GPT, GPT2_SIZES, is_gpt2_folder
+from prepare import read_meta, write_hf_tokenizer
 
 out_dir = "out"  # export: the run to export; import: the run folder to write
 export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
@@ -116,6 +118,28 @@ def hub_name(init_from):
     return HUB + init_from if init_from in GPT2_SIZES else None
 
 
+def base_for_export(model, ckpt, vocab):
+    """The run's frozen weights (the adapters' bases) as a plain GPT for base/: its head untied from the
+    embedding when an adapter adapts it (PEFT then merges into the head alone), the position table of
+    the base it started from in full (a fine-tune cut to block_size keeps the rest), the token rows cut
+    to the real vocabulary (a padded nanoGPT vocabulary)."""
+    plain = lora_model(model)
+    tied = "lm_head" not in adapter_layers(model) and plain.head_is_tied()
+    start = run_base(ckpt) if ckpt.get("config", {}).get("init_from", "scratch") != "scratch" else plain
+    positions = max(plain.config.block_size, start.config.block_size)
+    config = dataclasses.replace(plain.config, tie_word_embeddings=tied, block_size=positions, vocab_size=vocab)
+    base = GPT(config)
+    state = {k.replace(".base.", "."): v for k, v in plain.state_dict().items()}
+    state = {k: v for k, v in state.items() if k in base.state_dict()}
+    state["lm_head.weight"] = state.get("lm_head.weight", state["transformer.wte.weight"])
+    wpe = start.transformer.wpe.weight.detach()
+    state["transformer.wpe.weight"] = torch.cat([state["transformer.wpe.weight"], wpe[plain.config.block_size :]])
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        state[k] = state[k][:vocab]
+    base.load_state_dict(state, strict=True)
+    return base
+
+
 def export_run(c):
     ckpt = load_checkpoint(c["out_dir"])
     info, cfg = ckpt["adapter"], ckpt.get("config", {})
@@ -124,19 +148,23 @@ def export_run(c):
     folder = c["export_dir"] or os.path.join(c["out_dir"], "peft")
     if os.path.isdir(folder) and os.listdir(folder) and not c["overwrite"]:
         raise ConfigError(f"{folder!r} is not empty: choose another --export_dir or pass --overwrite=True")
+    meta = ckpt.get("meta") or read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
+    vocab = meta["vocab_size"] if meta else min(ckpt["model_args"]["vocab_size"], 50257)  # nanoGPT pads 50257 to 50304
     model = build_model(ckpt).eval()
-    factors = lora_factors(model)
+    factors = {n: (A, B[:vocab] if n == "lm_head" else B, s, m[:vocab] if n == "lm_head" and m is not None else m)
+               for n, (A, B, s, m) in lora_factors(model).items()}
     hub = hub_name(cfg.get("init_from", ""))
     base_dir = os.path.join(folder, "base")
-    if hub and not info["train_embeddings"] and not c["write_base"]:
+    if hub and not info["train_embeddings"] and not c["write_base"] and "lm_head" not in factors:
         base_name = hub
-    else:  # the frozen weights of the run: the adapters' bases, put back into a plain GPT
-        plain = lora_model(model)
-        base_model = GPT(plain.config)
-        state = {k.replace(".base.", "."): v for k, v in plain.state_dict().items()}
-        base_model.load_state_dict({k: v for k, v in state.items() if k in base_model.state_dict()})
-        base_model.save_pretrained(base_dir)
-        base_name = os.path.abspath(base_dir)
+    else:  # the run's frozen weights, with the tokenizer that reads its data
+        if hub and "lm_head" in factors:
+            print(f"note: the adapter adapts lm_head, which {hub} ties to the token embedding: base/ is written with "
+                  "an untied head, so PEFT's merge_and_unload changes the head alone")
+        base_for_export(model, ckpt, vocab).save_pretrained(base_dir)
+        if not write_hf_tokenizer(meta, base_dir, ckpt["model_args"]["block_size"]):
+            print("note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 bytes)")
+        base_name = os.path.relpath(base_dir)  # relative: an export copied with its folder still finds its base
     config = export_peft(factors, folder, base_name, dropout=info["settings"].get("dropout", 0.0))
     n = sum(A.numel() + B.numel() for A, B, _, _ in factors.values())
     print(f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"
@@ -232,8 +260,11 @@ def import_peft(folder, base=""):
     DoRA adapter: the base loaded as GPT.from_pretrained, the layers injected with PEFT's ranks and
     scales, the tensors copied."""
     config, layers = read_peft(folder)
+    base_given = bool(base)
     base = base or config.get("base_model_name_or_path") or ""
     base = base.removeprefix(HUB)
+    if base and not base_given and not (base in GPT2_SIZES or os.path.isdir(base)) and is_gpt2_folder(os.path.join(folder, "base")):
+        base = os.path.join(folder, "base")  # an export's relative base, read from another working directory
     if not base:
         raise ConfigError(f"{folder}: adapter_config.json names no base model; pass --base=gpt2 (or a GPT-2 folder)")
     if not (base in GPT2_SIZES or os.path.isdir(base)):

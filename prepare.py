@@ -68,6 +68,49 @@ def load_tokenizer(meta):
     return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
 
 
+def _bytes_to_unicode():
+    """GPT-2's printable stand-in for each byte (its vocab.json and merges.txt spell tokens with them)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) if b in keep else chr(256 + extra.index(b)) for b in range(256)}
+
+
+def write_hf_tokenizer(meta, folder, max_length):
+    """The dataset's tokenizer as files transformers' AutoTokenizer reads from `folder`: GPT-2 BPE as
+    vocab.json + merges.txt (rebuilt from tiktoken's ranks: each token's merge is the last step of BPE
+    over its bytes with the ranks below its own), characters as a tokenizer.json that splits every
+    character and maps it to its id. Bytes datasets get none (returns False)."""
+
+    if meta and meta.get("tokenizer") == "bytes":
+        return False
+    if meta and meta.get("tokenizer") == "char":
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
+                "post_processor": None, "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": meta["stoi"], "unk_token": next(iter(meta["stoi"]))}}
+        atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(spec, ensure_ascii=False))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                  "clean_up_tokenization_spaces": False}
+    else:
+        ranks, show = gpt2_encoding()._mergeable_ranks, _bytes_to_unicode()
+        spell = lambda b: "".join(show[x] for x in b)  # noqa: E731
+        merges = []
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            parts = [bytes([x]) for x in token]
+            while len(parts) > 2:  # BPE with the merges ranked below this token: two parts are left
+                i = min(range(len(parts) - 1), key=lambda k: ranks.get(parts[k] + parts[k + 1], rank))
+                parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            if len(parts) == 2:
+                merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+        vocab = {spell(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": EOT}
+        atomic_write(os.path.join(folder, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
+        atomic_write(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": "<|endoftext|>",
+                  "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}
+    atomic_write(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=1))
+    return True
+
+
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):

@@ -9,6 +9,7 @@ RankAllocator over a whole schedule. peft and transformers are test-only require
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -22,8 +23,8 @@ import hf  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
 from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers,  # noqa: E402
-                      adapter_state_dict, count_params, find_targets, inject_adapters, merge_adapters,
-                      rank_pattern_layers)
+                      adapter_state_dict, count_params, find_targets, inject_adapters, load_adapter_state_dict,
+                      merge_adapters, rank_pattern_layers)
 from checkpoint import (FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file,  # noqa: E402
                         save_adapter_file)
 from model import GPT, GPTConfig  # noqa: E402
@@ -264,7 +265,7 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
     export = tmp_path / "export"
     hf.main([f"--out_dir={run}", f"--export_dir={export}"])
     config = json.loads((export / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(export / "base") and (export / "base" / "config.json").is_file()
+    assert config["base_model_name_or_path"] == os.path.relpath(export / "base") and (export / "base" / "config.json").is_file()
     model = build_model(load_checkpoint(str(run))).eval()
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
     idx = ids(t=32)
@@ -348,3 +349,93 @@ def test_import_accepts_only_the_options_it_understands(gpt2_dir, tmp_path):
     assert info["targets"] == ["transformer.h.1.attn.c_attn"]
     idx = ids()
     assert torch.allclose(ours(model.eval(), idx), theirs(peft_model, idx), rtol=0, atol=1e-5)
+
+
+def export_of(model, info, config, meta, folder):
+    """A run folder holding `model` (a GPT with adapters) as train.py would save it, exported by hf.py."""
+    from checkpoint import save_checkpoint
+
+    os.makedirs(folder)
+    args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": args,
+                     "iter_num": 1, "best_val_loss": 1.0, "config": config, "adapter": info, "meta": meta},
+                    str(folder / "ckpt.pt"))
+    hf.main([f"--out_dir={folder}"])
+    return folder / "peft"
+
+
+def test_an_export_merges_in_peft_with_every_position_and_its_tokenizer(gpt2_dir, char_data, tmp_path):
+    """A GPT-2 folder (64 positions) fine-tuned at block 32 with its head adapted: base/ holds an untied
+    head, so PEFT's merge_and_unload gives the adapted logits and leaves the embedding alone; every
+    position of the base is there (a 48-token input gives the adapted model's logits); the adapter names
+    its base by a relative path; AutoTokenizer reads base/ and round-trips the training text."""
+    from transformers import AutoTokenizer
+
+    from prepare import load_tokenizer, read_meta
+
+    torch.manual_seed(0)
+    full = GPT.from_pretrained(gpt2_dir)
+    model = copy.deepcopy(full)
+    model.crop_block_size(32)
+    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
+    inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    meta = read_meta(char_data)
+    export = export_of(model, info, {"init_from": gpt2_dir, "data_dir": char_data}, meta, tmp_path / "run")
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.relpath(export / "base")
+    base_config = json.loads((export / "base" / "config.json").read_text())
+    assert base_config["tie_word_embeddings"] is False and base_config["n_positions"] == 64
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(config["base_model_name_or_path"]),
+                                           str(export)).eval()
+    idx = ids(t=32)
+    want = ours(model.eval(), idx)
+    assert torch.allclose(theirs(peft_model, idx), want, rtol=0, atol=1e-5)
+    merged = peft_model.merge_and_unload()
+    got = theirs(merged, idx)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(merged.transformer.wte.weight, GPT2LMHeadModel.from_pretrained(gpt2_dir).transformer.wte.weight)
+    long = ids(t=48)  # past the fine-tune's block: the base's own positions 32..47
+    inject_adapters(full, "lora", targets=info["targets"], **info["settings"])
+    load_adapter_state_dict(full, adapter_state_dict(model))
+    want = ours(full.eval(), long)
+    assert (theirs(merged, long) - want).abs().max() <= 1e-5 * want.abs().max()
+    copied = tmp_path / "elsewhere" / "peft"  # the export moved: its relative base is found beside it
+    import shutil
+
+    shutil.copytree(export, copied)
+    shutil.rmtree(export)
+    imported, _, base = hf.import_peft(str(copied))
+    assert base == str(copied / "base") and torch.equal(ours(imported.eval(), idx), ours(model, idx))
+    text = open("testdata/tinyshakespeare.txt").read()[:5000]
+    tokenizer = AutoTokenizer.from_pretrained(str(copied / "base"))
+    encode, _ = load_tokenizer(meta)
+    assert tokenizer(text)["input_ids"] == encode(text) and tokenizer.decode(encode(text)) == text
+
+
+def test_a_padded_vocabulary_exports_as_gpt2s_with_its_tokenizer(tmp_path):
+    """A nanoGPT-style model on GPT-2 tokens (vocabulary padded to 50,304) exports 50,257 token rows, the
+    same logits over them in PEFT, and GPT-2's tokenizer files, which give tiktoken's ids."""
+    from transformers import AutoTokenizer
+
+    from prepare import load_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, bias=True))
+    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
+    inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    export = export_of(model, info, {"init_from": "scratch", "dataset": "none-here"}, None, tmp_path / "run")
+    assert json.loads((export / "base" / "config.json").read_text())["vocab_size"] == 50257
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(theirs(peft_model, idx), ours(model.eval(), idx)[..., :50257], rtol=0, atol=1e-5)
+    text = "ROMEO: But, soft! what light through yonder window breaks?<|endoftext|> Ünïcödé\n"
+    encode, _ = load_tokenizer(None)
+    assert AutoTokenizer.from_pretrained(str(export / "base"))(text)["input_ids"] == encode(text)
