@@ -278,6 +278,13 @@ class Family:
         """Why a run with this config cannot be bounded from its message (eval_bounds.py), or None."""
         return None
 
+    @classmethod
+    def peft_native(cls, model, info, config):
+        """The family in PEFT's own format, where PEFT has one (hf.py --peft_format=native): (the
+        adapter_config.json fields, {module name: {PEFT tensor name: tensor}})."""
+        raise AdapterError(f"PEFT has no format of its own for {cls.kind}: export it as the LoRA it computes "
+                           "(--peft_format=lora)")
+
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         """[(optimizer, peak learning rate)]; every one follows train.py's schedule scaled to its peak.
         Called once the model to train exists, new or resumed."""
@@ -991,6 +998,25 @@ class AdaLoRA(Family):
         self.say(pruned_summary(self.kind, kept, before, sum(v.numel() for v in state.values())))
         return dict(info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()}), state
 
+    @classmethod
+    @torch.no_grad()
+    def peft_native(cls, model, info, config):
+        """PEFT's AdaLoRA: every layer's A, B and E (as (r, 1)) sliced to the ranks with E != 0, its mask
+        in rank_pattern (a layer with none keeps one rank at E = 0: PEFT cannot hold rank 0), init_r the
+        initial rank. PEFT scales by alpha / (ranknum + 1e-5), this repo by alpha / ranknum."""
+        pattern, tensors = {}, {}
+        for name, layer in adapter_layers(model).items():
+            keep = layer.lora_E != 0
+            keep[0] |= not keep.any()
+            pattern[f"{name}.lora_E"] = keep.tolist()
+            tensors[name] = {"lora_A": layer.lora_A[keep], "lora_B": layer.lora_B[:, keep], "lora_E": layer.lora_E[keep][:, None]}
+        c = {k: config.get(k, v[0]) for k, v in cls.keys.items()}
+        fields = dict(peft_type="ADALORA", init_r=info["settings"]["rank"], lora_alpha=info["settings"]["alpha"],
+                      target_r=c["adalora_target_r"], tinit=c["adalora_tinit"], tfinal=c["adalora_tfinal"],
+                      deltaT=c["adalora_deltaT"], beta1=c["adalora_beta1"], beta2=c["adalora_beta2"],
+                      orth_reg_weight=c["adalora_orth_reg_weight"], total_step=config.get("max_iters", 1), rank_pattern=pattern)
+        return fields, tensors
+
     def state_dict(self):
         return {"allocator": self.allocator.state_dict()}
 
@@ -1000,6 +1026,11 @@ class AdaLoRA(Family):
 
 class AdaDoRA(AdaLoRA):
     kind, layer = "adadora", AdaDoRALinear
+
+    @classmethod
+    def peft_native(cls, model, info, config):
+        raise AdapterError("PEFT's AdaLoRA has no DoRA magnitude: adadora leaves as the DoRA it computes "
+                           "(--peft_format=lora)")
 
 # -----------------------------------------------------------------------------
 # Rotational PiSSA: SVD-initialised principal adapter, trained through rotations

@@ -32,7 +32,8 @@ from collections import Counter
 
 import torch
 
-from adapters import AdapterError, adapter_layers, adapter_state_dict, inject_adapters, load_adapter_state_dict, lora_model
+from adapters import (AdapterError, adapter_layers, adapter_state_dict, family_of, inject_adapters, load_adapter_state_dict,
+                      lora_model)
 from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, run_base, save_adapter_file, save_checkpoint
 from configurator import ConfigError, cli, config_defaults, configure
 from files import atomic_write, read_json
@@ -42,6 +43,7 @@ from prepare import read_meta, write_hf_tokenizer
 out_dir = "out"  # export: the run to export; import: the run folder to write
 export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
 write_base = False  # export: write base/ even when the base is a hub GPT-2 (always written for a base trained here)
+peft_format = "lora"  # export: 'lora' (every family, as the LoRA / DoRA it computes) | 'native' (PEFT's own: AdaLoRA)
 import_from = ""  # import: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 base = ""  # import: the base, a gpt2 name or a GPT-2 folder ('' = the adapter's base_model_name_or_path)
 dataset = "openwebtext"  # import: data/<dataset>/ holds the data eval_bounds and train.py score the imported run on
@@ -113,6 +115,26 @@ def export_peft(factors, folder, base_name_or_path, dropout=0.0):
     return config
 
 
+def export_native(model, ckpt, folder, base_name, dropout, vocab):
+    """The run in its family's own PEFT format (Family.peft_native); returns the config written."""
+    from safetensors.torch import save
+
+    info = ckpt["adapter"]
+    try:
+        fields, layers = family_of(info["kind"]).peft_native(model, info, ckpt.get("config", {}))
+    except AdapterError as e:
+        raise InteropError(str(e)) from None
+    tensors = {f"{PREFIX}{name}.{part}": (t[:vocab] if name == "lm_head" and part == "lora_B" else t).contiguous()
+               for name, parts in layers.items() for part, t in parts.items()}
+    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "lora_dropout": dropout,
+              "target_modules": sorted(layers), "fan_in_fan_out": True, "bias": "none", "init_lora_weights": True,
+              "inference_mode": True, **fields}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
+    atomic_write(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
+    return config
+
+
 def hub_name(init_from):
     """The hub id of a GPT-2 name ('gpt2-medium' -> 'openai-community/gpt2-medium'), else None."""
     return HUB + init_from if init_from in GPT2_SIZES else None
@@ -165,7 +187,13 @@ def export_run(c):
         if not write_hf_tokenizer(meta, base_dir, ckpt["model_args"]["block_size"]):
             print("note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 bytes)")
         base_name = os.path.relpath(base_dir)  # relative: an export copied with its folder still finds its base
-    config = export_peft(factors, folder, base_name, dropout=info["settings"].get("dropout", 0.0))
+    dropout = info["settings"].get("dropout", 0.0)
+    if c["peft_format"] == "native":
+        config = export_native(model, ckpt, folder, base_name, dropout, vocab)
+        print(f"exported {info['kind']} in PEFT's {config['peft_type']} format ({len(config['target_modules'])} modules) "
+              f"to {folder}/ for base {base_name}")
+        return folder
+    config = export_peft(factors, folder, base_name, dropout=dropout)
     n = sum(A.numel() + B.numel() for A, B, _, _ in factors.values())
     print(f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"
           f"{' with a rank_pattern' if config['rank_pattern'] else ''}, {n:,} LoRA numbers"
@@ -177,13 +205,16 @@ def export_run(c):
 # import: a PEFT LoRA / DoRA adapter for GPT-2 into this repo's GPT
 
 
-TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "base_layer.weight": "W"}
+TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "base_layer.weight": "W",
+           "lora_A": "A", "lora_B": "B", "lora_E": "E"}  # the last three: AdaLoRA's
 # the LoraConfig fields the importer understands: what it reads (ranks, scales, DoRA; which modules the
 # tensors say), and what describes the file rather than the function
 UNDERSTOOD = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
               "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
               "peft_type", "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "runtime_config",
-              "megatron_core", "qalora_group_size"}
+              "megatron_core", "qalora_group_size",
+              # AdaLoRA's: its initial rank and mask (read), its training schedule (no effect on the function)
+              "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
 INITS = (True, False, "gaussian")  # initialisations that leave the base weights as they are (not pissa, olora, ...)
 # every other field must hold PEFT's default (LoraConfig, peft 0.21); a field not listed, an empty value
 DEFAULTS_ONLY = {"bias": "none", "modules_to_save": None, "init_lora_weights": True, "megatron_config": None,
@@ -225,9 +256,8 @@ def read_peft(folder):
         raise InteropError(f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
                            "adapter_model.safetensors (PeftModel.save_pretrained writes both)")
     config = read_json(paths[0])
-    if config.get("peft_type") != "LORA":
-        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters import "
-                           "(an AdaLoRA adapter: export it from PEFT as LoRA, or train it here)")
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
+        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; LoRA, DoRA and AdaLoRA adapters import")
     bad = unsupported_options(config)
     if bad:
         raise InteropError(f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
@@ -256,9 +286,9 @@ def read_peft(folder):
 
 
 def import_peft(folder, base=""):
-    """(model with the adapters, the checkpoint's adapter entry, the base's name) for a PEFT LoRA /
-    DoRA adapter: the base loaded as GPT.from_pretrained, the layers injected with PEFT's ranks and
-    scales, the tensors copied."""
+    """(model with the adapters, the checkpoint's adapter entry, the base's name) for a PEFT LoRA, DoRA
+    or AdaLoRA adapter: the base loaded as GPT.from_pretrained, the layers injected with PEFT's ranks
+    and scales, the tensors copied."""
     config, layers = read_peft(folder)
     base_given = bool(base)
     base = base or config.get("base_model_name_or_path") or ""
@@ -272,7 +302,8 @@ def import_peft(folder, base=""):
                           "folder here; pass --base=NAME_OR_FOLDER")
     model = GPT.from_pretrained(base)
     modules = dict(model.named_modules())
-    settings, use_dora = {}, bool(config.get("use_dora"))
+    settings, use_dora, adalora = {}, bool(config.get("use_dora")), config["peft_type"] == "ADALORA"
+    parts = {"A", "B", "E"} if adalora else {"A", "B", "m"} if use_dora else {"A", "B"}
     for name, t in sorted(layers.items()):
         if name not in modules or type(modules[name]) is not torch.nn.Linear:
             raise InteropError(f"the adapter adapts {name!r}, which is not a Linear of GPT-2 here (linears are e.g. "
@@ -281,21 +312,25 @@ def import_peft(folder, base=""):
         if W is not None and not torch.equal(W.to(modules[name].weight.dtype), modules[name].weight.detach()):
             raise InteropError(f"the adapter carries its own {name}.weight, not the base's (a resized or trained "
                                f"embedding): it needs that base, which {base!r} is not")
-        if set(t) != ({"A", "B", "m"} if use_dora else {"A", "B"}):
-            raise InteropError(f"{name}: the adapter file holds {sorted(t)} of A, B, m; use_dora={use_dora} needs "
-                               f"{'A, B and m' if use_dora else 'A and B'}")
+        if set(t) != parts:
+            raise InteropError(f"{name}: the adapter file holds {sorted(t)}; a {config['peft_type']} adapter with "
+                               f"use_dora={use_dora} needs {sorted(parts)}")
         r = t["A"].shape[0]
+        if adalora:  # ΔW = B diag(E) A · alpha / ranknum, ranknum the initial rank (PEFT adds 1e-5 to it)
+            settings[name] = dict(rank=r, ranknum=config.get("init_r", 12))
+            continue
         key = pattern_key(config.get("alpha_pattern") or {}, name)
         alpha = config["alpha_pattern"][key] if key else config["lora_alpha"]
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         settings[name] = dict(rank=r, scaling=scaling)
-    kind = "dora" if use_dora else "lora"
-    info = dict(kind=kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
+    kind = "adalora" if adalora else "dora" if use_dora else "lora"
+    info = dict(kind=kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0)),
+                                                                 **({"alpha": float(config["lora_alpha"])} if adalora else {})),
                 train_embeddings=False, layers=settings)
     inject_adapters(model, kind, targets=info["targets"], layers=settings, **info["settings"])
     dtype = model.lm_head.weight.dtype
-    state = {f"{name}.{ours}": t[part].to(dtype) for name, t in layers.items()
-             for part, ours in (("A", "lora_A"), ("B", "lora_B"), ("m", "magnitude")) if part in t}
+    state = {f"{name}.{ours}": t[part].reshape(-1).to(dtype) if part == "E" else t[part].to(dtype) for name, t in layers.items()
+             for part, ours in (("A", "lora_A"), ("B", "lora_B"), ("m", "magnitude"), ("E", "lora_E")) if part in t}
     load_adapter_state_dict(model, state)  # every tensor present, each of the layer's shape (else: another GPT-2 size)
     return model, info, base
 

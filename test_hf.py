@@ -351,16 +351,16 @@ def test_import_accepts_only_the_options_it_understands(gpt2_dir, tmp_path):
     assert torch.allclose(ours(model.eval(), idx), theirs(peft_model, idx), rtol=0, atol=1e-5)
 
 
-def export_of(model, info, config, meta, folder):
+def export_of(model, info, config, meta, folder, *args):
     """A run folder holding `model` (a GPT with adapters) as train.py would save it, exported by hf.py."""
     from checkpoint import save_checkpoint
 
     os.makedirs(folder)
-    args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": args,
+    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
                      "iter_num": 1, "best_val_loss": 1.0, "config": config, "adapter": info, "meta": meta},
                     str(folder / "ckpt.pt"))
-    hf.main([f"--out_dir={folder}"])
+    hf.main([f"--out_dir={folder}", *args])
     return folder / "peft"
 
 
@@ -439,3 +439,52 @@ def test_a_padded_vocabulary_exports_as_gpt2s_with_its_tokenizer(tmp_path):
     text = "ROMEO: But, soft! what light through yonder window breaks?<|endoftext|> Ünïcödé\n"
     encode, _ = load_tokenizer(None)
     assert AutoTokenizer.from_pretrained(str(export / "base"))(text)["input_ids"] == encode(text)
+
+
+def test_adalora_exports_and_imports_in_peft_adalora_format(gpt2_dir, char_data, tmp_path):
+    """--peft_format=native writes PEFT's AdaLoRA (AdaLoraConfig, A, B, E sliced to the kept ranks, the
+    mask in rank_pattern; a layer masked whole keeps one rank at E = 0): PeftModel gives the run's
+    logits and the import gives them back. An AdaLoRA adapter PEFT itself allocated imports with its
+    logits. AdaDoRA, which PEFT's AdaLoRA cannot hold, is refused in one line (it leaves as DoRA)."""
+    from prepare import read_meta
+
+    model = trained(GPT.from_pretrained(gpt2_dir), "adalora")
+    info = dict(kind="adalora", targets=list(adapter_layers(model)), settings=dict(rank=4, alpha=8.0), train_embeddings=False)
+    config = {"init_from": gpt2_dir, "data_dir": char_data, "max_iters": 50, "adalora_target_r": 2, "adalora_tinit": 5}
+    export = export_of(model, info, config, read_meta(char_data), tmp_path / "run", "--peft_format=native")
+    saved = json.loads((export / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["init_r"] == 4 and saved["total_step"] == 50
+    masks = {f"{n}.lora_E": (layer.lora_E != 0).tolist() for n, layer in adapter_layers(model).items()}
+    assert saved["rank_pattern"] == {n: m if any(m) else [True, False, False, False] for n, m in masks.items()}
+    assert not any(masks["transformer.h.0.attn.c_proj.lora_E"])  # masked whole: kept as one rank at E = 0
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(saved["base_model_name_or_path"]),
+                                           str(export)).eval()
+    assert type(peft_model.peft_config["default"]).__name__ == "AdaLoraConfig"
+    idx = ids()
+    want = ours(model, idx)
+    assert torch.allclose(theirs(peft_model, idx), want, rtol=0, atol=1e-5)
+    back, back_info, _ = hf.import_peft(str(export))
+    assert back_info["kind"] == "adalora"
+    assert torch.allclose(ours(back.eval(), idx), want, rtol=0, atol=1e-5)
+
+    torch.manual_seed(0)  # an AdaLoRA adapter PEFT trained and allocated itself
+    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, tinit=1, tfinal=1, deltaT=1, total_step=6,
+                        target_modules=["c_attn", "c_fc"])
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
+    for step in range(6):
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn_like(p)
+                with torch.no_grad():
+                    p.sub_(0.1 * p.grad)
+        peft_model.base_model.update_and_allocate(step)
+    peft_model.save_pretrained(str(tmp_path / "peft_adalora"))
+    reloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(tmp_path / "peft_adalora")).eval()
+    mine, mine_info, _ = hf.import_peft(str(tmp_path / "peft_adalora"), base=gpt2_dir)
+    assert {s["rank"] for s in mine_info["layers"].values()} <= {0, 1, 2, 3, 4}
+    assert torch.allclose(ours(mine.eval(), idx), theirs(reloaded, idx), rtol=0, atol=1e-5)
+
+    dora = trained(GPT.from_pretrained(gpt2_dir), "adadora")
+    info = dict(info, kind="adadora")
+    with pytest.raises(hf.InteropError, match="PEFT's AdaLoRA has no DoRA magnitude"):
+        export_of(dora, info, config, read_meta(char_data), tmp_path / "dora", "--peft_format=native")
