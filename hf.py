@@ -1,10 +1,11 @@
 """
 Hugging Face interop: any adapter trained here as a PEFT LoRA / DoRA adapter for transformers'
-GPT2LMHeadModel, and a PEFT LoRA / DoRA adapter for GPT-2 as a run folder here (sample, evaluate,
-bound it).
+GPT2LMHeadModel (AdaLoRA also in PEFT's own AdaLoRA format), and a PEFT LoRA / DoRA / AdaLoRA adapter
+for GPT-2 as a run folder here (sample, evaluate, bound it).
 
     python hf.py --out_dir=out-shakespeare-lora                          # -> out-shakespeare-lora/peft/ (+ base/)
-    python hf.py --out_dir=out-gpt2-lora --export_dir=gpt2-lora-peft     # a GPT-2 fine-tune: the base stays 'gpt2'
+    python hf.py --out_dir=out-gpt2-lora --export_dir=gpt2-lora-peft     # a GPT-2 fine-tune
+    python hf.py --out_dir=out-adalora --peft_format=native              # PEFT's AdaLoraConfig, E and rank_pattern
     python hf.py --import_from=gpt2-lora-peft --out_dir=out-imported     # PEFT -> ckpt.pt + adapter.safetensors
     python sample.py --out_dir=out-imported
 
@@ -14,9 +15,11 @@ family leaves as the LoRA (or DoRA) it computes, ΔW = s B' A: SoRA with its gat
 its zero-gated ranks dropped, AdaLoRA / AdaDoRA with B' = B diag(E) sliced to the ranks with E != 0,
 Rotational PiSSA as its rank-2r LoRA P(θ) - P(θ₀), SubLoRA as the factors θ₀ + P w (q,v-only
 factors as c_attn factors with zero rows for k). Ranks and scales that differ between layers go in
-PEFT's rank_pattern / alpha_pattern. A base trained here (or trained embeddings) is written beside
-it as a GPT-2 folder, base/; a GPT-2 fine-tune names the hub model instead. Then, with transformers
-and peft installed:
+PEFT's rank_pattern / alpha_pattern. The base is written beside it as a GPT-2 folder, base/, with its
+tokenizer files, when it was trained here (or trained embeddings), or when the adapter adapts the
+head: the head is then untied from the embedding, so PEFT's merge_and_unload changes it alone. The
+written base keeps every position of the base the run started from and the real vocabulary. A GPT-2
+fine-tune otherwise names the hub model. Then, with transformers and peft installed:
 
     base = GPT2LMHeadModel.from_pretrained("out-shakespeare-lora/peft/base")
     model = PeftModel.from_pretrained(base, "out-shakespeare-lora/peft")

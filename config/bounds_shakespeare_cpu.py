@@ -1,8 +1,8 @@
 # The CPU recipe for a generalization bound on Tiny Shakespeare (characters): SubLoRA on the 4 x 128
 # baby GPT at its seeded random init, w in R^2000 split evenly between the A and B factors (fixed 0.5,
-# the best allocation of the sweep), 1,500 iterations (2 CPU cores: ~5 minutes), then
-#   python eval_bounds.py --out_dir=out-bounds-cpu --levels_grid=5,7,11,15 --qat_steps=200   (~5 minutes, exact)
-# (README: 4.53 bits per character at 95% confidence, token level; 4.60 without --qat_steps).
+# the best allocation of the sweep), 4,000 iterations (2 CPU cores: ~9 minutes), then
+#   python eval_bounds.py --out_dir=out-bounds-cpu --levels_grid=5,7,11,15 --qat_steps=200   (~4 minutes, exact)
+# (docs/bounds.md: 4.18 bits per character at 95% confidence, token level, empirical Bernstein).
 out_dir = "out-bounds-cpu"
 init_from = "scratch"
 adapter = "sublora"
@@ -22,8 +22,8 @@ dropout = 0.0
 bias = False
 learning_rate = 5e-3
 weight_decay = 0.0
-max_iters = 1500
-lr_decay_iters = 1500
+max_iters = 4000
+lr_decay_iters = 4000
 warmup_iters = 100
 min_lr = 5e-4
 eval_interval = 500
