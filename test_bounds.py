@@ -397,6 +397,7 @@ def tiny_base(char_data, tmp_path_factory):
 
 REBUILDS = {  # every family and the options that change what the message must carry
     "lora": dict(adapter="lora", lora_rank=2),
+    "lora, per-layer ranks": dict(adapter="lora", lora_rank=2, lora_rank_pattern="lm_head=4;c_fc=1"),
     "dora, embeddings": dict(adapter="dora", lora_rank=2, train_embeddings=True),
     "sora, tuning phase": dict(adapter="sora", lora_rank=2, sora_tune_iters=2),
     "adalora, ranks masked": dict(adapter="adalora", lora_rank=4, adalora_target_r=1, adalora_deltaT=1, adalora_tfinal=1),

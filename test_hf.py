@@ -364,6 +364,17 @@ def export_of(model, info, config, meta, folder, *args):
     return folder / "peft"
 
 
+def with_random_lora(model):
+    """Rank-2 LoRA on every default target of `model`, B drawn (not zero); returns its checkpoint entry."""
+    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
+    inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    return info
+
+
 def test_an_export_merges_in_peft_with_every_position_and_its_tokenizer(gpt2_dir, char_data, tmp_path):
     """A GPT-2 folder (64 positions) fine-tuned at block 32 with its head adapted: base/ holds an untied
     head, so PEFT's merge_and_unload gives the adapted logits and leaves the embedding alone; every
@@ -377,12 +388,7 @@ def test_an_export_merges_in_peft_with_every_position_and_its_tokenizer(gpt2_dir
     full = GPT.from_pretrained(gpt2_dir)
     model = copy.deepcopy(full)
     model.crop_block_size(32)
-    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
-    inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    info = with_random_lora(model)
     meta = read_meta(char_data)
     export = export_of(model, info, {"init_from": gpt2_dir, "data_dir": char_data}, meta, tmp_path / "run")
     config = json.loads((export / "adapter_config.json").read_text())
@@ -425,12 +431,7 @@ def test_a_padded_vocabulary_exports_as_gpt2s_with_its_tokenizer(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, bias=True))
-    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
-    inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    info = with_random_lora(model)
     export = export_of(model, info, {"init_from": "scratch", "dataset": "none-here"}, None, tmp_path / "run")
     assert json.loads((export / "base" / "config.json").read_text())["vocab_size"] == 50257
     peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
