@@ -1590,6 +1590,9 @@ class SubLoRA(nn.Module):
     def get_num_params(self, non_embedding=True):
         return self.model.get_num_params(non_embedding)
 
+    def flops_per_token(self):
+        return self.model.flops_per_token()
+
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         return self.model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops)
 

@@ -25,7 +25,7 @@ import re
 
 import torch
 
-from adapters import FAMILIES, NO_ADAPTER, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
+from adapters import FAMILIES, NO_ADAPTER, SHARED_KEYS, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
 from configurator import ConfigError
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig, is_gpt2_folder
@@ -250,6 +250,63 @@ def load_base(c, meta, given, say, check=True):
     model = merge_adapters(build_model(ckpt))
     model.config.tie_word_embeddings = model.head_is_tied()  # what the checkpoints of the new run record
     return model, ckpt["model_type"]
+
+
+def start_model(c, meta, given, say):
+    """train.py's model: (model, model_type, the checkpoint's adapter entry, the family, the checkpoint
+    resumed or None). A resume rebuilds out_dir/ckpt.pt and keeps what shaped it; a new run loads its
+    base (load_base), cuts it to block_size and lets the family inject fresh adapters. c's block_size
+    follows a base with a shorter context (said, or refused when the command line set it)."""
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    if c["init_from"] == "resume":
+        ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
+                                  f"top of it with --init_from={c['out_dir']} and another --out_dir")
+        saved = ckpt["adapter"]["kind"]
+        if saved != c["adapter"]:
+            raise CheckpointError(f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
+                                  f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
+        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout", *SHARED_KEYS,
+                   *FAMILIES[c["adapter"]].keys)
+        resume_settings(c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping)
+        check_vocabulary(ckpt.get("meta"), meta, c["out_dir"], data_dir)
+        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
+        c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
+        return build_model(ckpt), ckpt["model_type"], ckpt["adapter"], family_of(c["adapter"])(c, say), ckpt
+    model, model_type = load_base(c, meta, given, say)
+    if meta and meta["vocab_size"] > model.config.vocab_size:
+        raise ConfigError(f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
+                          f"{model.config.vocab_size}: use a dataset with this model's tokenizer")
+    if c["block_size"] < model.config.block_size:
+        model.crop_block_size(c["block_size"])
+    elif c["block_size"] > model.config.block_size:  # a loaded base with a shorter context
+        if given.get("block_size") == "command line":
+            raise ConfigError(f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
+                              f"lower it to {model.config.block_size} or less")
+        say(f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from")
+        c["block_size"] = model.config.block_size
+    family = family_of(c["adapter"])(c, say)
+    if c["init_from"] == "scratch" and not family.scratch_base:
+        say("note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
+            "trained model")
+    model, info = family.inject(model)
+    return model, model_type, info, family, None
+
+
+def restore_training(ckpt, out_dir, optimizers, family, batches, master, say):
+    """A resume's training state put back: the optimizers, the family's own state, the batch generator
+    and (process 0) torch's random state. Returns (iter_num, best_val_loss, the eval row it saved)."""
+    for (opt, _), state in zip(optimizers, [ckpt["optimizer"], *ckpt.get("extra_optimizers", [])]):
+        opt.load_state_dict(state)
+    family.load_state_dict(ckpt.get("family", ckpt))  # older checkpoints kept the family's state at the top
+    note = adapter_file_note(out_dir, ckpt["iter_num"])
+    if note:
+        say(note)
+    batches.set_state(ckpt["rng"]["batches"])
+    if master:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("eval_row")
 
 
 def resolve_auto_base(c):

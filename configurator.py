@@ -157,6 +157,15 @@ def check_ranges(c, ranges):
             raise ConfigError(f"{key} must be in {interval}, got {v!r}")
 
 
+def check_folder(path, key):
+    """A folder the run may create: refused in one line when a file stands at it or above it."""
+    where = os.path.abspath(path)
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise ConfigError(f"{key} {path!r} cannot be a folder: {where!r} is a file; choose another --{key}")
+
+
 def check_device(device):
     """One line for a device this machine or this torch build cannot use."""
     import torch

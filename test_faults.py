@@ -117,7 +117,7 @@ CASES = [
      "characters the base never saw: '12456789'"),
     ("train", lambda d, r: T(d, r) + ["--dataset=nope", "--data_dir="], "prepare it with prepare.py"),
     ("train", lambda d, r: T(d, r, adapter="sora", sora_lambda=-1.0), "sora_lambda must be in [0, inf)"),
-    ("train", lambda d, r: T(d, r, nonfinite="maybe"), "nonfinite must be 'stop' or 'skip'"),
+    ("train", lambda d, r: T(d, r, nonfinite="maybe"), "nonfinite must be one of 'stop', 'skip'"),
     ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'empty.txt'}", f"--out_dir={r / 'small'}"],
      "too few for a train and a val split"),
     ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'small'}"],

@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import FAMILIES, SHARED_KEYS, AdapterError, adapter_state_dict, config_keys, count_params, family_of
-from checkpoint import (FORMAT, RUN_FILES, CheckpointError, adapter_file_note, build_model, load_base, load_checkpoint,
-                        remove_stale_temp_files, resolve_auto_base, resume_settings, save_adapter_file, save_checkpoint)
-from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
+from adapters import FAMILIES, AdapterError, adapter_state_dict, config_keys, count_params, family_of
+from checkpoint import (FORMAT, RUN_FILES, remove_stale_temp_files, resolve_auto_base, restore_training, save_adapter_file,
+                        save_checkpoint, start_model)
+from configurator import COMPILE_MODES, ConfigError, check_device, check_folder, check_ranges, cli, config_defaults, configure
 from files import atomic_write, lock_folder
 from model import MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
-from prepare import DataError, check_token_ids, check_vocabulary, get_batch, num_tokens, open_data  # noqa: F401 (DataError)
+from prepare import DataError, check_token_ids, get_batch, num_tokens, open_data  # noqa: F401 (DataError)
 
 # -----------------------------------------------------------------------------
 # defaults: the baby Shakespeare GPT (nanoGPT's config/train_shakespeare_char.py)
@@ -120,27 +120,18 @@ def read_config(argv, environ):
     c = configure(defaults, list(argv), environ, TEST_MODE, described, given)
     resolve_auto_base(c)  # init_from='auto' made concrete
     follow_max_iters(c, defaults, list(argv), environ, given)
-    if c["adapter"] not in FAMILIES:
-        raise ConfigError(f"adapter must be one of {tuple(FAMILIES)}, got {c['adapter']!r}")
-    if c["model_type"] not in MODELS:
-        raise ConfigError(f"model_type must be one of {sorted(MODELS)}, got {c['model_type']!r}")
-    if c["compile_mode"] not in COMPILE_MODES:
-        raise ConfigError(f"compile_mode must be one of {COMPILE_MODES}, got {c['compile_mode']!r}")
-    if c["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {c['dtype']!r}")
-    if c["nonfinite"] not in ("stop", "skip"):
-        raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {c['nonfinite']!r}")
+    choices = {"adapter": tuple(FAMILIES), "model_type": tuple(MODELS), "compile_mode": COMPILE_MODES,
+               "dtype": ("float32", "bfloat16", "float16"), "nonfinite": ("stop", "skip")}
+    for key, allowed in choices.items():
+        if c[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {c[key]!r}")
     check_ranges(c, dict(RANGES, **{k: r for k, (_, r, *_) in config_keys().items() if r}))
     try:
         family_of(c["adapter"])(c).check()
     except AdapterError as e:
         raise ConfigError(str(e)) from None
     check_device(c["device"])
-    path = os.path.abspath(c["out_dir"])  # an out_dir that cannot be a folder (a file, or below one)
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"out_dir {c['out_dir']!r} cannot be a folder: {path!r} is a file; choose another --out_dir")
+    check_folder(c["out_dir"], "out_dir")
     return c, given
 
 
@@ -178,39 +169,6 @@ def get_lr(it, c):
         return c["min_lr"]
     ratio = (it - c["warmup_iters"]) / max(1, c["lr_decay_iters"] - c["warmup_iters"])
     return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
-
-
-def build(c, meta, given, say):
-    """(model, model_type, the checkpoint's adapter entry, the family, the checkpoint resumed or None)."""
-    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    if c["init_from"] == "resume":
-        ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
-        if "optimizer" not in ckpt:
-            raise CheckpointError(f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
-                                  f"top of it with --init_from={c['out_dir']} and another --out_dir")
-        saved = ckpt["adapter"]["kind"]
-        if saved != c["adapter"]:
-            raise CheckpointError(f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
-                                  f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
-        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout", *SHARED_KEYS,
-                   *FAMILIES[c["adapter"]].keys)
-        resume_settings(c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping)
-        check_vocabulary(ckpt.get("meta"), meta, c["out_dir"], data_dir)
-        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
-        c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
-        return build_model(ckpt), ckpt["model_type"], ckpt["adapter"], family_of(c["adapter"])(c, say), ckpt
-    model, model_type = load_base(c, meta, given, say)
-    if meta and meta["vocab_size"] > model.config.vocab_size:
-        raise ConfigError(f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
-                          f"{model.config.vocab_size}: use a dataset with this model's tokenizer")
-    if c["block_size"] < model.config.block_size:
-        model.crop_block_size(c["block_size"])
-    family = family_of(c["adapter"])(c, say)
-    if c["init_from"] == "scratch" and not family.scratch_base:
-        say("note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
-            "trained model")
-    model, info = family.inject(model)
-    return model, model_type, info, family, None
 
 
 @torch.no_grad()
@@ -380,20 +338,13 @@ def _train(c, device, ddp, rank, world, given):
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
-    model, model_type, info, family, ckpt = build(c, meta, given, say)
-    if c["block_size"] > model.config.block_size:  # a loaded base with a shorter context
-        if given.get("block_size") == "command line":
-            raise ConfigError(f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
-                              f"lower it to {model.config.block_size} or less")
-        say(f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from")
-        c["block_size"] = model.config.block_size
+    model, model_type, info, family, ckpt = start_model(c, meta, given, say)
     if meta is None:
         check_token_ids(data_dir, model.config.vocab_size)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     model.to(device)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    cfg = model.config  # a size that makes one step take minutes is allowed, but said before the long wait
-    flops = (6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * c["block_size"]) * tokens_per_iter
+    flops = model.flops_per_token() * tokens_per_iter  # a step of minutes is allowed, but said before the long wait
     rate = 3e14 if device_type == "cuda" else 1e11  # FLOP/s an H100 in bf16 / 2 CPU cores reach here (bench.py)
     if flops / rate > 60:
         say(f"note: one iteration is about {flops / 1e12:,.0f} TFLOP, roughly {format_eta(flops / rate)} per iteration "
@@ -406,18 +357,8 @@ def _train(c, device, ddp, rank, world, given):
     # training batches: one generator, the same on every process, drawing all micro-batches of a
     # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
     batches = torch.Generator().manual_seed(c["seed"])
-    iter_num, best_val_loss, resume_row = 0, 1e9, None
-    if resume:
-        for (opt, _), state in zip(optimizers, [ckpt["optimizer"], *ckpt.get("extra_optimizers", [])]):
-            opt.load_state_dict(state)
-        family.load_state_dict(ckpt.get("family", ckpt))  # older checkpoints kept the family's state at the top
-        iter_num, best_val_loss, resume_row = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("eval_row")
-        note = adapter_file_note(out_dir, iter_num)
-        if note:
-            say(note)
-        batches.set_state(ckpt["rng"]["batches"])
-        if master:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+    iter_num, best_val_loss, resume_row = (restore_training(ckpt, out_dir, optimizers, family, batches, master, say)
+                                           if resume else (0, 1e9, None))
     ckpt = None  # free memory
 
     raw_model = model
