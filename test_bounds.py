@@ -338,12 +338,12 @@ SCENARIOS = {  # (u, v, p, centre) from the past; and the per-token variance the
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_the_bernstein_bound_covers_martingale_losses_and_a_halved_variance_term_does_not(scenario):
     """1,024 hypotheses (K = 10 bits, + 2 for a 4-value λ grid), each a martingale of 10⁶ losses; the one
-    with the smallest bound is chosen. Over 1,000 draws its mean conditional loss exceeds its bound in at
+    with the smallest bound is chosen. Over 2,000 draws its mean conditional loss exceeds its bound in at
     most ε = 1% of them (+ 3 binomial standard errors); with the variance term halved, far more often. With
     the default 31-value λ grid the bound covers too."""
     make, V = SCENARIOS[scenario]
     rng = np.random.default_rng(0)
-    H, J, n, eps, draws = 1024, 10, 100_000, 0.01, 1000
+    H, J, n, eps, draws = 1024, 10, 100_000, 0.01, 2000
     lam = math.sqrt(2 * math.log(4 * H / eps) / (J * n * V))  # fixed before the data, from the known variance
     grid = [lam / 2, lam / math.sqrt(2), lam, lam * math.sqrt(2)]
     slack = 3 * math.sqrt(eps * (1 - eps) / draws)
