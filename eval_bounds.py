@@ -505,9 +505,9 @@ def evaluate(c, run_dir):
         out = []
         for j, a in enumerate(alpha_grid):
             delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
-            inputs = dict(mean=float(x.mean()), second=float(q.mean())) if exact else block_stats(x, q)
+            inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean())) if exact else block_stats(x, q)
             out.append((bound(float(x.mean()), delta, K_bits, N_tok, s_tok, eps, M_tok),
-                        tuple(map(float, bernstein(inputs["mean"], inputs["second"], delta, K_bits, N_tok, eps))) if exact else
+                        tuple(map(float, bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N_tok, eps))) if exact else
                         bernstein_sampled(inputs, delta, K_bits, N_tok, s_tok, eps, M_tok), inputs))
         return out
 
@@ -589,16 +589,13 @@ def evaluate(c, run_dir):
         results["metrics"][f"document_top{k}_error"] = dict(
             empirical=e, bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
     # where each token-level bits bound comes from, part by part (they add up to it)
+    # (the complexity term holds rε of ε when blocks are sampled; the rest of the distance is sampling)
     results["token_bpd_parts"] = {}
+    C = K_bits * math.log(2) + math.log(1 / (eps if exact else eps * s_tok / (s_tok + N_tok)))
     for name, m in (("hoeffding", m_ah), ("bernstein", m_be)):
-        complexity = (bound(0.0, m["delta"], K_bits, N_tok, None, eps) if name == "hoeffding" else
-                      float(bernstein(0.0, per_alpha[alpha_grid.index(m["alpha"])][2]["second"], m["delta"], K_bits, N_tok,
-                                      eps, [m["lam"]])[0])) if exact else None
-        if not exact:  # the complexity term at rε; the rest of the distance to the bound is sampling
-            r, a = s_tok / (s_tok + N_tok), per_alpha[alpha_grid.index(m["alpha"])][2]
-            C = K_bits * math.log(2) + math.log(1 / (r * eps))
-            complexity = (m["delta"] * math.sqrt(C / (2 * N_tok)) if name == "hoeffding" else
-                          float(psi(m["lam"])) / (m["lam"] * m["delta"]) * a["mean_q"] + m["delta"] * C / (m["lam"] * N_tok))
+        q = per_alpha[alpha_grid.index(m["alpha"])][2]["mean_q"]
+        complexity = (m["delta"] * math.sqrt(C / (2 * N_tok)) if name == "hoeffding" else
+                      float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * N_tok))
         results["token_bpd_parts"][name] = dict(unquantised=before, quantisation=smooth[0] - before,
                                                 smoothing=m["empirical"] - smooth[0], complexity=complexity,
                                                 sampling=m["bound"] - m["empirical"] - complexity)

@@ -497,12 +497,12 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
                                      saved["metrics"]["token_bpd_bernstein"]["per_alpha"]):
         loss = -torch.log2((1 - alpha) * p_y + alpha / V)
         centre = -(p * torch.log2((1 - alpha) * p + alpha / V)).sum(-1)
-        assert inputs["mean"] == pytest.approx(loss.mean().item(), rel=1e-5)
-        assert inputs["second"] == pytest.approx((loss - centre).square().mean().item(), rel=1e-4)
+        assert inputs["mean_x"] == pytest.approx(loss.mean().item(), rel=1e-5)
+        assert inputs["mean_q"] == pytest.approx((loss - centre).square().mean().item(), rel=1e-4)
         delta = math.log2(1 + (1 - alpha) * V / alpha)
         C = K * math.log(2) + math.log(1 / eps)
-        assert ah == pytest.approx(inputs["mean"] + delta * math.sqrt(C / (2 * N)), rel=1e-12)
-        assert be == pytest.approx(min(inputs["mean"] + (-math.log(1 - lam) - lam) / (lam * delta) * inputs["second"]
+        assert ah == pytest.approx(inputs["mean_x"] + delta * math.sqrt(C / (2 * N)), rel=1e-12)
+        assert be == pytest.approx(min(inputs["mean_x"] + (-math.log(1 - lam) - lam) / (lam * delta) * inputs["mean_q"]
                                        + delta * C / (lam * N) for lam in saved["lambdas"]), rel=1e-12)
     assert r["metrics"]["token_bpd"]["bound"] == min(min(saved["metrics"]["token_bpd_hoeffding"]["per_alpha"]),
                                                      min(saved["metrics"]["token_bpd_bernstein"]["per_alpha"]))
