@@ -264,7 +264,7 @@ def read_peft(folder):
     bad = unsupported_options(config)
     if bad:
         raise InteropError(f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
-                           f"(it reads plain LoRA / DoRA: every other LoraConfig field at its default, init_lora_weights "
+                           f"(it reads LoRA, DoRA and AdaLoRA with every other LoraConfig field at its default, init_lora_weights "
                            f"one of {INITS}); merge or convert the adapter in PEFT first")
     alpha, r = config.setdefault("lora_alpha", 8), config.get("r", 8)  # PEFT's defaults
     for key, value in (("lora_alpha", alpha), ("r", r), *((f"alpha_pattern[{k!r}]", v) for k, v in
