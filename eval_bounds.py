@@ -289,7 +289,7 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
     p = F.softmax(logits, dim=-1)
     p_true = p.gather(-1, y[..., None]).squeeze(-1)
     smooth = torch.stack([-torch.log2((1 - a) * p_true + a / vocab) for a in alphas], dim=-1)  # (B, T, |α|)
-    centre = torch.stack([-(p * torch.log2((1 - a) * p + a / vocab)).sum(-1) for a in alphas], dim=-1)
+    centre = torch.stack([-p.mul(1 - a).add_(a / vocab).log2_().mul_(p).sum(-1) for a in alphas], dim=-1)  # one (B, T, V) temp
     rank = (logits >= logits.gather(-1, y[..., None])).sum(-1) - 1  # others scored at or above the true one: ties count against it
     errors = torch.stack([(rank >= k).float() for k in ks], dim=-1)
     return smooth, centre, errors
