@@ -278,6 +278,14 @@ class Family:
         """Why a run with this config cannot be bounded from its message (eval_bounds.py), or None."""
         return None
 
+    peft_import = None  # (peft_type, use_dora) of the PEFT adapters this family reads (hf.py --import_from)
+    peft_parts = {"A": "lora_A", "B": "lora_B"}  # a PEFT module's tensors -> this family's layer's
+
+    @classmethod
+    def from_peft(cls, config, rank, alpha):
+        """An imported PEFT module's layer settings, from its rank and its lora_alpha (or alpha_pattern)."""
+        return dict(rank=rank, scaling=alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+
     @classmethod
     def peft_native(cls, model, info, config):
         """The family in PEFT's own format, where PEFT has one (hf.py --peft_format=native): (the
@@ -401,10 +409,13 @@ class DoRALinear(LoRALinear):
 
 class LoRA(Family):
     kind, layer = "lora", LoRALinear
+    peft_import = ("LORA", False)
 
 
 class DoRA(Family):
     kind, layer = "dora", DoRALinear
+    peft_import = ("LORA", True)
+    peft_parts = dict(Family.peft_parts, m="magnitude")
 
 # -----------------------------------------------------------------------------
 # SoRA: gated LoRA, the gates' proximal optimizer, the sparsity schedule, prune
@@ -998,6 +1009,14 @@ class AdaLoRA(Family):
         self.say(pruned_summary(self.kind, kept, before, sum(v.numel() for v in state.values())))
         return dict(info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()}), state
 
+    peft_import = ("ADALORA", False)
+    peft_parts = dict(Family.peft_parts, E="lora_E")
+
+    @classmethod
+    def from_peft(cls, config, rank, alpha):
+        """ΔW = B diag(E) A · alpha / ranknum, ranknum the initial rank (PEFT adds 1e-5 to it)."""
+        return dict(rank=rank, ranknum=config.get("init_r", 12), alpha=float(config.get("lora_alpha", 8)))
+
     @classmethod
     @torch.no_grad()
     def peft_native(cls, model, info, config):
@@ -1026,6 +1045,7 @@ class AdaLoRA(Family):
 
 class AdaDoRA(AdaLoRA):
     kind, layer = "adadora", AdaDoRALinear
+    peft_import = None  # PEFT's AdaLoRA has no DoRA
 
     @classmethod
     def peft_native(cls, model, info, config):
@@ -2011,6 +2031,12 @@ def register(family):
 
 for _family in (NoAdapter, LoRA, DoRA, SoRA, AdaLoRA, AdaDoRA, PiSSA, SubLoRAFamily):
     register(_family)
+
+
+def family_for_peft(config):
+    """The family that reads a PEFT adapter with this adapter_config.json (hf.py), or None."""
+    want = (config.get("peft_type"), bool(config.get("use_dora")))
+    return next((f for f in FAMILIES.values() if f.peft_import == want), None)
 
 
 def family_of(kind):

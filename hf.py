@@ -27,7 +27,6 @@ fine-tune otherwise names the hub model. Then, with transformers and peft instal
 
 import dataclasses
 import json
-import math
 import os
 import re
 import sys
@@ -35,8 +34,8 @@ from collections import Counter
 
 import torch
 
-from adapters import (AdapterError, adapter_layers, adapter_state_dict, family_of, inject_adapters, load_adapter_state_dict,
-                      lora_model)
+from adapters import (FAMILIES, AdapterError, adapter_layers, adapter_state_dict, family_for_peft, family_of,
+                      inject_adapters, load_adapter_state_dict, lora_model)
 from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, run_base, save_adapter_file, save_checkpoint
 from configurator import ConfigError, cli, config_defaults, configure
 from files import atomic_write, read_json
@@ -259,8 +258,10 @@ def read_peft(folder):
         raise InteropError(f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
                            "adapter_model.safetensors (PeftModel.save_pretrained writes both)")
     config = read_json(paths[0])
-    if config.get("peft_type") not in ("LORA", "ADALORA"):
-        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r}; LoRA, DoRA and AdaLoRA adapters import")
+    if family_for_peft(config) is None:
+        readable = [f"{t}{' with use_dora' if d else ''}" for t, d in (f.peft_import for f in FAMILIES.values() if f.peft_import)]
+        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r} with use_dora={bool(config.get('use_dora'))} "
+                           f"does not import; these do: {', '.join(readable)}")
     bad = unsupported_options(config)
     if bad:
         raise InteropError(f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
@@ -305,8 +306,7 @@ def import_peft(folder, base=""):
                           "folder here; pass --base=NAME_OR_FOLDER")
     model = GPT.from_pretrained(base)
     modules = dict(model.named_modules())
-    settings, use_dora, adalora = {}, bool(config.get("use_dora")), config["peft_type"] == "ADALORA"
-    parts = {"A", "B", "E"} if adalora else {"A", "B", "m"} if use_dora else {"A", "B"}
+    family, settings = family_for_peft(config), {}
     for name, t in sorted(layers.items()):
         if name not in modules or type(modules[name]) is not torch.nn.Linear:
             raise InteropError(f"the adapter adapts {name!r}, which is not a Linear of GPT-2 here (linears are e.g. "
@@ -315,25 +315,20 @@ def import_peft(folder, base=""):
         if W is not None and not torch.equal(W.to(modules[name].weight.dtype), modules[name].weight.detach()):
             raise InteropError(f"the adapter carries its own {name}.weight, not the base's (a resized or trained "
                                f"embedding): it needs that base, which {base!r} is not")
-        if set(t) != parts:
+        if set(t) != set(family.peft_parts):
             raise InteropError(f"{name}: the adapter file holds {sorted(t)}; a {config['peft_type']} adapter with "
-                               f"use_dora={use_dora} needs {sorted(parts)}")
-        r = t["A"].shape[0]
-        if adalora:  # ΔW = B diag(E) A · alpha / ranknum, ranknum the initial rank (PEFT adds 1e-5 to it)
-            settings[name] = dict(rank=r, ranknum=config.get("init_r", 12))
-            continue
+                               f"use_dora={bool(config.get('use_dora'))} needs {sorted(family.peft_parts)}")
         key = pattern_key(config.get("alpha_pattern") or {}, name)
-        alpha = config["alpha_pattern"][key] if key else config["lora_alpha"]
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        settings[name] = dict(rank=r, scaling=scaling)
-    kind = "adalora" if adalora else "dora" if use_dora else "lora"
-    info = dict(kind=kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0)),
-                                                                 **({"alpha": float(config["lora_alpha"])} if adalora else {})),
+        settings[name] = family.from_peft(config, t["A"].shape[0], config["alpha_pattern"][key] if key else config["lora_alpha"])
+    info = dict(kind=family.kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
                 train_embeddings=False, layers=settings)
-    inject_adapters(model, kind, targets=info["targets"], layers=settings, **info["settings"])
-    dtype = model.lm_head.weight.dtype
-    state = {f"{name}.{ours}": t[part].reshape(-1).to(dtype) if part == "E" else t[part].to(dtype) for name, t in layers.items()
-             for part, ours in (("A", "lora_A"), ("B", "lora_B"), ("m", "magnitude"), ("E", "lora_E")) if part in t}
+    inject_adapters(model, family.kind, targets=info["targets"], layers=settings, **info["settings"])
+    own = dict(model.named_parameters())
+    state = {}
+    for name, t in layers.items():
+        for part, ours in family.peft_parts.items():
+            key = f"{name}.{ours}"  # PEFT keeps 1-D tensors of ours as (r, 1) (AdaLoRA's E): flattened
+            state[key] = (t[part].reshape(-1) if own[key].dim() == 1 else t[part]).to(own[key].dtype)
     load_adapter_state_dict(model, state)  # every tensor present, each of the layer's shape (else: another GPT-2 size)
     return model, info, base
 

@@ -320,6 +320,10 @@ def test_bad_folders_and_adapters_give_one_clear_error(gpt2_dir, tmp_path):
     get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).save_pretrained(str(tmp_path / "bias"))
     with pytest.raises(hf.InteropError, match="bias='all'"):
         hf.import_peft(str(tmp_path / "bias"), base=gpt2_dir)
+    config = json.loads((tmp_path / "bias" / "adapter_config.json").read_text())
+    (tmp_path / "bias" / "adapter_config.json").write_text(json.dumps(dict(config, peft_type="IA3", bias="none")))
+    with pytest.raises(hf.InteropError, match="peft_type 'IA3' .* does not import; these do: LORA, LORA with use_dora, ADALORA"):
+        hf.import_peft(str(tmp_path / "bias"), base=gpt2_dir)
     model = GPT.from_pretrained(gpt2_dir)
     inject_adapters(model, "pissa", rank=4, quantize_residual=True)
     with pytest.raises(hf.InteropError, match="NF4 residual"):
