@@ -463,8 +463,6 @@ class SoRALinear(LoRALinear):
         lora.merged = self.merged
         return lora
 
-    to_lora = as_lora
-
     def extra_repr(self):
         return super().extra_repr() + f", effective_rank={self.effective_rank()}"
 
@@ -1238,10 +1236,6 @@ class RotationalPiSSALinear(AdapterLinear):
         """Rebuild deq(NF4(W_res)) after the codes changed (load_state_dict calls it)."""
         self.residual_weight = self._dequantized_residual()
 
-    def residual(self):
-        """deq(NF4(W_res)) in the weight's dtype."""
-        return self.residual_weight
-
     def frozen_weight(self):
         return self.residual_weight if self.quantized else self.base.weight
 
@@ -1272,8 +1266,6 @@ class RotationalPiSSALinear(AdapterLinear):
         lora.lora_A.copy_(A), lora.lora_B.copy_(B)
         lora.merged = self.merged
         return lora
-
-    to_lora = as_lora
 
     def extra_repr(self):
         return f"rank={self.rank}, method={self.method}, scaling={self.scaling:g}, quantized={self.quantized}"

@@ -28,11 +28,13 @@ logits bit for bit, or no bound is given.
 """
 
 import bisect
+import functools
 import json
 import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -403,13 +405,10 @@ def check_rebuild(prior, scored, message, x, y, what):
                           "names is the one it trained on")
 
 
-def evaluate(c, run_dir):
-    t0 = time.time()
-    eps = 1 - c["confidence"]
-    alpha_grid = [float(a) for a in c["alphas"].split(",")]
-    level_grid = [int(v) for v in c["levels_grid"].split(",")] if c["levels_grid"] else [c["levels"]]
-    if min(level_grid) < 2:
-        raise ConfigError(f"quantisation needs at least 2 levels, got {level_grid}")
+def open_run(c, run_dir):
+    """The run to bound, checked before any scoring: its checkpoint and training data, the scored model,
+    its message, and the receiver's prior, which with the message must give the model's logits bit for
+    bit. A namespace of them."""
     if os.path.exists(os.path.join(run_dir, "bounds.json")) and not c["overwrite"]:
         raise ConfigError(f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
                           "replace it (or copy it away first)")
@@ -422,8 +421,6 @@ def evaluate(c, run_dir):
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
     check_vocabulary(ckpt.get("meta"), meta, run_dir, data_dir)  # scored on the vocabulary it trained on, or refused
-    vocab = meta["vocab_size"] if meta else 50257
-    ks = [k for k in (int(k) for k in c["topk"].split(",")) if k < vocab]
     block = ckpt["model_args"]["block_size"]
     model = build_model(ckpt).to(c["device"]).eval()
     state = message_vector(model)
@@ -436,168 +433,206 @@ def evaluate(c, run_dir):
     prior = initial_model(ckpt, meta).to(c["device"]).eval()
     probe = torch.from_numpy(train[: block + 1].astype(np.int64))[None].to(c["device"])  # one block, one forward
     check_rebuild(prior, model, state, probe[:, :-1], probe[:, 1:], run_dir)
-    caveats = []
+    notes = caveats(cfg, meta)
+    for caveat in notes:
+        print(f"  warning: {caveat}")
+    return SimpleNamespace(dir=run_dir, kind=ckpt["adapter"]["kind"], train=train, meta=meta, block=block,
+                           vocab=meta["vocab_size"] if meta else 50257, model=model, state=state, groups=groups, d=d,
+                           prior=prior, probe=probe, caveats=notes)
+
+
+def caveats(cfg, meta):
+    """What the bound assumes of the base's data and of the vocabulary, in words."""
+    out = []
     base = cfg.get("init_from", "scratch")
     if base != "scratch":
         where = ("GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may "
                  "be" if base.startswith("gpt2") else f"the base comes from {base!r}")
-        caveats.append(f"{where}: the bound holds only if that base never saw this training data (a prior must be "
-                       "fixed before the data); a base that saw it makes the bound invalid")
+        out.append(f"{where}: the bound holds only if that base never saw this training data (a prior must be "
+                   "fixed before the data); a base that saw it makes the bound invalid")
     if meta and meta.get("tokenizer") == "char":
-        caveats.append("the character vocabulary was read from the corpus itself: Δ and the random-guess line "
-                       "assume no character outside it")
-    for caveat in caveats:
-        print(f"  warning: {caveat}")
+        out.append("the character vocabulary was read from the corpus itself: Δ and the random-guess line "
+                   "assume no character outside it")
+    return out
 
-    # token level: blocks of block_size tokens at multiples of block_size (each token scored with its
-    # prefix in the block); N counts the positions those blocks cover
-    n_blocks = (len(train) - 1) // block
-    N_tok = n_blocks * block
-    exact = N_tok <= c["exact_max_tokens"]
-    gen = torch.Generator().manual_seed(c["seed"])
-    if exact:  # every training position scored once: no sampling term
-        blocks = torch.arange(n_blocks, device="cpu") * block
+
+def batches(c, train, block, starts):
+    """(x, y) on the device, batch_size blocks of `block` tokens at a time, from the blocks at `starts`."""
+    for i in range(0, len(starts), c["batch_size"]):
+        ix = starts[i : i + c["batch_size"]].tolist()
+        x = torch.stack([torch.from_numpy(train[j : j + block].astype(np.int64)) for j in ix])
+        y = torch.stack([torch.from_numpy(train[j + 1 : j + 1 + block].astype(np.int64)) for j in ix])
+        yield x.to(c["device"]), y.to(c["device"])
+
+
+@torch.no_grad()
+def score_blocks(c, r, blocks, alpha_grid, ks, desc):
+    """Per scored block and α, the block's mean loss x and mean (loss − centre)² q; the mean top-k errors."""
+    xs, qs, errors, n = [], [], 0, 0
+    t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
+    for k, (x, y) in enumerate(batches(c, r.train, r.block, blocks)):
+        s, m, e = per_token_stats(r.model, x, y, alpha_grid, ks, r.vocab)
+        xs.append(s.double().mean(1).cpu())
+        qs.append((s.double() - m.double()).square().mean(1).cpu())
+        errors, n = errors + e.sum((0, 1)), n + y.numel()
+        done = (k + 1) / steps
+        line = f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s"
+        if tty:  # one line redrawn in a terminal; in a log file, a plain line every tenth
+            print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
+        elif (k + 1) * 10 // steps > k * 10 // steps:
+            print(line, flush=True)
+    return torch.cat(xs).numpy(), torch.cat(qs).numpy(), (errors / n).tolist()
+
+
+def token_bounds(xb, qb, K_bits, alpha_grid, vocab, N, s, eps, M):
+    """Per α: (Azuma–Hoeffding bound, (empirical-Bernstein bound, λ), that bound's inputs), from the
+    scored blocks' x and q (s None: every block scored)."""
+    out = []
+    for j, a in enumerate(alpha_grid):
+        delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
+        if s is None:
+            inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean()))
+            be = tuple(map(float, bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N, eps)))
+        else:
+            inputs = block_stats(x, q)
+            be = bernstein_sampled(inputs, delta, K_bits, N, s, eps, M)
+        out.append((bound(float(x.mean()), delta, K_bits, N, s, eps, M), be, inputs))
+    return out
+
+
+def token_level(c, r, gen, alpha_grid, ks, level_grid):
+    """Score the training blocks (all, or a sample drawn from `gen`), quantise the message at every level
+    count of the grid, and keep the count with the best token bound; the model then holds that message,
+    checked against the prior once more. Every choice made by looking at the data is paid once: runs of
+    a sweep and the level count (in K and every union), α (K of the bits bounds), and the bits bound's
+    method, Azuma–Hoeffding or empirical Bernstein at one of the λ grid's values (K and the sampling
+    union). A namespace of what the results need."""
+    # blocks of block_size tokens at multiples of block_size (each token scored with its prefix in the
+    # block); N counts the positions those blocks cover
+    n_blocks = (len(r.train) - 1) // r.block
+    t = SimpleNamespace(N=n_blocks * r.block, eps=1 - c["confidence"])
+    t.exact = t.N <= c["exact_max_tokens"]
+    if t.exact:  # every training position scored once: no sampling term
+        blocks = torch.arange(n_blocks, device="cpu") * r.block
     else:
-        blocks = torch.randint(n_blocks, (c["eval_blocks"],), generator=gen, device="cpu") * block
+        blocks = torch.randint(n_blocks, (c["eval_blocks"],), generator=gen, device="cpu") * r.block
+    t.s = None if t.exact else len(blocks)
+    print(f"  token level: {'all' if t.exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {r.block} "
+          f"(N = {t.N:,} positions){'' if t.exact else ', sampled with replacement'}")
+    t.before = float(score_blocks(c, r, blocks, alpha_grid, ks, "unquantised")[0][:, 0].mean())  # at the smallest α
 
-    def batches(starts):
-        for i in range(0, len(starts), c["batch_size"]):
-            ix = starts[i : i + c["batch_size"]].tolist()
-            x = torch.stack([torch.from_numpy(train[j : j + block].astype(np.int64)) for j in ix])
-            y = torch.stack([torch.from_numpy(train[j + 1 : j + 1 + block].astype(np.int64)) for j in ix])
-            yield x.to(c["device"]), y.to(c["device"])
+    t.grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
+    t.choice_count = (math.prod(int(v) for v in t.grid.values()) if t.grid else 1) * len(level_grid)
+    t.choice_bits = math.ceil(math.log2(t.choice_count)) if t.choice_count > 1 else 0
+    t.alpha_bits = math.ceil(math.log2(len(alpha_grid)))
+    t.method_bits = math.ceil(math.log2(len(LAMBDAS) + 1))
+    t.M = len(alpha_grid) * (len(LAMBDAS) + 1) * t.choice_count
 
-    @torch.no_grad()
-    def token_level(desc):
-        """Per scored block and α, the block's mean loss x and mean (loss − centre)² q; the mean top-k errors."""
-        xs, qs, errors, n = [], [], 0, 0
-        t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
-        for k, (x, y) in enumerate(batches(blocks)):
-            s, m, e = per_token_stats(model, x, y, alpha_grid, ks, vocab)
-            xs.append(s.double().mean(1).cpu())
-            qs.append((s.double() - m.double()).square().mean(1).cpu())
-            errors, n = errors + e.sum((0, 1)), n + y.numel()
-            done = (k + 1) / steps
-            line = f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s"
-            if tty:  # one line redrawn in a terminal; in a log file, a plain line every tenth
-                print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
-            elif (k + 1) * 10 // steps > k * 10 // steps:
-                print(line, flush=True)
-        return torch.cat(xs).numpy(), torch.cat(qs).numpy(), (errors / n).tolist()
-
-    s_tok = None if exact else len(blocks)
-    print(f"  token level: {'all' if exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {block} "
-          f"(N = {N_tok:,} positions){'' if exact else ', sampled with replacement'}")
-    before = float(token_level("unquantised")[0][:, 0].mean())  # bits per token at the smallest α: next to no smoothing
-
-    # every choice made by looking at the data, paid once: runs of a sweep and the level count (K and every
-    # union), α (K of the bits bounds), and the bits bound's method, Azuma–Hoeffding or empirical Bernstein
-    # at one of the λ grid's values (K and the sampling union)
-    grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
-    choice_count = (math.prod(int(v) for v in grid.values()) if grid else 1) * len(level_grid)
-    choice_bits = math.ceil(math.log2(choice_count)) if choice_count > 1 else 0
-    alpha_bits = math.ceil(math.log2(len(alpha_grid)))
-    method_bits = math.ceil(math.log2(len(LAMBDAS) + 1))
-    M_tok = len(alpha_grid) * (len(LAMBDAS) + 1) * choice_count
-
-    def token_bounds(xb, qb, K_bits):
-        """Per α: (Azuma–Hoeffding bound, (empirical-Bernstein bound, λ), that bound's inputs)."""
-        out = []
-        for j, a in enumerate(alpha_grid):
-            delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
-            inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean())) if exact else block_stats(x, q)
-            out.append((bound(float(x.mean()), delta, K_bits, N_tok, s_tok, eps, M_tok),
-                        tuple(map(float, bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N_tok, eps))) if exact else
-                        bernstein_sampled(inputs, delta, K_bits, N_tok, s_tok, eps, M_tok), inputs))
-        return out
-
-    # quantise each group (optionally tuning w and the centroids), for every level count of the grid;
-    # the bound picks the count (its choice is paid for in K and in the sampling term's union)
     tried = []
     qat_gen = torch.Generator().manual_seed(c["seed"] + 1)  # apart from the sampled blocks' draws
-    for n_levels in level_grid:
-        coded = quantize_message(state, groups, n_levels, c["quant_init"])
+    for n_levels in level_grid:  # each group quantised (and optionally tuned) at every level count
+        coded = quantize_message(r.state, r.groups, n_levels, c["quant_init"])
         if c["qat_steps"]:
-            coded = quantization_aware_tuning(c, model, state, groups, coded, batches, qat_gen, n_blocks, block)
-        msg = message_length([(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits)
-        coded = send_raw(state, groups, coded, msg["sent_raw"])
-        set_message(model, dequantize(state, groups, coded))
-        xb, qb, errors = token_level(f"quantised, {n_levels} levels")
-        per_alpha = token_bounds(xb, qb, msg["total_bits"] + alpha_bits + method_bits)
+            coded = quantization_aware_tuning(c, r.model, r.state, r.groups, coded,
+                                              functools.partial(batches, c, r.train, r.block), qat_gen, n_blocks, r.block)
+        msg = message_length([(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=t.choice_bits)
+        coded = send_raw(r.state, r.groups, coded, msg["sent_raw"])
+        set_message(r.model, dequantize(r.state, r.groups, coded))
+        xb, qb, errors = score_blocks(c, r, blocks, alpha_grid, ks, f"quantised, {n_levels} levels")
+        per_alpha = token_bounds(xb, qb, msg["total_bits"] + t.alpha_bits + t.method_bits, alpha_grid, r.vocab,
+                                 t.N, t.s, t.eps, t.M)
         best = min(min(ah, be[0]) for ah, be, _ in per_alpha)
         print(f"  {n_levels} levels: {xb[:, 0].mean():.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
               f"best token bound {best:.4f}")
-        tried.append((best, n_levels, coded, xb, qb, errors, msg, per_alpha))
-    _, n_levels, coded, xb, qb, errors, msg, per_alpha = min(tried, key=lambda t: t[0])
-    message = dequantize(state, groups, coded)
-    set_message(model, message)
-    check_rebuild(prior, model, message, probe[:, :-1], probe[:, 1:], f"{run_dir}, quantised message")
-    del prior
-    K = msg["total_bits"]
-    smooth = xb.mean(0).tolist()
-    print(f"  message: {len(groups)} mode bits + {msg['code_bits']:,} code bits (entropy bound {msg['entropy_bits']:.0f}) + "
-          f"{msg['codebook_bits']} codebook + {msg['count_bits']} counts + {msg['fp16_bits']} fp16 (groups sent raw: "
-          f"{sum(msg['sent_raw'])}) = L = {msg['L_bits']:,}; + Elias-δ(L) = {msg['length_bits']} bits; + ⌈log₂ "
-          f"{choice_count}⌉ = {choice_bits} bits for the choices {dict(grid, levels=len(level_grid))} = K = {K:,} bits; "
-          f"bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {alpha_bits} for α and {method_bits} for the method")
+        tried.append((best, n_levels, coded, xb, errors, msg, per_alpha))
+    _, t.levels, coded, xb, t.errors, t.msg, t.per_alpha = min(tried, key=lambda row: row[0])
+    t.smooth = xb.mean(0).tolist()
+    message = dequantize(r.state, r.groups, coded)
+    set_message(r.model, message)
+    check_rebuild(r.prior, r.model, message, r.probe[:, :-1], r.probe[:, 1:], f"{r.dir}, quantised message")
+    m = t.msg
+    print(f"  message: {len(r.groups)} mode bits + {m['code_bits']:,} code bits (entropy bound {m['entropy_bits']:.0f}) + "
+          f"{m['codebook_bits']} codebook + {m['count_bits']} counts + {m['fp16_bits']} fp16 (groups sent raw: "
+          f"{sum(m['sent_raw'])}) = L = {m['L_bits']:,}; + Elias-δ(L) = {m['length_bits']} bits; + ⌈log₂ "
+          f"{t.choice_count}⌉ = {t.choice_bits} bits for the choices {dict(t.grid, levels=len(level_grid))} = K = "
+          f"{m['total_bits']:,} bits; bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {t.alpha_bits} for α and "
+          f"{t.method_bits} for the method")
+    return t
 
+
+def document_separator(c, meta):
+    """The token ids between two training documents."""
+    if c["doc_separator"]:
+        return load_tokenizer(meta)[0](c["doc_separator"].encode().decode("unicode_escape"))
+    if meta and meta.get("separator"):  # the dataset's own: bytes datasets name theirs (NUL between files)
+        return meta["separator"]
+    if meta and meta.get("tokenizer") == "char":
+        return load_tokenizer(meta)[0]("\n\n")
+    return [EOT]
+
+
+def evaluate(c, run_dir):
+    t0 = time.time()
+    alpha_grid = [float(a) for a in c["alphas"].split(",")]
+    level_grid = [int(v) for v in c["levels_grid"].split(",")] if c["levels_grid"] else [c["levels"]]
+    if min(level_grid) < 2:
+        raise ConfigError(f"quantisation needs at least 2 levels, got {level_grid}")
+    r = open_run(c, run_dir)
+    vocab, eps = r.vocab, 1 - c["confidence"]
+    ks = [k for k in (int(k) for k in c["topk"].split(",")) if k < vocab]
+    gen = torch.Generator().manual_seed(c["seed"])
+    t = token_level(c, r, gen, alpha_grid, ks, level_grid)
+    del r.prior
     # document level: per-document average losses of s sampled documents
-    separator = c["doc_separator"].encode().decode("unicode_escape") if c["doc_separator"] else None
-    if separator is not None:
-        sep_ids = load_tokenizer(meta)[0](separator)
-    elif meta and meta.get("separator"):  # the dataset's own: bytes datasets name theirs (NUL between files)
-        sep_ids = meta["separator"]
-    elif meta and meta.get("tokenizer") == "char":
-        sep_ids = load_tokenizer(meta)[0]("\n\n")
-    else:
-        sep_ids = [EOT]
-    starts, ends = documents(np.asarray(train), sep_ids)
+    starts, ends = documents(np.asarray(r.train), document_separator(c, r.meta))
     doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen, device="cpu").numpy()
-    doc_smooth, doc_err = doc_level(model, train, starts[doc_ix], ends[doc_ix], block, alpha_grid, ks, vocab, c)
-
+    doc_smooth, doc_err = doc_level(r.model, r.train, starts[doc_ix], ends[doc_ix], r.block, alpha_grid, ks, vocab, c)
     N_doc, s_doc = len(starts), len(doc_ix)
-    K_bits = K + alpha_bits + method_bits
-    results = {"run": run_dir, "kind": ckpt["adapter"]["kind"], "d": d, "levels": n_levels, "levels_grid": level_grid,
-               "groups": {g: len(names) for g, names in groups.items()}, "vocab": vocab, "N_tokens": N_tok,
-               "N_documents": N_doc, "s_blocks": s_tok, "exact": exact, "s_documents": s_doc,
-               "confidence": c["confidence"], "meaning": MEANING, "caveats": caveats,
-               "loss_before_quantization_bits": before, "loss_after_quantization_bits": smooth[0], "message": msg,
+
+    K = t.msg["total_bits"]
+    K_bits = K + t.alpha_bits + t.method_bits
+    results = {"run": run_dir, "kind": r.kind, "d": r.d, "levels": t.levels, "levels_grid": level_grid,
+               "groups": {g: len(names) for g, names in r.groups.items()}, "vocab": vocab, "N_tokens": t.N,
+               "N_documents": N_doc, "s_blocks": t.s, "exact": t.exact, "s_documents": s_doc,
+               "confidence": c["confidence"], "meaning": MEANING, "caveats": r.caveats,
+               "loss_before_quantization_bits": t.before, "loss_after_quantization_bits": t.smooth[0], "message": t.msg,
                "alphas": alpha_grid, "lambdas": list(LAMBDAS),
-               "K_bits": {"bpd": K_bits, "error": K}, "candidates": {"bpd": M_tok, "error": choice_count},
-               "token_bpd_inputs": [inputs for _, _, inputs in per_alpha], "metrics": {}}
-    ah = [b for b, _, _ in per_alpha]
-    be = [b for _, (b, _), _ in per_alpha]
+               "K_bits": {"bpd": K_bits, "error": K}, "candidates": {"bpd": t.M, "error": t.choice_count},
+               "token_bpd_inputs": [inputs for _, _, inputs in t.per_alpha], "metrics": {}}
+    metrics = results["metrics"]
+    ah = [b for b, _, _ in t.per_alpha]
+    be = [b for _, (b, _), _ in t.per_alpha]
     j, i = int(np.argmin(ah)), int(np.argmin(be))
-    common = dict(empirical_per_alpha=smooth, random_guess=math.log2(vocab))
-    m_ah = dict(empirical=smooth[j], bound=ah[j], alpha=alpha_grid[j], delta=smoothed_range(alpha_grid[j], vocab),
+    common = dict(empirical_per_alpha=t.smooth, random_guess=math.log2(vocab))
+    m_ah = dict(empirical=t.smooth[j], bound=ah[j], alpha=alpha_grid[j], delta=smoothed_range(alpha_grid[j], vocab),
                 per_alpha=ah, **common)
-    m_be = dict(empirical=smooth[i], bound=be[i], alpha=alpha_grid[i], lam=per_alpha[i][1][1],
+    m_be = dict(empirical=t.smooth[i], bound=be[i], alpha=alpha_grid[i], lam=t.per_alpha[i][1][1],
                 delta=smoothed_range(alpha_grid[i], vocab), per_alpha=be, **common)
-    results["metrics"]["token_bpd"] = dict(m_be if be[i] < ah[j] else m_ah,
-                                           method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding")
-    results["metrics"]["token_bpd_hoeffding"], results["metrics"]["token_bpd_bernstein"] = m_ah, m_be
-    for k, e in zip(ks, errors):
-        results["metrics"][f"token_top{k}_error"] = dict(
-            empirical=e, bound=min(1.0, bound(e, 1.0, K, N_tok, s_tok, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
-    per_doc = [bound(v, smoothed_range(a, vocab), K + alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * choice_count)
+    metrics["token_bpd"] = dict(m_be if be[i] < ah[j] else m_ah,
+                                method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding")
+    metrics["token_bpd_hoeffding"], metrics["token_bpd_bernstein"] = m_ah, m_be
+    for k, e in zip(ks, t.errors):
+        metrics[f"token_top{k}_error"] = dict(empirical=e, bound=min(1.0, bound(e, 1.0, K, t.N, t.s, eps, t.choice_count)),
+                                              delta=1.0, random_guess=1 - k / vocab)
+    per_doc = [bound(v, smoothed_range(a, vocab), K + t.alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * t.choice_count)
                for v, a in zip(doc_smooth, alpha_grid)]
     j = int(np.argmin(per_doc))
-    results["metrics"]["document_bpd"] = dict(empirical=doc_smooth[j], bound=per_doc[j], alpha=alpha_grid[j],
-                                              delta=smoothed_range(alpha_grid[j], vocab), per_alpha=per_doc,
-                                              empirical_per_alpha=doc_smooth, random_guess=math.log2(vocab))
+    metrics["document_bpd"] = dict(empirical=doc_smooth[j], bound=per_doc[j], alpha=alpha_grid[j],
+                                   delta=smoothed_range(alpha_grid[j], vocab), per_alpha=per_doc,
+                                   empirical_per_alpha=doc_smooth, random_guess=math.log2(vocab))
     for k, e in zip(ks, doc_err):
-        results["metrics"][f"document_top{k}_error"] = dict(
-            empirical=e, bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, choice_count)), delta=1.0, random_guess=1 - k / vocab)
+        metrics[f"document_top{k}_error"] = dict(empirical=e, bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, t.choice_count)),
+                                                 delta=1.0, random_guess=1 - k / vocab)
     # where each token-level bits bound comes from, part by part (they add up to it)
     # (the complexity term holds rε of ε when blocks are sampled; the rest of the distance is sampling)
     results["token_bpd_parts"] = {}
-    C = K_bits * math.log(2) + math.log(1 / (eps if exact else eps * s_tok / (s_tok + N_tok)))
+    C = K_bits * math.log(2) + math.log(1 / (eps if t.exact else eps * t.s / (t.s + t.N)))
     for name, m in (("hoeffding", m_ah), ("bernstein", m_be)):
-        q = per_alpha[alpha_grid.index(m["alpha"])][2]["mean_q"]
-        complexity = (m["delta"] * math.sqrt(C / (2 * N_tok)) if name == "hoeffding" else
-                      float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * N_tok))
-        results["token_bpd_parts"][name] = dict(unquantised=before, quantisation=smooth[0] - before,
-                                                smoothing=m["empirical"] - smooth[0], complexity=complexity,
+        q = t.per_alpha[alpha_grid.index(m["alpha"])][2]["mean_q"]
+        complexity = (m["delta"] * math.sqrt(C / (2 * t.N)) if name == "hoeffding" else
+                      float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * t.N))
+        results["token_bpd_parts"][name] = dict(unquantised=t.before, quantisation=t.smooth[0] - t.before,
+                                                smoothing=m["empirical"] - t.smooth[0], complexity=complexity,
                                                 sampling=m["bound"] - m["empirical"] - complexity)
     results["seconds"] = time.time() - t0
     print_table(results)
