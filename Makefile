@@ -1,5 +1,6 @@
 # make demo: install, prepare Tiny Shakespeare, pretrain a baby GPT, LoRA-fine-tune it, sample
-# make test: install (with the test-only oracles of requirements-test.txt), run the test suite
+# make test: install (with the test-only oracles of requirements-test.txt), check the format and lint
+#            (ruff.toml), run the test suite
 # make gpu-check: on a CUDA machine, the device tests on CUDA (compiled training of every adapter) and
 #                 bench.py eager vs compiled, as a table
 PYTHON ?= python3
@@ -32,6 +33,8 @@ demo: install data/shakespeare_char/train.bin
 	$(PY) plots.py out-demo-base out-demo-lora
 
 test: install-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 gpu-check: install-test

@@ -68,8 +68,10 @@ def check_rank(rank, base: nn.Linear, minimum=1):
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < minimum:
         raise AdapterError(f"adapter rank must be a positive int, got {rank!r}")
     if rank > min(base.in_features, base.out_features):
-        raise AdapterError(f"adapter rank {rank} is larger than the layer ({base.in_features} -> "
-                           f"{base.out_features}); use a rank <= {min(base.in_features, base.out_features)}")
+        raise AdapterError(
+            f"adapter rank {rank} is larger than the layer ({base.in_features} -> "
+            f"{base.out_features}); use a rank <= {min(base.in_features, base.out_features)}"
+        )
 
 
 def layer_dropout(layer):
@@ -151,8 +153,13 @@ class AdapterLinear(nn.Module):
         """The plain LoRA (with DoRA's magnitude) this layer computes, on the same base: for export and
         for every tool that reads LoRA factors. None when the layer adds nothing."""
         B, A, s = self.factors()
-        lora = LoRALinear(self.base, rank=A.shape[0], scaling=s, dropout=layer_dropout(self),
-                          use_dora=self.magnitude is not None)
+        lora = LoRALinear(
+            self.base,
+            rank=A.shape[0],
+            scaling=s,
+            dropout=layer_dropout(self),
+            use_dora=self.magnitude is not None,
+        )
         with torch.no_grad():
             lora.lora_A.copy_(A), lora.lora_B.copy_(B)
             if self.magnitude is not None:
@@ -194,6 +201,7 @@ class AdapterLinear(nn.Module):
             raise AdapterError("merge produced non-finite weights; the adapter has diverged, not merged")
         self.base.weight = nn.Parameter(w.to(self.base.weight.dtype), requires_grad=False)
 
+
 # -----------------------------------------------------------------------------
 # a family, as the scripts see it
 
@@ -203,9 +211,17 @@ SHARED_KEYS = {
     "lora_rank": (8, "[1, inf)", "r: rank of every adapter (initial rank for AdaLoRA, directions for PiSSA)"),
     "lora_alpha": (16.0, "(0, inf)", "scaling alpha / r (alpha / sqrt(r) with use_rslora)"),
     "lora_dropout": (0.0, "[0, 1)", "dropout on the adapter's input"),
-    "lora_targets": ("", None, "';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults"),
-    "lora_rank_pattern": ("", None, "per-layer ranks, 'lm_head=8;c_fc=2' (patterns as in lora_targets; PEFT's "
-                          "rank_pattern: scaling lora_alpha / that rank)"),
+    "lora_targets": (
+        "",
+        None,
+        "';'-separated module-name patterns ('c_attn:q,v;lm_head'); '' = the adapter's defaults",
+    ),
+    "lora_rank_pattern": (
+        "",
+        None,
+        "per-layer ranks, 'lm_head=8;c_fc=2' (patterns as in lora_targets; PEFT's "
+        "rank_pattern: scaling lora_alpha / that rank)",
+    ),
     "use_rslora": (False, None, "scaling alpha / sqrt(r) instead of alpha / r"),
     "train_embeddings": (False, None, "also train the token / position embeddings"),
 }
@@ -216,7 +232,11 @@ def config_keys():
     family's own."""
     keys = {k: (*v, "adapter: the keys every family reads") for k, v in SHARED_KEYS.items()}
     for family in FAMILIES.values():
-        section = f"{family.kind}: {(family.__doc__ or '').strip().splitlines()[0]}" if family.__doc__ else family.kind
+        section = (
+            f"{family.kind}: {(family.__doc__ or '').strip().splitlines()[0]}"
+            if family.__doc__
+            else family.kind
+        )
         keys.update({k: (*v, section) for k, v in family.keys.items()})
     return keys
 
@@ -246,14 +266,18 @@ class Family:
     def check(self):
         """Value checks beyond each key's interval, before any work: raise AdapterError."""
         if self.c["lora_rank_pattern"] and not self.rank_pattern:
-            raise AdapterError(f"lora_rank_pattern sets ranks for lora, dora and sora, not {self.kind} (its ranks come "
-                               f"from {self.ranks_from})")
+            raise AdapterError(
+                f"lora_rank_pattern sets ranks for lora, dora and sora, not {self.kind} (its ranks come "
+                f"from {self.ranks_from})"
+            )
         parse_rank_pattern(self.c["lora_rank_pattern"])
 
     def layer_settings(self):
         """The layer class's keyword arguments, from the flat config."""
         c = self.c
-        return dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], use_rslora=c["use_rslora"])
+        return dict(
+            rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], use_rslora=c["use_rslora"]
+        )
 
     def inject(self, model):
         """Adapt a freshly loaded base in place; returns (the model to train, the checkpoint's adapter
@@ -261,16 +285,31 @@ class Family:
         c = self.c
         targets = [t.strip() for t in c["lora_targets"].split(";") if t.strip()] or None
         names = find_targets(model, targets, self.default_targets)
-        layers = rank_pattern_layers(names, parse_rank_pattern(c["lora_rank_pattern"])) if c["lora_rank_pattern"] else None
-        info = dict(kind=self.kind, targets=names, settings=self.layer_settings(), train_embeddings=c["train_embeddings"],
-                    **({"layers": layers} if layers else {}))
+        layers = (
+            rank_pattern_layers(names, parse_rank_pattern(c["lora_rank_pattern"]))
+            if c["lora_rank_pattern"]
+            else None
+        )
+        info = dict(
+            kind=self.kind,
+            targets=names,
+            settings=self.layer_settings(),
+            train_embeddings=c["train_embeddings"],
+            **({"layers": layers} if layers else {}),
+        )
         return self.rebuild(model, info), info
 
     @classmethod
     def rebuild(cls, model, info):
         """The adapters a checkpoint's or adapter file's entry describes, injected into `model`."""
-        inject_adapters(model, cls.kind, targets=info["targets"], train_embeddings=info["train_embeddings"],
-                        layers=info.get("layers"), **info["settings"])
+        inject_adapters(
+            model,
+            cls.kind,
+            targets=info["targets"],
+            train_embeddings=info["train_embeddings"],
+            layers=info.get("layers"),
+            **info["settings"],
+        )
         return model
 
     @classmethod
@@ -290,8 +329,10 @@ class Family:
     def peft_native(cls, model, info, config):
         """The family in PEFT's own format, where PEFT has one (hf.py --peft_format=native): (the
         adapter_config.json fields, {module name: {PEFT tensor name: tensor}})."""
-        raise AdapterError(f"PEFT has no format of its own for {cls.kind}: export it as the LoRA it computes "
-                           "(--peft_format=lora)")
+        raise AdapterError(
+            f"PEFT has no format of its own for {cls.kind}: export it as the LoRA it computes "
+            "(--peft_format=lora)"
+        )
 
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         """[(optimizer, peak learning rate)]; every one follows train.py's schedule scaled to its peak.
@@ -333,8 +374,10 @@ def parse_rank_pattern(text):
     for item in (t.strip() for t in text.split(";")):
         key, eq, rank = item.partition("=")
         if item and (not eq or not key.strip() or not rank.strip().isdigit() or int(rank) < 1):
-            raise AdapterError(f"lora_rank_pattern item {item!r} is not 'pattern=rank' with a rank >= 1; write e.g. "
-                               "'lm_head=8;c_fc=2'")
+            raise AdapterError(
+                f"lora_rank_pattern item {item!r} is not 'pattern=rank' with a rank >= 1; write e.g. "
+                "'lm_head=8;c_fc=2'"
+            )
         if item:
             pattern[key.strip()] = int(rank)
     return pattern
@@ -365,8 +408,17 @@ class LoRALinear(AdapterLinear):
     """LoRA (Hu et al. 2021): y = W x + (dropout(x) Aᵀ) Bᵀ · alpha / r. loralib names and init.
     use_dora=True adds DoRA's magnitude (kind 'dora')."""
 
-    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None,
-                 use_dora=False, out_ranges=None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank=8,
+        alpha=16.0,
+        dropout=0.0,
+        use_rslora=False,
+        scaling=None,
+        use_dora=False,
+        out_ranges=None,
+    ):
         super().__init__(base, dropout, use_dora)
         check_rank(rank, base)
         self.rank = rank
@@ -378,7 +430,9 @@ class LoRALinear(AdapterLinear):
         self.register_buffer("out_index", rows, persistent=False)
         # rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) so that the update's size is rank-free.
         # An explicit `scaling` keeps a trained layer's scale when its rank shrinks (SoRA prune).
-        self.scaling = scaling if scaling is not None else alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.scaling = (
+            scaling if scaling is not None else alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        )
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         n_out = base.out_features if rows is None else len(rows)
@@ -417,6 +471,7 @@ class DoRA(Family):
     peft_import = ("LORA", True)
     peft_parts = dict(Family.peft_parts, m="magnitude")
 
+
 # -----------------------------------------------------------------------------
 # SoRA: gated LoRA, the gates' proximal optimizer, the sparsity schedule, prune
 
@@ -426,8 +481,17 @@ class SoRALinear(LoRALinear):
     y = W x + ((dropout(x) Aᵀ) ⊙ g) Bᵀ · s. A proximal optimizer (SoRAOptimizer) drives gates to
     exactly zero; prune() then drops those ranks for a plain, smaller LoRA with the same outputs."""
 
-    def __init__(self, base: nn.Linear, rank=8, alpha=16.0, dropout=0.0, use_rslora=False, scaling=None,
-                 gate_init="randn", out_ranges=None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank=8,
+        alpha=16.0,
+        dropout=0.0,
+        use_rslora=False,
+        scaling=None,
+        gate_init="randn",
+        out_ranges=None,
+    ):
         super().__init__(base, rank, alpha, dropout, use_rslora, scaling, out_ranges=out_ranges)
         if gate_init not in ("randn", "ones"):
             raise AdapterError(f"gate_init must be 'randn' (the SoRA code's) or 'ones', got {gate_init!r}")
@@ -456,8 +520,13 @@ class SoRALinear(LoRALinear):
         keep = self.gate != 0
         if not keep.any():
             return None
-        lora = LoRALinear(self.base, rank=int(keep.sum()), dropout=layer_dropout(self), scaling=self.scaling,
-                          out_ranges=self.out_ranges)
+        lora = LoRALinear(
+            self.base,
+            rank=int(keep.sum()),
+            dropout=layer_dropout(self),
+            scaling=self.scaling,
+            out_ranges=self.out_ranges,
+        )
         lora.lora_A.copy_(self.lora_A[keep])
         lora.lora_B.copy_((self.lora_B * self.gate)[:, keep])
         lora.merged = self.merged
@@ -532,13 +601,17 @@ def split_sora_params(model):
     return gates, others
 
 
-def build_sora_optimizers(model, lr=1e-3, gate_lr=None, sparse_lambda=0.1, weight_decay=0.0, betas=(0.9, 0.999)):
+def build_sora_optimizers(
+    model, lr=1e-3, gate_lr=None, sparse_lambda=0.1, weight_decay=0.0, betas=(0.9, 0.999)
+):
     """(gate_optimizer, regular_optimizer) for a custom loop: step both every iteration."""
     gates, others = split_sora_params(model)
     if not gates:
         raise AdapterError("the model has no trainable SoRA gates; inject_adapters(model, 'sora', ...) first")
     gate_opt = SoRAOptimizer(gates, lr=gate_lr or lr, sparse_lambda=sparse_lambda, betas=betas)
-    return gate_opt, torch.optim.AdamW(others, lr=lr, betas=betas, weight_decay=weight_decay, **fused_on_cuda(others))
+    return gate_opt, torch.optim.AdamW(
+        others, lr=lr, betas=betas, weight_decay=weight_decay, **fused_on_cuda(others)
+    )
 
 
 def lambda_schedule(start, stop, levels, spacing="linear"):
@@ -546,7 +619,9 @@ def lambda_schedule(start, stop, levels, spacing="linear"):
     log_linear follow TsinghuaC3I/SoRA (log_linear: log(linspace(e^start, e^stop))); exp_linear is
     evenly spaced in log λ (needs start > 0)."""
     if start < 0 or stop < start or levels < 1:
-        raise AdapterError(f"the λ schedule needs 0 <= start <= stop and levels >= 1, got {start}, {stop}, {levels}")
+        raise AdapterError(
+            f"the λ schedule needs 0 <= start <= stop and levels >= 1, got {start}, {stop}, {levels}"
+        )
     t = torch.linspace(0, 1, levels, dtype=torch.float64)
     if spacing == "linear":
         values = start + (stop - start) * t
@@ -579,7 +654,9 @@ def rank_report(model):
 def prune_sora_model(model):
     """Replace every SoRA layer by the plain LoRA of its non-zero ranks (outputs unchanged), or by its
     base Linear when all its gates are zero. Returns {name: kept rank}; save with adapter_state_dict."""
-    new = replace_layers(model, lambda name, layer: layer.as_lora() if isinstance(layer, SoRALinear) else layer)
+    new = replace_layers(
+        model, lambda name, layer: layer.as_lora() if isinstance(layer, SoRALinear) else layer
+    )
     return {n: getattr(m, "rank", 0) for n, m in new.items()}  # a base nn.Linear: rank 0
 
 
@@ -590,8 +667,10 @@ def merge_sora_model(model):
 
 def pruned_summary(kind, kept, before, after):
     ranks = sorted(kept.values())
-    return (f"pruned {kind}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}..{ranks[-1]}, median "
-            f"{ranks[len(ranks) // 2]}); adapter parameters {before:,} -> {after:,}")
+    return (
+        f"pruned {kind}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}..{ranks[-1]}, median "
+        f"{ranks[len(ranks) // 2]}); adapter parameters {before:,} -> {after:,}"
+    )
 
 
 class SoRA(Family):
@@ -601,15 +680,31 @@ class SoRA(Family):
 
     kind, layer = "sora", SoRALinear
     keys = {
-        "sora_lambda": (0.1, "[0, inf)", "L1 strength; the gates are soft-thresholded by sora_lambda * lr every step"),
-        "sora_lambda_max": (0.0, "[0, inf)", "> sora_lambda: raise λ to this in sora_lambda_levels steps (the sparsifying schedule)"),
+        "sora_lambda": (
+            0.1,
+            "[0, inf)",
+            "L1 strength; the gates are soft-thresholded by sora_lambda * lr every step",
+        ),
+        "sora_lambda_max": (
+            0.0,
+            "[0, inf)",
+            "> sora_lambda: raise λ to this in sora_lambda_levels steps (the sparsifying schedule)",
+        ),
         "sora_lambda_levels": (5, "[1, inf)", "steps of the λ schedule from sora_lambda to sora_lambda_max"),
         "sora_lambda_every": (200, "[1, inf)", "iterations per λ level"),
         "sora_lambda_spacing": ("linear", None, "'linear' | 'log_linear' | 'exp_linear'"),
         "sora_gate_lr": (0.0, "[0, inf)", "peak learning rate of the gates; 0 = learning_rate"),
         "sora_gate_init": ("randn", None, "'randn' (the SoRA code's) | 'ones'"),
-        "sora_tune_iters": (0, "[0, inf)", "the last N iterations: λ = 0, zero gates held at zero, kept gates rebalanced into B"),
-        "sora_prune": (True, None, "at the end, drop zero-gated ranks and save the smaller adapter_pruned.safetensors"),
+        "sora_tune_iters": (
+            0,
+            "[0, inf)",
+            "the last N iterations: λ = 0, zero gates held at zero, kept gates rebalanced into B",
+        ),
+        "sora_prune": (
+            True,
+            None,
+            "at the end, drop zero-gated ranks and save the smaller adapter_pruned.safetensors",
+        ),
     }
     schedule_keys = ("sora_lambda_every", "sora_tune_iters")
 
@@ -617,17 +712,25 @@ class SoRA(Family):
         super().check()
         c = self.c
         if c["sora_tune_iters"] >= max(1, c["max_iters"]):
-            raise AdapterError(f"sora_tune_iters {c['sora_tune_iters']} leaves no iteration to sparsify in max_iters "
-                               f"{c['max_iters']}; lower it below max_iters (0 = no tuning phase)")
-        lambda_schedule(c["sora_lambda"], max(c["sora_lambda"], c["sora_lambda_max"]), c["sora_lambda_levels"],
-                        c["sora_lambda_spacing"])
+            raise AdapterError(
+                f"sora_tune_iters {c['sora_tune_iters']} leaves no iteration to sparsify in max_iters "
+                f"{c['max_iters']}; lower it below max_iters (0 = no tuning phase)"
+            )
+        lambda_schedule(
+            c["sora_lambda"],
+            max(c["sora_lambda"], c["sora_lambda_max"]),
+            c["sora_lambda_levels"],
+            c["sora_lambda_spacing"],
+        )
 
     def layer_settings(self):
         return dict(super().layer_settings(), gate_init=self.c["sora_gate_init"])
 
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         gate_lr = self.c["sora_gate_lr"] or lr
-        self.gates, rest = build_sora_optimizers(model, lr, gate_lr, self.c["sora_lambda"], weight_decay, betas)
+        self.gates, rest = build_sora_optimizers(
+            model, lr, gate_lr, self.c["sora_lambda"], weight_decay, betas
+        )
         return [(rest, lr), (self.gates, gate_lr)]
 
     def tuning(self, it):
@@ -641,16 +744,20 @@ class SoRA(Family):
             return 0.0
         if c["sora_lambda_max"] <= c["sora_lambda"]:
             return c["sora_lambda"]
-        levels = lambda_schedule(c["sora_lambda"], c["sora_lambda_max"], c["sora_lambda_levels"], c["sora_lambda_spacing"])
+        levels = lambda_schedule(
+            c["sora_lambda"], c["sora_lambda_max"], c["sora_lambda_levels"], c["sora_lambda_spacing"]
+        )
         return levels[min(it // c["sora_lambda_every"], len(levels) - 1)]
 
     def before_step(self, model, it):
         level, tuning = self.lambda_at(it), self.tuning(it)
         if it > 0 and level != self.lambda_at(it - 1):
             report = rank_report(model)
-            self.say(f"λ level reached {self.lambda_at(it - 1):g}: {report['adapter_params_remaining']:,} adapter "
-                     f"parameters remain; effective ranks {list(report['effective_rank'].values())}"
-                     + ("; tuning the kept ranks with λ = 0 from here" if tuning else ""))
+            self.say(
+                f"λ level reached {self.lambda_at(it - 1):g}: {report['adapter_params_remaining']:,} adapter "
+                f"parameters remain; effective ranks {list(report['effective_rank'].values())}"
+                + ("; tuning the kept ranks with λ = 0 from here" if tuning else "")
+            )
         self.gates.set_lambda(level, hold_zeros=tuning)
         if tuning and not self.tuning(it - 1):  # idempotent: safe on resume
             for layer in adapter_layers(model).values():
@@ -665,12 +772,17 @@ class SoRA(Family):
         before = sum(v.numel() for v in adapter_state_dict(model).values())
         kept = prune_sora_model(model)
         layers = adapter_layers(model)
-        pruned = dict(kind="lora", targets=[t for t in info["targets"] if kept[t.partition(":")[0]]],
-                      settings=dict(dropout=info["settings"]["dropout"]), train_embeddings=info["train_embeddings"],
-                      layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r})
+        pruned = dict(
+            kind="lora",
+            targets=[t for t in info["targets"] if kept[t.partition(":")[0]]],
+            settings=dict(dropout=info["settings"]["dropout"]),
+            train_embeddings=info["train_embeddings"],
+            layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r},
+        )
         state = adapter_state_dict(model)
         self.say(pruned_summary("sora", kept, before, sum(v.numel() for v in state.values())))
         return pruned, state
+
 
 # -----------------------------------------------------------------------------
 # AdaLoRA / AdaDoRA: SVD-form adapter, importance-based rank allocation, orthogonality, slicing
@@ -705,9 +817,12 @@ class AdaLoRALinear(AdapterLinear):
         if self.training and not torch.compiler.is_compiling():
             self.forwards_since_allocation += 1
             if self.forwards_since_allocation == UNALLOCATED_WARNING_AFTER:
-                warnings.warn(f"AdaLoRA layers ran {UNALLOCATED_WARNING_AFTER} training forwards without "
-                              "RankAllocator.update_and_allocate(step): no rank is being allocated. Call it after "
-                              "optimizer.step() and before optimizer.zero_grad()", stacklevel=2)
+                warnings.warn(
+                    f"AdaLoRA layers ran {UNALLOCATED_WARNING_AFTER} training forwards without "
+                    "RankAllocator.update_and_allocate(step): no rank is being allocated. Call it after "
+                    "optimizer.step() and before optimizer.zero_grad()",
+                    stacklevel=2,
+                )
         return super().forward(x)
 
     def effective_rank(self):
@@ -717,8 +832,13 @@ class AdaLoRALinear(AdapterLinear):
     def keep_ranks(self, keep):
         """The same layer with only the ranks in the bool mask `keep` (same outputs when the others
         have E = 0): what an adapter-only save sliced to the allocated ranks holds."""
-        layer = AdaLoRALinear(self.base, rank=int(keep.sum()), dropout=layer_dropout(self), use_dora=self.magnitude is not None,
-                              ranknum=self.ranknum)
+        layer = AdaLoRALinear(
+            self.base,
+            rank=int(keep.sum()),
+            dropout=layer_dropout(self),
+            use_dora=self.magnitude is not None,
+            ranknum=self.ranknum,
+        )
         layer.scaling = self.scaling
         for name in ("lora_A", "lora_E"):
             getattr(layer, name).copy_(getattr(self, name)[keep])
@@ -743,8 +863,10 @@ class AdaLoRALinear(AdapterLinear):
         return AdapterLinear.as_lora(layer)
 
     def extra_repr(self):
-        return (f"rank={self.rank}, ranknum={self.ranknum}, scaling={self.scaling:g}, "
-                f"dora={self.magnitude is not None}, effective_rank={self.effective_rank()}")
+        return (
+            f"rank={self.rank}, ranknum={self.ranknum}, scaling={self.scaling:g}, "
+            f"dora={self.magnitude is not None}, effective_rank={self.effective_rank()}"
+        )
 
 
 class AdaDoRALinear(AdaLoRALinear):
@@ -769,15 +891,25 @@ class RankAllocator:
     def __init__(self, model, target_r, total_step, tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85):
         self.layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, AdaLoRALinear)}
         if not self.layers:
-            raise AdapterError("RankAllocator needs AdaLoRA layers: inject_adapters(model, 'adalora' or 'adadora')")
+            raise AdapterError(
+                "RankAllocator needs AdaLoRA layers: inject_adapters(model, 'adalora' or 'adadora')"
+            )
         self.init_r = next(iter(self.layers.values())).rank
         if not 0 < target_r <= self.init_r:
             raise AdapterError(f"target_r must be in 1..init rank {self.init_r}, got {target_r}")
         if not 0 <= tinit < total_step - tfinal:
-            raise AdapterError(f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, "
-                               f"tfinal={tfinal}, total_step={total_step}: lower --adalora_tinit / --adalora_tfinal "
-                               "or raise --max_iters")
-        self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = target_r, total_step, tinit, tfinal, deltaT
+            raise AdapterError(
+                f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, "
+                f"tfinal={tfinal}, total_step={total_step}: lower --adalora_tinit / --adalora_tfinal "
+                "or raise --max_iters"
+            )
+        self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = (
+            target_r,
+            total_step,
+            tinit,
+            tfinal,
+            deltaT,
+        )
         self.beta1, self.beta2 = beta1, beta2
         self.init_budget = self.init_r * len(self.layers)
         self.target_budget = target_r * len(self.layers)
@@ -789,7 +921,10 @@ class RankAllocator:
         tensors, first = self._tensors(), next(iter(self.layers.values())).lora_E
         dt, dev = compute_dtype(first), first.device
         n = sum(p.numel() for _, p in tensors)
-        self._sensitivity, self._uncertainty = torch.zeros(n, dtype=dt, device=dev), torch.zeros(n, dtype=dt, device=dev)
+        self._sensitivity, self._uncertainty = (
+            torch.zeros(n, dtype=dt, device=dev),
+            torch.zeros(n, dtype=dt, device=dev),
+        )
         self.sensitivity, self.uncertainty, rank_of, weight, offset, rank0 = {}, {}, [], [], 0, 0
         for (key, p), role in zip(tensors, ["lora_A", "lora_B", "lora_E"] * len(self.layers)):
             self.sensitivity[key] = self._sensitivity[offset : offset + p.numel()].view(p.shape)
@@ -805,7 +940,9 @@ class RankAllocator:
                 rank0 += r
             offset += p.numel()
         self._rank_of = torch.cat(rank_of)
-        self._weight = torch.cat([torch.full((len(i),), w, dtype=dt, device=dev) for i, w in zip(rank_of, weight)])
+        self._weight = torch.cat(
+            [torch.full((len(i),), w, dtype=dt, device=dev) for i, w in zip(rank_of, weight)]
+        )
         self._total_rank = rank0
 
     def budget(self, step):
@@ -815,11 +952,17 @@ class RankAllocator:
         if step >= self.total_step - self.tfinal:
             return self.target_budget, True
         progress = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
-        return int((self.init_budget - self.target_budget) * progress**3 + self.target_budget), step % self.deltaT == 0
+        return int(
+            (self.init_budget - self.target_budget) * progress**3 + self.target_budget
+        ), step % self.deltaT == 0
 
     def _tensors(self):
         """[(key, parameter)] of every A, B and E, in a fixed order."""
-        return [(f"{n}.{p}", getattr(layer, p)) for n, layer in self.layers.items() for p in ("lora_A", "lora_B", "lora_E")]
+        return [
+            (f"{n}.{p}", getattr(layer, p))
+            for n, layer in self.layers.items()
+            for p in ("lora_A", "lora_B", "lora_E")
+        ]
 
     @torch.no_grad()
     def update_importance(self):
@@ -833,10 +976,14 @@ class RankAllocator:
             return
         kept = [(self.sensitivity[k].clone(), self.uncertainty[k].clone()) for k in missing]
         params = torch.cat([p.reshape(-1) for p in tensors]).to(self._sensitivity.dtype)
-        grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in tensors])
+        grads = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in tensors]
+        )
         ipt = (params * grads.to(params.dtype)).abs_()  # I = |p ⊙ ∇p|
         self._sensitivity.mul_(self.beta1).add_(ipt, alpha=1 - self.beta1)  # Ī <- β1 Ī + (1 - β1) I
-        self._uncertainty.mul_(self.beta2).add_((ipt - self._sensitivity).abs_(), alpha=1 - self.beta2)  # |I - Ī|
+        self._uncertainty.mul_(self.beta2).add_(
+            (ipt - self._sensitivity).abs_(), alpha=1 - self.beta2
+        )  # |I - Ī|
         for k, (sens, unc) in zip(missing, kept):
             self.sensitivity[k].copy_(sens), self.uncertainty[k].copy_(unc)
 
@@ -847,7 +994,9 @@ class RankAllocator:
 
     def rank_scores(self):
         """{layer: (r,) score of each rank}."""
-        return dict(zip(self.layers, self.flat_rank_scores().split([layer.rank for layer in self.layers.values()])))
+        return dict(
+            zip(self.layers, self.flat_rank_scores().split([layer.rank for layer in self.layers.values()]))
+        )
 
     @torch.no_grad()
     def mask_to_budget(self, budget):
@@ -897,11 +1046,18 @@ class RankAllocator:
         return self.final_mask
 
     def state_dict(self):
-        return {"sensitivity": self.sensitivity, "uncertainty": self.uncertainty, "final_mask": self.final_mask}
+        return {
+            "sensitivity": self.sensitivity,
+            "uncertainty": self.uncertainty,
+            "final_mask": self.final_mask,
+        }
 
     def load_state_dict(self, state):
         """Into the flat buffers the scores come from (the dicts hold views of them)."""
-        for mine, saved in ((self.sensitivity, state["sensitivity"]), (self.uncertainty, state["uncertainty"])):
+        for mine, saved in (
+            (self.sensitivity, state["sensitivity"]),
+            (self.uncertainty, state["uncertainty"]),
+        ):
             for key, t in saved.items():
                 mine[key].copy_(t)
         self.final_mask = state["final_mask"]
@@ -925,7 +1081,10 @@ def orthogonal_regularization(model):
         raise AdapterError("orthogonal_regularization needs AdaLoRA layers in the model")
     terms = []
     with autocast_off(layers[0].lora_A.device.type):  # in the factors' precision, not autocast's
-        for factors in (_stacked_by_shape([m.lora_A for m in layers]), _stacked_by_shape([m.lora_B.T for m in layers])):
+        for factors in (
+            _stacked_by_shape([m.lora_A for m in layers]),
+            _stacked_by_shape([m.lora_B.T for m in layers]),
+        ):
             for F_ in factors:  # (n, r, k): ‖F Fᵀ - I‖_F per layer
                 eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
                 terms.append(torch.linalg.matrix_norm(F_ @ F_.transpose(1, 2) - eye))
@@ -935,8 +1094,12 @@ def orthogonal_regularization(model):
 def slice_adalora_model(model):
     """Replace every AdaLoRA layer by one holding only its ranks with E != 0 (same outputs), so that
     adapter_state_dict() is as small as the allocated budget. Returns {name: kept rank}."""
-    new = replace_layers(model, lambda name, layer: layer.keep_ranks(layer.lora_E != 0)
-                         if isinstance(layer, AdaLoRALinear) else layer)
+    new = replace_layers(
+        model,
+        lambda name, layer: (
+            layer.keep_ranks(layer.lora_E != 0) if isinstance(layer, AdaLoRALinear) else layer
+        ),
+    )
     return {n: m.rank for n, m in new.items() if isinstance(m, AdaLoRALinear)}
 
 
@@ -954,8 +1117,16 @@ class AdaLoRA(Family):
         "adalora_deltaT": (10, "[1, inf)", "iterations between two allocations"),
         "adalora_beta1": (0.85, "[0, 1)", "EMA of the sensitivity"),
         "adalora_beta2": (0.85, "[0, 1)", "EMA of the uncertainty"),
-        "adalora_orth_reg_weight": (0.5, "[0, inf)", "weight of the orthogonality regulariser on A and B (peft's default)"),
-        "adalora_prune": (True, None, "at the end, save adapter_pruned.safetensors holding only the ranks with E != 0"),
+        "adalora_orth_reg_weight": (
+            0.5,
+            "[0, inf)",
+            "weight of the orthogonality regulariser on A and B (peft's default)",
+        ),
+        "adalora_prune": (
+            True,
+            None,
+            "at the end, save adapter_pruned.safetensors holding only the ranks with E != 0",
+        ),
     }
     schedule_keys = ("adalora_tinit", "adalora_tfinal")
 
@@ -963,11 +1134,15 @@ class AdaLoRA(Family):
         super().check()
         c = self.c
         if not c["adalora_target_r"] <= c["lora_rank"]:
-            raise AdapterError(f"adalora_target_r must be in 1..lora_rank {c['lora_rank']}, got {c['adalora_target_r']}")
+            raise AdapterError(
+                f"adalora_target_r must be in 1..lora_rank {c['lora_rank']}, got {c['adalora_target_r']}"
+            )
         if not c["adalora_tinit"] < c["max_iters"] - c["adalora_tfinal"]:
-            raise AdapterError(f"AdaLoRA needs adalora_tinit < max_iters - adalora_tfinal, got adalora_tinit="
-                               f"{c['adalora_tinit']}, adalora_tfinal={c['adalora_tfinal']}, max_iters={c['max_iters']}: "
-                               "lower --adalora_tinit / --adalora_tfinal or raise --max_iters")
+            raise AdapterError(
+                f"AdaLoRA needs adalora_tinit < max_iters - adalora_tfinal, got adalora_tinit="
+                f"{c['adalora_tinit']}, adalora_tfinal={c['adalora_tfinal']}, max_iters={c['max_iters']}: "
+                "lower --adalora_tinit / --adalora_tfinal or raise --max_iters"
+            )
 
     @property
     def extra_weight(self):
@@ -979,8 +1154,16 @@ class AdaLoRA(Family):
 
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         c = self.c
-        self.allocator = RankAllocator(model, c["adalora_target_r"], c["max_iters"], c["adalora_tinit"],
-                                       c["adalora_tfinal"], c["adalora_deltaT"], c["adalora_beta1"], c["adalora_beta2"])
+        self.allocator = RankAllocator(
+            model,
+            c["adalora_target_r"],
+            c["max_iters"],
+            c["adalora_tinit"],
+            c["adalora_tfinal"],
+            c["adalora_deltaT"],
+            c["adalora_beta1"],
+            c["adalora_beta2"],
+        )
         self.budget = self.allocator.init_budget
         return super().optimizers(model, lr, betas, weight_decay, device_type)
 
@@ -1005,7 +1188,9 @@ class AdaLoRA(Family):
         kept = slice_adalora_model(model)
         state = adapter_state_dict(model)
         self.say(pruned_summary(self.kind, kept, before, sum(v.numel() for v in state.values())))
-        return dict(info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()}), state
+        return dict(
+            info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()}
+        ), state
 
     peft_import = ("ADALORA", False)
     peft_parts = dict(Family.peft_parts, E="lora_E")
@@ -1026,12 +1211,26 @@ class AdaLoRA(Family):
             keep = layer.lora_E != 0
             keep[0] |= not keep.any()
             pattern[f"{name}.lora_E"] = keep.tolist()
-            tensors[name] = {"lora_A": layer.lora_A[keep], "lora_B": layer.lora_B[:, keep], "lora_E": layer.lora_E[keep][:, None]}
+            tensors[name] = {
+                "lora_A": layer.lora_A[keep],
+                "lora_B": layer.lora_B[:, keep],
+                "lora_E": layer.lora_E[keep][:, None],
+            }
         c = {k: config.get(k, v[0]) for k, v in cls.keys.items()}
-        fields = dict(peft_type="ADALORA", init_r=info["settings"]["rank"], lora_alpha=info["settings"]["alpha"],
-                      target_r=c["adalora_target_r"], tinit=c["adalora_tinit"], tfinal=c["adalora_tfinal"],
-                      deltaT=c["adalora_deltaT"], beta1=c["adalora_beta1"], beta2=c["adalora_beta2"],
-                      orth_reg_weight=c["adalora_orth_reg_weight"], total_step=config.get("max_iters", 1), rank_pattern=pattern)
+        fields = dict(
+            peft_type="ADALORA",
+            init_r=info["settings"]["rank"],
+            lora_alpha=info["settings"]["alpha"],
+            target_r=c["adalora_target_r"],
+            tinit=c["adalora_tinit"],
+            tfinal=c["adalora_tfinal"],
+            deltaT=c["adalora_deltaT"],
+            beta1=c["adalora_beta1"],
+            beta2=c["adalora_beta2"],
+            orth_reg_weight=c["adalora_orth_reg_weight"],
+            total_step=config.get("max_iters", 1),
+            rank_pattern=pattern,
+        )
         return fields, tensors
 
     def state_dict(self):
@@ -1047,18 +1246,37 @@ class AdaDoRA(AdaLoRA):
 
     @classmethod
     def peft_native(cls, model, info, config):
-        raise AdapterError("PEFT's AdaLoRA has no DoRA magnitude: adadora leaves as the DoRA it computes "
-                           "(--peft_format=lora)")
+        raise AdapterError(
+            "PEFT's AdaLoRA has no DoRA magnitude: adadora leaves as the DoRA it computes "
+            "(--peft_format=lora)"
+        )
+
 
 # -----------------------------------------------------------------------------
 # Rotational PiSSA: SVD-initialised principal adapter, trained through rotations
 
 
 # QLoRA's 16 NormalFloat-4 levels (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table)
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-                           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-                           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                           0.7229568362236023, 1.0])
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 
 
 def nf4_quantize(w, block_size=64):
@@ -1146,7 +1364,10 @@ class Rotation(nn.Module):
             rows = first.angle_of_row.expand(len(rotations), -1, -1)
             theta = F.pad(angles, (0, 1)).gather(2, rows)  # (n, rounds, r): each row's angle (pad: 0)
             eye = torch.eye(first.r, device=theta.device, dtype=theta.dtype)
-            G = torch.cos(theta)[..., None] * eye + (first.givens_sign * torch.sin(theta))[..., None] * first.givens_partner
+            G = (
+                torch.cos(theta)[..., None] * eye
+                + (first.givens_sign * torch.sin(theta))[..., None] * first.givens_partner
+            )
             while G.shape[1] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
                 even = G.shape[1] // 2 * 2
                 G = torch.cat([G[:, 1:even:2] @ G[:, 0:even:2], G[:, even:]], dim=1)
@@ -1157,7 +1378,9 @@ class Rotation(nn.Module):
             K = B @ C.transpose(1, 2) - C @ B.transpose(1, 2)
             eye = torch.eye(first.r, dtype=K.dtype, device=K.device)
             return torch.linalg.solve(eye - K, eye + K).to(first.skew_B.dtype)
-        T = torch.stack([rot.generator for rot in rotations]).double()  # way3: exp of T - Tᵀ in fp64, cast once
+        T = torch.stack(
+            [rot.generator for rot in rotations]
+        ).double()  # way3: exp of T - Tᵀ in fp64, cast once
         return torch.linalg.matrix_exp(T - T.transpose(1, 2)).to(first.generator.dtype)
 
     def orthogonality_error(self):
@@ -1173,9 +1396,21 @@ class RotationalPiSSALinear(AdapterLinear):
     embedding stays tied. quantize_residual stores W_res in NF4 instead and computes
     deq(W_res) x + P(θ) x. The principal factors never form a dense matrix in the forward."""
 
-    def __init__(self, base: nn.Linear, rank=8, alpha=8.0, dropout=0.0, method="way0", init_identity=True,
-                 freeze_singular_values=False, quantize_residual=False, quantize_base_components=False,
-                 svd="full", svd_niter=4, skew_rank=4):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank=8,
+        alpha=8.0,
+        dropout=0.0,
+        method="way0",
+        init_identity=True,
+        freeze_singular_values=False,
+        quantize_residual=False,
+        quantize_base_components=False,
+        svd="full",
+        svd_niter=4,
+        skew_rank=4,
+    ):
         super().__init__(base, dropout)
         check_rank(rank, base)
         if svd not in ("full", "lowrank"):
@@ -1259,8 +1494,10 @@ class RotationalPiSSALinear(AdapterLinear):
     def as_lora(self):
         """ΔW = P(θ) - P(θ₀) as a plain LoRA of rank 2r on the original base weight."""
         if self.quantized:
-            raise AdapterError("a PiSSA layer with an NF4 residual computes deq(W_res) x, which no LoRA on the original "
-                               "weights reproduces; export a run trained with pissa_quantize_residual=False")
+            raise AdapterError(
+                "a PiSSA layer with an NF4 residual computes deq(W_res) x, which no LoRA on the original "
+                "weights reproduces; export a run trained with pissa_quantize_residual=False"
+            )
         B, A, s = self.factors()
         lora = LoRALinear(self.base, rank=2 * self.rank, scaling=s, dropout=layer_dropout(self))
         lora.lora_A.copy_(A), lora.lora_B.copy_(B)
@@ -1274,8 +1511,12 @@ class RotationalPiSSALinear(AdapterLinear):
 def rotation_penalty(model):
     """way0's penalty: the mean over every rotation of ‖RᵀR - I‖²_F (added to the loss × weight), all
     rotations of one size in one batched product."""
-    rotations = [rot() for layer in adapter_layers(model).values() if isinstance(layer, RotationalPiSSALinear)
-                 for rot in (layer.rotation_U, layer.rotation_V)]
+    rotations = [
+        rot()
+        for layer in adapter_layers(model).values()
+        if isinstance(layer, RotationalPiSSALinear)
+        for rot in (layer.rotation_U, layer.rotation_V)
+    ]
     if not rotations:
         raise AdapterError("rotation_penalty needs Rotational PiSSA layers in the model")
     terms = []
@@ -1289,13 +1530,19 @@ def rotation_penalty(model):
 def max_orthogonality_error(model):
     """The largest ‖RᵀR - I‖_F over every rotation of every PiSSA layer."""
     with torch.no_grad():
-        return max(float(e) for layer in adapter_layers(model).values() if isinstance(layer, RotationalPiSSALinear)
-                   for e in layer.orthogonality_errors())
+        return max(
+            float(e)
+            for layer in adapter_layers(model).values()
+            if isinstance(layer, RotationalPiSSALinear)
+            for e in layer.orthogonality_errors()
+        )
 
 
 def export_pissa_as_lora(model):
     """Replace every PiSSA layer by the plain rank-2r LoRA of its ΔW on the original weights, in place."""
-    replace_layers(model, lambda name, layer: layer.as_lora() if isinstance(layer, RotationalPiSSALinear) else layer)
+    replace_layers(
+        model, lambda name, layer: layer.as_lora() if isinstance(layer, RotationalPiSSALinear) else layer
+    )
     return model
 
 
@@ -1315,14 +1562,24 @@ class RotationalPiSSAConfig:
     lora_dropout: float = 0.0
 
     def layer_settings(self):
-        return dict(rank=self.r, alpha=self.lora_alpha, dropout=self.lora_dropout, method=self.method,
-                    init_identity=self.init_identity, freeze_singular_values=self.freeze_singular_values,
-                    quantize_residual=self.quantize_residual, quantize_base_components=self.quantize_base_components,
-                    svd=self.svd, svd_niter=self.svd_niter, skew_rank=self.skew_rank)
+        return dict(
+            rank=self.r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            method=self.method,
+            init_identity=self.init_identity,
+            freeze_singular_values=self.freeze_singular_values,
+            quantize_residual=self.quantize_residual,
+            quantize_base_components=self.quantize_base_components,
+            svd=self.svd,
+            svd_niter=self.svd_niter,
+            skew_rank=self.skew_rank,
+        )
 
 
-def replace_linear_with_rotational_pissa(model, pissa_config, target_modules=None, adapter_name="default",
-                                         freeze_base_model=True):
+def replace_linear_with_rotational_pissa(
+    model, pissa_config, target_modules=None, adapter_name="default", freeze_base_model=True
+):
     """The seed design's entry point: inject Rotational PiSSA into `target_modules` and return the new
     layers by name. One adapter per layer, so adapter_name must stay 'default'. freeze_base_model=False
     leaves trainable what was trainable before."""
@@ -1346,16 +1603,32 @@ class PiSSA(Family):
     kind, layer = "pissa", RotationalPiSSALinear
     rank_pattern = False
     keys = {
-        "pissa_method": ("way0", None, "'way0' free R + penalty | 'way1' Givens | 'way2' Cayley low-rank skew | 'way3' exp"),
+        "pissa_method": (
+            "way0",
+            None,
+            "'way0' free R + penalty | 'way1' Givens | 'way2' Cayley low-rank skew | 'way3' exp",
+        ),
         "pissa_ortho_weight": (1e-2, "[0, inf)", "way0: weight of the penalty mean ‖RᵀR - I‖²_F"),
-        "pissa_init_identity": (True, None, "rotations start at the identity (the adapted model equals the base)"),
-        "pissa_freeze_singular_values": (False, None, "keep the r singular values fixed (train only the rotations)"),
+        "pissa_init_identity": (
+            True,
+            None,
+            "rotations start at the identity (the adapted model equals the base)",
+        ),
+        "pissa_freeze_singular_values": (
+            False,
+            None,
+            "keep the r singular values fixed (train only the rotations)",
+        ),
         "pissa_quantize_residual": (False, None, "W_res in 4-bit NormalFloat (QPiSSA)"),
         "pissa_quantize_base_components": (False, None, "U_r and V_r in NF4 too"),
         "pissa_svd": ("full", None, "'full' | 'lowrank' (randomized, torch.svd_lowrank)"),
         "pissa_svd_niter": (4, "[0, inf)", "power iterations of the randomized SVD"),
         "pissa_skew_rank": (4, "[1, inf)", "way2: rank of the skew-symmetric generator"),
-        "pissa_fold_every": (0, "[0, inf)", "> 0: fold the rotations into U, V every N iterations (fresh way1 angles)"),
+        "pissa_fold_every": (
+            0,
+            "[0, inf)",
+            "> 0: fold the rotations into U, V every N iterations (fresh way1 angles)",
+        ),
     }
 
     @property
@@ -1364,18 +1637,28 @@ class PiSSA(Family):
 
     def layer_settings(self):
         c = self.c
-        return dict(rank=c["lora_rank"], alpha=c["lora_alpha"], dropout=c["lora_dropout"], method=c["pissa_method"],
-                    init_identity=c["pissa_init_identity"], freeze_singular_values=c["pissa_freeze_singular_values"],
-                    quantize_residual=c["pissa_quantize_residual"],
-                    quantize_base_components=c["pissa_quantize_base_components"], svd=c["pissa_svd"],
-                    svd_niter=c["pissa_svd_niter"], skew_rank=c["pissa_skew_rank"])
+        return dict(
+            rank=c["lora_rank"],
+            alpha=c["lora_alpha"],
+            dropout=c["lora_dropout"],
+            method=c["pissa_method"],
+            init_identity=c["pissa_init_identity"],
+            freeze_singular_values=c["pissa_freeze_singular_values"],
+            quantize_residual=c["pissa_quantize_residual"],
+            quantize_base_components=c["pissa_quantize_base_components"],
+            svd=c["pissa_svd"],
+            svd_niter=c["pissa_svd_niter"],
+            skew_rank=c["pissa_skew_rank"],
+        )
 
     def inject(self, model):
         model, info = super().inject(model)
         times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
         slowest = max(times, key=times.get)
-        self.say(f"pissa: {self.c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s "
-                 f"(slowest {slowest}, {1000 * times[slowest]:.1f}ms)")
+        self.say(
+            f"pissa: {self.c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s "
+            f"(slowest {slowest}, {1000 * times[slowest]:.1f}ms)"
+        )
         return model, info
 
     def extra_loss(self, model):
@@ -1392,9 +1675,12 @@ class PiSSA(Family):
     @classmethod
     def unboundable(cls, config):
         if config.get("pissa_fold_every"):
-            return ("pissa_fold_every > 0 folded the learned rotations into the frozen U and V, which the message "
-                    "does not carry (the receiver's model would differ); bound a run trained with pissa_fold_every=0")
+            return (
+                "pissa_fold_every > 0 folded the learned rotations into the frozen U and V, which the message "
+                "does not carry (the receiver's model would differ); bound a run trained with pissa_fold_every=0"
+            )
         return None
+
 
 # -----------------------------------------------------------------------------
 # SubLoRA: LoRA inside a random subspace (Lotfi et al. 2024), for compression bounds
@@ -1429,8 +1715,9 @@ class DenseProjector(nn.Module):
         super().__init__()
         self.D, self.d, self.seed, self.rows = D, d, seed, rows_per_block
         cached = D * d * 4 <= cache_bytes
-        self.register_buffer("matrix", torch.cat(list(self.blocks(torch.empty(0)))) if cached else None,
-                             persistent=False)
+        self.register_buffer(
+            "matrix", torch.cat(list(self.blocks(torch.empty(0)))) if cached else None, persistent=False
+        )
 
     def blocks(self, like):
         for k, start in enumerate(range(0, self.D, self.rows)):
@@ -1456,7 +1743,7 @@ class SparseProjector(nn.Module):
         self.register_buffer("rows", torch.randint(D, (d * per_col,), generator=gen), persistent=False)
         self.register_buffer("cols", torch.arange(d).repeat_interleave(per_col), persistent=False)
         signs = torch.randint(2, (d * per_col,), generator=gen).float() * 2 - 1
-        self.register_buffer("values", signs * D ** -0.25, persistent=False)
+        self.register_buffer("values", signs * D**-0.25, persistent=False)
 
     def forward(self, z):
         return z.new_zeros(self.D).index_add(0, self.rows, self.values.to(z.dtype) * z[self.cols])
@@ -1509,8 +1796,9 @@ def spread_dims(d, caps):
     proportion, what a full block cannot take going to the blocks with room."""
     n = len(caps)
     if not 2 * n <= d <= sum(caps):
-        raise AdapterError(f"intrinsic_dim {d} does not fit {n} blocks in learned mode: it must be in "
-                           f"{2 * n}..{sum(caps)}")
+        raise AdapterError(
+            f"intrinsic_dim {d} does not fit {n} blocks in learned mode: it must be in {2 * n}..{sum(caps)}"
+        )
     dims = [max(2, d * c // sum(caps)) for c in caps]
     dims[-1] = d - sum(dims[:-1])
     if all(2 <= k <= c for k, c in zip(dims, caps)):
@@ -1535,20 +1823,38 @@ class SubLoRA(nn.Module):
     block ℓ to B by the soft mask m_i = sigmoid(C (γ_ℓ d_ℓ - i)), γ_ℓ = sigmoid(gate logit ℓ), and to A
     by 1 - m_i, so the A/B split of each block is learned with w."""
 
-    def __init__(self, model, intrinsic_dim, projector="rdkronqr", allocation_mode="uniform", allocation_ratio=0.5,
-                 seed=0, gate_sharpness=10.0, gate_grad_width=0.1):
+    def __init__(
+        self,
+        model,
+        intrinsic_dim,
+        projector="rdkronqr",
+        allocation_mode="uniform",
+        allocation_ratio=0.5,
+        seed=0,
+        gate_sharpness=10.0,
+        gate_grad_width=0.1,
+    ):
         super().__init__()
         lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not lora or not all(n.endswith((".lora_A", ".lora_B")) for n, _ in lora):
-            raise AdapterError("SubLoRA wraps a model whose only trainable parameters are LoRA factors: "
-                               "inject_adapters(model, 'lora', ...) first, embeddings frozen")
+            raise AdapterError(
+                "SubLoRA wraps a model whose only trainable parameters are LoRA factors: "
+                "inject_adapters(model, 'lora', ...) first, embeddings frozen"
+            )
         if projector not in PROJECTORS:
             raise AdapterError(f"projector must be one of {sorted(PROJECTORS)}, got {projector!r}")
         if allocation_mode not in ("uniform", "fixed", "learned"):
             raise AdapterError(f"allocation_mode must be uniform, fixed or learned, got {allocation_mode!r}")
         if not 0 <= gate_grad_width <= 1:
-            raise AdapterError(f"gate_grad_width is a share of a block's coordinates, in [0, 1]; got {gate_grad_width}")
-        self.model, self.config, self.mode, self.sharpness = model, model.config, allocation_mode, gate_sharpness
+            raise AdapterError(
+                f"gate_grad_width is a share of a block's coordinates, in [0, 1]; got {gate_grad_width}"
+            )
+        self.model, self.config, self.mode, self.sharpness = (
+            model,
+            model.config,
+            allocation_mode,
+            gate_sharpness,
+        )
         self.gate_grad_width = gate_grad_width
         device = lora[0][1].device  # everything below is built on the device of the factors it drives
         gen = torch.Generator().manual_seed(seed)
@@ -1573,14 +1879,23 @@ class SubLoRA(nn.Module):
         elif allocation_mode == "fixed":
             d_b = round(allocation_ratio * d)
             if not 0 < d_b < d:
-                raise AdapterError(f"allocation_ratio = d_B / d = {allocation_ratio} leaves no coordinate to A or "
-                                   f"to B (d = {d}); choose it inside (0, 1)")
+                raise AdapterError(
+                    f"allocation_ratio = d_B / d = {allocation_ratio} leaves no coordinate to A or "
+                    f"to B (d = {d}); choose it inside (0, 1)"
+                )
             self.split = (d - d_b, d_b)
-            self.projectors = nn.ModuleList([make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)])
+            self.projectors = nn.ModuleList(
+                [make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)]
+            )
         else:
             self.blocks = list(dict.fromkeys(_block_of(n) for n in self.a_names))
-            part_sizes = [(size([n for n in self.a_names if _block_of(n) == b]), size([n for n in self.b_names if _block_of(n) == b]))
-                          for b in self.blocks]
+            part_sizes = [
+                (
+                    size([n for n in self.a_names if _block_of(n) == b]),
+                    size([n for n in self.b_names if _block_of(n) == b]),
+                )
+                for b in self.blocks
+            ]
             self.block_dims = spread_dims(d, [a + b for a, b in part_sizes])
             # block ℓ's coordinate i goes to B with weight m_i (high for the first ones) and to A with
             # 1 - m_i (high for the last ones); a part smaller than d_ℓ reads only its end of the block
@@ -1616,13 +1931,17 @@ class SubLoRA(nn.Module):
 
     def gammas(self):
         """{block: γ_ℓ} in learned mode: the share of the block's coordinates routed to B."""
-        return dict(zip(self.blocks, torch.sigmoid(self.gate_logits).tolist())) if self.mode == "learned" else {}
+        return (
+            dict(zip(self.blocks, torch.sigmoid(self.gate_logits).tolist())) if self.mode == "learned" else {}
+        )
 
     def mask_args(self, logits=None):
         """C (γ_ℓ d_ℓ - i) for every block ℓ: the learned mode's masks are their sigmoids."""
         gamma = torch.sigmoid(self.gate_logits if logits is None else logits)
-        return [self.sharpness * (g * dl - torch.arange(dl, device=g.device, dtype=g.dtype))
-                for g, dl in zip(gamma, self.block_dims)]
+        return [
+            self.sharpness * (g * dl - torch.arange(dl, device=g.device, dtype=g.dtype))
+            for g, dl in zip(gamma, self.block_dims)
+        ]
 
     def masks(self, logits=None):
         """Learned mode's soft masks m (one (d_ℓ,) vector per block), in (0, 1), falling with the index.
@@ -1634,8 +1953,12 @@ class SubLoRA(nn.Module):
         if not self.gate_grad_width or not torch.is_grad_enabled():
             return sharp
         gamma = torch.sigmoid(self.gate_logits if logits is None else logits)
-        soft = [torch.sigmoid((g - torch.arange(dl, device=g.device, dtype=g.dtype) / dl) * (4 / self.gate_grad_width))
-                for g, dl in zip(gamma, self.block_dims)]
+        soft = [
+            torch.sigmoid(
+                (g - torch.arange(dl, device=g.device, dtype=g.dtype) / dl) * (4 / self.gate_grad_width)
+            )
+            for g, dl in zip(gamma, self.block_dims)
+        ]
         return [m.detach() + (s - s.detach()) for m, s in zip(sharp, soft)]  # value m exactly, gradient of s
 
     def deltas(self, w, logits=None):
@@ -1649,9 +1972,13 @@ class SubLoRA(nn.Module):
             w_a, w_b = w.split(self.split)
             return self.projectors[0](w_a), self.projectors[1](w_b)
         parts = {b: [] for b in self.blocks}
-        for k, (w_l, m, (k_a, k_b)) in enumerate(zip(w.split(self.block_dims), self.masks(logits), self.part_dims)):
-            parts[self.blocks[k]] = (self.projectors[2 * k]((w_l * (1 - m))[len(m) - k_a :]),
-                                     self.projectors[2 * k + 1]((w_l * m)[:k_b]))
+        for k, (w_l, m, (k_a, k_b)) in enumerate(
+            zip(w.split(self.block_dims), self.masks(logits), self.part_dims)
+        ):
+            parts[self.blocks[k]] = (
+                self.projectors[2 * k]((w_l * (1 - m))[len(m) - k_a :]),
+                self.projectors[2 * k + 1]((w_l * m)[:k_b]),
+            )
         # blocks appear in a_names / b_names in the same order, each block's factors contiguous
         return torch.cat([parts[b][0] for b in self.blocks]), torch.cat([parts[b][1] for b in self.blocks])
 
@@ -1713,8 +2040,16 @@ class SubLoRAFamily(Family):
         "allocation_ratio": (0.5, "[0, 1]", "fixed mode: d_B / d, the share of w that feeds the B factors"),
         "sublora_seed": (0, None, "θ₀ and P come from it"),
         "sublora_projector": ("rdkronqr", None, "'rdkronqr' | 'dense' | 'sparse'"),
-        "sublora_gate_lr": (0.0, "[0, inf)", "learned mode: peak learning rate of the gate logits; 0 = learning_rate"),
-        "sublora_gate_grad_width": (0.1, None, "learned mode: share of a block over which a gate's gradient is gathered (0 = the anchor's)"),
+        "sublora_gate_lr": (
+            0.0,
+            "[0, inf)",
+            "learned mode: peak learning rate of the gate logits; 0 = learning_rate",
+        ),
+        "sublora_gate_grad_width": (
+            0.1,
+            None,
+            "learned mode: share of a block over which a gate's gradient is gathered (0 = the anchor's)",
+        ),
     }
 
     def inject(self, model):
@@ -1722,13 +2057,26 @@ class SubLoRAFamily(Family):
         if c["train_embeddings"]:
             raise AdapterError("SubLoRA trains w alone: train_embeddings must be False")
         targets = [t.strip() for t in c["lora_targets"].split(";") if t.strip()] or None
-        sub = dict(intrinsic_dim=c["intrinsic_dim"], projector=c["sublora_projector"], allocation_mode=c["allocation_mode"],
-                   allocation_ratio=c["allocation_ratio"], seed=c["sublora_seed"], gate_grad_width=c["sublora_gate_grad_width"])
-        info = dict(kind=self.kind, targets=find_targets(model, targets, self.default_targets),
-                    settings=self.layer_settings(), train_embeddings=False, sublora=sub)
+        sub = dict(
+            intrinsic_dim=c["intrinsic_dim"],
+            projector=c["sublora_projector"],
+            allocation_mode=c["allocation_mode"],
+            allocation_ratio=c["allocation_ratio"],
+            seed=c["sublora_seed"],
+            gate_grad_width=c["sublora_gate_grad_width"],
+        )
+        info = dict(
+            kind=self.kind,
+            targets=find_targets(model, targets, self.default_targets),
+            settings=self.layer_settings(),
+            train_embeddings=False,
+            sublora=sub,
+        )
         model = self.rebuild(model, info)
-        self.say(f"sublora: w in R^{c['intrinsic_dim']} drives D = {model.D:,} LoRA parameters through a "
-                 f"{c['sublora_projector']} projector, {c['allocation_mode']} allocation")
+        self.say(
+            f"sublora: w in R^{c['intrinsic_dim']} drives D = {model.D:,} LoRA parameters through a "
+            f"{c['sublora_projector']} projector, {c['allocation_mode']} allocation"
+        )
         return model, info
 
     @classmethod
@@ -1738,11 +2086,28 @@ class SubLoRAFamily(Family):
 
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         # w (a vector: no weight decay), and the learned mode's gates on their own rate
-        opts = [(torch.optim.AdamW([model.w], lr=lr, betas=betas, weight_decay=0.0, **fused_on_cuda([model.w])), lr)]
+        opts = [
+            (
+                torch.optim.AdamW(
+                    [model.w], lr=lr, betas=betas, weight_decay=0.0, **fused_on_cuda([model.w])
+                ),
+                lr,
+            )
+        ]
         if model.mode == "learned":
             gate_lr = self.c["sublora_gate_lr"] or lr
-            opts.append((torch.optim.AdamW([model.gate_logits], lr=gate_lr, betas=betas, weight_decay=0.0,
-                                           **fused_on_cuda([model.gate_logits])), gate_lr))
+            opts.append(
+                (
+                    torch.optim.AdamW(
+                        [model.gate_logits],
+                        lr=gate_lr,
+                        betas=betas,
+                        weight_decay=0.0,
+                        **fused_on_cuda([model.gate_logits]),
+                    ),
+                    gate_lr,
+                )
+            )
         return opts
 
     def stats(self, model):
@@ -1775,15 +2140,21 @@ def find_targets(model, targets=None, defaults=DEFAULT_TARGETS):
     for target in patterns:
         pattern, _, parts = target.partition(":")
         if parts and not set(parts.split(",")) <= {"q", "k", "v"}:
-            raise AdapterError(f"target {target!r}: after ':' name the fused thirds to adapt, e.g. 'c_attn:q,v'")
+            raise AdapterError(
+                f"target {target!r}: after ':' name the fused thirds to adapt, e.g. 'c_attn:q,v'"
+            )
         hits = [n for n, m in modules.items() if n and _matches(n, pattern)]
         linear = [n for n in hits if type(modules[n]) is nn.Linear]
         if explicit and not hits:
-            raise AdapterError(f"target {pattern!r} matches no module of {type(model).__name__}; "
-                               f"Linear modules are e.g. {_some_linears(modules)}")
+            raise AdapterError(
+                f"target {pattern!r} matches no module of {type(model).__name__}; "
+                f"Linear modules are e.g. {_some_linears(modules)}"
+            )
         if explicit and not linear:
-            raise AdapterError(f"target {pattern!r} matches {hits[:3]}, which are not nn.Linear "
-                               f"({type(modules[hits[0]]).__name__}); adapters wrap Linear layers only")
+            raise AdapterError(
+                f"target {pattern!r} matches {hits[:3]}, which are not nn.Linear "
+                f"({type(modules[hits[0]]).__name__}); adapters wrap Linear layers only"
+            )
         for n in linear:
             found.setdefault(n, f"{n}:{parts}" if parts else n)
     if not found:
@@ -1801,8 +2172,10 @@ def rank_pattern_layers(names, pattern):
             raise AdapterError(f"rank pattern {key!r}: the rank must be an integer >= 1, got {rank!r}")
         hits = [n.partition(":")[0] for n in names if _matches(n.partition(":")[0], key)]
         if not hits:
-            raise AdapterError(f"rank pattern {key!r} matches no adapted layer; they are e.g. "
-                               f"{[n.partition(':')[0] for n in names][:6]}")
+            raise AdapterError(
+                f"rank pattern {key!r} matches no adapted layer; they are e.g. "
+                f"{[n.partition(':')[0] for n in names][:6]}"
+            )
         for n in hits:
             layers.setdefault(n, dict(rank=rank))
     return layers
@@ -1820,8 +2193,9 @@ def _some_linears(modules):
     return [n for n, m in modules.items() if type(m) is nn.Linear][:6]
 
 
-def inject_adapters(model, kind, targets=None, train_embeddings=False, layers=None, defaults=DEFAULT_TARGETS,
-                    **settings):
+def inject_adapters(
+    model, kind, targets=None, train_embeddings=False, layers=None, defaults=DEFAULT_TARGETS, **settings
+):
     """Wrap every target Linear in the layer of adapter `kind`, in place, then freeze all but the
     adapters (and the embeddings if train_embeddings). `settings` go to the layer class (rank, alpha,
     dropout...); `layers` maps a module name to settings of its own (a pruned layer's rank and
@@ -1894,7 +2268,12 @@ def adapter_state_dict(model):
     SubLoRA only w (and the gate logits): θ₀ and P come from the seed."""
     if isinstance(model, SubLoRA):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    keep = {f"{n}.{k}" for n, m in adapter_layers(model).items() for k in m.state_dict() if not k.startswith("base.")}
+    keep = {
+        f"{n}.{k}"
+        for n, m in adapter_layers(model).items()
+        for k in m.state_dict()
+        if not k.startswith("base.")
+    }
     keep |= {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
 
@@ -1906,12 +2285,16 @@ def load_adapter_state_dict(model, state):
     unknown = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))
     if unknown or missing:
-        raise AdapterError(f"adapter weights do not fit this model: unknown keys {unknown[:4]}, missing "
-                           f"keys {missing[:4]}; inject the same adapter kind, rank and targets first")
+        raise AdapterError(
+            f"adapter weights do not fit this model: unknown keys {unknown[:4]}, missing "
+            f"keys {missing[:4]}; inject the same adapter kind, rank and targets first"
+        )
     for k, v in state.items():
         if v.shape != own[k].shape:
-            raise AdapterError(f"adapter weight {k} has shape {tuple(v.shape)}, the model expects "
-                               f"{tuple(own[k].shape)}: the rank or model size differs")
+            raise AdapterError(
+                f"adapter weight {k} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(own[k].shape)}: the rank or model size differs"
+            )
     model.load_state_dict(state, strict=False)
 
 
@@ -2034,6 +2417,8 @@ def family_for_peft(config):
 def family_of(kind):
     """The Family class of adapter kind `kind` (a checkpoint's adapter["kind"])."""
     if kind not in FAMILIES:
-        raise AdapterError(f"unknown adapter {kind!r}; choose one of {', '.join(FAMILIES)} (or register your family: "
-                           "adapters.register)")
+        raise AdapterError(
+            f"unknown adapter {kind!r}; choose one of {', '.join(FAMILIES)} (or register your family: "
+            "adapters.register)"
+        )
     return FAMILIES[kind]

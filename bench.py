@@ -24,7 +24,15 @@ import time
 import torch
 
 from adapters import config_keys, count_params, family_of, find_targets, fused_on_cuda, merge_adapters
-from configurator import COMPILE_MODES, ConfigError, check_device, check_ranges, cli, config_defaults, configure
+from configurator import (
+    COMPILE_MODES,
+    ConfigError,
+    check_device,
+    check_ranges,
+    cli,
+    config_defaults,
+    configure,
+)
 from files import atomic_write
 from model import GPT, GPTConfig
 
@@ -39,7 +47,9 @@ warmup = 1  # untimed steps per method before the first repetition
 rank = 8  # rank of every adapter
 sublora_dim = 50000  # capped at half the LoRA parameters it wraps
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu' or 'cuda'
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast dtype on CUDA
+dtype = (
+    "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+)  # autocast dtype on CUDA
 out_dir = "bench"  # where bench.json and bench.md go
 quick = False  # a tiny model and one repetition (the test)
 seed = 0  # seeds the models and the batch
@@ -52,14 +62,54 @@ SIZES = {  # the baby Shakespeare model, and a GPT-2-small-shaped one where the 
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, batch_size=8),
 }
 # operators that only re-describe memory (no kernel on a GPU): left out of kernels/step on a CPU
-VIEW_OPS = {"aten::view", "aten::_unsafe_view", "aten::as_strided", "aten::t", "aten::transpose", "aten::expand",
-            "aten::permute", "aten::unsqueeze", "aten::squeeze", "aten::reshape", "aten::slice", "aten::select",
-            "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::detach", "aten::alias", "aten::lift_fresh",
-            "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg",
-            "aten::unbind", "aten::chunk", "aten::contiguous", "aten::result_type", "aten::is_nonzero",
-            "aten::_reshape_alias", "aten::numpy_T", "aten::flatten", "aten::unflatten", "aten::expand_as",
-            "aten::view_as", "aten::set_", "aten::zero_", "aten::to", "aten::_to_copy"}
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}  # bf16 dense
+VIEW_OPS = {
+    "aten::view",
+    "aten::_unsafe_view",
+    "aten::as_strided",
+    "aten::t",
+    "aten::transpose",
+    "aten::expand",
+    "aten::permute",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::reshape",
+    "aten::slice",
+    "aten::select",
+    "aten::split",
+    "aten::split_with_sizes",
+    "aten::narrow",
+    "aten::detach",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::unbind",
+    "aten::chunk",
+    "aten::contiguous",
+    "aten::result_type",
+    "aten::is_nonzero",
+    "aten::_reshape_alias",
+    "aten::numpy_T",
+    "aten::flatten",
+    "aten::unflatten",
+    "aten::expand_as",
+    "aten::view_as",
+    "aten::set_",
+    "aten::zero_",
+    "aten::to",
+    "aten::_to_copy",
+}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}  # bf16 dense
 
 
 class Method:
@@ -79,9 +129,13 @@ def adam(model):
 
 def qv_dim(cap=None):
     """A SubLoRA row's d: sublora_dim, at most half the LoRA numbers it drives and at most `cap`."""
+
     def dim(model, c):
-        D = sum(4 * (m.in_features + (2 * m.out_features // 3 if t.endswith(":q,v") else m.out_features))
-                for t in find_targets(model, QV["lora_targets"].split(";")) for m in [model.get_submodule(t.partition(":")[0])])
+        D = sum(
+            4 * (m.in_features + (2 * m.out_features // 3 if t.endswith(":q,v") else m.out_features))
+            for t in find_targets(model, QV["lora_targets"].split(";"))
+            for m in [model.get_submodule(t.partition(":")[0])]
+        )
         return min(c["sublora_dim"], D // 2, cap or D)
 
     return dim
@@ -90,13 +144,26 @@ def qv_dim(cap=None):
 # method -> the train.py settings it runs with (every other key at train.py's default; a callable is
 # given the base model and bench.py's config). The dense projector draws D·d Gaussians in each pass:
 # 1.6e10 for d = 50,000 on the large model, so it is measured at d <= 2,000 (the row says which d).
-QV = dict(lora_targets="c_attn:q,v;lm_head", lora_rank=4, lora_alpha=32.0)  # SubLoRA's LoRA: r = 4 on q, v and the head
-SETTINGS = {"full": dict(adapter="none"), "lora": dict(adapter="lora"), "dora": dict(adapter="dora"),
-            "sora": dict(adapter="sora"), "adalora": dict(adapter="adalora"), "adadora": dict(adapter="adadora"),
-            **{f"pissa_{w}": dict(adapter="pissa", pissa_method=w) for w in ("way0", "way1", "way2", "way3")},
-            "pissa_way0_lowrank": dict(adapter="pissa", pissa_svd="lowrank"), "lora_qv": dict(adapter="lora", **QV),
-            **{f"sublora_{p}": dict(adapter="sublora", sublora_projector=p, intrinsic_dim=qv_dim(2000 if p == "dense" else None),
-                                    **QV) for p in ("rdkronqr", "dense", "sparse")}}
+QV = dict(
+    lora_targets="c_attn:q,v;lm_head", lora_rank=4, lora_alpha=32.0
+)  # SubLoRA's LoRA: r = 4 on q, v and the head
+SETTINGS = {
+    "full": dict(adapter="none"),
+    "lora": dict(adapter="lora"),
+    "dora": dict(adapter="dora"),
+    "sora": dict(adapter="sora"),
+    "adalora": dict(adapter="adalora"),
+    "adadora": dict(adapter="adadora"),
+    **{f"pissa_{w}": dict(adapter="pissa", pissa_method=w) for w in ("way0", "way1", "way2", "way3")},
+    "pissa_way0_lowrank": dict(adapter="pissa", pissa_svd="lowrank"),
+    "lora_qv": dict(adapter="lora", **QV),
+    **{
+        f"sublora_{p}": dict(
+            adapter="sublora", sublora_projector=p, intrinsic_dim=qv_dim(2000 if p == "dense" else None), **QV
+        )
+        for p in ("rdkronqr", "dense", "sparse")
+    },
+}
 
 
 def build(name, base, c):
@@ -122,8 +189,15 @@ def build_peft(name, model, c):
     targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
     t0 = time.perf_counter()
     if name == "peft_adalora":  # timed like ours: train.py's orthogonality weight and allocation interval
-        config = AdaLoraConfig(init_r=c["rank"], target_r=c["rank"] // 2, lora_alpha=16, target_modules=targets,
-                               total_step=10**6, deltaT=10, orth_reg_weight=0.5)
+        config = AdaLoraConfig(
+            init_r=c["rank"],
+            target_r=c["rank"] // 2,
+            lora_alpha=16,
+            target_modules=targets,
+            total_step=10**6,
+            deltaT=10,
+            orth_reg_weight=0.5,
+        )
     else:
         config = LoraConfig(r=c["rank"], lora_alpha=16, target_modules=targets, use_dora=name == "peft_dora")
     model = inject_adapter_in_model(config, model)
@@ -211,7 +285,9 @@ def kernels_per_step(method, x, y, ctx, it, trace=None):
     events = prof.events()
     if cuda:
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEW_OPS)
+    return sum(
+        1 for e in events if e.name.startswith("aten::") and not e.cpu_children and e.name not in VIEW_OPS
+    )
 
 
 @torch.no_grad()
@@ -242,8 +318,13 @@ def state_bytes(method):
     params = sum(p.numel() * p.element_size() for p in method.model.parameters())
     params += sum(b.numel() * b.element_size() for b in method.model.buffers())
     grads = sum(p.numel() * p.element_size() for p in method.model.parameters() if p.requires_grad)
-    opt = sum(t.numel() * t.element_size() for o in method.optimizers for s in o.state.values() for t in s.values()
-              if torch.is_tensor(t))
+    opt = sum(
+        t.numel() * t.element_size()
+        for o in method.optimizers
+        for s in o.state.values()
+        for t in s.values()
+        if torch.is_tensor(t)
+    )
     return params + grads + opt
 
 
@@ -265,12 +346,23 @@ def peak_flops(device):
 def bench_size(size_name, c):
     cfg = SIZES[size_name]
     torch.manual_seed(c["seed"])
-    base = GPT(GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
-                         bias=False, dropout=0.0)).to(c["device"])
+    base = GPT(
+        GPTConfig(
+            **{k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
+            bias=False,
+            dropout=0.0,
+        )
+    ).to(c["device"])
     ptdtype = getattr(torch, c["dtype"])
-    ctx = torch.autocast(c["device"].split(":")[0], ptdtype) if ptdtype != torch.float32 else torch.enable_grad()
+    ctx = (
+        torch.autocast(c["device"].split(":")[0], ptdtype)
+        if ptdtype != torch.float32
+        else torch.enable_grad()
+    )
     gen = torch.Generator().manual_seed(c["seed"])
-    x = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"]), generator=gen).to(c["device"])
+    x = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["block_size"]), generator=gen).to(
+        c["device"]
+    )
     y = torch.roll(x, -1, dims=1)
     names = [m for m in (c["methods"].split(",") if c["methods"] else METHODS)]
     try:
@@ -290,8 +382,11 @@ def bench_size(size_name, c):
         methods[name] = build(name.removesuffix("+compile"), base, c)
         if name.endswith("+compile"):
             methods[name].forward = torch.compile(methods[name].model, mode=c["compile_mode"])
-        print(f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
-              f"init {methods[name].init_seconds * 1000:.1f}ms", flush=True)
+        print(
+            f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
+            f"init {methods[name].init_seconds * 1000:.1f}ms",
+            flush=True,
+        )
     if "pissa_way0" in names:  # the randomized SVD's init time, for the full-vs-randomized ratio
         methods["pissa_way0_lowrank_init"] = build("pissa_way0_lowrank", base, c)
     it = 0
@@ -304,13 +399,17 @@ def bench_size(size_name, c):
             for _ in range(c["steps"]):
                 methods[name].step_times.append(step(methods[name], x, y, ctx, it))
                 it += 1
-        print(f"[{size_name}] repetition {rep + 1}/{c['reps']}: " +
-              ", ".join(f"{n} {1000 * statistics.median(methods[n].step_times):.0f}ms" for n in names))
+        print(
+            f"[{size_name}] repetition {rep + 1}/{c['reps']}: "
+            + ", ".join(f"{n} {1000 * statistics.median(methods[n].step_times):.0f}ms" for n in names)
+        )
 
     tokens = cfg["batch_size"] * cfg["block_size"]
     base_latency = latency(base, x, ctx, 3 * c["reps"])
-    full_time = {suffix: statistics.median(methods["full" + suffix].step_times) if "full" + suffix in methods else None
-                 for suffix in ("", "+compile")}
+    full_time = {
+        suffix: statistics.median(methods["full" + suffix].step_times) if "full" + suffix in methods else None
+        for suffix in ("", "+compile")
+    }
     peak = peak_flops(c["device"])
     rows = []
     for name in names:
@@ -318,7 +417,9 @@ def bench_size(size_name, c):
         t = statistics.median(m.step_times)
         compiled = name.endswith("+compile")
         plain = name.removesuffix("+compile")
-        merged = merge_adapters(copy.deepcopy(m.model)) if not plain.startswith(("full", "peft_")) else m.model
+        merged = (
+            merge_adapters(copy.deepcopy(m.model)) if not plain.startswith(("full", "peft_")) else m.model
+        )
         if c["device"].startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             step(m, x, y, ctx, it)
@@ -330,31 +431,52 @@ def bench_size(size_name, c):
         trainable, total = count_params(m.model)
         full = full_time["+compile" if compiled else ""]
         eager = methods.get(plain)
-        rows.append(dict(size=size_name, method=name, step_ms=1000 * t, ratio_to_full=t / full if full else None,
-                         ratio_to_eager=t / statistics.median(eager.step_times) if compiled and eager else None,
-                         tokens_per_s=tokens / t, kernels_per_step=kernels, trainable_params=trainable, total_params=total,
-                         state_mb=state_bytes(m) / 2**20, peak_mem_mb=peak_mem / 2**20 if peak_mem else None,
-                         init_ms=1000 * m.init_seconds,
-                         merged_latency_ratio=latency(merged, x, ctx, 3 * c["reps"]) / base_latency,
-                         mfu=train_flops_per_token(m, cfg) * tokens / t / peak if peak else None))
+        rows.append(
+            dict(
+                size=size_name,
+                method=name,
+                step_ms=1000 * t,
+                ratio_to_full=t / full if full else None,
+                ratio_to_eager=t / statistics.median(eager.step_times) if compiled and eager else None,
+                tokens_per_s=tokens / t,
+                kernels_per_step=kernels,
+                trainable_params=trainable,
+                total_params=total,
+                state_mb=state_bytes(m) / 2**20,
+                peak_mem_mb=peak_mem / 2**20 if peak_mem else None,
+                init_ms=1000 * m.init_seconds,
+                merged_latency_ratio=latency(merged, x, ctx, 3 * c["reps"]) / base_latency,
+                mfu=train_flops_per_token(m, cfg) * tokens / t / peak if peak else None,
+            )
+        )
         del merged
     if "pissa_way0_lowrank_init" in methods:
-        rows.append(dict(size=size_name, method="pissa_init_full_over_lowrank",
-                         ratio=methods["pissa_way0"].init_seconds / methods["pissa_way0_lowrank_init"].init_seconds))
+        rows.append(
+            dict(
+                size=size_name,
+                method="pissa_init_full_over_lowrank",
+                ratio=methods["pissa_way0"].init_seconds / methods["pissa_way0_lowrank_init"].init_seconds,
+            )
+        )
     return rows
 
 
 def markdown(rows):
-    lines = ["| size | method | step ms | × full | × eager | kernels/step | tokens/s | trainable | state MB | peak MB | MFU "
-             "| init ms | merged latency × base |", "| --- " * 13 + "|"]
+    lines = [
+        "| size | method | step ms | × full | × eager | kernels/step | tokens/s | trainable | state MB | peak MB | MFU "
+        "| init ms | merged latency × base |",
+        "| --- " * 13 + "|",
+    ]
     fmt = lambda v, f: format(v, f) if v is not None else ""  # noqa: E731
     for r in rows:
         if "step_ms" not in r:
             continue
-        lines.append(f"| {r['size']} | {r['method']} | {r['step_ms']:.1f} | {fmt(r['ratio_to_full'], '.2f')} | "
-                     f"{fmt(r['ratio_to_eager'], '.2f')} | {r['kernels_per_step']:,} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['trainable_params']:,} | {r['state_mb']:.1f} | {fmt(r['peak_mem_mb'], ',.0f')} | "
-                     f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | {r['init_ms']:.1f} | {r['merged_latency_ratio']:.2f} |")
+        lines.append(
+            f"| {r['size']} | {r['method']} | {r['step_ms']:.1f} | {fmt(r['ratio_to_full'], '.2f')} | "
+            f"{fmt(r['ratio_to_eager'], '.2f')} | {r['kernels_per_step']:,} | {r['tokens_per_s']:,.0f} | "
+            f"{r['trainable_params']:,} | {r['state_mb']:.1f} | {fmt(r['peak_mem_mb'], ',.0f')} | "
+            f"{fmt(r['mfu'] and 100 * r['mfu'], '.1f')} | {r['init_ms']:.1f} | {r['merged_latency_ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -377,9 +499,18 @@ def main(argv=()):
         raise ConfigError(f"unknown methods {unknown}; choose from {METHODS}")
     rows = [r for s in sizes for r in bench_size(s, c)]
     os.makedirs(c["out_dir"], exist_ok=True)
-    info = dict(device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
-                dtype=c["dtype"], torch=torch.__version__, threads=torch.get_num_threads(), reps=c["reps"], steps=c["steps"],
-                compile=str(c["compile"]), compile_mode=c["compile_mode"], date=time.strftime("%Y-%m-%d"), command="python bench.py " + " ".join(argv))
+    info = dict(
+        device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
+        dtype=c["dtype"],
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        reps=c["reps"],
+        steps=c["steps"],
+        compile=str(c["compile"]),
+        compile_mode=c["compile_mode"],
+        date=time.strftime("%Y-%m-%d"),
+        command="python bench.py " + " ".join(argv),
+    )
     atomic_write(os.path.join(c["out_dir"], "bench.json"), json.dumps(dict(info=info, rows=rows), indent=1))
     table = markdown(rows)
     atomic_write(os.path.join(c["out_dir"], "bench.md"), table + "\n")

@@ -25,7 +25,15 @@ import re
 
 import torch
 
-from adapters import FAMILIES, NO_ADAPTER, SHARED_KEYS, adapter_layers, family_of, load_adapter_state_dict, merge_adapters
+from adapters import (
+    FAMILIES,
+    NO_ADAPTER,
+    SHARED_KEYS,
+    adapter_layers,
+    family_of,
+    load_adapter_state_dict,
+    merge_adapters,
+)
 from configurator import ConfigError
 from files import atomic_write
 from model import GPT, MODELS, GPTConfig, is_gpt2_folder
@@ -37,8 +45,19 @@ MODEL_SETTINGS = ("dropout",)  # how a base computes, not its shape: a fine-tune
 # adapter-only files a run folder may hold (the .pt names: older runs)
 ADAPTER_FILES = ("adapter.safetensors", "adapter_pruned.safetensors", "adapter.pt", "adapter_pruned.pt")
 # what a run folder may hold besides them: a folder holding any of these holds a run
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", *ADAPTER_FILES, "loss.png", "loss_comparison.png", "effective_rank.png",
-             "rank_allocation.png", "bounds.json", "bound_parts.png", "bound_vs_alpha.png", "peft")
+RUN_FILES = (
+    "ckpt.pt",
+    "metrics.jsonl",
+    *ADAPTER_FILES,
+    "loss.png",
+    "loss_comparison.png",
+    "effective_rank.png",
+    "rank_allocation.png",
+    "bounds.json",
+    "bound_parts.png",
+    "bound_vs_alpha.png",
+    "peft",
+)
 
 
 class CheckpointError(ValueError):
@@ -47,6 +66,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(ckpt, path):
     """torch.save, atomically (files.atomic_write)."""
+
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
@@ -62,17 +82,23 @@ def checkpoint_path(path):
 def load_checkpoint(path, map_location="cpu"):
     path = checkpoint_path(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py ...) or fix the path")
+        raise CheckpointError(
+            f"no checkpoint at {path}; train one first (python train.py ...) or fix the path"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): "
-                              f"{type(e).__name__}: {first_line}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): "
+            f"{type(e).__name__}: {first_line}"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a checkpoint of this repo or nanoGPT (found {keys}; expected "
-                              "'model' and 'model_args')")
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this repo or nanoGPT (found {keys}; expected "
+            "'model' and 'model_args')"
+        )
     if "format" not in ckpt:  # a nanoGPT checkpoint: plain GPT, maybe saved from a compiled model
         ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
         ckpt.setdefault("model_type", "gpt")
@@ -89,29 +115,45 @@ def build_model(ckpt, load_weights=True):
         raise CheckpointError(f"checkpoint model_type {model_type!r} is unknown; known: {sorted(MODELS)}")
     args, state = dict(ckpt["model_args"]), ckpt["model"]
     head = state.get("lm_head.weight", state.get("lm_head.base.weight"))
-    if "transformer.wte.weight" in state and head is not None and not torch.equal(head, state["transformer.wte.weight"]):
-        args["tie_word_embeddings"] = False  # a merged head adapter untied them (older checkpoints do not say so)
+    if (
+        "transformer.wte.weight" in state
+        and head is not None
+        and not torch.equal(head, state["transformer.wte.weight"])
+    ):
+        args["tie_word_embeddings"] = (
+            False  # a merged head adapter untied them (older checkpoints do not say so)
+        )
     model = MODELS[model_type](GPTConfig(**args))
     model = inject_from_info(model, ckpt["adapter"])
     if load_weights:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint weights do not fit the model it describes: {str(e)[:300]}") from None
+            raise CheckpointError(
+                f"checkpoint weights do not fit the model it describes: {str(e)[:300]}"
+            ) from None
     return model
 
 
 def run_base(ckpt, meta=None):
     """The base a run started from, as train.py loaded it (before the cut to block_size and the
     adapters): rebuilt from the seed, or loaded from what init_from names. Seeds torch as train.py did."""
-    c = {**ckpt["model_args"], "model_type": ckpt.get("model_type", "gpt"), "data_dir": "", "dataset": "", "seed": 1337,
-         **ckpt["config"]}  # an imported adapter's config names little more than its base
+    c = {
+        **ckpt["model_args"],
+        "model_type": ckpt.get("model_type", "gpt"),
+        "data_dir": "",
+        "dataset": "",
+        "seed": 1337,
+        **ckpt["config"],
+    }  # an imported adapter's config names little more than its base
     torch.manual_seed(c["seed"])
     try:
         return load_base(c, meta, set(c), say=lambda line: None, check=False)[0]
     except Exception as e:  # a base moved, deleted or not downloadable here: one line
-        raise CheckpointError(f"the base this run names ({c.get('init_from')!r}) cannot be rebuilt: "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise CheckpointError(
+            f"the base this run names ({c.get('init_from')!r}) cannot be rebuilt: "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
 
 
 def initial_model(ckpt, meta):
@@ -134,7 +176,9 @@ def inject_from_info(model, info):
 def base_from_seed(blob):
     """The frozen base of a run trained from scratch, rebuilt from its seed (SubLoRA's random base)."""
     if blob.get("base") != "scratch":
-        raise CheckpointError(f"this adapter's base is {blob.get('base')!r}, not a seeded random init: load that base")
+        raise CheckpointError(
+            f"this adapter's base is {blob.get('base')!r}, not a seeded random init: load that base"
+        )
     torch.manual_seed(blob["seed"])
     return MODELS[blob["model_type"]](GPTConfig(**blob["model_args"]))
 
@@ -165,8 +209,10 @@ def read_adapter_file(path):
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable adapter file: {type(e).__name__}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or "state" not in blob:
-        raise CheckpointError(f"{path} is not an adapter file of this repo (no 'format'/'state'); a PEFT adapter "
-                              "folder is imported with python hf.py --import_from=DIR")
+        raise CheckpointError(
+            f"{path} is not an adapter file of this repo (no 'format'/'state'); a PEFT adapter "
+            "folder is imported with python hf.py --import_from=DIR"
+        )
     return blob
 
 
@@ -177,8 +223,10 @@ def adapter_file_note(out_dir, iter_num):
     held = read_adapter_file(path).get("iter_num") if os.path.isfile(path) else None
     if held is None or held == iter_num:
         return None
-    return (f"note: {path} holds iteration {held} but ckpt.pt iteration {iter_num} (a save was interrupted between "
-            "the two): the run resumes from ckpt.pt and rewrites the adapter file at its next save")
+    return (
+        f"note: {path} holds iteration {held} but ckpt.pt iteration {iter_num} (a save was interrupted between "
+        "the two): the run resumes from ckpt.pt and rewrites the adapter file at its next save"
+    )
 
 
 def load_adapter(model, path):
@@ -201,8 +249,10 @@ def resume_settings(c, ckpt, given, keys):
     if differ:
         asked = ", ".join(f"--{k}={c[k]!r}" for k in differ)
         has = ", ".join(f"{k}={saved[k]!r}" for k in differ)
-        raise CheckpointError(f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
-                              f"drop {', '.join('--' + k for k in differ)}, or start a new run in another --out_dir")
+        raise CheckpointError(
+            f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
+            f"drop {', '.join('--' + k for k in differ)}, or start a new run in another --out_dir"
+        )
     c.update({k: saved[k] for k in keys if k in saved})
 
 
@@ -211,12 +261,18 @@ def remove_stale_temp_files(out_dir):
     FILE.tmp.PID): never valid, so removed at the next start, with a note."""
     if not os.path.isdir(out_dir):
         return
-    stale = [os.path.join(out_dir, f) for f in os.listdir(out_dir) if re.search(r"\.(pt|safetensors)\.tmp\.\d+$", f)]
+    stale = [
+        os.path.join(out_dir, f)
+        for f in os.listdir(out_dir)
+        if re.search(r"\.(pt|safetensors)\.tmp\.\d+$", f)
+    ]
     if stale:
         size = sum(os.path.getsize(f) for f in stale)
         for f in stale:
             os.remove(f)
-        print(f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves")
+        print(
+            f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves"
+        )
 
 
 def load_base(c, meta, given, say, check=True):
@@ -227,16 +283,27 @@ def load_base(c, meta, given, say, check=True):
     source = c["init_from"]
     if source == "scratch":
         vocab = meta["vocab_size"] if meta else 50304
-        args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                    bias=c["bias"], vocab_size=vocab, dropout=c["dropout"])
+        args = dict(
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_embd=c["n_embd"],
+            block_size=c["block_size"],
+            bias=c["bias"],
+            vocab_size=vocab,
+            dropout=c["dropout"],
+        )
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
     if source.startswith("gpt2") or is_gpt2_folder(source):
         if check:
             check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
-        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"  # hub name or local GPT-2 folder
+        return GPT.from_pretrained(
+            source, dict(dropout=c["dropout"])
+        ), "gpt"  # hub name or local GPT-2 folder
     if not os.path.exists(source):
-        raise ConfigError(f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path")
+        raise ConfigError(
+            f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path"
+        )
     ckpt = load_checkpoint(source)
     cfg = ckpt.get("config", {})
     base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
@@ -261,35 +328,58 @@ def start_model(c, meta, given, say):
     if c["init_from"] == "resume":
         ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
         if "optimizer" not in ckpt:
-            raise CheckpointError(f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
-                                  f"top of it with --init_from={c['out_dir']} and another --out_dir")
+            raise CheckpointError(
+                f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
+                f"top of it with --init_from={c['out_dir']} and another --out_dir"
+            )
         saved = ckpt["adapter"]["kind"]
         if saved != c["adapter"]:
-            raise CheckpointError(f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
-                                  f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it")
-        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout", *SHARED_KEYS,
-                   *FAMILIES[c["adapter"]].keys)
-        resume_settings(c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping)
+            raise CheckpointError(
+                f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
+                f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it"
+            )
+        shaping = (
+            "model_type",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "bias",
+            "block_size",
+            "dropout",
+            *SHARED_KEYS,
+            *FAMILIES[c["adapter"]].keys,
+        )
+        resume_settings(
+            c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping
+        )
         check_vocabulary(ckpt.get("meta"), meta, c["out_dir"], data_dir)
         # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
         c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
         return build_model(ckpt), ckpt["model_type"], ckpt["adapter"], family_of(c["adapter"])(c, say), ckpt
     model, model_type = load_base(c, meta, given, say)
     if meta and meta["vocab_size"] > model.config.vocab_size:
-        raise ConfigError(f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
-                          f"{model.config.vocab_size}: use a dataset with this model's tokenizer")
+        raise ConfigError(
+            f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
+            f"{model.config.vocab_size}: use a dataset with this model's tokenizer"
+        )
     if c["block_size"] < model.config.block_size:
         model.crop_block_size(c["block_size"])
     elif c["block_size"] > model.config.block_size:  # a loaded base with a shorter context
         if given.get("block_size") == "command line":
-            raise ConfigError(f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
-                              f"lower it to {model.config.block_size} or less")
-        say(f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from")
+            raise ConfigError(
+                f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
+                f"lower it to {model.config.block_size} or less"
+            )
+        say(
+            f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from"
+        )
         c["block_size"] = model.config.block_size
     family = family_of(c["adapter"])(c, say)
     if c["init_from"] == "scratch" and not family.scratch_base:
-        say("note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
-            "trained model")
+        say(
+            "note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
+            "trained model"
+        )
     model, info = family.inject(model)
     return model, model_type, info, family, None
 
@@ -321,10 +411,14 @@ def resolve_auto_base(c):
     for base in AUTO_BASES:
         if os.path.isfile(os.path.join(base, "ckpt.pt")):
             if int(os.environ.get("RANK", 0)) == 0:
-                print(f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
-                      "to choose)")
+                print(
+                    f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
+                    "to choose)"
+                )
             c["init_from"] = base
             return
-    raise ConfigError(f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
-                      "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
-                      "(--init_from=scratch trains it on a random frozen base)")
+    raise ConfigError(
+        f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
+        "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "
+        "(--init_from=scratch trains it on a random frozen base)"
+    )

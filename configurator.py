@@ -16,9 +16,18 @@ import sys
 
 # environment variable -> config key. USE_LORA=True selects the adapter; TEST_MODE=True asks the
 # script for a tiny fast run (each script decides what that shrinks).
-ENV_KEYS = {"LORA_RANK": "lora_rank", "LORA_ALPHA": "lora_alpha", "LORA_DROPOUT": "lora_dropout",
-            "TEST_MODE": "test_mode"}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+ENV_KEYS = {
+    "LORA_RANK": "lora_rank",
+    "LORA_ALPHA": "lora_alpha",
+    "LORA_DROPOUT": "lora_dropout",
+    "TEST_MODE": "test_mode",
+}
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile's modes
 
 
 class ConfigError(ValueError):
@@ -49,7 +58,11 @@ def _parse(text, default=None):
 
 def config_defaults(names):
     """A script's config keys: its globals holding an int, float, bool or str, but not CONSTANTS."""
-    return {k: v for k, v in names.items() if not k.isupper() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    return {
+        k: v
+        for k, v in names.items()
+        if not k.isupper() and not k.startswith("_") and isinstance(v, (int, float, bool, str))
+    }
 
 
 def configure(defaults, argv, environ=None, test_overrides=None, described=None, given=None):
@@ -72,7 +85,9 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
             if not eq:
                 raise ConfigError(f"argument {arg!r}: write --{key}=VALUE")
             if key not in config:
-                raise ConfigError(f"unknown config key {key!r} in {arg!r}; known keys: {', '.join(sorted(config))}")
+                raise ConfigError(
+                    f"unknown config key {key!r} in {arg!r}; known keys: {', '.join(sorted(config))}"
+                )
             overrides[key] = _typed(key, _parse(text, defaults[key]), defaults[key], f"--{key}")
         elif "=" in arg:
             raise ConfigError(f"argument {arg!r}: overrides are written --key=value")
@@ -82,14 +97,18 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
             if given is not None:
                 given.update(dict.fromkeys(from_file, arg))
 
-    use_lora = _typed("USE_LORA", _parse(environ.get("USE_LORA", "False"), False), False, "environment variable")
+    use_lora = _typed(
+        "USE_LORA", _parse(environ.get("USE_LORA", "False"), False), False, "environment variable"
+    )
     if use_lora and "adapter" in config:
         config["adapter"] = "lora"
         if given is not None:
             given["adapter"] = "USE_LORA"
     for var, key in ENV_KEYS.items():
         if var in environ and key in config:
-            config[key] = _typed(key, _parse(environ[var], defaults[key]), defaults[key], f"environment variable {var}")
+            config[key] = _typed(
+                key, _parse(environ[var], defaults[key]), defaults[key], f"environment variable {var}"
+            )
             if given is not None:
                 given[key] = var
     if overrides.get("test_mode", config.get("test_mode")):
@@ -111,7 +130,9 @@ def _read_config_file(path, defaults):
         if key.startswith("_") or type(value).__name__ == "module":
             continue
         if key not in defaults:
-            raise ConfigError(f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}")
+            raise ConfigError(
+                f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}"
+            )
         values[key] = _typed(key, value, defaults[key], path)
     return values
 
@@ -131,16 +152,27 @@ def help_text(path, doc, defaults, env=True, described=None):
     for key, (where, text) in (described or {}).items():
         section[key], comments[key] = where, text
     name = os.path.basename(path)
-    lines = [f"usage: python {name} [config/FILE.py ...] [--key=value ...]   (also: torchrun ... {name} ...)", ""]
-    lines += [(doc or "").strip(), "", "keys (default), in the order of the script; a config file or --key=value sets them:"]
+    lines = [
+        f"usage: python {name} [config/FILE.py ...] [--key=value ...]   (also: torchrun ... {name} ...)",
+        "",
+    ]
+    lines += [
+        (doc or "").strip(),
+        "",
+        "keys (default), in the order of the script; a config file or --key=value sets them:",
+    ]
     shown = None
     for key, value in defaults.items():
         if section.get(key) and section[key] != shown:
             shown = section[key]
             lines.append(f"  # {shown}")
-        lines.append(f"  --{key}={value!r}".ljust(44) + (f" {comments.get(key, '')}" if comments.get(key) else ""))
+        lines.append(
+            f"  --{key}={value!r}".ljust(44) + (f" {comments.get(key, '')}" if comments.get(key) else "")
+        )
     if env:
-        lines.append("environment: USE_LORA=True (adapter='lora'), LORA_RANK, LORA_ALPHA, LORA_DROPOUT, TEST_MODE=True")
+        lines.append(
+            "environment: USE_LORA=True (adapter='lora'), LORA_RANK, LORA_ALPHA, LORA_DROPOUT, TEST_MODE=True"
+        )
     return "\n".join(lines)
 
 
@@ -175,11 +207,15 @@ def check_device(device):
         return
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device={device} but torch sees no CUDA GPU here (torch {torch.__version__}): use "
-                              "--device=cpu, or install the CUDA build of torch on a GPU machine")
+            raise ConfigError(
+                f"--device={device} but torch sees no CUDA GPU here (torch {torch.__version__}): use "
+                "--device=cpu, or install the CUDA build of torch on a GPU machine"
+            )
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ConfigError(
+                f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
         return
     if kind == "mps" and not index:
         if not torch.backends.mps.is_available():
@@ -197,11 +233,30 @@ def cli(main, argv):
     try:
         return main(argv)
     except KeyboardInterrupt:
-        raise SystemExit("error: interrupted (Ctrl-C); files are written whole, so a training run continues from its "
-                         "last checkpoint with --init_from=resume" if int(os.environ.get("RANK", 0)) == 0 else 1) from None
+        raise SystemExit(
+            "error: interrupted (Ctrl-C); files are written whole, so a training run continues from its "
+            "last checkpoint with --init_from=resume"
+            if int(os.environ.get("RANK", 0)) == 0
+            else 1
+        ) from None
     except (ValueError, OSError, RuntimeError) as e:  # the repo's errors subclass these three
-        own = type(e).__module__ in ("__main__", "configurator", "adapters", "checkpoint", "train", "prepare", "eval_bounds",
-                                     "hf", "model", "files", "plots")
+        own = type(e).__module__ in (
+            "__main__",
+            "configurator",
+            "adapters",
+            "checkpoint",
+            "train",
+            "prepare",
+            "eval_bounds",
+            "hf",
+            "model",
+            "files",
+            "plots",
+        )
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        message = f"error: {text}" if own else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
+        message = (
+            f"error: {text}"
+            if own
+            else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
+        )
         raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1) from None

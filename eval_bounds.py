@@ -57,7 +57,9 @@ alphas = "1e-4,1e-3,5e-3,0.01,0.05,0.1,0.25,0.5"  # prediction-smoothing grid; p
 topk = "1,10,100"  # k of the top-k error bounds
 confidence = 0.95  # the bound holds with this probability (ε = 1 - confidence)
 eval_blocks = 2000  # token level: s blocks of block_size training tokens, sampled with replacement
-exact_max_tokens = 2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
+exact_max_tokens = (
+    2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
+)
 eval_docs = 2000  # document level: s training documents, sampled with replacement
 doc_separator = ""  # '' = <|endoftext|> for GPT-2 data, a blank line ('\n\n') for character data
 overwrite = False  # replace a run's bounds.json (and its plot) from an earlier evaluation
@@ -88,7 +90,9 @@ def quantize(w, n_levels, init="kmeans", iters=20):
         rounds = 1
     else:
         q = (torch.arange(n_levels, dtype=torch.float64, device=w.device) + 0.5) / n_levels
-        centroids = torch.quantile(w, q) if w.numel() <= 2**24 else w.sort().values[(q * (w.numel() - 1)).long()]
+        centroids = (
+            torch.quantile(w, q) if w.numel() <= 2**24 else w.sort().values[(q * (w.numel() - 1)).long()]
+        )
         symbols = (w[:, None] - centroids[None, :]).abs().argmin(dim=1)
         rounds = iters if init == "kmeans" else 0
     for it in range(rounds):  # centroid <- mean of its members, then members <- nearest centroid
@@ -211,9 +215,20 @@ def message_length(groups, extra_bits=0):
         entropy -= sum(c * math.log2(c / d) for c in counts if c)
     L = len(groups) + code + codebook + count_bits + fp16_bits
     length_bits = elias_delta_bits(L)
-    return dict(code_bits=code, entropy_bits=entropy, codebook_bits=codebook, count_bits=count_bits,
-                fp16_bits=fp16_bits, mode_bits=len(groups), sent_raw=sent_raw, L_bits=L, length_bits=length_bits,
-                prefix_free_bits=L + length_bits, extra_bits=extra_bits, total_bits=L + length_bits + extra_bits)
+    return dict(
+        code_bits=code,
+        entropy_bits=entropy,
+        codebook_bits=codebook,
+        count_bits=count_bits,
+        fp16_bits=fp16_bits,
+        mode_bits=len(groups),
+        sent_raw=sent_raw,
+        L_bits=L,
+        length_bits=length_bits,
+        prefix_free_bits=L + length_bits,
+        extra_bits=extra_bits,
+        total_bits=L + length_bits + extra_bits,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -235,8 +250,11 @@ def bound(empirical, delta, K_bits, N, s, eps, candidates=1):
     if s is None:
         return empirical + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / eps)) / (2 * N))
     r = s / (s + N)
-    return (empirical + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / (r * eps))) / (2 * N))
-            + delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s)))
+    return (
+        empirical
+        + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / (r * eps))) / (2 * N))
+        + delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s))
+    )
 
 
 # the empirical-Bernstein bound's λ grid (31 values; with Azuma–Hoeffding as a 32nd choice, 5 bits in K)
@@ -255,8 +273,11 @@ def bernstein(mean, second, delta, K_bits, N, eps, lambdas=LAMBDAS):
     pay for the λ grid. Returns (bound, λ); mean and second may be arrays (one bound per entry)."""
     lam = np.asarray(lambdas, dtype=np.float64)
     C = K_bits * math.log(2) + math.log(1 / eps)
-    b = np.asarray(mean, np.float64)[..., None] + psi(lam) / (lam * delta) * np.asarray(second, np.float64)[..., None] \
+    b = (
+        np.asarray(mean, np.float64)[..., None]
+        + psi(lam) / (lam * delta) * np.asarray(second, np.float64)[..., None]
         + delta * C / (lam * N)
+    )
     return b.min(-1), lam[b.argmin(-1)]
 
 
@@ -273,8 +294,13 @@ def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBD
     for lam in lambdas:
         c = float(psi(lam)) / (lam * delta)
         var = max(stats["var_x"] + 2 * c * stats["cov_xq"] + c * c * stats["var_q"], 0.0)
-        b = (stats["mean_x"] + c * stats["mean_q"] + math.sqrt(2 * var * L / s) + 7 * (delta + c * delta**2) * L / (3 * (s - 1))
-             + delta * C / (lam * N))
+        b = (
+            stats["mean_x"]
+            + c * stats["mean_q"]
+            + math.sqrt(2 * var * L / s)
+            + 7 * (delta + c * delta**2) * L / (3 * (s - 1))
+            + delta * C / (lam * N)
+        )
         best = min(best or (b, lam), (b, lam))
     return best
 
@@ -286,13 +312,19 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
     logits, _ = model(x, y)
     logits = logits.float()[..., :vocab]
     if not torch.isfinite(logits).all():  # a nan rank compares false: the top-k errors would read 0
-        raise ValueError("the model's logits hold nan or inf: no bound is printed for a diverged model; bound a "
-                         "checkpoint from before it diverged")
+        raise ValueError(
+            "the model's logits hold nan or inf: no bound is printed for a diverged model; bound a "
+            "checkpoint from before it diverged"
+        )
     p = F.softmax(logits, dim=-1)
     p_true = p.gather(-1, y[..., None]).squeeze(-1)
     smooth = torch.stack([-torch.log2((1 - a) * p_true + a / vocab) for a in alphas], dim=-1)  # (B, T, |α|)
-    centre = torch.stack([-p.mul(1 - a).add_(a / vocab).log2_().mul_(p).sum(-1) for a in alphas], dim=-1)  # one (B, T, V) temp
-    rank = (logits >= logits.gather(-1, y[..., None])).sum(-1) - 1  # others scored at or above the true one: ties count against it
+    centre = torch.stack(
+        [-p.mul(1 - a).add_(a / vocab).log2_().mul_(p).sum(-1) for a in alphas], dim=-1
+    )  # one (B, T, V) temp
+    rank = (logits >= logits.gather(-1, y[..., None])).sum(
+        -1
+    ) - 1  # others scored at or above the true one: ties count against it
     errors = torch.stack([(rank >= k).float() for k in ks], dim=-1)
     return smooth, centre, errors
 
@@ -300,7 +332,9 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
 def documents(train, separator):
     """(start, end) of every training document: the spans between separator token sequences."""
     sep = np.asarray(separator, dtype=train.dtype)
-    hits = np.flatnonzero(np.all([train[i : len(train) - len(sep) + 1 + i] == t for i, t in enumerate(sep)], axis=0))
+    hits = np.flatnonzero(
+        np.all([train[i : len(train) - len(sep) + 1 + i] == t for i, t in enumerate(sep)], axis=0)
+    )
     starts = np.concatenate([[0], hits + len(sep)])
     ends = np.concatenate([hits, [len(train)]])
     keep = ends - starts >= 2  # a document needs a token and a next token
@@ -317,8 +351,10 @@ def message_vector(model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = {k: v for k, v in adapter_state_dict(model).items() if k in trainable}
     if not state:
-        raise CheckpointError("this checkpoint has no trained adapter: a bound needs the trained part to be small "
-                              "(train with --adapter=sublora or another adapter)")
+        raise CheckpointError(
+            "this checkpoint has no trained adapter: a bound needs the trained part to be small "
+            "(train with --adapter=sublora or another adapter)"
+        )
     return state
 
 
@@ -351,7 +387,9 @@ def split_vector(v, state, names):
 
 def quantize_message(state, groups, n_levels, init):
     """{group: (centroids, symbols)} with `n_levels` centroids per group."""
-    return {g: quantize(group_vector(state, names, torch.float64), n_levels, init) for g, names in groups.items()}
+    return {
+        g: quantize(group_vector(state, names, torch.float64), n_levels, init) for g, names in groups.items()
+    }
 
 
 def send_raw(state, groups, coded, sent_raw):
@@ -369,24 +407,31 @@ def dequantize(state, groups, coded):
     out = {}
     for g, names in groups.items():
         centroids, symbols = coded[g]
-        out.update({n: t.to(state[n].dtype) for n, t in split_vector(centroids[symbols], state, names).items()})
+        out.update(
+            {n: t.to(state[n].dtype) for n, t in split_vector(centroids[symbols], state, names).items()}
+        )
     return out
 
 
 MEANING = {
     "token": "the average, over the N training positions, of the expected smoothed loss of the token at that "
-             "position given the text before it (Lotfi et al. 2024: tokens as data points); not the loss on unseen "
-             "text. No independence is assumed: the positions form a martingale",
+    "position given the text before it (Lotfi et al. 2024: tokens as data points); not the loss on unseen "
+    "text. No independence is assumed: the positions form a martingale",
     "document": "the expected loss (per-token average within a document) of a new document drawn like the training "
-                "documents; assumes the N training documents are independent draws from one distribution",
+    "documents; assumes the N training documents are independent draws from one distribution",
 }
 
 
 def block_stats(x, q):
     """The sufficient statistics of sampled block means for bernstein_sampled (float64)."""
     cov = np.cov(x, q, ddof=1) if len(x) > 1 else np.zeros((2, 2))
-    return dict(mean_x=float(x.mean()), mean_q=float(q.mean()), var_x=float(cov[0, 0]), var_q=float(cov[1, 1]),
-                cov_xq=float(cov[0, 1]))
+    return dict(
+        mean_x=float(x.mean()),
+        mean_q=float(q.mean()),
+        var_x=float(cov[0, 0]),
+        var_q=float(cov[1, 1]),
+        cov_xq=float(cov[0, 1]),
+    )
 
 
 @torch.no_grad()
@@ -397,12 +442,16 @@ def check_rebuild(prior, scored, message, x, y, what):
     if torch.equal(prior(x, y)[0], scored(x, y)[0]):
         return
     mine = prior.state_dict()
-    differ = [n for n, t in scored.state_dict().items() if n not in mine or not torch.equal(mine[n].to(t.device), t)]
+    differ = [
+        n for n, t in scored.state_dict().items() if n not in mine or not torch.equal(mine[n].to(t.device), t)
+    ]
     named = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-    raise CheckpointError(f"{what}: the prior with the message does not give the scored model's logits "
-                          f"({named + ' differ from the prior: state the message does not carry' if differ else 'every tensor equal'}"
-                          "); a bound would describe another model, so none is given. Check that the base the run "
-                          "names is the one it trained on")
+    raise CheckpointError(
+        f"{what}: the prior with the message does not give the scored model's logits "
+        f"({named + ' differ from the prior: state the message does not carry' if differ else 'every tensor equal'}"
+        "); a bound would describe another model, so none is given. Check that the base the run "
+        "names is the one it trained on"
+    )
 
 
 def open_run(c, run_dir):
@@ -410,8 +459,10 @@ def open_run(c, run_dir):
     its message, and the receiver's prior, which with the message must give the model's logits bit for
     bit. A namespace of them."""
     if os.path.exists(os.path.join(run_dir, "bounds.json")) and not c["overwrite"]:
-        raise ConfigError(f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
-                          "replace it (or copy it away first)")
+        raise ConfigError(
+            f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
+            "replace it (or copy it away first)"
+        )
     ckpt = load_checkpoint(run_dir, map_location="cpu")
     cfg = ckpt["config"]
     refusal = family_of(ckpt["adapter"]["kind"]).unboundable(cfg)
@@ -420,25 +471,44 @@ def open_run(c, run_dir):
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
-    check_vocabulary(ckpt.get("meta"), meta, run_dir, data_dir)  # scored on the vocabulary it trained on, or refused
+    check_vocabulary(
+        ckpt.get("meta"), meta, run_dir, data_dir
+    )  # scored on the vocabulary it trained on, or refused
     block = ckpt["model_args"]["block_size"]
     model = build_model(ckpt).to(c["device"]).eval()
     state = message_vector(model)
     groups = message_groups(state)
     d = sum(v.numel() for v in state.values())
-    print(f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} trained numbers in {len(groups)} codebook "
-          f"group(s): " + ", ".join(f"{g} ({sum(state[n].numel() for n in names):,})" for g, names in groups.items()))
+    print(
+        f"{run_dir}: {ckpt['adapter']['kind']} message of d = {d:,} trained numbers in {len(groups)} codebook "
+        f"group(s): "
+        + ", ".join(f"{g} ({sum(state[n].numel() for n in names):,})" for g, names in groups.items())
+    )
     # the receiver's side: the prior (seeded base or the base run, fresh adapters from the run's seed), to
     # which the message is written; it must give the scored model's logits bit for bit, now and at the end
     prior = initial_model(ckpt, meta).to(c["device"]).eval()
-    probe = torch.from_numpy(train[: block + 1].astype(np.int64))[None].to(c["device"])  # one block, one forward
+    probe = torch.from_numpy(train[: block + 1].astype(np.int64))[None].to(
+        c["device"]
+    )  # one block, one forward
     check_rebuild(prior, model, state, probe[:, :-1], probe[:, 1:], run_dir)
     notes = caveats(cfg, meta)
     for caveat in notes:
         print(f"  warning: {caveat}")
-    return SimpleNamespace(dir=run_dir, kind=ckpt["adapter"]["kind"], train=train, meta=meta, block=block,
-                           vocab=meta["vocab_size"] if meta else 50257, model=model, state=state, groups=groups, d=d,
-                           prior=prior, probe=probe, caveats=notes)
+    return SimpleNamespace(
+        dir=run_dir,
+        kind=ckpt["adapter"]["kind"],
+        train=train,
+        meta=meta,
+        block=block,
+        vocab=meta["vocab_size"] if meta else 50257,
+        model=model,
+        state=state,
+        groups=groups,
+        d=d,
+        prior=prior,
+        probe=probe,
+        caveats=notes,
+    )
 
 
 def caveats(cfg, meta):
@@ -446,13 +516,21 @@ def caveats(cfg, meta):
     out = []
     base = cfg.get("init_from", "scratch")
     if base != "scratch":
-        where = ("GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may "
-                 "be" if base.startswith("gpt2") else f"the base comes from {base!r}")
-        out.append(f"{where}: the bound holds only if that base never saw this training data (a prior must be "
-                   "fixed before the data); a base that saw it makes the bound invalid")
+        where = (
+            "GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may "
+            "be"
+            if base.startswith("gpt2")
+            else f"the base comes from {base!r}"
+        )
+        out.append(
+            f"{where}: the bound holds only if that base never saw this training data (a prior must be "
+            "fixed before the data); a base that saw it makes the bound invalid"
+        )
     if meta and meta.get("tokenizer") == "char":
-        out.append("the character vocabulary was read from the corpus itself: Δ and the random-guess line "
-                   "assume no character outside it")
+        out.append(
+            "the character vocabulary was read from the corpus itself: Δ and the random-guess line "
+            "assume no character outside it"
+        )
     return out
 
 
@@ -517,9 +595,13 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
     else:
         blocks = torch.randint(n_blocks, (c["eval_blocks"],), generator=gen, device="cpu") * r.block
     t.s = None if t.exact else len(blocks)
-    print(f"  token level: {'all' if t.exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {r.block} "
-          f"(N = {t.N:,} positions){'' if t.exact else ', sampled with replacement'}")
-    t.before = float(score_blocks(c, r, blocks, alpha_grid, ks, "unquantised")[0][:, 0].mean())  # at the smallest α
+    print(
+        f"  token level: {'all' if t.exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {r.block} "
+        f"(N = {t.N:,} positions){'' if t.exact else ', sampled with replacement'}"
+    )
+    t.before = float(
+        score_blocks(c, r, blocks, alpha_grid, ks, "unquantised")[0][:, 0].mean()
+    )  # at the smallest α
 
     t.grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
     t.choice_count = (math.prod(int(v) for v in t.grid.values()) if t.grid else 1) * len(level_grid)
@@ -533,17 +615,39 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
     for n_levels in level_grid:  # each group quantised (and optionally tuned) at every level count
         coded = quantize_message(r.state, r.groups, n_levels, c["quant_init"])
         if c["qat_steps"]:
-            coded = quantization_aware_tuning(c, r.model, r.state, r.groups, coded,
-                                              functools.partial(batches, c, r.train, r.block), qat_gen, n_blocks, r.block)
-        msg = message_length([(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=t.choice_bits)
+            coded = quantization_aware_tuning(
+                c,
+                r.model,
+                r.state,
+                r.groups,
+                coded,
+                functools.partial(batches, c, r.train, r.block),
+                qat_gen,
+                n_blocks,
+                r.block,
+            )
+        msg = message_length(
+            [(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=t.choice_bits
+        )
         coded = send_raw(r.state, r.groups, coded, msg["sent_raw"])
         set_message(r.model, dequantize(r.state, r.groups, coded))
         xb, qb, errors = score_blocks(c, r, blocks, alpha_grid, ks, f"quantised, {n_levels} levels")
-        per_alpha = token_bounds(xb, qb, msg["total_bits"] + t.alpha_bits + t.method_bits, alpha_grid, r.vocab,
-                                 t.N, t.s, t.eps, t.M)
+        per_alpha = token_bounds(
+            xb,
+            qb,
+            msg["total_bits"] + t.alpha_bits + t.method_bits,
+            alpha_grid,
+            r.vocab,
+            t.N,
+            t.s,
+            t.eps,
+            t.M,
+        )
         best = min(min(ah, be[0]) for ah, be, _ in per_alpha)
-        print(f"  {n_levels} levels: {xb[:, 0].mean():.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
-              f"best token bound {best:.4f}")
+        print(
+            f"  {n_levels} levels: {xb[:, 0].mean():.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
+            f"best token bound {best:.4f}"
+        )
         tried.append((best, n_levels, coded, xb, errors, msg, per_alpha))
     _, t.levels, coded, xb, t.errors, t.msg, t.per_alpha = min(tried, key=lambda row: row[0])
     t.smooth = xb.mean(0).tolist()
@@ -551,12 +655,14 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
     set_message(r.model, message)
     check_rebuild(r.prior, r.model, message, r.probe[:, :-1], r.probe[:, 1:], f"{r.dir}, quantised message")
     m = t.msg
-    print(f"  message: {len(r.groups)} mode bits + {m['code_bits']:,} code bits (entropy bound {m['entropy_bits']:.0f}) + "
-          f"{m['codebook_bits']} codebook + {m['count_bits']} counts + {m['fp16_bits']} fp16 (groups sent raw: "
-          f"{sum(m['sent_raw'])}) = L = {m['L_bits']:,}; + Elias-δ(L) = {m['length_bits']} bits; + ⌈log₂ "
-          f"{t.choice_count}⌉ = {t.choice_bits} bits for the choices {dict(t.grid, levels=len(level_grid))} = K = "
-          f"{m['total_bits']:,} bits; bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {t.alpha_bits} for α and "
-          f"{t.method_bits} for the method")
+    print(
+        f"  message: {len(r.groups)} mode bits + {m['code_bits']:,} code bits (entropy bound {m['entropy_bits']:.0f}) + "
+        f"{m['codebook_bits']} codebook + {m['count_bits']} counts + {m['fp16_bits']} fp16 (groups sent raw: "
+        f"{sum(m['sent_raw'])}) = L = {m['L_bits']:,}; + Elias-δ(L) = {m['length_bits']} bits; + ⌈log₂ "
+        f"{t.choice_count}⌉ = {t.choice_bits} bits for the choices {dict(t.grid, levels=len(level_grid))} = K = "
+        f"{m['total_bits']:,} bits; bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {t.alpha_bits} for α and "
+        f"{t.method_bits} for the method"
+    )
     return t
 
 
@@ -586,61 +692,122 @@ def evaluate(c, run_dir):
     # document level: per-document average losses of s sampled documents
     starts, ends = documents(np.asarray(r.train), document_separator(c, r.meta))
     doc_ix = torch.randint(len(starts), (c["eval_docs"],), generator=gen, device="cpu").numpy()
-    doc_smooth, doc_err = doc_level(r.model, r.train, starts[doc_ix], ends[doc_ix], r.block, alpha_grid, ks, vocab, c)
+    doc_smooth, doc_err = doc_level(
+        r.model, r.train, starts[doc_ix], ends[doc_ix], r.block, alpha_grid, ks, vocab, c
+    )
     N_doc, s_doc = len(starts), len(doc_ix)
 
     K = t.msg["total_bits"]
     K_bits = K + t.alpha_bits + t.method_bits
-    results = {"run": run_dir, "kind": r.kind, "d": r.d, "levels": t.levels, "levels_grid": level_grid,
-               "groups": {g: len(names) for g, names in r.groups.items()}, "vocab": vocab, "N_tokens": t.N,
-               "N_documents": N_doc, "s_blocks": t.s, "exact": t.exact, "s_documents": s_doc,
-               "confidence": c["confidence"], "meaning": MEANING, "caveats": r.caveats,
-               "loss_before_quantization_bits": t.before, "loss_after_quantization_bits": t.smooth[0], "message": t.msg,
-               "alphas": alpha_grid, "lambdas": list(LAMBDAS),
-               "K_bits": {"bpd": K_bits, "error": K}, "candidates": {"bpd": t.M, "error": t.choice_count},
-               "token_bpd_inputs": [inputs for _, _, inputs in t.per_alpha], "metrics": {}}
+    results = {
+        "run": run_dir,
+        "kind": r.kind,
+        "d": r.d,
+        "levels": t.levels,
+        "levels_grid": level_grid,
+        "groups": {g: len(names) for g, names in r.groups.items()},
+        "vocab": vocab,
+        "N_tokens": t.N,
+        "N_documents": N_doc,
+        "s_blocks": t.s,
+        "exact": t.exact,
+        "s_documents": s_doc,
+        "confidence": c["confidence"],
+        "meaning": MEANING,
+        "caveats": r.caveats,
+        "loss_before_quantization_bits": t.before,
+        "loss_after_quantization_bits": t.smooth[0],
+        "message": t.msg,
+        "alphas": alpha_grid,
+        "lambdas": list(LAMBDAS),
+        "K_bits": {"bpd": K_bits, "error": K},
+        "candidates": {"bpd": t.M, "error": t.choice_count},
+        "token_bpd_inputs": [inputs for _, _, inputs in t.per_alpha],
+        "metrics": {},
+    }
     metrics = results["metrics"]
     ah = [b for b, _, _ in t.per_alpha]
     be = [b for _, (b, _), _ in t.per_alpha]
     j, i = int(np.argmin(ah)), int(np.argmin(be))
     common = dict(empirical_per_alpha=t.smooth, random_guess=math.log2(vocab))
-    m_ah = dict(empirical=t.smooth[j], bound=ah[j], alpha=alpha_grid[j], delta=smoothed_range(alpha_grid[j], vocab),
-                per_alpha=ah, **common)
-    m_be = dict(empirical=t.smooth[i], bound=be[i], alpha=alpha_grid[i], lam=t.per_alpha[i][1][1],
-                delta=smoothed_range(alpha_grid[i], vocab), per_alpha=be, **common)
-    metrics["token_bpd"] = dict(m_be if be[i] < ah[j] else m_ah,
-                                method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding")
+    m_ah = dict(
+        empirical=t.smooth[j],
+        bound=ah[j],
+        alpha=alpha_grid[j],
+        delta=smoothed_range(alpha_grid[j], vocab),
+        per_alpha=ah,
+        **common,
+    )
+    m_be = dict(
+        empirical=t.smooth[i],
+        bound=be[i],
+        alpha=alpha_grid[i],
+        lam=t.per_alpha[i][1][1],
+        delta=smoothed_range(alpha_grid[i], vocab),
+        per_alpha=be,
+        **common,
+    )
+    metrics["token_bpd"] = dict(
+        m_be if be[i] < ah[j] else m_ah, method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding"
+    )
     metrics["token_bpd_hoeffding"], metrics["token_bpd_bernstein"] = m_ah, m_be
     for k, e in zip(ks, t.errors):
-        metrics[f"token_top{k}_error"] = dict(empirical=e, bound=min(1.0, bound(e, 1.0, K, t.N, t.s, eps, t.choice_count)),
-                                              delta=1.0, random_guess=1 - k / vocab)
-    per_doc = [bound(v, smoothed_range(a, vocab), K + t.alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * t.choice_count)
-               for v, a in zip(doc_smooth, alpha_grid)]
+        metrics[f"token_top{k}_error"] = dict(
+            empirical=e,
+            bound=min(1.0, bound(e, 1.0, K, t.N, t.s, eps, t.choice_count)),
+            delta=1.0,
+            random_guess=1 - k / vocab,
+        )
+    per_doc = [
+        bound(
+            v, smoothed_range(a, vocab), K + t.alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * t.choice_count
+        )
+        for v, a in zip(doc_smooth, alpha_grid)
+    ]
     j = int(np.argmin(per_doc))
-    metrics["document_bpd"] = dict(empirical=doc_smooth[j], bound=per_doc[j], alpha=alpha_grid[j],
-                                   delta=smoothed_range(alpha_grid[j], vocab), per_alpha=per_doc,
-                                   empirical_per_alpha=doc_smooth, random_guess=math.log2(vocab))
+    metrics["document_bpd"] = dict(
+        empirical=doc_smooth[j],
+        bound=per_doc[j],
+        alpha=alpha_grid[j],
+        delta=smoothed_range(alpha_grid[j], vocab),
+        per_alpha=per_doc,
+        empirical_per_alpha=doc_smooth,
+        random_guess=math.log2(vocab),
+    )
     for k, e in zip(ks, doc_err):
-        metrics[f"document_top{k}_error"] = dict(empirical=e, bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, t.choice_count)),
-                                                 delta=1.0, random_guess=1 - k / vocab)
+        metrics[f"document_top{k}_error"] = dict(
+            empirical=e,
+            bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, t.choice_count)),
+            delta=1.0,
+            random_guess=1 - k / vocab,
+        )
     # where each token-level bits bound comes from, part by part (they add up to it)
     # (the complexity term holds rε of ε when blocks are sampled; the rest of the distance is sampling)
     results["token_bpd_parts"] = {}
     C = K_bits * math.log(2) + math.log(1 / (eps if t.exact else eps * t.s / (t.s + t.N)))
     for name, m in (("hoeffding", m_ah), ("bernstein", m_be)):
         q = t.per_alpha[alpha_grid.index(m["alpha"])][2]["mean_q"]
-        complexity = (m["delta"] * math.sqrt(C / (2 * t.N)) if name == "hoeffding" else
-                      float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * t.N))
-        results["token_bpd_parts"][name] = dict(unquantised=t.before, quantisation=t.smooth[0] - t.before,
-                                                smoothing=m["empirical"] - t.smooth[0], complexity=complexity,
-                                                sampling=m["bound"] - m["empirical"] - complexity)
+        complexity = (
+            m["delta"] * math.sqrt(C / (2 * t.N))
+            if name == "hoeffding"
+            else float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * t.N)
+        )
+        results["token_bpd_parts"][name] = dict(
+            unquantised=t.before,
+            quantisation=t.smooth[0] - t.before,
+            smoothing=m["empirical"] - t.smooth[0],
+            complexity=complexity,
+            sampling=m["bound"] - m["empirical"] - complexity,
+        )
     results["seconds"] = time.time() - t0
     print_table(results)
     atomic_write(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
     import plots
 
-    print(f"  wrote {run_dir}/bounds.json, {plots.plot_bound_vs_alpha(run_dir, results)} and "
-          f"{plots.plot_bound_parts(run_dir, results)}")
+    print(
+        f"  wrote {run_dir}/bounds.json, {plots.plot_bound_vs_alpha(run_dir, results)} and "
+        f"{plots.plot_bound_parts(run_dir, results)}"
+    )
     return results
 
 
@@ -659,7 +826,9 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
     count = torch.zeros(len(starts), device="cpu")
     for k in range(0, len(chunks), c["batch_size"]):
         part = chunks[k : k + c["batch_size"]]
-        x = torch.zeros(len(part), block, dtype=torch.long, device="cpu")  # filled from the memmap, then moved
+        x = torch.zeros(
+            len(part), block, dtype=torch.long, device="cpu"
+        )  # filled from the memmap, then moved
         y = torch.zeros(len(part), block, dtype=torch.long, device="cpu")
         mask = torch.zeros(len(part), block, device="cpu")
         for r, (i, j, n) in enumerate(part):
@@ -694,8 +863,9 @@ def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_bl
             override.update(split_vector(wq, state, names))
         starts = torch.randint(n_blocks, (c["batch_size"],), generator=gen, device="cpu") * block
         x, y = next(batches(starts))
-        loss = torch.func.functional_call(model, {**{k: p for k, p in params.items() if k not in override}, **override},
-                                          (x, y))[1]
+        loss = torch.func.functional_call(
+            model, {**{k: p for k, p in params.items() if k not in override}, **override}, (x, y)
+        )[1]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -709,26 +879,46 @@ def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_bl
 
 
 def print_table(r):
-    print(f"  bits per token before / after quantisation: {r['loss_before_quantization_bits']:.4f} / "
-          f"{r['loss_after_quantization_bits']:.4f}; K = {r['message']['total_bits']:.0f} bits, "
-          f"N = {r['N_tokens']:,} tokens / {r['N_documents']:,} documents")
+    print(
+        f"  bits per token before / after quantisation: {r['loss_before_quantization_bits']:.4f} / "
+        f"{r['loss_after_quantization_bits']:.4f}; K = {r['message']['total_bits']:.0f} bits, "
+        f"N = {r['N_tokens']:,} tokens / {r['N_documents']:,} documents"
+    )
     for name, parts in r["token_bpd_parts"].items():
-        print(f"  token bits bound ({name}), part by part: " + " + ".join(f"{k} {v:.4f}" for k, v in parts.items())
-              + f" = {r['metrics']['token_bpd_' + name]['bound']:.4f}")
+        print(
+            f"  token bits bound ({name}), part by part: "
+            + " + ".join(f"{k} {v:.4f}" for k, v in parts.items())
+            + f" = {r['metrics']['token_bpd_' + name]['bound']:.4f}"
+        )
     print(f"  {'metric':<22} {'empirical':>10} {'bound':>8} {'random guess':>13} {'α':>7}")
     for name, m in r["metrics"].items():
         alpha = f"{m['alpha']:g}" if "alpha" in m else ""
-        print(f"  {name:<22} {m['empirical']:>10.4f} {m['bound']:>8.4f} {m['random_guess']:>13.4f} {alpha:>7}")
+        print(
+            f"  {name:<22} {m['empirical']:>10.4f} {m['bound']:>8.4f} {m['random_guess']:>13.4f} {alpha:>7}"
+        )
     b = r["metrics"]["token_bpd"]
-    print(f"  with {100 * r['confidence']:g}% confidence, {b['bound']:.4f} bits per token ({b['method']}) bounds {MEANING['token']}."
-          f"\n  The document rows bound {MEANING['document']}. Every top-k row bounds the same average for the error "
-          "(the true token outside the model's k most likely).")
+    print(
+        f"  with {100 * r['confidence']:g}% confidence, {b['bound']:.4f} bits per token ({b['method']}) bounds {MEANING['token']}."
+        f"\n  The document rows bound {MEANING['document']}. Every top-k row bounds the same average for the error "
+        "(the true token outside the model's k most likely)."
+    )
 
 
 def main(argv):
     c = configure(DEFAULTS, argv, {})
-    check_ranges(c, {"levels": "[2, 65536]", "confidence": "(0, 1)", "eval_blocks": "[1, inf)", "eval_docs": "[1, inf)",
-                     "batch_size": "[1, inf)", "qat_steps": "[0, inf)", "qat_lr": "(0, inf)", "exact_max_tokens": "[0, inf)"})
+    check_ranges(
+        c,
+        {
+            "levels": "[2, 65536]",
+            "confidence": "(0, 1)",
+            "eval_blocks": "[1, inf)",
+            "eval_docs": "[1, inf)",
+            "batch_size": "[1, inf)",
+            "qat_steps": "[0, inf)",
+            "qat_lr": "(0, inf)",
+            "exact_max_tokens": "[0, inf)",
+        },
+    )
     for a in c["alphas"].split(","):
         if not 0 < float(a) < 1:
             raise ConfigError(f"every α in --alphas must be in (0, 1), got {a}")
@@ -738,20 +928,27 @@ def main(argv):
     for item in (kv for kv in c["choices"].split(",") if kv):
         name, eq, count = item.partition("=")
         if not eq or not name or not count.isdigit() or int(count) < 1:
-            raise ConfigError(f"--choices item {item!r} is not name=count with a count >= 1 (e.g. "
-                              "--choices=intrinsic_dim=2,allocation=5,seed=3)")
+            raise ConfigError(
+                f"--choices item {item!r} is not name=count with a count >= 1 (e.g. "
+                "--choices=intrinsic_dim=2,allocation=5,seed=3)"
+            )
     check_device(c["device"])
     torch.manual_seed(c["seed"])
     if not c["sweep_dir"]:
         return [evaluate(c, c["out_dir"])]
-    runs = sorted(os.path.join(c["sweep_dir"], d) for d in os.listdir(c["sweep_dir"])
-                  if os.path.isfile(os.path.join(c["sweep_dir"], d, "ckpt.pt")))
+    runs = sorted(
+        os.path.join(c["sweep_dir"], d)
+        for d in os.listdir(c["sweep_dir"])
+        if os.path.isfile(os.path.join(c["sweep_dir"], d, "ckpt.pt"))
+    )
     if not runs:
         raise ConfigError(f"no run with a ckpt.pt under {c['sweep_dir']!r}")
     grid = math.prod(int(kv.partition("=")[2]) for kv in c["choices"].split(",") if kv)
     if grid < len(runs):  # the best of the sweep is a choice made by looking: paid for, asked or not
-        print(f"note: the sweep holds {len(runs)} runs and --choices covers {grid}: every bound pays for choosing "
-              f"among {len(runs)} (⌈log₂ {len(runs)}⌉ bits in K and the union)")
+        print(
+            f"note: the sweep holds {len(runs)} runs and --choices covers {grid}: every bound pays for choosing "
+            f"among {len(runs)} (⌈log₂ {len(runs)}⌉ bits in K and the union)"
+        )
         c["choices"] = f"runs={len(runs)}"
     results = [evaluate(c, r) for r in runs]
     import plots

@@ -38,8 +38,10 @@ def atomic_write(path, data):
     except (OSError, RuntimeError) as e:  # torch wraps some OSErrors as RuntimeError
         reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
         kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
-        raise WriteError(f"could not write {path} ({reason}); {kept}: free space or choose another folder "
-                         "(a training run then continues with --init_from=resume)") from None
+        raise WriteError(
+            f"could not write {path} ({reason}); {kept}: free space or choose another folder "
+            "(a training run then continues with --init_from=resume)"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -50,7 +52,9 @@ def reachable(url, timeout=5.0):
     machine learns it at once instead of after a library's retries."""
     parts = urllib.parse.urlsplit(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout).close()
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout
+        ).close()
         return True
     except OSError:
         return False
@@ -60,7 +64,9 @@ def download(url, path, fix):
     """url -> path, atomically; DownloadError saying `fix` when the host cannot be reached or the
     transfer fails."""
     if not reachable(url):
-        raise DownloadError(f"cannot reach {urllib.parse.urlsplit(url).hostname} to download {url} (offline?): {fix}")
+        raise DownloadError(
+            f"cannot reach {urllib.parse.urlsplit(url).hostname} to download {url} (offline?): {fix}"
+        )
     print(f"downloading {url}")
     try:
         atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
@@ -75,7 +81,9 @@ def lock_folder(folder, what):
     import fcntl
 
     path = os.path.join(folder, ".lock")
-    if path in _HELD:  # this process's own, left by a run that ended in an exception: a process runs one at a time
+    if (
+        path in _HELD
+    ):  # this process's own, left by a run that ended in an exception: a process runs one at a time
         _HELD.pop(path).close()
     f = open(path, "a+")
     try:
@@ -84,8 +92,9 @@ def lock_folder(folder, what):
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise WriteError(f"{folder} is in use by {holder}: wait for it to finish (or stop it), or choose another folder") \
-            from None
+        raise WriteError(
+            f"{folder} is in use by {holder}: wait for it to finish (or stop it), or choose another folder"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} ({what})")
@@ -104,10 +113,13 @@ def read_json(path):
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:80]}): restore or re-create it") \
-            from None
+        raise ValueError(
+            f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:80]}): restore or re-create it"
+        ) from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object expected: restore or re-create it")
+        raise ValueError(
+            f"{path} holds a JSON {type(value).__name__}, not the object expected: restore or re-create it"
+        )
     return value
 
 
@@ -117,4 +129,6 @@ def read_text(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8 first") from None
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): convert it to UTF-8 first"
+        ) from None

@@ -34,9 +34,26 @@ from collections import Counter
 
 import torch
 
-from adapters import (FAMILIES, AdapterError, adapter_layers, adapter_state_dict, family_for_peft, family_of,
-                      inject_adapters, load_adapter_state_dict, lora_model)
-from checkpoint import FORMAT, RUN_FILES, build_model, load_checkpoint, run_base, save_adapter_file, save_checkpoint
+from adapters import (
+    FAMILIES,
+    AdapterError,
+    adapter_layers,
+    adapter_state_dict,
+    family_for_peft,
+    family_of,
+    inject_adapters,
+    load_adapter_state_dict,
+    lora_model,
+)
+from checkpoint import (
+    FORMAT,
+    RUN_FILES,
+    build_model,
+    load_checkpoint,
+    run_base,
+    save_adapter_file,
+    save_checkpoint,
+)
 from configurator import ConfigError, cli, config_defaults, configure
 from files import atomic_write, read_json
 from model import GPT, GPT2_SIZES, is_gpt2_folder
@@ -44,11 +61,17 @@ from prepare import read_meta, write_hf_tokenizer
 
 out_dir = "out"  # export: the run to export; import: the run folder to write
 export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
-write_base = False  # export: write base/ even when the base is a hub GPT-2 (always written for a base trained here)
-peft_format = "lora"  # export: 'lora' (every family, as the LoRA / DoRA it computes) | 'native' (PEFT's own: AdaLoRA)
+write_base = (
+    False  # export: write base/ even when the base is a hub GPT-2 (always written for a base trained here)
+)
+peft_format = (
+    "lora"  # export: 'lora' (every family, as the LoRA / DoRA it computes) | 'native' (PEFT's own: AdaLoRA)
+)
 import_from = ""  # import: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 base = ""  # import: the base, a gpt2 name or a GPT-2 folder ('' = the adapter's base_model_name_or_path)
-dataset = "openwebtext"  # import: data/<dataset>/ holds the data eval_bounds and train.py score the imported run on
+dataset = (
+    "openwebtext"  # import: data/<dataset>/ holds the data eval_bounds and train.py score the imported run on
+)
 data_dir = ""  # import: that data folder itself ('' = data/<dataset>)
 overwrite = False  # replace an existing export_dir / run folder
 DEFAULTS = config_defaults(globals())
@@ -71,16 +94,27 @@ def lora_factors(model):
     of `model` (not changed): every family as the plain LoRA it computes (adapters.lora_model), DoRA's
     magnitude kept."""
     if any(layer.merged for layer in adapter_layers(model).values()):
-        raise InteropError("the model's adapters are merged into their base weights; export the unmerged model")
+        raise InteropError(
+            "the model's adapters are merged into their base weights; export the unmerged model"
+        )
     try:
         view = lora_model(model)
     except AdapterError as e:
         raise InteropError(str(e)) from None
-    out = {n: (layer.lora_A.clone(), layer.full_B().clone(), float(layer.scaling),
-               None if layer.magnitude is None else layer.magnitude.clone()) for n, layer in adapter_layers(view).items()}
+    out = {
+        n: (
+            layer.lora_A.clone(),
+            layer.full_B().clone(),
+            float(layer.scaling),
+            None if layer.magnitude is None else layer.magnitude.clone(),
+        )
+        for n, layer in adapter_layers(view).items()
+    }
     if not out:
-        raise InteropError("the run holds no adapter (adapter='none'), or every rank was pruned: export a "
-                           "fine-tuned run, or save a plain model with GPT.save_pretrained")
+        raise InteropError(
+            "the run holds no adapter (adapter='none'), or every rank was pruned: export a "
+            "fine-tuned run, or save a plain model with GPT.save_pretrained"
+        )
     return out
 
 
@@ -91,13 +125,24 @@ def peft_config(factors, dropout, base_name_or_path):
     alphas = {n: s * ranks[n] for n, (_, _, s, _) in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name_or_path,
-            "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(factors),
-            "fan_in_fan_out": True, "bias": "none", "use_rslora": False,
-            "use_dora": any(m is not None for *_, m in factors.values()),
-            "rank_pattern": {n: k for n, k in ranks.items() if k != r},
-            "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
-            "init_lora_weights": True, "modules_to_save": None, "inference_mode": True}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(factors),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": any(m is not None for *_, m in factors.values()),
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
 
 
 def export_peft(factors, folder, base_name_or_path, dropout=0.0):
@@ -126,11 +171,22 @@ def export_native(model, ckpt, folder, base_name, dropout, vocab):
         fields, layers = family_of(info["kind"]).peft_native(model, info, ckpt.get("config", {}))
     except AdapterError as e:
         raise InteropError(str(e)) from None
-    tensors = {f"{PREFIX}{name}.{part}": (t[:vocab] if name == "lm_head" and part == "lora_B" else t).contiguous()
-               for name, parts in layers.items() for part, t in parts.items()}
-    config = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "lora_dropout": dropout,
-              "target_modules": sorted(layers), "fan_in_fan_out": True, "bias": "none", "init_lora_weights": True,
-              "inference_mode": True, **fields}
+    tensors = {
+        f"{PREFIX}{name}.{part}": (t[:vocab] if name == "lm_head" and part == "lora_B" else t).contiguous()
+        for name, parts in layers.items()
+        for part, t in parts.items()
+    }
+    config = {
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "lora_dropout": dropout,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **fields,
+    }
     os.makedirs(folder, exist_ok=True)
     atomic_write(os.path.join(folder, "adapter_model.safetensors"), save(tensors, metadata={"format": "pt"}))
     atomic_write(os.path.join(folder, "adapter_config.json"), json.dumps(config, indent=2))
@@ -151,13 +207,17 @@ def base_for_export(model, ckpt, vocab):
     tied = "lm_head" not in adapter_layers(model) and plain.head_is_tied()
     start = run_base(ckpt) if ckpt.get("config", {}).get("init_from", "scratch") != "scratch" else plain
     positions = max(plain.config.block_size, start.config.block_size)
-    config = dataclasses.replace(plain.config, tie_word_embeddings=tied, block_size=positions, vocab_size=vocab)
+    config = dataclasses.replace(
+        plain.config, tie_word_embeddings=tied, block_size=positions, vocab_size=vocab
+    )
     base = GPT(config)
     state = {k.replace(".base.", "."): v for k, v in plain.state_dict().items()}
     state = {k: v for k, v in state.items() if k in base.state_dict()}
     state["lm_head.weight"] = state.get("lm_head.weight", state["transformer.wte.weight"])
     wpe = start.transformer.wpe.weight.detach()
-    state["transformer.wpe.weight"] = torch.cat([state["transformer.wpe.weight"], wpe[plain.config.block_size :]])
+    state["transformer.wpe.weight"] = torch.cat(
+        [state["transformer.wpe.weight"], wpe[plain.config.block_size :]]
+    )
     for k in ("transformer.wte.weight", "lm_head.weight"):
         state[k] = state[k][:vocab]
     base.load_state_dict(state, strict=True)
@@ -168,38 +228,54 @@ def export_run(c):
     ckpt = load_checkpoint(c["out_dir"])
     info, cfg = ckpt["adapter"], ckpt.get("config", {})
     if ckpt.get("model_type", "gpt") != "gpt":
-        raise InteropError(f"{c['out_dir']} is a {ckpt['model_type']!r} model; only the GPT has GPT-2's layout")
+        raise InteropError(
+            f"{c['out_dir']} is a {ckpt['model_type']!r} model; only the GPT has GPT-2's layout"
+        )
     folder = c["export_dir"] or os.path.join(c["out_dir"], "peft")
     if os.path.isdir(folder) and os.listdir(folder) and not c["overwrite"]:
         raise ConfigError(f"{folder!r} is not empty: choose another --export_dir or pass --overwrite=True")
     meta = ckpt.get("meta") or read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
-    vocab = meta["vocab_size"] if meta else min(ckpt["model_args"]["vocab_size"], 50257)  # nanoGPT pads 50257 to 50304
+    vocab = (
+        meta["vocab_size"] if meta else min(ckpt["model_args"]["vocab_size"], 50257)
+    )  # nanoGPT pads 50257 to 50304
     model = build_model(ckpt).eval()
-    factors = {n: (A, B[:vocab] if n == "lm_head" else B, s, m[:vocab] if n == "lm_head" and m is not None else m)
-               for n, (A, B, s, m) in lora_factors(model).items()}
+    factors = {
+        n: (A, B[:vocab] if n == "lm_head" else B, s, m[:vocab] if n == "lm_head" and m is not None else m)
+        for n, (A, B, s, m) in lora_factors(model).items()
+    }
     hub = hub_name(cfg.get("init_from", ""))
     base_dir = os.path.join(folder, "base")
     if hub and not info["train_embeddings"] and not c["write_base"] and "lm_head" not in factors:
         base_name = hub
     else:  # the run's frozen weights, with the tokenizer that reads its data
         if hub and "lm_head" in factors:
-            print(f"note: the adapter adapts lm_head, which {hub} ties to the token embedding: base/ is written with "
-                  "an untied head, so PEFT's merge_and_unload changes the head alone")
+            print(
+                f"note: the adapter adapts lm_head, which {hub} ties to the token embedding: base/ is written with "
+                "an untied head, so PEFT's merge_and_unload changes the head alone"
+            )
         base_for_export(model, ckpt, vocab).save_pretrained(base_dir)
         if not write_hf_tokenizer(meta, base_dir, ckpt["model_args"]["block_size"]):
-            print("note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 bytes)")
-        base_name = os.path.relpath(base_dir)  # relative: an export copied with its folder still finds its base
+            print(
+                "note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 bytes)"
+            )
+        base_name = os.path.relpath(
+            base_dir
+        )  # relative: an export copied with its folder still finds its base
     dropout = info["settings"].get("dropout", 0.0)
     if c["peft_format"] == "native":
         config = export_native(model, ckpt, folder, base_name, dropout, vocab)
-        print(f"exported {info['kind']} in PEFT's {config['peft_type']} format ({len(config['target_modules'])} modules) "
-              f"to {folder}/ for base {base_name}")
+        print(
+            f"exported {info['kind']} in PEFT's {config['peft_type']} format ({len(config['target_modules'])} modules) "
+            f"to {folder}/ for base {base_name}"
+        )
         return folder
     config = export_peft(factors, folder, base_name, dropout=dropout)
     n = sum(A.numel() + B.numel() for A, B, _, _ in factors.values())
-    print(f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"
-          f"{' with a rank_pattern' if config['rank_pattern'] else ''}, {n:,} LoRA numbers"
-          f"{', DoRA magnitudes' if config['use_dora'] else ''}) to {folder}/ for base {base_name}")
+    print(
+        f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"
+        f"{' with a rank_pattern' if config['rank_pattern'] else ''}, {n:,} LoRA numbers"
+        f"{', DoRA magnitudes' if config['use_dora'] else ''}) to {folder}/ for base {base_name}"
+    )
     return folder
 
 
@@ -207,23 +283,79 @@ def export_run(c):
 # import: a PEFT LoRA / DoRA adapter for GPT-2 into this repo's GPT
 
 
-TENSORS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "base_layer.weight": "W",
-           "lora_A": "A", "lora_B": "B", "lora_E": "E"}  # the last three: AdaLoRA's
+TENSORS = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_magnitude_vector": "m",
+    "base_layer.weight": "W",
+    "lora_A": "A",
+    "lora_B": "B",
+    "lora_E": "E",
+}  # the last three: AdaLoRA's
 # the LoraConfig fields the importer understands: what it reads (ranks, scales, DoRA; which modules the
 # tensors say), and what describes the file rather than the function
-UNDERSTOOD = {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
-              "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "base_model_name_or_path",
-              "peft_type", "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "runtime_config",
-              "megatron_core", "qalora_group_size",
-              # AdaLoRA's: its initial rank and mask (read), its training schedule (no effect on the function)
-              "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
-INITS = (True, False, "gaussian")  # initialisations that leave the base weights as they are (not pissa, olora, ...)
+UNDERSTOOD = {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "base_model_name_or_path",
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "revision",
+    "inference_mode",
+    "runtime_config",
+    "megatron_core",
+    "qalora_group_size",
+    # AdaLoRA's: its initial rank and mask (read), its training schedule (no effect on the function)
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+}
+INITS = (
+    True,
+    False,
+    "gaussian",
+)  # initialisations that leave the base weights as they are (not pissa, olora, ...)
 # every other field must hold PEFT's default (LoraConfig, peft 0.21); a field not listed, an empty value
-DEFAULTS_ONLY = {"bias": "none", "modules_to_save": None, "init_lora_weights": True, "megatron_config": None,
-                 "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
-                 "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False,
-                 "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
-                 "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False}
+DEFAULTS_ONLY = {
+    "bias": "none",
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
 
 
 def unsupported_options(config):
@@ -255,34 +387,56 @@ def read_peft(folder):
 
     paths = [os.path.join(folder, f) for f in ("adapter_config.json", "adapter_model.safetensors")]
     if not all(os.path.isfile(p) for p in paths):
-        raise InteropError(f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
-                           "adapter_model.safetensors (PeftModel.save_pretrained writes both)")
+        raise InteropError(
+            f"{folder!r} is not a PEFT adapter folder: it needs adapter_config.json and "
+            "adapter_model.safetensors (PeftModel.save_pretrained writes both)"
+        )
     config = read_json(paths[0])
     if family_for_peft(config) is None:
-        readable = [f"{t}{' with use_dora' if d else ''}" for t, d in (f.peft_import for f in FAMILIES.values() if f.peft_import)]
-        raise InteropError(f"{folder}: peft_type {config.get('peft_type')!r} with use_dora={bool(config.get('use_dora'))} "
-                           f"does not import; these do: {', '.join(readable)}")
+        readable = [
+            f"{t}{' with use_dora' if d else ''}"
+            for t, d in (f.peft_import for f in FAMILIES.values() if f.peft_import)
+        ]
+        raise InteropError(
+            f"{folder}: peft_type {config.get('peft_type')!r} with use_dora={bool(config.get('use_dora'))} "
+            f"does not import; these do: {', '.join(readable)}"
+        )
     bad = unsupported_options(config)
     if bad:
-        raise InteropError(f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
-                           f"(it reads LoRA, DoRA and AdaLoRA with every other LoraConfig field at its default, init_lora_weights "
-                           f"one of {INITS}); merge or convert the adapter in PEFT first")
+        raise InteropError(
+            f"{folder}: adapter_config.json sets {', '.join(bad)}, which this importer does not implement "
+            f"(it reads LoRA, DoRA and AdaLoRA with every other LoraConfig field at its default, init_lora_weights "
+            f"one of {INITS}); merge or convert the adapter in PEFT first"
+        )
     alpha, r = config.setdefault("lora_alpha", 8), config.get("r", 8)  # PEFT's defaults
-    for key, value in (("lora_alpha", alpha), ("r", r), *((f"alpha_pattern[{k!r}]", v) for k, v in
-                                                         (config.get("alpha_pattern") or {}).items())):
+    for key, value in (
+        ("lora_alpha", alpha),
+        ("r", r),
+        *((f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise InteropError(f"{paths[0]}: {key} must be a number > 0, got {value!r}")
     try:
         tensors = load_file(paths[1])
     except Exception as e:  # a truncated or foreign file: safetensors' errors are several
-        raise InteropError(f"{paths[1]} is not a readable safetensors file ({type(e).__name__}): export it again") from None
+        raise InteropError(
+            f"{paths[1]} is not a readable safetensors file ({type(e).__name__}): export it again"
+        ) from None
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise InteropError(f"{paths[1]}: {bad[:3]} hold nan or inf values: the adapter diverged; export a good one")
+        raise InteropError(
+            f"{paths[1]}: {bad[:3]} hold nan or inf values: the adapter diverged; export a good one"
+        )
     layers = {}
     for key, t in tensors.items():
-        name, part = next(((key[len(PREFIX): -len(p) - 1], p) for p in TENSORS if key.startswith(PREFIX)
-                           and key.endswith("." + p)), (None, None))
+        name, part = next(
+            (
+                (key[len(PREFIX) : -len(p) - 1], p)
+                for p in TENSORS
+                if key.startswith(PREFIX) and key.endswith("." + p)
+            ),
+            (None, None),
+        )
         if name is None:
             raise InteropError(f"{folder}: tensor {key!r} is not a LoRA factor or DoRA magnitude of a module")
         layers.setdefault(name, {})[TENSORS[part]] = t
@@ -297,31 +451,53 @@ def import_peft(folder, base=""):
     base_given = bool(base)
     base = base or config.get("base_model_name_or_path") or ""
     base = base.removeprefix(HUB)
-    if base and not base_given and not (base in GPT2_SIZES or os.path.isdir(base)) and is_gpt2_folder(os.path.join(folder, "base")):
+    if (
+        base
+        and not base_given
+        and not (base in GPT2_SIZES or os.path.isdir(base))
+        and is_gpt2_folder(os.path.join(folder, "base"))
+    ):
         base = os.path.join(folder, "base")  # an export's relative base, read from another working directory
     if not base:
-        raise ConfigError(f"{folder}: adapter_config.json names no base model; pass --base=gpt2 (or a GPT-2 folder)")
+        raise ConfigError(
+            f"{folder}: adapter_config.json names no base model; pass --base=gpt2 (or a GPT-2 folder)"
+        )
     if not (base in GPT2_SIZES or os.path.isdir(base)):
-        raise ConfigError(f"the adapter's base {base!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a "
-                          "folder here; pass --base=NAME_OR_FOLDER")
+        raise ConfigError(
+            f"the adapter's base {base!r} is neither a GPT-2 name ({', '.join(GPT2_SIZES)}) nor a "
+            "folder here; pass --base=NAME_OR_FOLDER"
+        )
     model = GPT.from_pretrained(base)
     modules = dict(model.named_modules())
     family, settings = family_for_peft(config), {}
     for name, t in sorted(layers.items()):
         if name not in modules or type(modules[name]) is not torch.nn.Linear:
-            raise InteropError(f"the adapter adapts {name!r}, which is not a Linear of GPT-2 here (linears are e.g. "
-                               "transformer.h.0.attn.c_attn, lm_head)")
+            raise InteropError(
+                f"the adapter adapts {name!r}, which is not a Linear of GPT-2 here (linears are e.g. "
+                "transformer.h.0.attn.c_attn, lm_head)"
+            )
         W = t.pop("W", None)
         if W is not None and not torch.equal(W.to(modules[name].weight.dtype), modules[name].weight.detach()):
-            raise InteropError(f"the adapter carries its own {name}.weight, not the base's (a resized or trained "
-                               f"embedding): it needs that base, which {base!r} is not")
+            raise InteropError(
+                f"the adapter carries its own {name}.weight, not the base's (a resized or trained "
+                f"embedding): it needs that base, which {base!r} is not"
+            )
         if set(t) != set(family.peft_parts):
-            raise InteropError(f"{name}: the adapter file holds {sorted(t)}; a {config['peft_type']} adapter with "
-                               f"use_dora={bool(config.get('use_dora'))} needs {sorted(family.peft_parts)}")
+            raise InteropError(
+                f"{name}: the adapter file holds {sorted(t)}; a {config['peft_type']} adapter with "
+                f"use_dora={bool(config.get('use_dora'))} needs {sorted(family.peft_parts)}"
+            )
         key = pattern_key(config.get("alpha_pattern") or {}, name)
-        settings[name] = family.from_peft(config, t["A"].shape[0], config["alpha_pattern"][key] if key else config["lora_alpha"])
-    info = dict(kind=family.kind, targets=sorted(layers), settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
-                train_embeddings=False, layers=settings)
+        settings[name] = family.from_peft(
+            config, t["A"].shape[0], config["alpha_pattern"][key] if key else config["lora_alpha"]
+        )
+    info = dict(
+        kind=family.kind,
+        targets=sorted(layers),
+        settings=dict(dropout=float(config.get("lora_dropout", 0.0))),
+        train_embeddings=False,
+        layers=settings,
+    )
     inject_adapters(model, family.kind, targets=info["targets"], layers=settings, **info["settings"])
     own = dict(model.named_parameters())
     state = {}
@@ -329,7 +505,9 @@ def import_peft(folder, base=""):
         for part, ours in family.peft_parts.items():
             key = f"{name}.{ours}"  # PEFT keeps 1-D tensors of ours as (r, 1) (AdaLoRA's E): flattened
             state[key] = (t[part].reshape(-1) if own[key].dim() == 1 else t[part]).to(own[key].dtype)
-    load_adapter_state_dict(model, state)  # every tensor present, each of the layer's shape (else: another GPT-2 size)
+    load_adapter_state_dict(
+        model, state
+    )  # every tensor present, each of the layer's shape (else: another GPT-2 size)
     return model, info, base
 
 
@@ -337,20 +515,50 @@ def import_run(c):
     folder, out = c["import_from"], c["out_dir"]
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if held and not c["overwrite"]:
-        raise ConfigError(f"{out!r} already holds a run ({', '.join(held)}): choose another --out_dir or pass "
-                          "--overwrite=True")
+        raise ConfigError(
+            f"{out!r} already holds a run ({', '.join(held)}): choose another --out_dir or pass "
+            "--overwrite=True"
+        )
     model, info, base = import_peft(folder, c["base"])
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
-    config = {"init_from": base, "dataset": c["dataset"], "data_dir": c["data_dir"], "imported_from": os.path.abspath(folder)}
+    config = {
+        "init_from": base,
+        "dataset": c["dataset"],
+        "data_dir": c["data_dir"],
+        "imported_from": os.path.abspath(folder),
+    }
     os.makedirs(out, exist_ok=True)
-    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
-                     "iter_num": 0, "best_val_loss": float("inf"), "config": config, "adapter": info, "meta": None},
-                    os.path.join(out, "ckpt.pt"))
-    save_adapter_file({"format": FORMAT, "adapter": info, "model_type": "gpt", "model_args": model_args, "base": base,
-                       "seed": 0, "state": adapter_state_dict(model)}, os.path.join(out, "adapter.safetensors"))
+    save_checkpoint(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "model_type": "gpt",
+            "model_args": model_args,
+            "iter_num": 0,
+            "best_val_loss": float("inf"),
+            "config": config,
+            "adapter": info,
+            "meta": None,
+        },
+        os.path.join(out, "ckpt.pt"),
+    )
+    save_adapter_file(
+        {
+            "format": FORMAT,
+            "adapter": info,
+            "model_type": "gpt",
+            "model_args": model_args,
+            "base": base,
+            "seed": 0,
+            "state": adapter_state_dict(model),
+        },
+        os.path.join(out, "adapter.safetensors"),
+    )
     ranks = sorted({s["rank"] for s in info["layers"].values()})
-    print(f"imported a PEFT {info['kind']} adapter ({len(info['targets'])} modules, rank {'/'.join(map(str, ranks))}) "
-          f"on {base} into {out}/ (ckpt.pt, adapter.safetensors)")
+    print(
+        f"imported a PEFT {info['kind']} adapter ({len(info['targets'])} modules, rank {'/'.join(map(str, ranks))}) "
+        f"on {base} into {out}/ (ckpt.pt, adapter.safetensors)"
+    )
     return out
 
 

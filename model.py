@@ -32,7 +32,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     gelu: str = "none"  # GELU's approximation: 'none' (exact, nanoGPT's) | 'tanh' (GPT-2's gelu_new, set by from_pretrained)
-    tie_word_embeddings: bool = True  # GPT: the LM head is the token embedding (GPT-2's); False once a head adapter merged
+    tie_word_embeddings: bool = (
+        True  # GPT: the LM head is the token embedding (GPT-2's); False once a head adapter merged
+    )
 
 
 class LayerNorm(nn.Module):
@@ -216,9 +218,15 @@ class GPT(LanguageModel):
         assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
         if os.path.isdir(name_or_path):
             hf = read_json(os.path.join(name_or_path, "config.json"))
-            args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
-                        block_size=hf["n_positions"], gelu=_gelu(hf, name_or_path),
-                        tie_word_embeddings=hf.get("tie_word_embeddings", True))
+            args = dict(
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                n_embd=hf["n_embd"],
+                vocab_size=hf["vocab_size"],
+                block_size=hf["n_positions"],
+                gelu=_gelu(hf, name_or_path),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            )
             tensors = _folder_weights(name_or_path)
         elif name_or_path in GPT2_SIZES:
             from safetensors.torch import load_file
@@ -226,16 +234,22 @@ class GPT(LanguageModel):
             tensors = load_file(_hub_weights(name_or_path))
             args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh")
         else:
-            raise ValueError(f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
-                             "or a folder holding config.json and model.safetensors")
+            raise ValueError(
+                f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
+                "or a folder holding config.json and model.safetensors"
+            )
         args.update(bias=True, **override_args)  # GPT-2's layout always has biases
         model = cls(GPTConfig(**args))
         state = convert_hf_gpt2_state_dict(tensors, keep_head=not model.config.tie_word_embeddings)
-        missing = sorted(set(model.state_dict()) - set(state) - ({"lm_head.weight"} if model.head_is_tied() else set()))
+        missing = sorted(
+            set(model.state_dict()) - set(state) - ({"lm_head.weight"} if model.head_is_tied() else set())
+        )
         unexpected = sorted(set(state) - set(model.state_dict()))
         if missing or unexpected:
-            raise ValueError(f"{name_or_path}: the weights do not fit GPT-2's layout: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}; load a complete GPT-2 checkpoint")
+            raise ValueError(
+                f"{name_or_path}: the weights do not fit GPT-2's layout: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}; load a complete GPT-2 checkpoint"
+            )
         model.load_state_dict(state, strict=False)
         return model
 
@@ -249,19 +263,35 @@ class GPT(LanguageModel):
             own = set(GPT(self.config).state_dict())
         foreign = sorted(set(self.state_dict()) - own)
         if foreign:
-            raise ValueError(f"the model holds tensors that are not GPT-2's ({foreign[:2]}...): adapters still in it? merge "
-                             "them first (adapters.merge_adapters(model)), then save_pretrained")
+            raise ValueError(
+                f"the model holds tensors that are not GPT-2's ({foreign[:2]}...): adapters still in it? merge "
+                "them first (adapters.merge_adapters(model)), then save_pretrained"
+            )
         cfg = self.config
-        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": cfg.n_layer,
-              "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_positions": cfg.block_size, "vocab_size": cfg.vocab_size,
-              "activation_function": {v: k for k, v in HF_GELU.items()}[cfg.gelu], "layer_norm_epsilon": 1e-5,
-              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-              "tie_word_embeddings": self.head_is_tied(), "bos_token_id": None, "eos_token_id": None}
+        hf = {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_embd": cfg.n_embd,
+            "n_positions": cfg.block_size,
+            "vocab_size": cfg.vocab_size,
+            "activation_function": {v: k for k, v in HF_GELU.items()}[cfg.gelu],
+            "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "tie_word_embeddings": self.head_is_tied(),
+            "bos_token_id": None,
+            "eos_token_id": None,
+        }
         if cfg.vocab_size > 50256:  # GPT-2's BPE: <|endoftext|> starts and ends a text
             hf.update(bos_token_id=50256, eos_token_id=50256)
         os.makedirs(folder, exist_ok=True)
-        atomic_write(os.path.join(folder, "model.safetensors"),
-                     lambda tmp: save_file(to_hf_gpt2_state_dict(self), tmp, metadata={"format": "pt"}))
+        atomic_write(
+            os.path.join(folder, "model.safetensors"),
+            lambda tmp: save_file(to_hf_gpt2_state_dict(self), tmp, metadata={"format": "pt"}),
+        )
         atomic_write(os.path.join(folder, "config.json"), json.dumps(hf, indent=2))
 
 
@@ -274,10 +304,14 @@ def _hub_weights(name):
     cached = try_to_load_from_cache(repo, "model.safetensors")
     if isinstance(cached, str):
         return cached
-    fix = ("fetch it on a connected machine and pass the folder holding its config.json and model.safetensors instead "
-           "(train.py and sample.py: --init_from=PATH; hf.py: --base=PATH)")
+    fix = (
+        "fetch it on a connected machine and pass the folder holding its config.json and model.safetensors instead "
+        "(train.py and sample.py: --init_from=PATH; hf.py: --base=PATH)"
+    )
     if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
-        raise DownloadError(f"cannot reach {constants.ENDPOINT} to download {name}'s weights (offline?): {fix}")
+        raise DownloadError(
+            f"cannot reach {constants.ENDPOINT} to download {name}'s weights (offline?): {fix}"
+        )
     try:
         return hf_hub_download(repo_id=repo, filename="model.safetensors")
     except Exception as e:  # the hub's errors are many (HTTP, timeouts, gated repos): one line each
@@ -312,7 +346,11 @@ def convert_hf_gpt2_state_dict(sd, keep_head=False):
 def to_hf_gpt2_state_dict(model):
     """This file's GPT -> Hugging Face GPT-2 keys and Conv1D layout (the inverse of the above): zero
     biases where the model has none, a tied head left out (transformers ties it to wte)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.head_is_tied()}
+    sd = {
+        k: v.detach()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight" or not model.head_is_tied()
+    }
     out = {}
     for k, v in sd.items():
         out[k] = (v.t() if k.endswith(_CONV1D) else v).contiguous().clone()
@@ -326,13 +364,19 @@ def to_hf_gpt2_state_dict(model):
 # config.json's activation_function -> GPTConfig.gelu (transformers' names)
 HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # GPT-2 config fields that change the function, at the values this GPT computes: any other is refused
-HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "layer_norm_epsilon": 1e-5, "n_inner": None}
+HF_FIXED = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "layer_norm_epsilon": 1e-5,
+    "n_inner": None,
+}
 
 
 def is_gpt2_folder(path):
     """Whether `path` is a Hugging Face GPT-2 folder (a config.json beside its weights), not a run here."""
-    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "ckpt.pt"))
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+        os.path.join(path, "ckpt.pt")
+    )
 
 
 def _gelu(hf, folder):
@@ -340,11 +384,15 @@ def _gelu(hf, folder):
     for key, want in HF_FIXED.items():
         have = hf.get(key, want)
         if have != want and not (key == "n_inner" and have == 4 * hf["n_embd"]):
-            raise ValueError(f"{folder}/config.json sets {key}={have!r}; this GPT computes {key}={want!r} only, so "
-                             "its outputs would differ: use a checkpoint with the standard GPT-2 settings")
+            raise ValueError(
+                f"{folder}/config.json sets {key}={have!r}; this GPT computes {key}={want!r} only, so "
+                "its outputs would differ: use a checkpoint with the standard GPT-2 settings"
+            )
     act = hf.get("activation_function", "gelu_new")
     if act not in HF_GELU:
-        raise ValueError(f"{folder}/config.json has activation_function {act!r}; this GPT computes {sorted(HF_GELU)}")
+        raise ValueError(
+            f"{folder}/config.json has activation_function {act!r}; this GPT computes {sorted(HF_GELU)}"
+        )
     return HF_GELU[act]
 
 
@@ -352,7 +400,10 @@ def _folder_weights(folder):
     """The tensors of a GPT-2 folder: model.safetensors, or the shards its index names."""
     from safetensors.torch import load_file
 
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    single, index = (
+        os.path.join(folder, "model.safetensors"),
+        os.path.join(folder, "model.safetensors.index.json"),
+    )
     if os.path.isfile(single):
         return load_file(single)
     if os.path.isfile(index):
@@ -361,8 +412,11 @@ def _folder_weights(folder):
             tensors.update(load_file(os.path.join(folder, shard)))
         return tensors
     bins = [f for f in os.listdir(folder) if f.endswith(".bin")]
-    raise ValueError(f"{folder} has no model.safetensors" + (f" (only {bins[0]}, a pickle this repo does not load)" if
-                     bins else "") + ": save it with transformers' save_pretrained(folder, safe_serialization=True)")
+    raise ValueError(
+        f"{folder} has no model.safetensors"
+        + (f" (only {bins[0]}, a pickle this repo does not load)" if bins else "")
+        + ": save it with transformers' save_pretrained(folder, safe_serialization=True)"
+    )
 
 
 def _init_weights(module):

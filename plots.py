@@ -31,7 +31,9 @@ def read_metrics(out_dir):
             rows.append(json.loads(line))
         except ValueError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path} line {i + 1} is not JSON; the file is damaged: delete that line") from None
+                raise ValueError(
+                    f"{path} line {i + 1} is not JSON; the file is damaged: delete that line"
+                ) from None
             print(f"note: {path} ends in a cut line (an interrupted write), dropped")
     return rows
 
@@ -46,8 +48,10 @@ def report(out_dirs):
         speed = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
         speed = [rows[-1]["mean_tokens_per_s"]] if "mean_tokens_per_s" in rows[-1] else speed
         frac = f"{rows[-1]['trainable_params']:,} ({100 * rows[-1]['trainable_params'] / rows[-1]['total_params']:.2f}%)"
-        print(f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
-              f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}")
+        print(
+            f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
+            f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}"
+        )
 
 
 def save(fig, folder, name):
@@ -94,11 +98,17 @@ def plot_effective_ranks(out_dir):
     names = list(rows[0]["effective_rank"])
     ranks = [[r["effective_rank"].get(n, 0) for r in rows] for n in names]  # (layers, logged iterations)
     iters = [r["iter"] for r in rows]
-    fig, (ax, ax_params) = plt.subplots(2, 1, figsize=(10, 3 + 0.28 * len(names)), sharex=True,
-                                        height_ratios=(len(names), 6))
+    fig, (ax, ax_params) = plt.subplots(
+        2, 1, figsize=(10, 3 + 0.28 * len(names)), sharex=True, height_ratios=(len(names), 6)
+    )
     step = iters[1] - iters[0] if len(iters) > 1 else 1
-    im = ax.imshow(ranks, aspect="auto", interpolation="nearest", cmap="viridis",
-                   extent=(iters[0] - step / 2, iters[-1] + step / 2, len(names) - 0.5, -0.5))
+    im = ax.imshow(
+        ranks,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(iters[0] - step / 2, iters[-1] + step / 2, len(names) - 0.5, -0.5),
+    )
     ax.set_yticks(range(len(names)), [n.removeprefix("transformer.") for n in names], fontsize=7)
     ax.set_title(f"effective rank per layer (non-zero gates / E): {out_dir}")
     fig.colorbar(im, ax=ax, label="effective rank", pad=0.01)
@@ -132,7 +142,14 @@ def plot_rank_allocation(out_dir):
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v == v:  # not nan
-                ax.text(j, i, str(int(v)), ha="center", va="center", color="w" if v < max(final.values()) / 2 else "k")
+                ax.text(
+                    j,
+                    i,
+                    str(int(v)),
+                    ha="center",
+                    va="center",
+                    color="w" if v < max(final.values()) / 2 else "k",
+                )
     ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(blocks)), [f"block {b}" if b.isdigit() else b for b in blocks], fontsize=8)
     ax.set_title(f"final rank per layer and matrix ({sum(final.values())} ranks)", fontsize=9)
@@ -169,12 +186,18 @@ def plot_grad_norms(sweep_dir, summary):
         groups = {}
         for s in summary:
             if s["intrinsic_dim"] == d:
-                label = s["allocation_mode"] + (f" {s['allocation_ratio']}" if s["allocation_mode"] == "fixed" else "")
-                groups.setdefault(label, []).append([r for r in read_metrics(s["out_dir"]) if r.get("grad_norm_A") is not None])
+                label = s["allocation_mode"] + (
+                    f" {s['allocation_ratio']}" if s["allocation_mode"] == "fixed" else ""
+                )
+                groups.setdefault(label, []).append(
+                    [r for r in read_metrics(s["out_dir"]) if r.get("grad_norm_A") is not None]
+                )
         for k, (label, runs) in enumerate(groups.items()):
             iters = [r["iter"] for r in runs[0]]
             for part, style in (("A", "--"), ("B", "-")):
-                values = [sum(run[i][f"grad_norm_{part}"] for run in runs) / len(runs) for i in range(len(iters))]
+                values = [
+                    sum(run[i][f"grad_norm_{part}"] for run in runs) / len(runs) for i in range(len(iters))
+                ]
                 ax.plot(iters, values, style, color=f"C{k}", label=f"{label}: through {part}")
         ax.set_yscale("log")
         ax.set_xlabel("iteration")
@@ -190,14 +213,27 @@ def plot_bound_vs_alpha(run_dir, results):
     alphas, metrics = results["alphas"], results["metrics"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, color in (("token_bpd_hoeffding", "C0"), ("token_bpd_bernstein", "C2"), ("document_bpd", "C1")):
-        ax.plot(alphas, metrics[name]["per_alpha"], "o-", color=color, label=f"{name.replace('_bpd', '')} bound")
+        ax.plot(
+            alphas, metrics[name]["per_alpha"], "o-", color=color, label=f"{name.replace('_bpd', '')} bound"
+        )
     for level, color in (("token", "C0"), ("document", "C1")):
-        ax.plot(alphas, metrics[f"{level}_bpd"]["empirical_per_alpha"], "x--", color=color, label=f"{level}-level empirical")
-    ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess log₂ {results['vocab']}")
+        ax.plot(
+            alphas,
+            metrics[f"{level}_bpd"]["empirical_per_alpha"],
+            "x--",
+            color=color,
+            label=f"{level}-level empirical",
+        )
+    ax.axhline(
+        math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess log₂ {results['vocab']}"
+    )
     ax.set_xscale("log")
     ax.set_xlabel("prediction smoothing α")
     ax.set_ylabel("bits per token")
-    ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: K = {results['message']['total_bits']:.0f} bits", fontsize=9)
+    ax.set_title(
+        f"{os.path.basename(os.path.normpath(run_dir))}: K = {results['message']['total_bits']:.0f} bits",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return save(fig, run_dir, "bound_vs_alpha.png")
 
@@ -213,7 +249,13 @@ def plot_bound_parts(run_dir, results):
             ax.bar(x, value, bottom=bottom, color=f"C{k}", width=0.5, label=name if x == 0 else None)
             bottom += value
         ax.annotate(f"{bottom:.3f}", (x, bottom), ha="center", va="bottom", fontsize=8)
-    ax.axhline(math.log2(results["vocab"]), color="k", lw=1, ls=":", label=f"random guess {math.log2(results['vocab']):.2f}")
+    ax.axhline(
+        math.log2(results["vocab"]),
+        color="k",
+        lw=1,
+        ls=":",
+        label=f"random guess {math.log2(results['vocab']):.2f}",
+    )
     ax.set_xticks(range(len(results["token_bpd_parts"])), list(results["token_bpd_parts"]))
     ax.set_ylabel("bits per token")
     ax.set_title("token-level bounds, part by part", fontsize=9)
@@ -242,7 +284,12 @@ def plot_comparison(summary, out_dir):
         ax.scatter(n, loss, color="C3" if m == "full" else "C0", zorder=3)
         ax.annotate(m, (n, loss), fontsize=7, xytext=(4, 4 if k % 2 else -10), textcoords="offset points")
     if len(points) > 1:
-        ax.plot(*zip(*pareto_front([(n, loss) for n, loss, _ in points])), color="C0", lw=1, label="Pareto frontier")
+        ax.plot(
+            *zip(*pareto_front([(n, loss) for n, loss, _ in points])),
+            color="C0",
+            lw=1,
+            label="Pareto frontier",
+        )
     losses, frozen = [loss for _, loss, _ in points], best["frozen"]["val_loss"]
     top = max(losses) + 0.25 * (max(losses) - min(losses) or 1)
     if frozen <= top:
@@ -255,8 +302,11 @@ def plot_comparison(summary, out_dir):
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"val loss on {summary['target_dataset']} (nats per token)")
-    ax.set_title(f"{summary['base_dataset']} base fine-tuned on {summary['target_dataset']}: "
-                 f"{summary['budget']['max_iters']} iterations per method", fontsize=9)
+    ax.set_title(
+        f"{summary['base_dataset']} base fine-tuned on {summary['target_dataset']}: "
+        f"{summary['budget']['max_iters']} iterations per method",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     return save(fig, out_dir, "compare.png")
 
@@ -267,7 +317,13 @@ def plot_pareto(sweep_dir, results):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = sorted((r["message"]["total_bits"], r["metrics"]["token_bpd"]["bound"], r) for r in results)
     for k, (bits, b, r) in enumerate(points):
-        ax.scatter(bits, r["metrics"]["token_bpd"]["empirical"], marker="x", color="C0", label="empirical" if k == 0 else None)
+        ax.scatter(
+            bits,
+            r["metrics"]["token_bpd"]["empirical"],
+            marker="x",
+            color="C0",
+            label="empirical" if k == 0 else None,
+        )
         ax.scatter(bits, b, marker="o", color="C1", label="token-level bound" if k == 0 else None)
         ax.annotate(os.path.basename(r["run"]), (bits, b), fontsize=5)
     ax.plot(*zip(*pareto_front([(bits, b) for bits, b, _ in points])), color="C1", lw=1)

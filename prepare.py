@@ -46,8 +46,10 @@ def gpt2_encoding():
         try:
             return tiktoken.get_encoding("r50k_base")
         except Exception as e:
-            raise RuntimeError("cannot load the GPT-2 tokenizer offline: point TIKTOKEN_CACHE_DIR at a folder "
-                               f"holding tiktoken's cached ranks ({e})") from None
+            raise RuntimeError(
+                "cannot load the GPT-2 tokenizer offline: point TIKTOKEN_CACHE_DIR at a folder "
+                f"holding tiktoken's cached ranks ({e})"
+            ) from None
 
 
 def load_tokenizer(meta):
@@ -84,13 +86,28 @@ def write_hf_tokenizer(meta, folder, max_length):
     if meta and meta.get("tokenizer") == "bytes":
         return False
     if meta and meta.get("tokenizer") == "char":
-        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},
-                "post_processor": None, "decoder": {"type": "Fuse"},
-                "model": {"type": "WordLevel", "vocab": meta["stoi"], "unk_token": next(iter(meta["stoi"]))}}
+        spec = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [],
+            "normalizer": None,
+            "pre_tokenizer": {
+                "type": "Split",
+                "pattern": {"Regex": r"[\s\S]"},
+                "behavior": "Isolated",
+                "invert": False,
+            },
+            "post_processor": None,
+            "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": meta["stoi"], "unk_token": next(iter(meta["stoi"]))},
+        }
         atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(spec, ensure_ascii=False))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-                  "clean_up_tokenization_spaces": False}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+        }
     else:
         ranks, show = gpt2_encoding()._mergeable_ranks, _bytes_to_unicode()
         spell = lambda b: "".join(show[x] for x in b)  # noqa: E731
@@ -105,8 +122,14 @@ def write_hf_tokenizer(meta, folder, max_length):
         vocab = {spell(token): rank for token, rank in ranks.items()} | {"<|endoftext|>": EOT}
         atomic_write(os.path.join(folder, "vocab.json"), json.dumps(vocab, ensure_ascii=False))
         atomic_write(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "\n".join(merges) + "\n")
-        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": "<|endoftext|>",
-                  "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": max_length,
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "add_prefix_space": False,
+        }
     atomic_write(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=1))
     return True
 
@@ -127,14 +150,19 @@ def open_data(c):
     path = c["data_dir"] or os.path.join("data", c["dataset"])
     for f in ("train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(path, f)):
-            how = f"run `python prepare.py {c['dataset']}`" if c["dataset"] in DATASETS else \
-                f"prepare it with prepare.py ({', '.join(DATASETS)}, or --input=FILE for your own text)"
+            how = (
+                f"run `python prepare.py {c['dataset']}`"
+                if c["dataset"] in DATASETS
+                else f"prepare it with prepare.py ({', '.join(DATASETS)}, or --input=FILE for your own text)"
+            )
             raise DataError(f"data directory {path!r} has no {f}: {how}, or set --data_dir")
     for split in ("train", "val"):  # before any model is built: a block needs block_size + 1 tokens
         n = num_tokens(path, split)
         if n <= c["block_size"]:
-            raise DataError(f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
-                            "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else ""))
+            raise DataError(
+                f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
+                "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else "")
+            )
     # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
     return path, read_meta(path)
 
@@ -145,14 +173,18 @@ def check_token_ids(data_dir, vocab_size):
     for split in ("train", "val"):
         top = int(np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r").max())
         if top >= vocab_size:
-            raise DataError(f"{data_dir}/{split}.bin holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
-                            "prepare the data with the model's tokenizer (prepare.py writes a meta.json saying which)")
+            raise DataError(
+                f"{data_dir}/{split}.bin holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
+                "prepare the data with the model's tokenizer (prepare.py writes a meta.json saying which)"
+            )
 
 
 def get_batch(data_dir, split, ix, block_size, device):
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
+    y = torch.stack(
+        [torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()]
+    )
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -167,8 +199,13 @@ def vocabulary(meta):
     if not meta:
         return None
     if meta.get("tokenizer") == "char":
-        return ("char", "".join(meta["itos"][str(i)] if str(i) in meta["itos"] else meta["itos"][i]
-                                for i in range(meta["vocab_size"])))
+        return (
+            "char",
+            "".join(
+                meta["itos"][str(i)] if str(i) in meta["itos"] else meta["itos"][i]
+                for i in range(meta["vocab_size"])
+            ),
+        )
     return (meta.get("tokenizer", "gpt2"),)
 
 
@@ -180,12 +217,20 @@ def check_vocabulary(base_meta, meta, source, data_dir):
         return
     if have[0] == want[0] == "char":
         extra = sorted(set(want[1]) - set(have[1]))
-        detail = f"characters the base never saw: {''.join(extra)!r}" if extra else "the same characters with other ids"
-        raise ValueError(f"the base {source!r} was trained on a {len(have[1])}-character vocabulary and {data_dir!r} uses "
-                          f"another ({len(want[1])} characters; {detail}): prepare the data with the base's vocabulary "
-                          f"(python prepare.py shakespeare_char --input=FILE --vocab_from=DIR_OF_THE_BASE_DATA)")
-    raise ValueError(f"the base {source!r} reads {have[0]} tokens but {data_dir!r} holds {want[0]} tokens: prepare the "
-                      "data with the base's tokenizer")
+        detail = (
+            f"characters the base never saw: {''.join(extra)!r}"
+            if extra
+            else "the same characters with other ids"
+        )
+        raise ValueError(
+            f"the base {source!r} was trained on a {len(have[1])}-character vocabulary and {data_dir!r} uses "
+            f"another ({len(want[1])} characters; {detail}): prepare the data with the base's vocabulary "
+            f"(python prepare.py shakespeare_char --input=FILE --vocab_from=DIR_OF_THE_BASE_DATA)"
+        )
+    raise ValueError(
+        f"the base {source!r} reads {have[0]} tokens but {data_dir!r} holds {want[0]} tokens: prepare the "
+        "data with the base's tokenizer"
+    )
 
 
 def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
@@ -196,32 +241,47 @@ def write_dataset(out_dir, ids, val_fraction, meta, overwrite=False):
     ids = np.asarray(ids, dtype=np.uint16)
     n = int(len(ids) * (1 - val_fraction))
     if min(n, len(ids) - n) < 2:
-        raise ValueError(f"the input gives {len(ids):,} tokens: too few for a train and a val split of at least 2 "
-                         "tokens each; give a longer text (or another --val_fraction)")
+        raise ValueError(
+            f"the input gives {len(ids):,} tokens: too few for a train and a val split of at least 2 "
+            "tokens each; give a longer text (or another --val_fraction)"
+        )
     write_split(out_dir, ids[:n], ids[n:], meta, overwrite)
 
 
 def write_split(out_dir, train, val, meta, overwrite=False):
     """train.bin and val.bin (uint16 token id arrays) and meta.json. A prepared dataset already in
     out_dir is replaced only if it is the same or with `overwrite`; each file is written atomically."""
-    files = {"train.bin": train.tobytes(), "val.bin": val.tobytes(), "meta.json": json.dumps(meta, indent=1).encode()}
-    differ = [f for f, data in files.items() if os.path.exists(os.path.join(out_dir, f))
-              and open(os.path.join(out_dir, f), "rb").read() != data]
+    files = {
+        "train.bin": train.tobytes(),
+        "val.bin": val.tobytes(),
+        "meta.json": json.dumps(meta, indent=1).encode(),
+    }
+    differ = [
+        f
+        for f, data in files.items()
+        if os.path.exists(os.path.join(out_dir, f)) and open(os.path.join(out_dir, f), "rb").read() != data
+    ]
     if differ and not overwrite:
-        raise ValueError(f"{out_dir} already holds another prepared dataset ({', '.join(differ)} differ): pass "
-                         "--overwrite=True to replace it, or --out_dir=ANOTHER_FOLDER")
+        raise ValueError(
+            f"{out_dir} already holds another prepared dataset ({', '.join(differ)} differ): pass "
+            "--overwrite=True to replace it, or --out_dir=ANOTHER_FOLDER"
+        )
     os.makedirs(out_dir, exist_ok=True)
     for f, data in files.items():
         atomic_write(os.path.join(out_dir, f), data)
-    print(f"train.bin: {len(files['train.bin']) // 2:,} tokens\nval.bin: {len(files['val.bin']) // 2:,} tokens")
+    print(
+        f"train.bin: {len(files['train.bin']) // 2:,} tokens\nval.bin: {len(files['val.bin']) // 2:,} tokens"
+    )
 
 
 def refuse_to_replace(out_dir, overwrite):
     """For datasets too large to compare before writing: refuse an out_dir that holds one already."""
     held = [f for f in ("train.bin", "val.bin", "meta.json") if os.path.exists(os.path.join(out_dir, f))]
     if held and not overwrite:
-        raise ValueError(f"{out_dir} already holds a prepared dataset ({', '.join(held)}): pass --overwrite=True to "
-                         "replace it, or --out_dir=ANOTHER_FOLDER")
+        raise ValueError(
+            f"{out_dir} already holds a prepared dataset ({', '.join(held)}): pass --overwrite=True to "
+            "replace it, or --out_dir=ANOTHER_FOLDER"
+        )
 
 
 def read_shakespeare(input_path, out_dir):
@@ -244,31 +304,52 @@ def prepare_shakespeare_char(out_dir, input_path=None, val_fraction=0.1, overwri
     if vocab_from:
         base = read_meta(vocab_from)
         if not base or base.get("tokenizer") != "char":
-            raise ValueError(f"--vocab_from={vocab_from} holds no character meta.json (prepare that dataset first)")
+            raise ValueError(
+                f"--vocab_from={vocab_from} holds no character meta.json (prepare that dataset first)"
+            )
         chars = [base["itos"][str(i)] for i in range(base["vocab_size"])]
         unseen = sorted(set(text) - set(chars))
         if unseen:
-            raise ValueError(f"the input has {len(unseen)} character(s) outside the vocabulary of {vocab_from}: "
-                             f"{''.join(unseen)!r}; remove them from the text or prepare without --vocab_from")
+            raise ValueError(
+                f"the input has {len(unseen)} character(s) outside the vocabulary of {vocab_from}: "
+                f"{''.join(unseen)!r}; remove them from the text or prepare without --vocab_from"
+            )
     else:
         chars = sorted(set(text))
     if len(chars) > 65536:
-        raise ValueError(f"the input has {len(chars):,} distinct characters, more than the 65,536 ids a uint16 token "
-                         "file holds: prepare it as bytes (shakespeare_bytes) or GPT-2 BPE (shakespeare)")
+        raise ValueError(
+            f"the input has {len(chars):,} distinct characters, more than the 65,536 ids a uint16 token "
+            "file holds: prepare it as bytes (shakespeare_bytes) or GPT-2 BPE (shakespeare)"
+        )
     stoi = {ch: i for i, ch in enumerate(chars)}
     print(f"{len(text):,} characters, vocabulary of {len(chars)}")
-    write_dataset(out_dir, [stoi[c] for c in text], val_fraction, {"tokenizer": "char", "vocab_size": len(chars),
-                  "stoi": stoi, "itos": {str(i): ch for i, ch in enumerate(chars)}}, overwrite)
+    write_dataset(
+        out_dir,
+        [stoi[c] for c in text],
+        val_fraction,
+        {
+            "tokenizer": "char",
+            "vocab_size": len(chars),
+            "stoi": stoi,
+            "itos": {str(i): ch for i, ch in enumerate(chars)},
+        },
+        overwrite,
+    )
 
 
 def prepare_shakespeare(out_dir, input_path=None, val_fraction=0.1, overwrite=False):
     text = read_shakespeare(input_path, out_dir)
     ids = gpt2_encoding().encode_ordinary(text)
     print(f"{len(text):,} characters, {len(ids):,} GPT-2 tokens")
-    write_dataset(out_dir, ids, val_fraction, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, overwrite)
+    write_dataset(
+        out_dir, ids, val_fraction, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, overwrite
+    )
 
 
-BYTES = {"tokenizer": "bytes", "vocab_size": 256}  # every text in one vocabulary: a model of one reads another
+BYTES = {
+    "tokenizer": "bytes",
+    "vocab_size": 256,
+}  # every text in one vocabulary: a model of one reads another
 
 
 def prepare_shakespeare_bytes(out_dir, input_path=None, val_fraction=0.1, overwrite=False):
@@ -290,7 +371,11 @@ def python_files(root):
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in STDLIB_SKIP and not d.startswith("test")]
         rel = os.path.relpath(folder, root).replace(os.sep, "/")
-        found += [f if rel == "." else f"{rel}/{f}" for f in files if f.endswith(".py") and not f.startswith("test_")]
+        found += [
+            f if rel == "." else f"{rel}/{f}"
+            for f in files
+            if f.endswith(".py") and not f.startswith("test_")
+        ]
     return sorted(found)
 
 
@@ -321,16 +406,29 @@ def prepare_python_stdlib(out_dir, input_path=None, val_fraction=0.1, overwrite=
         split[part] += data + b"\0"
         counts[part] += 1
     if not counts["val"] or not counts["train"]:
-        raise ValueError(f"{len(files)} file(s) in {root}: too few for a train and a val split by file; give more files")
-    print(f"{len(files):,} files of {root} ({sum(map(len, split.values())):,} bytes): {counts['train']:,} train, "
-          f"{counts['val']:,} val")
-    meta = dict(BYTES, separator=[0], files=counts, **({} if input_path else {"python": platform.python_version()}))
+        raise ValueError(
+            f"{len(files)} file(s) in {root}: too few for a train and a val split by file; give more files"
+        )
+    print(
+        f"{len(files):,} files of {root} ({sum(map(len, split.values())):,} bytes): {counts['train']:,} train, "
+        f"{counts['val']:,} val"
+    )
+    meta = dict(
+        BYTES, separator=[0], files=counts, **({} if input_path else {"python": platform.python_version()})
+    )
     ids = {k: np.frombuffer(bytes(v), dtype=np.uint8).astype(np.uint16) for k, v in split.items()}
     write_split(out_dir, ids["train"], ids["val"], meta, overwrite)
 
 
-def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="Skylion007/openwebtext",
-               revision="refs/convert/parquet", overwrite=False):
+def prepare_hf(
+    out_dir,
+    input_path=None,
+    val_fraction=0.0005,
+    num_proc=8,
+    name="Skylion007/openwebtext",
+    revision="refs/convert/parquet",
+    overwrite=False,
+):
     """A Hugging Face text dataset, one document per row: BPE in parallel, <|endoftext|> after each
     document, written to a memmap in shards with a progress bar (nanoGPT's openwebtext/prepare.py)."""
     from datasets import load_dataset
@@ -339,7 +437,11 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
     refuse_to_replace(out_dir, overwrite)
 
     if input_path:  # local files: a .txt holds one document per line
-        files = [os.path.join(input_path, f) for f in sorted(os.listdir(input_path))] if os.path.isdir(input_path) else [input_path]
+        files = (
+            [os.path.join(input_path, f) for f in sorted(os.listdir(input_path))]
+            if os.path.isdir(input_path)
+            else [input_path]
+        )
         if not files:
             raise FileNotFoundError(f"--input {input_path!r} holds no files")
         ext = os.path.splitext(files[0])[1].lstrip(".")
@@ -349,8 +451,10 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         from huggingface_hub import constants
 
         if constants.HF_HUB_OFFLINE or not reachable(constants.ENDPOINT):
-            raise DownloadError(f"cannot reach {constants.ENDPOINT} to download {name} (offline?): fetch it on a "
-                                "connected machine and pass --input=DIR holding its .parquet / .jsonl / .txt files")
+            raise DownloadError(
+                f"cannot reach {constants.ENDPOINT} to download {name} (offline?): fetch it on a "
+                "connected machine and pass --input=DIR holding its .parquet / .jsonl / .txt files"
+            )
         ds = load_dataset(name, split="train", num_proc=num_proc, revision=revision)
     split = ds.train_test_split(test_size=val_fraction, seed=2357, shuffle=True)
     enc = gpt2_encoding()
@@ -360,13 +464,21 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
         return {"ids": ids, "len": len(ids)}
 
     for split_name, dset in (("train", split["train"]), ("val", split["test"])):
-        tok = dset.map(tokenize, remove_columns=dset.column_names, desc=f"tokenizing {split_name}",
-                       num_proc=min(num_proc, max(1, len(dset) // 64)))
+        tok = dset.map(
+            tokenize,
+            remove_columns=dset.column_names,
+            desc=f"tokenizing {split_name}",
+            num_proc=min(num_proc, max(1, len(dset) // 64)),
+        )
         total = int(np.sum(tok["len"], dtype=np.uint64))
         path = os.path.join(out_dir, f"{split_name}.bin")
 
         def write(tmp, tok=tok, total=total, path=path):
-            arr, shards, idx = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(total,)), min(1024, len(tok)), 0
+            arr, shards, idx = (
+                np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(total,)),
+                min(1024, len(tok)),
+                0,
+            )
             for i in tqdm(range(shards), desc=f"writing {path}", disable=None):  # no bar in a log file
                 batch = tok.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
                 ids = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
@@ -376,16 +488,26 @@ def prepare_hf(out_dir, input_path=None, val_fraction=0.0005, num_proc=8, name="
 
         atomic_write(path, write)
         print(f"{split_name}.bin: {total:,} tokens in {len(tok):,} documents")
-    atomic_write(os.path.join(out_dir, "meta.json"), json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1))
+    atomic_write(
+        os.path.join(out_dir, "meta.json"),
+        json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}, indent=1),
+    )
 
 
-DATASETS = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare, "openwebtext": prepare_hf,
-            "shakespeare_bytes": prepare_shakespeare_bytes, "python_stdlib": prepare_python_stdlib}
+DATASETS = {
+    "shakespeare_char": prepare_shakespeare_char,
+    "shakespeare": prepare_shakespeare,
+    "openwebtext": prepare_hf,
+    "shakespeare_bytes": prepare_shakespeare_bytes,
+    "python_stdlib": prepare_python_stdlib,
+}
 
 
 OPTIONS = ("input", "out_dir", "val_fraction", "num_proc", "overwrite", "vocab_from")
-USAGE = ("usage: python prepare.py {" + "|".join(DATASETS) + "} [--input=PATH] [--out_dir=DIR] [--val_fraction=F] "
-         "[--num_proc=N] [--overwrite=True] [--vocab_from=DIR (characters)]")
+USAGE = (
+    "usage: python prepare.py {" + "|".join(DATASETS) + "} [--input=PATH] [--out_dir=DIR] [--val_fraction=F] "
+    "[--num_proc=N] [--overwrite=True] [--vocab_from=DIR (characters)]"
+)
 
 
 def main(argv):
@@ -406,12 +528,17 @@ def main(argv):
     out_dir = opts.pop("out_dir", os.path.join("data", name))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir {out_dir!r} is a file; choose a folder")
-    kwargs = {"input_path": opts.get("input"), "overwrite": opts.get("overwrite", "False").lower() in ("1", "true")}
+    kwargs = {
+        "input_path": opts.get("input"),
+        "overwrite": opts.get("overwrite", "False").lower() in ("1", "true"),
+    }
     if "val_fraction" in opts:
         try:
             kwargs["val_fraction"] = float(opts["val_fraction"])
         except ValueError:
-            raise ValueError(f"--val_fraction must be a number in (0, 1), got {opts['val_fraction']!r}") from None
+            raise ValueError(
+                f"--val_fraction must be a number in (0, 1), got {opts['val_fraction']!r}"
+            ) from None
     for key, only in (("num_proc", "openwebtext"), ("vocab_from", "shakespeare_char")):
         if key in opts and name != only:
             raise ValueError(f"--{key} applies to {only} only")

@@ -35,22 +35,38 @@ DEFAULTS = config_defaults(globals())
 def sample(argv=(), environ=None):
     """Returns the list of generated texts (prompt included) and prints them."""
     c = configure(DEFAULTS, list(argv), environ)
-    check_ranges(c, {"num_samples": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)", "top_k": "[0, inf)"})
+    check_ranges(
+        c,
+        {
+            "num_samples": "[1, inf)",
+            "max_new_tokens": "[1, inf)",
+            "temperature": "(0, inf)",
+            "top_k": "[0, inf)",
+        },
+    )
     check_device(c["device"])
     if c["init_from"] == "resume":
         ckpt = load_checkpoint(c["out_dir"])
         model = build_model(ckpt)
-        cfg = ckpt.get("config", {})  # the vocabulary the run trained on: its own copy, else its data folder's
-        meta = ckpt.get("meta") or read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
+        cfg = ckpt.get(
+            "config", {}
+        )  # the vocabulary the run trained on: its own copy, else its data folder's
+        meta = ckpt.get("meta") or read_meta(
+            cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
+        )
         if meta is None and ckpt["model_args"]["vocab_size"] < 50257:
-            raise CheckpointError(f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
-                                  f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it")
+            raise CheckpointError(
+                f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
+                f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it"
+            )
         del ckpt
     elif c["init_from"].startswith("gpt2") or is_gpt2_folder(c["init_from"]):
         model, meta = GPT.from_pretrained(c["init_from"]), None
     else:
-        raise ConfigError(f"init_from must be 'resume', a gpt2 name or a GPT-2 folder (config.json + model.safetensors), "
-                          f"got {c['init_from']!r}")
+        raise ConfigError(
+            f"init_from must be 'resume', a gpt2 name or a GPT-2 folder (config.json + model.safetensors), "
+            f"got {c['init_from']!r}"
+        )
     if c["merge"]:
         model = merge_adapters(model)
     model.eval().to(c["device"])
@@ -67,8 +83,9 @@ def sample(argv=(), environ=None):
     gen = torch.Generator(device=c["device"]).manual_seed(c["seed"])
     texts = []
     for _ in range(c["num_samples"]):
-        y = model.generate(x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"] or None,
-                           generator=gen)
+        y = model.generate(
+            x, c["max_new_tokens"], temperature=c["temperature"], top_k=c["top_k"] or None, generator=gen
+        )
         texts.append(decode(y[0].tolist()))
         print(texts[-1])
         print("---------------")

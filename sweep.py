@@ -36,11 +36,23 @@ def grid(c):
             mode, _, ratio = alloc.partition(":")
             for seed in (int(s) for s in c["seeds"].split(",")):
                 name = f"d{d}-{mode}{ratio}-s{seed}"
-                args = [f"--intrinsic_dim={d}", f"--allocation_mode={mode}", f"--sublora_seed={seed}", f"--seed={seed}",
-                        f"--max_iters={c['max_iters']}", f"--lr_decay_iters={c['max_iters']}",
-                        f"--warmup_iters={c['warmup_iters']}"]
+                args = [
+                    f"--intrinsic_dim={d}",
+                    f"--allocation_mode={mode}",
+                    f"--sublora_seed={seed}",
+                    f"--seed={seed}",
+                    f"--max_iters={c['max_iters']}",
+                    f"--lr_decay_iters={c['max_iters']}",
+                    f"--warmup_iters={c['warmup_iters']}",
+                ]
                 args += [f"--allocation_ratio={float(ratio)}"] if ratio else []
-                yield name, dict(intrinsic_dim=d, allocation_mode=mode, allocation_ratio=float(ratio or 0.5), seed=seed), args
+                yield (
+                    name,
+                    dict(
+                        intrinsic_dim=d, allocation_mode=mode, allocation_ratio=float(ratio or 0.5), seed=seed
+                    ),
+                    args,
+                )
 
 
 def finished(out_dir, iters):
@@ -53,15 +65,17 @@ def finished(out_dir, iters):
 
 
 def sweep(argv=()):
-    import train  # noqa: E402  (torch is imported only when a sweep runs)
     import plots
+    import train  # noqa: E402  (torch is imported only when a sweep runs)
 
     c = configure(DEFAULTS, list(argv), {})
     check_ranges(c, {"max_iters": "[1, inf)"})
     try:
         runs = list(grid(c))
     except ValueError as e:
-        raise ConfigError(f"--intrinsic_dims, --allocations (uniform, learned, fixed:RATIO) or --seeds cannot be read: {e}") from None
+        raise ConfigError(
+            f"--intrinsic_dims, --allocations (uniform, learned, fixed:RATIO) or --seeds cannot be read: {e}"
+        ) from None
     summary = []
     for k, (name, params, args) in enumerate(runs):
         out_dir = os.path.join(c["sweep_dir"], name)
@@ -69,19 +83,37 @@ def sweep(argv=()):
             print(f"[{k + 1}/{len(runs)}] {name}: done already")
         else:
             print(f"[{k + 1}/{len(runs)}] {name}")
-            train.train([c["base_config"], f"--out_dir={out_dir}", "--overwrite=True", *args, *shlex.split(c["train_args"])])
+            train.train(
+                [
+                    c["base_config"],
+                    f"--out_dir={out_dir}",
+                    "--overwrite=True",
+                    *args,
+                    *shlex.split(c["train_args"]),
+                ]
+            )
         rows = plots.read_metrics(out_dir)
         evals = [r for r in rows if r["val_loss"] is not None]
         steps = [r for r in rows if r["train_loss"] is not None]
-        summary.append(dict(params, name=name, out_dir=out_dir, val_loss=evals[-1]["val_loss"],
-                            init_val_loss=evals[0]["val_loss"], train_loss=evals[-1]["eval_train_loss"],
-                            gamma=steps[-1].get("gamma", {})))
+        summary.append(
+            dict(
+                params,
+                name=name,
+                out_dir=out_dir,
+                val_loss=evals[-1]["val_loss"],
+                init_val_loss=evals[0]["val_loss"],
+                train_loss=evals[-1]["eval_train_loss"],
+                gamma=steps[-1].get("gamma", {}),
+            )
+        )
     atomic_write(os.path.join(c["sweep_dir"], "summary.json"), json.dumps(summary, indent=1))
     print(f"{'run':<24} {'val loss':>9} {'(init)':>8}")
     for s in summary:
         print(f"{s['name']:<24} {s['val_loss']:>9.4f} {s['init_val_loss']:>8.4f}")
-    print(f"wrote {c['sweep_dir']}/summary.json, {plots.plot_gammas(c['sweep_dir'], summary)}, "
-          f"{plots.plot_grad_norms(c['sweep_dir'], summary)}")
+    print(
+        f"wrote {c['sweep_dir']}/summary.json, {plots.plot_gammas(c['sweep_dir'], summary)}, "
+        f"{plots.plot_grad_norms(c['sweep_dir'], summary)}"
+    )
     return summary
 
 

@@ -16,8 +16,19 @@ import torch.nn as nn
 import adapters
 import plots
 import train
-from adapters import (AdaLoRALinear, AdapterError, LoRALinear, RankAllocator, adapter_layers, adapter_state_dict,
-                      effective_ranks, inject_adapters, merge_adapters, orthogonal_regularization, slice_adalora_model)
+from adapters import (
+    AdaLoRALinear,
+    AdapterError,
+    LoRALinear,
+    RankAllocator,
+    adapter_layers,
+    adapter_state_dict,
+    effective_ranks,
+    inject_adapters,
+    merge_adapters,
+    orthogonal_regularization,
+    slice_adalora_model,
+)
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
@@ -143,9 +154,23 @@ def test_importance_scores_by_hand():
     layer = AdaLoRALinear(nn.Linear(3, 2), rank=2)
     model = nn.Sequential(layer)
     alloc = RankAllocator(model, target_r=1, total_step=10, beta1=0.5, beta2=0.75)
-    values = {"lora_A": [[1.0, -2.0, 0.5], [0.0, 1.0, 2.0]], "lora_B": [[1.0, 2.0], [-1.0, 0.5]], "lora_E": [0.5, -1.0]}
-    grads = [{"lora_A": [[0.5, 0.5, 2.0], [1.0, -1.0, 0.25]], "lora_B": [[2.0, 0.0], [1.0, 4.0]], "lora_E": [2.0, 1.0]},
-             {"lora_A": [[1.0, 0.25, 0.0], [2.0, 1.0, -1.0]], "lora_B": [[0.0, 1.0], [3.0, 1.0]], "lora_E": [-4.0, 0.5]}]
+    values = {
+        "lora_A": [[1.0, -2.0, 0.5], [0.0, 1.0, 2.0]],
+        "lora_B": [[1.0, 2.0], [-1.0, 0.5]],
+        "lora_E": [0.5, -1.0],
+    }
+    grads = [
+        {
+            "lora_A": [[0.5, 0.5, 2.0], [1.0, -1.0, 0.25]],
+            "lora_B": [[2.0, 0.0], [1.0, 4.0]],
+            "lora_E": [2.0, 1.0],
+        },
+        {
+            "lora_A": [[1.0, 0.25, 0.0], [2.0, 1.0, -1.0]],
+            "lora_B": [[0.0, 1.0], [3.0, 1.0]],
+            "lora_E": [-4.0, 0.5],
+        },
+    ]
     with torch.no_grad():
         for k, v in values.items():
             getattr(layer, k).copy_(torch.tensor(v))
@@ -196,8 +221,11 @@ def test_final_budget_is_exact_and_stays():
 def test_loop_order_in_train(char_data, tmp_path, monkeypatch):
     """train.py calls the allocator after optimizer.step() and before zero_grad(), every step."""
     calls = []
-    for cls, name in ((torch.optim.AdamW, "step"), (torch.optim.AdamW, "zero_grad"),
-                      (RankAllocator, "update_and_allocate")):
+    for cls, name in (
+        (torch.optim.AdamW, "step"),
+        (torch.optim.AdamW, "zero_grad"),
+        (RankAllocator, "update_and_allocate"),
+    ):
         original = getattr(cls, name)
 
         def spy(self, *a, _name=name, _original=original, **kw):
@@ -205,8 +233,18 @@ def test_loop_order_in_train(char_data, tmp_path, monkeypatch):
             return _original(self, *a, **kw)
 
         monkeypatch.setattr(cls, name, spy)
-    train.train(tiny_args(char_data, tmp_path, adapter="adalora", lora_rank=4, adalora_target_r=2, max_iters=4,
-                          eval_interval=4), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            tmp_path,
+            adapter="adalora",
+            lora_rank=4,
+            adalora_target_r=2,
+            max_iters=4,
+            eval_interval=4,
+        ),
+        environ={},
+    )
     # AdamW.step may call zero_grad-free helpers; keep only the three names, drop an initial zero_grad
     seq = [c for c in calls if c in ("step", "update_and_allocate", "zero_grad")]
     # ... and once more after the last step: finalize() builds the final mask at total_step - tfinal
@@ -218,8 +256,20 @@ def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_pa
     """tfinal = 0 (the default) once saved every rank: E regrew between masks and the final mask was
     never built (total_step - tfinal is one past the last step)."""
     out = tmp_path / "ada"
-    train.train(tiny_args(char_data, out, adapter="adalora", lora_rank=4, adalora_target_r=2, adalora_tfinal=tfinal,
-                          adalora_deltaT=3, max_iters=10, eval_interval=10), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="adalora",
+            lora_rank=4,
+            adalora_target_r=2,
+            adalora_tfinal=tfinal,
+            adalora_deltaT=3,
+            max_iters=10,
+            eval_interval=10,
+        ),
+        environ={},
+    )
     model = build_model(load_checkpoint(str(out)))
     n = len(adapter_layers(model))
     assert sum(effective_ranks(model).values()) == 2 * n  # the checkpoint holds the target budget
@@ -242,7 +292,9 @@ def test_importance_is_not_updated_at_the_final_step():
         opt.step()
         before = {k: v.clone() for k, v in alloc.sensitivity.items()}
         alloc.update_and_allocate(step)
-        changed = before.keys() != alloc.sensitivity.keys() or any(not torch.equal(before[k], alloc.sensitivity[k]) for k in before)
+        changed = before.keys() != alloc.sensitivity.keys() or any(
+            not torch.equal(before[k], alloc.sensitivity[k]) for k in before
+        )
         assert changed == (step < 4), step  # step 4 = total_step - tfinal
     assert alloc.final_mask is not None
 
@@ -292,19 +344,32 @@ def test_slice_keeps_outputs_and_loads_back(tmp_path):
     assert torch.allclose(logits(model, idx), before, atol=1e-5)
     state = adapter_state_dict(model)
     assert sum(v.numel() for v in state.values()) < full
-    torch.save({"format": "lowrank-gpt/1", "state": state,
-                "adapter": dict(kind="adadora", targets=list(kept), settings=dict(rank=4, alpha=16.0, dropout=0.0),
-                                train_embeddings=False, layers={n: dict(rank=r, ranknum=4) for n, r in kept.items()})},
-               tmp_path / "sliced.pt")
+    torch.save(
+        {
+            "format": "lowrank-gpt/1",
+            "state": state,
+            "adapter": dict(
+                kind="adadora",
+                targets=list(kept),
+                settings=dict(rank=4, alpha=16.0, dropout=0.0),
+                train_embeddings=False,
+                layers={n: dict(rank=r, ranknum=4) for n, r in kept.items()},
+            ),
+        },
+        tmp_path / "sliced.pt",
+    )
     fresh = tiny("gpt")
     load_adapter(fresh, str(tmp_path / "sliced.pt"))
     assert torch.allclose(logits(fresh, idx), before, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(target_r=8, total_step=100), "target_r must be in 1..init rank 4"),
-    (dict(target_r=2, total_step=100, tinit=60, tfinal=40), "tinit < total_step - tfinal"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_r=8, total_step=100), "target_r must be in 1..init rank 4"),
+        (dict(target_r=2, total_step=100, tinit=60, tfinal=40), "tinit < total_step - tfinal"),
+    ],
+)
 def test_bad_allocator_settings(kwargs, message):
     model = tiny("gpt")
     inject_adapters(model, "adalora", rank=4)
@@ -316,8 +381,21 @@ def test_bad_allocator_settings(kwargs, message):
 
 def test_train_adadora_end_to_end(char_data, tmp_path):
     out = tmp_path / "adadora"
-    train.train(tiny_args(char_data, out, adapter="adadora", lora_rank=4, adalora_target_r=2, adalora_tinit=4,
-                          adalora_tfinal=8, adalora_deltaT=2, max_iters=20, eval_interval=20), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="adadora",
+            lora_rank=4,
+            adalora_target_r=2,
+            adalora_tinit=4,
+            adalora_tfinal=8,
+            adalora_deltaT=2,
+            max_iters=20,
+            eval_interval=20,
+        ),
+        environ={},
+    )
     ckpt = load_checkpoint(str(out))
     model = build_model(ckpt)
     n = len(adapter_layers(model))
@@ -342,8 +420,11 @@ def tiny_base_from(ckpt):
     from model import MODELS, GPTConfig
 
     base = MODELS[ckpt["model_type"]](GPTConfig(**ckpt["model_args"]))
-    keep = {k.replace(".base.", "."): v for k, v in ckpt["model"].items() if ".lora_" not in k
-            and not k.endswith((".gate", ".magnitude"))}
+    keep = {
+        k.replace(".base.", "."): v
+        for k, v in ckpt["model"].items()
+        if ".lora_" not in k and not k.endswith((".gate", ".magnitude"))
+    }
     base.load_state_dict(keep)
     return base
 

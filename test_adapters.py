@@ -10,8 +10,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adapters import (AdapterError, LoRALinear, adapter_layers, adapter_state_dict, count_params, find_targets,
-                      inject_adapters, load_adapter_state_dict, merge_adapters)
+from adapters import (
+    AdapterError,
+    LoRALinear,
+    adapter_layers,
+    adapter_state_dict,
+    count_params,
+    find_targets,
+    inject_adapters,
+    load_adapter_state_dict,
+    merge_adapters,
+)
 from model import MODELS, GPTConfig
 
 CFG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0, bias=True)
@@ -115,7 +124,9 @@ def test_base_weights_unchanged_after_steps():
     inject_adapters(model, "lora", rank=4, dropout=0.1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu")
+    opt = model.configure_optimizers(
+        weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.99), device_type="cpu"
+    )
     model.train()
     for step in range(5):
         idx = tokens(seed=step)
@@ -228,7 +239,11 @@ def test_fused_qv_target():
     assert layer.lora_B.shape == (64, 2)  # q and v rows of the 96 outputs only
     randomise_adapters(model)
     delta = layer.delta_weight()
-    assert torch.equal(delta[32:64], torch.zeros(32, 32)) and delta[:32].abs().sum() > 0 and delta[64:].abs().sum() > 0
+    assert (
+        torch.equal(delta[32:64], torch.zeros(32, 32))
+        and delta[:32].abs().sum() > 0
+        and delta[64:].abs().sum() > 0
+    )
     x = torch.randn(3, 32)
     assert torch.allclose(layer(x), layer.base(x) + x @ delta.T, atol=1e-6)
     assert count_params(model)[0] == 2 * (2 * (32 + 64)) + 2 * (32 + 40)
@@ -242,16 +257,23 @@ def test_target_patterns():
     model = tiny("gpt")
     assert find_targets(model, ["transformer.h.0.attn.c_proj"]) == ["transformer.h.0.attn.c_proj"]
     assert find_targets(model, ["attn.c_proj"]) == [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
-    assert find_targets(model, ["transformer.h.*.mlp.c_fc"]) == [f"transformer.h.{i}.mlp.c_fc" for i in range(2)]
-    assert find_targets(model, ["c_proj"]) == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
+    assert find_targets(model, ["transformer.h.*.mlp.c_fc"]) == [
+        f"transformer.h.{i}.mlp.c_fc" for i in range(2)
+    ]
+    assert find_targets(model, ["c_proj"]) == [
+        f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")
+    ]
 
 
-@pytest.mark.parametrize("targets, settings, message", [
-    (["nonexistent"], dict(rank=4), "matches no module"),
-    (["transformer.wte"], dict(rank=4), "not nn.Linear"),
-    (["c_attn"], dict(rank=0), "positive int"),
-    (["c_attn"], dict(rank=33), "larger than the layer"),
-])
+@pytest.mark.parametrize(
+    "targets, settings, message",
+    [
+        (["nonexistent"], dict(rank=4), "matches no module"),
+        (["transformer.wte"], dict(rank=4), "not nn.Linear"),
+        (["c_attn"], dict(rank=0), "positive int"),
+        (["c_attn"], dict(rank=33), "larger than the layer"),
+    ],
+)
 def test_bad_injection_errors(targets, settings, message):
     with pytest.raises(AdapterError, match=message):
         inject_adapters(tiny("gpt"), "lora", targets=targets, **settings)
@@ -281,17 +303,26 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     A = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
     B = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
     inputs = (x, xd, A, B) if dropout else (x, A, B)
-    fn = (lambda x, xd, A, B: lora_linear(x, xd, W, b, A, B, 0.7)) if dropout else \
-        (lambda x, A, B: lora_linear(x, x, W, b, A, B, 0.7))
+    fn = (
+        (lambda x, xd, A, B: lora_linear(x, xd, W, b, A, B, 0.7))
+        if dropout
+        else (lambda x, A, B: lora_linear(x, x, W, b, A, B, 0.7))
+    )
     assert torch.autograd.gradcheck(fn, inputs)
     want = x @ W.T + (0 if b is None else b) + 0.7 * (xd @ A.T) @ B.T
     torch.testing.assert_close(fn(*inputs), want)
 
 
-FAMILY_SETTINGS = {"lora": ("lora", {}), "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])),
-                   "dora": ("dora", {}), "sora": ("sora", {}), "adalora": ("adalora", {}), "adadora": ("adadora", {}),
-                   "pissa_way1": ("pissa", dict(method="way1", init_identity=False)),
-                   "pissa_nf4": ("pissa", dict(method="way0", init_identity=False, quantize_residual=True))}
+FAMILY_SETTINGS = {
+    "lora": ("lora", {}),
+    "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])),
+    "dora": ("dora", {}),
+    "sora": ("sora", {}),
+    "adalora": ("adalora", {}),
+    "adadora": ("adadora", {}),
+    "pissa_way1": ("pissa", dict(method="way1", init_identity=False)),
+    "pissa_nf4": ("pissa", dict(method="way0", init_identity=False, quantize_residual=True)),
+}
 
 
 @pytest.mark.parametrize("name", list(FAMILY_SETTINGS))
@@ -333,8 +364,10 @@ def test_regularisers_ignore_autocast():
     precision: under bf16 autocast they equal their fp32 values exactly."""
     from adapters import orthogonal_regularization, rotation_penalty
 
-    for kind, term, settings in (("adalora", orthogonal_regularization, {}),
-                                 ("pissa", rotation_penalty, dict(method="way0", init_identity=False))):
+    for kind, term, settings in (
+        ("adalora", orthogonal_regularization, {}),
+        ("pissa", rotation_penalty, dict(method="way0", init_identity=False)),
+    ):
         model = tiny("gpt")
         inject_adapters(model, kind, rank=4, **settings)
         with torch.autocast("cpu", torch.bfloat16):

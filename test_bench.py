@@ -20,6 +20,7 @@ def test_quick_bench_has_every_row(tmp_path):
     rows = {r["method"]: r for r in data["rows"] if "step_ms" in r}
     try:
         import peft  # noqa: F401
+
         expected = set(bench.METHODS)
     except ImportError:
         expected = {m for m in bench.METHODS if not m.startswith("peft_")}
@@ -35,7 +36,9 @@ def test_quick_bench_has_every_row(tmp_path):
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     assert rows["full"]["trainable_params"] == count_params(model)[0]
     assert rows["lora"]["trainable_params"] == sum(8 * (m.in_features + m.out_features) for m in linears)
-    assert rows["dora"]["trainable_params"] == rows["lora"]["trainable_params"] + sum(m.out_features for m in linears)
+    assert rows["dora"]["trainable_params"] == rows["lora"]["trainable_params"] + sum(
+        m.out_features for m in linears
+    )
     assert rows["sora"]["trainable_params"] == rows["lora"]["trainable_params"] + 8 * len(linears)
     assert rows["pissa_way3"]["trainable_params"] == len(linears) * (2 * 8 * 8 + 8)
     assert rows["sublora_rdkronqr"]["trainable_params"] == 200

@@ -62,7 +62,9 @@ def test_kmeans_quantisation_beats_equal_width_bins_on_heavy_tails():
     err = {}
     for init in ("bins", "quantile", "kmeans"):
         centroids, symbols = eb.quantize(w, 11, init)
-        assert torch.equal(symbols, (w.double()[:, None] - centroids[None, :]).abs().argmin(1))  # nearest centroid
+        assert torch.equal(
+            symbols, (w.double()[:, None] - centroids[None, :]).abs().argmin(1)
+        )  # nearest centroid
         err[init] = float(((centroids[symbols] - w.double()) ** 2).mean())
     assert err["kmeans"] <= err["quantile"] + 1e-12 and err["kmeans"] < 0.5 * err["bins"]
 
@@ -71,14 +73,18 @@ def test_elias_delta_is_a_prefix_free_length():
     assert [eb.elias_delta_bits(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 17)] == [1, 4, 4, 5, 5, 8, 8, 9, 9]
     kraft = sum(2.0 ** -eb.elias_delta_bits(n) for n in range(1, 2**16))
     assert kraft <= 1.0
-    assert sum(2.0 ** -(2 * math.log2(n)) for n in range(1, 2**16)) > 1.6  # L + 2 log₂ L: π²/6 > 1, not a code
+    assert (
+        sum(2.0 ** -(2 * math.log2(n)) for n in range(1, 2**16)) > 1.6
+    )  # L + 2 log₂ L: π²/6 > 1, not a code
 
 
 def test_message_length_parts():
     symbols = [0] * 90 + [1] * 10
     msg = eb.message_length([(symbols, 3), ([0, 1, 1, 0], 2)], extra_bits=5)
     # per group: 16 bits per level, ⌈log₂(d + 1)⌉ per count but the last (d implies it): 2·7 + 1·3
-    assert msg["codebook_bits"] == 48 + 32 and msg["count_bits"] == 14 + 3 and msg["sent_raw"] == [False, False]
+    assert (
+        msg["codebook_bits"] == 48 + 32 and msg["count_bits"] == 14 + 3 and msg["sent_raw"] == [False, False]
+    )
     alone = [eb.message_length([g])["code_bits"] for g in [(symbols, 3), ([0, 1, 1, 0], 2)]]
     assert msg["code_bits"] == sum(alone)  # each group under its own counts
     L = 2 + msg["code_bits"] + 80 + 17  # one bit per group says coded or raw
@@ -94,7 +100,9 @@ def test_a_small_group_is_sent_raw_when_that_is_shorter(tmp_path):
     msg = eb.message_length([(symbols.tolist(), 11) for _, symbols in coded.values()])
     assert msg["sent_raw"] == [False, True] and msg["fp16_bits"] == 80
     gate_codes = coded["gates"][1].tolist()
-    coded_cost = len(eb.arithmetic_encode(gate_codes, [gate_codes.count(k) for k in range(11)])) + 11 * 16 + 10 * 3
+    coded_cost = (
+        len(eb.arithmetic_encode(gate_codes, [gate_codes.count(k) for k in range(11)])) + 11 * 16 + 10 * 3
+    )
     assert coded_cost > 80
     rebuilt = eb.dequantize(state, groups, eb.send_raw(state, groups, coded, msg["sent_raw"]))
     assert torch.equal(rebuilt["gates"], state["gates"].half().double())
@@ -105,13 +113,19 @@ def test_a_small_group_is_sent_raw_when_that_is_shorter(tmp_path):
 def test_sampling_term_pays_for_the_hypotheses_chosen_by_the_samples():
     # M = 8 α values × 30 runs chose by the sampled blocks: ln(240 / ((1 - r) ε)) under the sampling root
     r = 1000 / (10**6 + 1000)
-    expected = 2 + 3 * math.sqrt((1000 * math.log(2) + math.log(1 / (r * 0.05))) / 2e6) + \
-        3 * math.sqrt(math.log(240 / ((1 - r) * 0.05)) / 2000)
+    expected = (
+        2
+        + 3 * math.sqrt((1000 * math.log(2) + math.log(1 / (r * 0.05))) / 2e6)
+        + 3 * math.sqrt(math.log(240 / ((1 - r) * 0.05)) / 2000)
+    )
     assert eb.bound(2.0, 3.0, 1000, 10**6, 1000, 0.05, candidates=240) == pytest.approx(expected, rel=1e-12)
-    assert expected - eb.bound(2.0, 3.0, 1000, 10**6, 1000, 0.05) > 0.07  # the bound without the union: too low
+    assert (
+        expected - eb.bound(2.0, 3.0, 1000, 10**6, 1000, 0.05) > 0.07
+    )  # the bound without the union: too low
     # every point scored (s = None): no sampling term, the whole ε on the complexity term
     assert eb.bound(2.0, 3.0, 1000, 10**6, None, 0.05) == pytest.approx(
-        2 + 3 * math.sqrt((1000 * math.log(2) + math.log(20)) / 2e6), rel=1e-12)
+        2 + 3 * math.sqrt((1000 * math.log(2) + math.log(20)) / 2e6), rel=1e-12
+    )
 
 
 def test_top_k_error_counts_ties_against_the_true_token():
@@ -132,7 +146,9 @@ def test_every_document_token_is_scored_from_the_separator():
 
     train_ids = np.array([5, 6, 7, 0, 0, 3, 4, 0, 0, 8, 9], dtype=np.uint16)
     starts, ends = eb.documents(train_ids, [0, 0])
-    _, err = eb.doc_level(Next(), train_ids, starts, ends, 8, [0.1], [1], 16, dict(batch_size=4, device="cpu"))
+    _, err = eb.doc_level(
+        Next(), train_ids, starts, ends, 8, [0.1], [1], 16, dict(batch_size=4, device="cpu")
+    )
     # [5,6,7]: 6, 7 right (the corpus' first token has no context); [3,4]: 3 from the separator's 0 is
     # wrong, 4 right; [8,9]: 8 wrong, 9 right
     assert err == pytest.approx([(0 + 0.5 + 0.5) / 3])
@@ -150,10 +166,15 @@ def test_token_level_bound_by_hand():
 def test_document_level_bound_by_hand():
     # R̂ = 0.4, Δ = 1 (an error rate), K = 5000 bits, N = 6000 documents, s = 500, ε = 0.05
     r = 500 / 6500
-    expected = 0.4 + math.sqrt((5000 * math.log(2) + math.log(1 / (r * 0.05))) / 12000) + \
-        math.sqrt(math.log(1 / ((1 - r) * 0.05)) / 1000)
+    expected = (
+        0.4
+        + math.sqrt((5000 * math.log(2) + math.log(1 / (r * 0.05))) / 12000)
+        + math.sqrt(math.log(1 / ((1 - r) * 0.05)) / 1000)
+    )
     assert eb.bound(0.4, 1.0, 5000, 6000, 500, 0.05) == pytest.approx(expected, rel=1e-12)
-    assert expected == pytest.approx(0.4 + 0.53784 + 0.05546, abs=1e-4)  # √(3471.30 / 12000), √(3.07577 / 1000)
+    assert expected == pytest.approx(
+        0.4 + 0.53784 + 0.05546, abs=1e-4
+    )  # √(3471.30 / 12000), √(3.07577 / 1000)
 
 
 def test_smoothed_loss_stays_in_its_range():
@@ -176,9 +197,24 @@ def test_non_vacuous_bound_end_to_end(char_data, tmp_path):
     """SubLoRA from scratch on Tiny Shakespeare (V = 65): the token-level bits-per-character bound
     falls below log₂ 65 = 6.02, the bound of a random guess."""
     out = tmp_path / "sublora"
-    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=300, lora_rank=4, lora_alpha=32.0,
-                          max_iters=80, eval_interval=80, learning_rate=2e-2, lr_decay_iters=80), environ={})
-    results = eb.main([f"--out_dir={out}", "--eval_blocks=2000", "--eval_docs=300", "--device=cpu", "--exact_max_tokens=0"])[0]
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sublora",
+            intrinsic_dim=300,
+            lora_rank=4,
+            lora_alpha=32.0,
+            max_iters=80,
+            eval_interval=80,
+            learning_rate=2e-2,
+            lr_decay_iters=80,
+        ),
+        environ={},
+    )
+    results = eb.main(
+        [f"--out_dir={out}", "--eval_blocks=2000", "--eval_docs=300", "--device=cpu", "--exact_max_tokens=0"]
+    )[0]
     token = results["metrics"]["token_bpd"]
     assert token["bound"] < math.log2(65) - 0.2
     assert token["empirical"] < token["bound"]
@@ -194,8 +230,21 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     K paying ⌈log₂ 6⌉ + ⌈log₂ 8⌉ + ⌈log₂ 32⌉ bits and the sampling term ln(1536 / ((1 - r) ε)); N is the
     positions the blocks cover. Exact evaluation of the same run drops the sampling term."""
     out = tmp_path / "sublora"
-    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, lora_rank=4, lora_alpha=32.0,
-                          max_iters=20, eval_interval=20, learning_rate=2e-2, lr_decay_iters=20), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sublora",
+            intrinsic_dim=200,
+            lora_rank=4,
+            lora_alpha=32.0,
+            max_iters=20,
+            eval_interval=20,
+            learning_rate=2e-2,
+            lr_decay_iters=20,
+        ),
+        environ={},
+    )
     common = [f"--out_dir={out}", "--eval_docs=50", "--device=cpu", "--levels_grid=5,11", "--choices=seed=3"]
     r = eb.main(common + ["--eval_blocks=300", "--exact_max_tokens=0"])[0]
     n = len(np.memmap(f"{char_data}/train.bin", dtype=np.uint16, mode="r"))
@@ -206,13 +255,19 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     m = r["metrics"]["token_bpd_hoeffding"]
     delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
     rr = s / (s + N)
-    expect = m["empirical"] + delta * math.sqrt(((K + 8) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
-        delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s))
+    expect = (
+        m["empirical"]
+        + delta * math.sqrt(((K + 8) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N))
+        + delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s))
+    )
     assert m["bound"] == pytest.approx(expect, rel=1e-9)
     assert r["metrics"]["token_bpd"]["bound"] == min(m["bound"], r["metrics"]["token_bpd_bernstein"]["bound"])
     e = r["metrics"]["token_top1_error"]
-    expect = e["empirical"] + math.sqrt((K * math.log(2) + math.log(1 / (rr * eps))) / (2 * N)) + \
-        math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
+    expect = (
+        e["empirical"]
+        + math.sqrt((K * math.log(2) + math.log(1 / (rr * eps))) / (2 * N))
+        + math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
+    )
     assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
     assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
     for name, parts in r["token_bpd_parts"].items():
@@ -227,23 +282,31 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
         plots.plot_bound_parts(str(out), r)
     finally:
         plots.save = real_save
-    bars = [(p.get_x(), p.get_y(), p.get_height()) for p in drawn["ax"].patches]  # two stacked bars: each part on the last
+    bars = [
+        (p.get_x(), p.get_y(), p.get_height()) for p in drawn["ax"].patches
+    ]  # two stacked bars: each part on the last
     for k, name in enumerate(r["token_bpd_parts"]):
         mine = bars[5 * k : 5 * k + 5]
         assert [h for _, _, h in mine] == pytest.approx(list(r["token_bpd_parts"][name].values()))
         assert mine[-1][1] + mine[-1][2] == pytest.approx(r["metrics"][f"token_bpd_{name}"]["bound"])
     plt.close("all")
     assert r["token_bpd_parts"]["hoeffding"]["sampling"] == pytest.approx(
-        delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s)))
+        delta * math.sqrt(math.log(1536 / ((1 - rr) * eps)) / (2 * s))
+    )
 
-    exact = eb.main([a for a in common if not a.startswith("--levels_grid")] + ["--overwrite=True"])[0]  # every block scored
+    exact = eb.main([a for a in common if not a.startswith("--levels_grid")] + ["--overwrite=True"])[
+        0
+    ]  # every block scored
     m = exact["metrics"]["token_bpd_hoeffding"]
     K = exact["message"]["total_bits"] + 8
     delta = math.log2(1 + (1 - m["alpha"]) * V / m["alpha"])
     assert exact["exact"] and exact["s_blocks"] is None
-    assert m["bound"] == pytest.approx(m["empirical"] + delta * math.sqrt((K * math.log(2) + math.log(1 / eps)) / (2 * N)),
-                                       rel=1e-9)
-    assert all(parts["sampling"] == pytest.approx(0, abs=1e-12) for parts in exact["token_bpd_parts"].values())
+    assert m["bound"] == pytest.approx(
+        m["empirical"] + delta * math.sqrt((K * math.log(2) + math.log(1 / eps)) / (2 * N)), rel=1e-9
+    )
+    assert all(
+        parts["sampling"] == pytest.approx(0, abs=1e-12) for parts in exact["token_bpd_parts"].values()
+    )
 
 
 def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
@@ -254,8 +317,15 @@ def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False))
-    inject_adapters(model, "pissa", rank=4, alpha=4.0, method="way0", quantize_residual=True,
-                    quantize_base_components=True)
+    inject_adapters(
+        model,
+        "pissa",
+        rank=4,
+        alpha=4.0,
+        method="way0",
+        quantize_residual=True,
+        quantize_base_components=True,
+    )
     state = eb.message_vector(model)
     assert sum(v.numel() for v in state.values()) == count_params(model)[0]
     assert set(state) == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -272,11 +342,21 @@ def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
 def test_a_pretrained_or_resumed_base_is_named_in_the_caveats(char_data, tmp_path):
     base, lora = tmp_path / "base", tmp_path / "lora"
     train.train(tiny_args(char_data, base, max_iters=4, eval_interval=4), environ={})
-    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=4,
-                          eval_interval=4), environ={})
-    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from="resume", max_iters=8,
-                          eval_interval=4), environ={})
-    r = eb.main([f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"])[0]
+    train.train(
+        tiny_args(
+            char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=4, eval_interval=4
+        ),
+        environ={},
+    )
+    train.train(
+        tiny_args(
+            char_data, lora, adapter="lora", lora_rank=2, init_from="resume", max_iters=8, eval_interval=4
+        ),
+        environ={},
+    )
+    r = eb.main(
+        [f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"]
+    )[0]
     assert any(f"the base comes from {str(base)!r}" in c for c in r["caveats"])  # not 'resume'
 
 
@@ -284,10 +364,28 @@ def test_a_sweep_pays_for_its_runs_without_being_asked(char_data, tmp_path, caps
     """eval_bounds --sweep_dir over 3 runs and no --choices: each bound pays ⌈log₂ 3⌉ = 2 bits (choosing
     the best of the sweep is a choice made by looking at the results)."""
     for seed in range(3):
-        train.train(tiny_args(char_data, tmp_path / "sweep" / f"run{seed}", adapter="sublora", intrinsic_dim=100,
-                              lora_rank=4, max_iters=2, eval_interval=2, sublora_seed=seed), environ={})
-    results = eb.main([f"--sweep_dir={tmp_path / 'sweep'}", "--eval_docs=8", "--eval_blocks=8", "--exact_max_tokens=0",
-                       "--device=cpu"])
+        train.train(
+            tiny_args(
+                char_data,
+                tmp_path / "sweep" / f"run{seed}",
+                adapter="sublora",
+                intrinsic_dim=100,
+                lora_rank=4,
+                max_iters=2,
+                eval_interval=2,
+                sublora_seed=seed,
+            ),
+            environ={},
+        )
+    results = eb.main(
+        [
+            f"--sweep_dir={tmp_path / 'sweep'}",
+            "--eval_docs=8",
+            "--eval_blocks=8",
+            "--exact_max_tokens=0",
+            "--device=cpu",
+        ]
+    )
     assert len(results) == 3 and all(r["message"]["extra_bits"] == 2 for r in results)
     assert "the sweep holds 3 runs and --choices covers 1" in capsys.readouterr().out
 
@@ -329,9 +427,18 @@ def segments_martingale(rng, H, J, n, scenario):
 
 
 SCENARIOS = {  # (u, v, p, centre) from the past; and the per-token variance the λ grid is centred on
-    "same mean, spread from the past": (lambda h: (np.where(h, 0.40, 0.45), np.where(h, 0.60, 0.55), 0.5, 0.5), 0.0056),
-    "skewed: rare full-range loss": (lambda h: (0.0, 1.0, np.where(h, 0.06, 0.05), np.where(h, 0.06, 0.05)), 0.052),
-    "heavy range, low variance, centre off": (lambda h: (0.1, 1.0, np.where(h, 0.011, 0.01), 0.1 + 0.009), 0.0081),
+    "same mean, spread from the past": (
+        lambda h: (np.where(h, 0.40, 0.45), np.where(h, 0.60, 0.55), 0.5, 0.5),
+        0.0056,
+    ),
+    "skewed: rare full-range loss": (
+        lambda h: (0.0, 1.0, np.where(h, 0.06, 0.05), np.where(h, 0.06, 0.05)),
+        0.052,
+    ),
+    "heavy range, low variance, centre off": (
+        lambda h: (0.1, 1.0, np.where(h, 0.011, 0.01), 0.1 + 0.009),
+        0.0081,
+    ),
 }
 
 
@@ -352,7 +459,9 @@ def test_the_bernstein_bound_covers_martingale_losses_and_a_halved_variance_term
         fails = 0
         for _ in range(draws):
             mean, second, mu = segments_martingale(rng, H, J, n, make)
-            b, _ = eb.bernstein(mean, second / (2 if halve else 1), 1.0, math.log2(H * len(lambdas)), J * n, eps, lambdas)
+            b, _ = eb.bernstein(
+                mean, second / (2 if halve else 1), 1.0, math.log2(H * len(lambdas)), J * n, eps, lambdas
+            )
             fails += mu[b.argmin()] > b[b.argmin()]
         return fails / draws
 
@@ -372,8 +481,15 @@ def test_the_bernstein_bounds_equal_the_theorems_in_float64():
     best = math.inf
     for lam in eb.LAMBDAS:
         psi = -math.log(1 - lam) - lam
-        best = min(best, x.mean() + psi / (lam * delta) * ((x - m) ** 2).mean() + delta * (K * math.log(2) + math.log(1 / eps)) / (lam * N))
-    assert float(eb.bernstein(x.mean(), ((x - m) ** 2).mean(), delta, K, N, eps)[0]) == pytest.approx(best, rel=1e-12)
+        best = min(
+            best,
+            x.mean()
+            + psi / (lam * delta) * ((x - m) ** 2).mean()
+            + delta * (K * math.log(2) + math.log(1 / eps)) / (lam * N),
+        )
+    assert float(eb.bernstein(x.mean(), ((x - m) ** 2).mean(), delta, K, N, eps)[0]) == pytest.approx(
+        best, rel=1e-12
+    )
 
     s, N_all, M = 100, 10**6, 7  # s of the blocks sampled; N_all positions in the corpus
     bx, bq = x[:s].mean(1), ((x[:s] - m[:s]) ** 2).mean(1)
@@ -383,9 +499,15 @@ def test_the_bernstein_bounds_equal_the_theorems_in_float64():
         c = (-math.log(1 - lam) - lam) / (lam * delta)
         z = bx + c * bq  # block means of loss + c (loss − centre)², i.i.d. in [0, Δ + cΔ²]
         dev = math.log(2 * M / ((1 - r) * eps))
-        mp = z.mean() + math.sqrt(2 * z.var(ddof=1) * dev / s) + 7 * (delta + c * delta**2) * dev / (3 * (s - 1))
+        mp = (
+            z.mean()
+            + math.sqrt(2 * z.var(ddof=1) * dev / s)
+            + 7 * (delta + c * delta**2) * dev / (3 * (s - 1))
+        )
         best = min(best, mp + delta * (K * math.log(2) + math.log(1 / (r * eps))) / (lam * N_all))
-    assert eb.bernstein_sampled(eb.block_stats(bx, bq), delta, K, N_all, s, eps, M)[0] == pytest.approx(best, rel=1e-10)
+    assert eb.bernstein_sampled(eb.block_stats(bx, bq), delta, K, N_all, s, eps, M)[0] == pytest.approx(
+        best, rel=1e-10
+    )
 
 
 @pytest.fixture(scope="module")
@@ -400,17 +522,43 @@ REBUILDS = {  # every family and the options that change what the message must c
     "lora, per-layer ranks": dict(adapter="lora", lora_rank=2, lora_rank_pattern="lm_head=4;c_fc=1"),
     "dora, embeddings": dict(adapter="dora", lora_rank=2, train_embeddings=True),
     "sora, tuning phase": dict(adapter="sora", lora_rank=2, sora_tune_iters=2),
-    "adalora, ranks masked": dict(adapter="adalora", lora_rank=4, adalora_target_r=1, adalora_deltaT=1, adalora_tfinal=1),
+    "adalora, ranks masked": dict(
+        adapter="adalora", lora_rank=4, adalora_target_r=1, adalora_deltaT=1, adalora_tfinal=1
+    ),
     "adadora": dict(adapter="adadora", lora_rank=4, adalora_target_r=2, adalora_deltaT=1),
-    **{f"pissa {way}": dict(adapter="pissa", lora_rank=2, pissa_method=way) for way in ("way0", "way1", "way2", "way3")},
-    "pissa, NF4 residual and components": dict(adapter="pissa", lora_rank=2, pissa_method="way2", pissa_quantize_residual=True,
-                                               pissa_quantize_base_components=True),
-    "sublora dense uniform": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="dense",
-                                  allocation_mode="uniform"),
-    "sublora sparse fixed": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="sparse",
-                                 allocation_mode="fixed", allocation_ratio=0.3),
-    "sublora rdkronqr learned": dict(adapter="sublora", init_from="scratch", intrinsic_dim=64, sublora_projector="rdkronqr",
-                                     allocation_mode="learned"),
+    **{
+        f"pissa {way}": dict(adapter="pissa", lora_rank=2, pissa_method=way)
+        for way in ("way0", "way1", "way2", "way3")
+    },
+    "pissa, NF4 residual and components": dict(
+        adapter="pissa",
+        lora_rank=2,
+        pissa_method="way2",
+        pissa_quantize_residual=True,
+        pissa_quantize_base_components=True,
+    ),
+    "sublora dense uniform": dict(
+        adapter="sublora",
+        init_from="scratch",
+        intrinsic_dim=64,
+        sublora_projector="dense",
+        allocation_mode="uniform",
+    ),
+    "sublora sparse fixed": dict(
+        adapter="sublora",
+        init_from="scratch",
+        intrinsic_dim=64,
+        sublora_projector="sparse",
+        allocation_mode="fixed",
+        allocation_ratio=0.3,
+    ),
+    "sublora rdkronqr learned": dict(
+        adapter="sublora",
+        init_from="scratch",
+        intrinsic_dim=64,
+        sublora_projector="rdkronqr",
+        allocation_mode="learned",
+    ),
 }
 
 
@@ -454,8 +602,21 @@ def test_folded_pissa_rotations_and_a_changed_base_are_refused(char_data, tiny_b
     from configurator import ConfigError
 
     fold = tmp_path / "fold"
-    train.train(tiny_args(char_data, fold, adapter="pissa", lora_rank=2, pissa_method="way1", pissa_fold_every=2,
-                          init_from=tiny_base, learning_rate=3e-2, max_iters=4, eval_interval=4), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            fold,
+            adapter="pissa",
+            lora_rank=2,
+            pissa_method="way1",
+            pissa_fold_every=2,
+            init_from=tiny_base,
+            learning_rate=3e-2,
+            max_iters=4,
+            eval_interval=4,
+        ),
+        environ={},
+    )
     with pytest.raises(ConfigError, match="pissa_fold_every > 0 folded the learned rotations"):
         eb.main([f"--out_dir={fold}", "--device=cpu"])
     model, prior, message = scored_and_prior(fold, char_data)
@@ -465,8 +626,12 @@ def test_folded_pissa_rotations_and_a_changed_base_are_refused(char_data, tiny_b
 
     base, lora = tmp_path / "base", tmp_path / "lora"
     train.train(tiny_args(char_data, base, max_iters=2, eval_interval=2), environ={})
-    train.train(tiny_args(char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=2,
-                          eval_interval=2), environ={})
+    train.train(
+        tiny_args(
+            char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=2, eval_interval=2
+        ),
+        environ={},
+    )
     train.train(tiny_args(char_data, base, max_iters=2, eval_interval=2, seed=7, overwrite=True), environ={})
     with pytest.raises(CheckpointError, match=r"transformer\..*differ from the prior.*Check that the base"):
         eb.main([f"--out_dir={lora}", "--device=cpu", "--eval_docs=4"])
@@ -477,8 +642,21 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
     expected loss, recomputed here in float64 from the scored model over the whole training set, equal
     bounds.json's inputs; from those inputs, N, K, ε and the grids, both bounds follow as stated."""
     out = tmp_path / "sublora"
-    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, lora_rank=4, lora_alpha=32.0, max_iters=20,
-                          eval_interval=20, learning_rate=2e-2, lr_decay_iters=20), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sublora",
+            intrinsic_dim=200,
+            lora_rank=4,
+            lora_alpha=32.0,
+            max_iters=20,
+            eval_interval=20,
+            learning_rate=2e-2,
+            lr_decay_iters=20,
+        ),
+        environ={},
+    )
     r = eb.main([f"--out_dir={out}", "--eval_docs=20", "--device=cpu", "--levels=5", "--alphas=0.001,0.1"])[0]
     saved = json.loads((out / "bounds.json").read_text())
     model, _, _ = scored_and_prior(out, char_data)
@@ -488,13 +666,21 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
     ids = torch.from_numpy(data[: n_blocks * block + 1].astype(np.int64))
     x, y = ids[:-1].view(n_blocks, block), ids[1:].view(n_blocks, block)
     with torch.no_grad():
-        p = torch.cat([torch.softmax(model(x[i : i + 512], y[i : i + 512])[0].double(), -1) for i in range(0, n_blocks, 512)])
+        p = torch.cat(
+            [
+                torch.softmax(model(x[i : i + 512], y[i : i + 512])[0].double(), -1)
+                for i in range(0, n_blocks, 512)
+            ]
+        )
     p_y = p.gather(-1, y[..., None]).squeeze(-1)
     N, K, eps = saved["N_tokens"], saved["K_bits"]["bpd"], 1 - saved["confidence"]
     assert N == n_blocks * block and K == saved["message"]["total_bits"] + 1 + 5  # α: 1 bit, method: 5
-    for alpha, inputs, ah, be in zip(saved["alphas"], saved["token_bpd_inputs"],
-                                     saved["metrics"]["token_bpd_hoeffding"]["per_alpha"],
-                                     saved["metrics"]["token_bpd_bernstein"]["per_alpha"]):
+    for alpha, inputs, ah, be in zip(
+        saved["alphas"],
+        saved["token_bpd_inputs"],
+        saved["metrics"]["token_bpd_hoeffding"]["per_alpha"],
+        saved["metrics"]["token_bpd_bernstein"]["per_alpha"],
+    ):
         loss = -torch.log2((1 - alpha) * p_y + alpha / V)
         centre = -(p * torch.log2((1 - alpha) * p + alpha / V)).sum(-1)
         assert inputs["mean_x"] == pytest.approx(loss.mean().item(), rel=1e-5)
@@ -502,8 +688,20 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
         delta = math.log2(1 + (1 - alpha) * V / alpha)
         C = K * math.log(2) + math.log(1 / eps)
         assert ah == pytest.approx(inputs["mean_x"] + delta * math.sqrt(C / (2 * N)), rel=1e-12)
-        assert be == pytest.approx(min(inputs["mean_x"] + (-math.log(1 - lam) - lam) / (lam * delta) * inputs["mean_q"]
-                                       + delta * C / (lam * N) for lam in saved["lambdas"]), rel=1e-12)
-    assert r["metrics"]["token_bpd"]["bound"] == min(min(saved["metrics"]["token_bpd_hoeffding"]["per_alpha"]),
-                                                     min(saved["metrics"]["token_bpd_bernstein"]["per_alpha"]))
-    assert "not the loss on unseen text" in saved["meaning"]["token"] and "independent" in saved["meaning"]["document"]
+        assert be == pytest.approx(
+            min(
+                inputs["mean_x"]
+                + (-math.log(1 - lam) - lam) / (lam * delta) * inputs["mean_q"]
+                + delta * C / (lam * N)
+                for lam in saved["lambdas"]
+            ),
+            rel=1e-12,
+        )
+    assert r["metrics"]["token_bpd"]["bound"] == min(
+        min(saved["metrics"]["token_bpd_hoeffding"]["per_alpha"]),
+        min(saved["metrics"]["token_bpd_bernstein"]["per_alpha"]),
+    )
+    assert (
+        "not the loss on unseen text" in saved["meaning"]["token"]
+        and "independent" in saved["meaning"]["document"]
+    )

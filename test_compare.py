@@ -18,17 +18,27 @@ from test_prepare import python_tree
 @pytest.fixture(scope="module")
 def tiny_comparison(tmp_path_factory, shakespeare_text):
     root = tmp_path_factory.mktemp("compare")
-    python_tree(root / "lib", {f"mod{i}.py": f"def g{i}(x):\n    return x * {i} + 1\n" * 40 for i in range(60)})
+    python_tree(
+        root / "lib", {f"mod{i}.py": f"def g{i}(x):\n    return x * {i} + 1\n" * 40 for i in range(60)}
+    )
     prepare.prepare_python_stdlib(str(root / "data" / "python_stdlib"), input_path=str(root / "lib"))
     (root / "in.txt").write_text(shakespeare_text[:40_000], encoding="utf-8")
-    prepare.prepare_shakespeare_bytes(str(root / "data" / "shakespeare_bytes"), input_path=str(root / "in.txt"))
+    prepare.prepare_shakespeare_bytes(
+        str(root / "data" / "shakespeare_bytes"), input_path=str(root / "in.txt")
+    )
     summary = compare.compare(tiny(root), environ={})
     return root, summary
 
 
 def tiny(root, *more):
-    return ["--size=tiny", "--grid=1", "--device=cpu", f"--data_root={root / 'data'}",
-            f"--out_dir={root / 'out-compare'}", *more]
+    return [
+        "--size=tiny",
+        "--grid=1",
+        "--device=cpu",
+        f"--data_root={root / 'data'}",
+        f"--out_dir={root / 'out-compare'}",
+        *more,
+    ]
 
 
 def test_every_method_runs_and_the_table_reads_its_runs(tiny_comparison):
@@ -44,7 +54,9 @@ def test_every_method_runs_and_the_table_reads_its_runs(tiny_comparison):
         assert r["val_loss"] == val
         assert r["gain_recovered"] == pytest.approx((frozen - val) / (frozen - full))
         if method not in ("frozen", "full"):
-            assert r["trainable_params"] < r["total_params"] / 2 and r["adapter_bytes"] < 4 * r["total_params"]
+            assert (
+                r["trainable_params"] < r["total_params"] / 2 and r["adapter_bytes"] < 4 * r["total_params"]
+            )
             assert r["peak_mem_mb"] > 0 and r["step_ms"] > 0
     assert summary["best"]["frozen"]["trainable_params"] == summary["best"]["full"]["trainable_params"]
     sora = summary["best"]["sora"]
@@ -90,4 +102,6 @@ def test_an_interrupted_rerun_is_not_reused(tiny_comparison, monkeypatch):
     monkeypatch.undo()
     again = compare.compare(tiny(root, "--methods=lora_r1"), environ={})
     assert os.path.isfile(record) and not again["best"]["lora_r1"]["reused"]
-    assert again["best"]["lora_r1"]["val_loss"] == pytest.approx(summary["best"]["lora_r1"]["val_loss"], abs=1e-6)
+    assert again["best"]["lora_r1"]["val_loss"] == pytest.approx(
+        summary["best"]["lora_r1"]["val_loss"], abs=1e-6
+    )

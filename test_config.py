@@ -8,13 +8,24 @@ import pytest
 
 from configurator import ConfigError, configure
 
-DEFAULTS = dict(out_dir="out", adapter="none", lora_rank=8, lora_alpha=16.0, dropout=0.1, compile=True,
-                test_mode=False, max_iters=100, start="\n")
+DEFAULTS = dict(
+    out_dir="out",
+    adapter="none",
+    lora_rank=8,
+    lora_alpha=16.0,
+    dropout=0.1,
+    compile=True,
+    test_mode=False,
+    max_iters=100,
+    start="\n",
+)
 
 
 def test_precedence(tmp_path):
     cfg = tmp_path / "c.py"
-    cfg.write_text("import math\nout_dir = 'from-file'\nlora_rank = 2\nlora_alpha = math.sqrt(4.0)\nmax_iters = 7\n")
+    cfg.write_text(
+        "import math\nout_dir = 'from-file'\nlora_rank = 2\nlora_alpha = math.sqrt(4.0)\nmax_iters = 7\n"
+    )
     env = {"LORA_RANK": "4", "USE_LORA": "True"}
     c = configure(DEFAULTS, [str(cfg), "--max_iters=9"], env)
     assert c == dict(DEFAULTS, out_dir="from-file", lora_rank=4, lora_alpha=2.0, max_iters=9, adapter="lora")

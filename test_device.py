@@ -20,15 +20,29 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
 import hf
-from adapters import (RankAllocator, SubLoRA, adapter_state_dict, build_sora_optimizers,
-                      export_pissa_as_lora, inject_adapters, merge_adapters, orthogonal_regularization, prune_sora_model,
-                      rotation_penalty, slice_adalora_model)
+from adapters import (
+    RankAllocator,
+    SubLoRA,
+    adapter_state_dict,
+    build_sora_optimizers,
+    export_pissa_as_lora,
+    inject_adapters,
+    merge_adapters,
+    orthogonal_regularization,
+    prune_sora_model,
+    rotation_penalty,
+    slice_adalora_model,
+)
 from model import GPT, GPTConfig
 
 DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
 FAMILIES = {  # name -> (kind, settings); every family and mode
-    "lora": ("lora", {}), "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])), "dora": ("dora", {}),
-    "sora": ("sora", {}), "adalora": ("adalora", {}), "adadora": ("adadora", {}),
+    "lora": ("lora", {}),
+    "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])),
+    "dora": ("dora", {}),
+    "sora": ("sora", {}),
+    "adalora": ("adalora", {}),
+    "adadora": ("adadora", {}),
     **{f"pissa_{w}": ("pissa", dict(method=w)) for w in ("way0", "way1", "way2", "way3")},
     "pissa_nf4": ("pissa", dict(method="way0", quantize_residual=True, quantize_base_components=True)),
     "pissa_lowrank": ("pissa", dict(method="way1", svd="lowrank")),
@@ -60,7 +74,11 @@ def with_sublora(projector, mode, device, before):
 
 def train_step(model, device, allocator=None, step=0):
     """Forward, backward, AdamW step and the adapter's after-step work, as train.py does them."""
-    x = torch.randint(65, (2, 16), device=device) if device != "meta" else torch.zeros(2, 16, dtype=torch.long, device=device)
+    x = (
+        torch.randint(65, (2, 16), device=device)
+        if device != "meta"
+        else torch.zeros(2, 16, dtype=torch.long, device=device)
+    )
     _, loss = model(x, x)
     loss.backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
@@ -154,7 +172,13 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
     assert centroids.device.type == "cpu" and symbols.device.type == "cpu"
     assert torch.equal(symbols, (w[:, None] - centroids[None, :]).abs().argmin(1))
     # quantisation-aware tuning of a SubLoRA message (it once mixed a CPU codebook with a CUDA w)
-    from eval_bounds import DEFAULTS, message_groups, message_vector, quantization_aware_tuning, quantize_message
+    from eval_bounds import (
+        DEFAULTS,
+        message_groups,
+        message_vector,
+        quantization_aware_tuning,
+        quantize_message,
+    )
 
     model = with_sublora("rdkronqr", "learned", "cpu", True)
     state = message_vector(model)
@@ -162,13 +186,17 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
     data = torch.randint(65, (4000,), generator=torch.Generator().manual_seed(0))
 
     def batches(starts):
-        yield torch.stack([data[j : j + 16] for j in starts.tolist()]), torch.stack([data[j + 1 : j + 17] for j in starts.tolist()])
+        yield (
+            torch.stack([data[j : j + 16] for j in starts.tolist()]),
+            torch.stack([data[j + 1 : j + 17] for j in starts.tolist()]),
+        )
 
     c = dict(DEFAULTS, qat_steps=3, batch_size=4)
     with torch.device("meta"):
         coded = quantize_message(state, groups, 11, "kmeans")
-        coded = quantization_aware_tuning(c, model, state, groups, coded, batches, torch.Generator().manual_seed(0),
-                                          len(data) // 16 - 1, 16)
+        coded = quantization_aware_tuning(
+            c, model, state, groups, coded, batches, torch.Generator().manual_seed(0), len(data) // 16 - 1, 16
+        )
     for g, names in groups.items():
         centroids, symbols = coded[g]
         assert centroids.device.type == "cpu" and symbols.numel() == sum(state[n].numel() for n in names)
@@ -205,8 +233,11 @@ def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None, autoc
 def test_compile_traces_one_graph_and_never_recompiles(name, autocast):
     model = with_adapter(name, "cpu", True)
     kind = FAMILIES[name][0]
-    opts = list(build_sora_optimizers(model)) if kind == "sora" else \
-        [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
+    opts = (
+        list(build_sora_optimizers(model))
+        if kind == "sora"
+        else [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
+    )
     allocator = RankAllocator(model, 2, total_step=6, deltaT=1) if kind in ("adalora", "adadora") else None
     extra = (lambda m: 0.1 * orthogonal_regularization(m)) if allocator else None
     counter = compiled_steps(model, opts, allocator=allocator, extra=extra, autocast=autocast)
@@ -217,14 +248,19 @@ def test_compile_traces_one_graph_and_never_recompiles(name, autocast):
 @pytest.mark.parametrize("projector,mode", SUBLORA)
 def test_compile_sublora_one_graph(projector, mode):
     model = with_sublora(projector, mode, "cpu", True)
-    counter = compiled_steps(model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)])
+    counter = compiled_steps(
+        model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
+    )
     assert counter.frame_count == 1
 
 
 def test_compiled_gradients_equal_eager():
     """Compiling must not change what is trained: the same step compiled and eager (DoRA, whose norm
     is recomputed in the graph, and SubLoRA learned, whose mask gradient is straight-through)."""
-    for build in (lambda: with_adapter("adadora", "cpu", True), lambda: with_sublora("rdkronqr", "learned", "cpu", True)):
+    for build in (
+        lambda: with_adapter("adadora", "cpu", True),
+        lambda: with_sublora("rdkronqr", "learned", "cpu", True),
+    ):
         eager, compiled = build(), build()
         compiled.load_state_dict(eager.state_dict())
         if isinstance(eager, SubLoRA):
@@ -262,12 +298,22 @@ def test_compiled_bf16_step_equals_eager(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (make gpu-check on a GPU machine)")
-@pytest.mark.parametrize("adapter", ["none", "lora", "dora", "sora", "adalora", "adadora", "pissa", "sublora"])
+@pytest.mark.parametrize(
+    "adapter", ["none", "lora", "dora", "sora", "adalora", "adadora", "pissa", "sublora"]
+)
 def test_compiled_training_on_cuda(adapter, char_data, tmp_path):
     from train import train
 
-    args = [f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cuda", "--compile=True", "--max_iters=30",
-            "--eval_interval=30", "--adapter=" + adapter, "--adalora_deltaT=2"]
+    args = [
+        f"--data_dir={char_data}",
+        f"--out_dir={tmp_path}",
+        "--device=cuda",
+        "--compile=True",
+        "--max_iters=30",
+        "--eval_interval=30",
+        "--adapter=" + adapter,
+        "--adalora_deltaT=2",
+    ]
     last = train(args, environ={"TEST_MODE": "True"})
     assert last["val_loss"] == last["val_loss"] and last["val_loss"] < 4.2  # finite, below ln(65)
 

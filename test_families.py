@@ -33,7 +33,9 @@ class GainLoRALinear(LoRALinear):
 
     def __init__(self, base, gain_init=1.0, **settings):
         super().__init__(base, **settings)
-        self.gain = nn.Parameter(torch.full((), gain_init, device=base.weight.device, dtype=base.weight.dtype))
+        self.gain = nn.Parameter(
+            torch.full((), gain_init, device=base.weight.device, dtype=base.weight.dtype)
+        )
 
     def factors(self):
         return self.full_B() * self.gain, self.lora_A, self.scaling
@@ -44,8 +46,10 @@ class GainLoRALinear(LoRALinear):
 
 class GainLoRA(Family):
     kind, layer = "gainlora", GainLoRALinear
-    keys = {"gain_init": (1.0, "(0, inf)", "the gain g at the start"),
-            "gain_log_every": (2, "[1, inf)", "iterations between two checks of the gain")}
+    keys = {
+        "gain_init": (1.0, "(0, inf)", "the gain g at the start"),
+        "gain_log_every": (2, "[1, inf)", "iterations between two checks of the gain"),
+    }
     schedule_keys = ("gain_log_every",)
 
     def layer_settings(self):
@@ -55,8 +59,11 @@ class GainLoRA(Family):
         self.steps = getattr(self, "steps", 0) + 1
 
     def stats(self, model):
-        return {"mean_gain": sum(float(m.gain.detach()) for m in adapters.adapter_layers(model).values()) /
-                len(adapters.adapter_layers(model)), "steps_seen": getattr(self, "steps", 0)}
+        return {
+            "mean_gain": sum(float(m.gain.detach()) for m in adapters.adapter_layers(model).values())
+            / len(adapters.adapter_layers(model)),
+            "steps_seen": getattr(self, "steps", 0),
+        }
 
     def state_dict(self):
         return {"steps": getattr(self, "steps", 0)}
@@ -74,9 +81,26 @@ def gainlora(monkeypatch):
 
 
 def tiny(data_dir, out_dir, **kw):
-    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32,
-                batch_size=8, eval_iters=4, eval_interval=4, log_interval=1, dropout=0.0, learning_rate=1e-2,
-                warmup_iters=1, lr_decay_iters=8, min_lr=1e-3, max_iters=8, init_from="scratch")
+    args = dict(
+        device="cpu",
+        data_dir=data_dir,
+        out_dir=str(out_dir),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        eval_iters=4,
+        eval_interval=4,
+        log_interval=1,
+        dropout=0.0,
+        learning_rate=1e-2,
+        warmup_iters=1,
+        lr_decay_iters=8,
+        min_lr=1e-3,
+        max_iters=8,
+        init_from="scratch",
+    )
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -104,8 +128,16 @@ def test_a_family_defined_here_runs_through_every_script(gainlora, char_data, tm
         assert part[it]["train_loss"] == pytest.approx(full[it]["train_loss"], abs=1e-6), it
         assert part[it]["steps_seen"] == full[it]["steps_seen"]
 
-    texts = sample.sample([f"--out_dir={tmp_path / 'full'}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20",
-                           "--device=cpu"], environ={})
+    texts = sample.sample(
+        [
+            f"--out_dir={tmp_path / 'full'}",
+            "--start=ROMEO:",
+            "--num_samples=1",
+            "--max_new_tokens=20",
+            "--device=cpu",
+        ],
+        environ={},
+    )
     assert texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 20
 
     from peft import PeftModel
@@ -113,17 +145,28 @@ def test_a_family_defined_here_runs_through_every_script(gainlora, char_data, tm
 
     export = tmp_path / "export"
     hf.main([f"--out_dir={tmp_path / 'full'}", f"--export_dir={export}"])
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)
+    ).eval()
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model.eval()(idx, idx)[0]
         got = peft_model(input_ids=idx).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
-    eval_bounds.main([f"--out_dir={tmp_path / 'full'}", "--eval_blocks=16", "--eval_docs=8", "--exact_max_tokens=0",
-                      "--device=cpu"])
+    eval_bounds.main(
+        [
+            f"--out_dir={tmp_path / 'full'}",
+            "--eval_blocks=16",
+            "--eval_docs=8",
+            "--exact_max_tokens=0",
+            "--device=cpu",
+        ]
+    )
     bounds = json.loads((tmp_path / "full" / "bounds.json").read_text())
-    assert bounds["kind"] == "gainlora" and bounds["d"] == sum(v.numel() for v in adapters.adapter_state_dict(model).values())
+    assert bounds["kind"] == "gainlora" and bounds["d"] == sum(
+        v.numel() for v in adapters.adapter_state_dict(model).values()
+    )
 
 
 def test_a_family_key_is_a_config_key(gainlora, char_data, tmp_path, capsys):
@@ -152,20 +195,55 @@ def test_runs_written_before_families_load_sample_and_resume(char_data, tmp_path
         idx = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
         for file in ("adapter.safetensors", "adapter_pruned.safetensors"):
             if os.path.exists(os.path.join(RUNS_V1, name, file)):
-                loaded = load_adapter(build_model(load_checkpoint(os.path.join(RUNS_V1, "base"))),
-                                      os.path.join(RUNS_V1, name, file)).eval()
+                loaded = load_adapter(
+                    build_model(load_checkpoint(os.path.join(RUNS_V1, "base"))),
+                    os.path.join(RUNS_V1, name, file),
+                ).eval()
                 with torch.no_grad():
                     torch.testing.assert_close(loaded(idx, idx)[0], model(idx, idx)[0], rtol=1e-5, atol=1e-5)
-        texts = sample.sample([f"--out_dir={os.path.join(RUNS_V1, name)}", "--start=ROMEO:", "--num_samples=1",
-                               "--max_new_tokens=10", "--device=cpu"], environ={})
+        texts = sample.sample(
+            [
+                f"--out_dir={os.path.join(RUNS_V1, name)}",
+                "--start=ROMEO:",
+                "--num_samples=1",
+                "--max_new_tokens=10",
+                "--device=cpu",
+            ],
+            environ={},
+        )
         assert texts[0].startswith("ROMEO:")
     run = copy_run("lora", tmp_path)
     ckpt = load_checkpoint(str(run))
     old = ckpt["config"]
-    args = [f"--{k}={old[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_iters", "eval_interval",
-                                       "log_interval", "warmup_iters", "lr_decay_iters", "dropout", "lora_rank", "adapter")]
-    train.train([*args, f"--data_dir={char_data}", f"--out_dir={run}", "--init_from=resume", "--max_iters=9",
-                 "--device=cpu"], environ={})
+    args = [
+        f"--{k}={old[k]}"
+        for k in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "batch_size",
+            "eval_iters",
+            "eval_interval",
+            "log_interval",
+            "warmup_iters",
+            "lr_decay_iters",
+            "dropout",
+            "lora_rank",
+            "adapter",
+        )
+    ]
+    train.train(
+        [
+            *args,
+            f"--data_dir={char_data}",
+            f"--out_dir={run}",
+            "--init_from=resume",
+            "--max_iters=9",
+            "--device=cpu",
+        ],
+        environ={},
+    )
     with open(os.path.join(RUNS_V1, "lora", "metrics_uninterrupted_9.jsonl")) as f:
         want = {r["iter"]: r for r in map(json.loads, f) if r["train_loss"] is not None}
     got = steps(run)

@@ -24,18 +24,22 @@ import checkpoint
 import compare
 import eval_bounds
 import hf
+import plots
 import prepare
 import sample
 import sweep
-import plots
 import train
 from checkpoint import load_checkpoint
 from configurator import ConfigError, cli
-from model import GPT
 from conftest import HERE
+from model import GPT
 from test_train import tiny
 
-TIMING = ("tokens_per_s", "mean_tokens_per_s", "peak_mem_mb")  # what differs between two runs of the same computation
+TIMING = (
+    "tokens_per_s",
+    "mean_tokens_per_s",
+    "peak_mem_mb",
+)  # what differs between two runs of the same computation
 
 
 def snapshot(folder):
@@ -60,17 +64,41 @@ def world(char_data, tmp_path_factory):
     other.write_text("ZZZ qqq 123 456 789 !!! " * 400)
     prepare.main(["shakespeare_char", f"--input={other}", f"--out_dir={root / 'digits'}"])
     train.train(tiny(char_data, root / "base", max_iters=4, eval_interval=4), environ={})
-    train.train(tiny(char_data, root / "lora", adapter="lora", lora_rank=2, init_from=str(root / "base"), max_iters=4,
-                     eval_interval=4), environ={})
-    eval_bounds.main([f"--out_dir={root / 'lora'}", "--eval_blocks=20", "--eval_docs=10", "--exact_max_tokens=0",
-                      "--device=cpu"])
+    train.train(
+        tiny(
+            char_data,
+            root / "lora",
+            adapter="lora",
+            lora_rank=2,
+            init_from=str(root / "base"),
+            max_iters=4,
+            eval_interval=4,
+        ),
+        environ={},
+    )
+    eval_bounds.main(
+        [
+            f"--out_dir={root / 'lora'}",
+            "--eval_blocks=20",
+            "--eval_docs=10",
+            "--exact_max_tokens=0",
+            "--device=cpu",
+        ]
+    )
     os.makedirs(root / "only_adapter")
-    (root / "only_adapter" / "adapter.safetensors").write_bytes((root / "lora" / "adapter.safetensors").read_bytes())
+    (root / "only_adapter" / "adapter.safetensors").write_bytes(
+        (root / "lora" / "adapter.safetensors").read_bytes()
+    )
     (root / "a_file").write_text("not a folder")
     hf.main([f"--out_dir={root / 'lora'}", f"--export_dir={root / 'peft_ok'}"])
-    for name, edit in (("list", lambda cfg: [cfg]), ("alpha_str", lambda cfg: dict(cfg, lora_alpha="16")),
-                       ("r0", lambda cfg: dict(cfg, r=0)), ("noalpha", lambda cfg: {k: v for k, v in cfg.items() if k != "lora_alpha"}),
-                       ("cut", None), ("nan", None)):
+    for name, edit in (
+        ("list", lambda cfg: [cfg]),
+        ("alpha_str", lambda cfg: dict(cfg, lora_alpha="16")),
+        ("r0", lambda cfg: dict(cfg, r=0)),
+        ("noalpha", lambda cfg: {k: v for k, v in cfg.items() if k != "lora_alpha"}),
+        ("cut", None),
+        ("nan", None),
+    ):
         shutil.copytree(root / "peft_ok", root / f"peft_{name}", ignore=shutil.ignore_patterns("base"))
         cfg = json.loads((root / "peft_ok" / "adapter_config.json").read_text())
         (root / f"peft_{name}" / "adapter_config.json").write_text(json.dumps(edit(cfg) if edit else cfg))
@@ -81,7 +109,9 @@ def world(char_data, tmp_path_factory):
     tensors = load_file(root / "peft_nan" / "adapter_model.safetensors")
     next(iter(tensors.values()))[0] = float("nan")
     save_file(tensors, root / "peft_nan" / "adapter_model.safetensors")
-    hf.main([f"--import_from={root / 'peft_ok'}", f"--out_dir={root / 'imported'}", f"--data_dir={char_data}"])
+    hf.main(
+        [f"--import_from={root / 'peft_ok'}", f"--out_dir={root / 'imported'}", f"--data_dir={char_data}"]
+    )
     shutil.copytree(char_data, root / "bigids", ignore=shutil.ignore_patterns("meta.json"))
     ids = np.fromfile(root / "bigids" / "val.bin", dtype=np.uint16)
     ids[7] = 300  # an id the 65-character base has no row for
@@ -89,8 +119,9 @@ def world(char_data, tmp_path_factory):
     shutil.copytree(char_data, root / "cutmeta")
     (root / "cutmeta" / "meta.json").write_text((root / "small" / "meta.json").read_text()[:40])
     (root / "latin1.txt").write_bytes("café, naïve\n".encode("latin-1") * 50)
-    (root / "wide.txt").write_text("".join(chr(i) for i in [*range(0x20, 0xD800), *range(0xE000, 0xE000 + 12000)]),
-                                   encoding="utf-8")
+    (root / "wide.txt").write_text(
+        "".join(chr(i) for i in [*range(0x20, 0xD800), *range(0xE000, 0xE000 + 12000)]), encoding="utf-8"
+    )
     return root
 
 
@@ -106,63 +137,185 @@ CASES = [
     ("train", lambda d, r: T(d, r, learning_rate="1e999"), "learning_rate must be in (0, inf), got inf"),
     ("train", lambda d, r: T(d, r, lora_rank=0, adapter="lora"), "lora_rank must be in [1, inf)"),
     ("train", lambda d, r: T(d, r, dropout=1.0), "dropout must be in [0, 1)"),
-    ("train", lambda d, r: T(d, r, adapter="sublora", allocation_ratio=1.5), "allocation_ratio must be in [0, 1]"),
-    ("train", lambda d, r: T(str(r / "small"), r, block_size=64), "small/val.bin holds 52 tokens, not more than block_size 64"),
-    ("train", lambda d, r: T(str(r / "small"), r, block_size=100000), "small/train.bin holds 464 tokens, not more than block_size 100000"),
+    (
+        "train",
+        lambda d, r: T(d, r, adapter="sublora", allocation_ratio=1.5),
+        "allocation_ratio must be in [0, 1]",
+    ),
+    (
+        "train",
+        lambda d, r: T(str(r / "small"), r, block_size=64),
+        "small/val.bin holds 52 tokens, not more than block_size 64",
+    ),
+    (
+        "train",
+        lambda d, r: T(str(r / "small"), r, block_size=100000),
+        "small/train.bin holds 464 tokens, not more than block_size 100000",
+    ),
     ("train", lambda d, r: T(d, r, out_dir=r / "a_file" / "run"), "is a file; choose another --out_dir"),
     ("train", lambda d, r: T(d, r, out_dir=r / "only_adapter"), "already holds a run (adapter.safetensors)"),
-    ("train", lambda d, r: T(d, r, out_dir=r / "lora", init_from="resume", adapter="lora", n_layer=4),
-     "a resumed run keeps its model; drop --n_layer"),
-    ("train", lambda d, r: T(str(r / "digits"), r, adapter="lora", init_from=str(r / "base")),
-     "characters the base never saw: '12456789'"),
+    (
+        "train",
+        lambda d, r: T(d, r, out_dir=r / "lora", init_from="resume", adapter="lora", n_layer=4),
+        "a resumed run keeps its model; drop --n_layer",
+    ),
+    (
+        "train",
+        lambda d, r: T(str(r / "digits"), r, adapter="lora", init_from=str(r / "base")),
+        "characters the base never saw: '12456789'",
+    ),
     ("train", lambda d, r: T(d, r) + ["--dataset=nope", "--data_dir="], "prepare it with prepare.py"),
     ("train", lambda d, r: T(d, r, adapter="sora", sora_lambda=-1.0), "sora_lambda must be in [0, inf)"),
     ("train", lambda d, r: T(d, r, nonfinite="maybe"), "nonfinite must be one of 'stop', 'skip'"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'empty.txt'}", f"--out_dir={r / 'small'}"],
-     "too few for a train and a val split"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'small'}"],
-     "already holds another prepared dataset (train.bin, val.bin, meta.json differ): pass --overwrite=True"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'small.txt'}", f"--out_dir={r / 'x'}", "--val_fraction=1.5"],
-     "--val_fraction must be in (0, 1)"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'x'}",
-                              f"--vocab_from={r / 'small'}"], "outside the vocabulary"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'small.txt'}", f"--out_dir={r / 'a_file'}"], "is a file"),
-    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--num_samples=0", "--device=cpu"], "num_samples must be in [1, inf)"),
-    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--temperature=0", "--device=cpu"], "temperature must be in (0, inf)"),
-    ("sample", lambda d, r: [f"--out_dir={r / 'lora'}", "--device=gpu"], "device must be 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--confidence=1.5", "--device=cpu"], "confidence must be in (0, 1)"),
+    (
+        "prepare",
+        lambda d, r: ["shakespeare_char", f"--input={r / 'empty.txt'}", f"--out_dir={r / 'small'}"],
+        "too few for a train and a val split",
+    ),
+    (
+        "prepare",
+        lambda d, r: ["shakespeare_char", f"--input={r / 'other.txt'}", f"--out_dir={r / 'small'}"],
+        "already holds another prepared dataset (train.bin, val.bin, meta.json differ): pass --overwrite=True",
+    ),
+    (
+        "prepare",
+        lambda d, r: [
+            "shakespeare_char",
+            f"--input={r / 'small.txt'}",
+            f"--out_dir={r / 'x'}",
+            "--val_fraction=1.5",
+        ],
+        "--val_fraction must be in (0, 1)",
+    ),
+    (
+        "prepare",
+        lambda d, r: [
+            "shakespeare_char",
+            f"--input={r / 'other.txt'}",
+            f"--out_dir={r / 'x'}",
+            f"--vocab_from={r / 'small'}",
+        ],
+        "outside the vocabulary",
+    ),
+    (
+        "prepare",
+        lambda d, r: ["shakespeare_char", f"--input={r / 'small.txt'}", f"--out_dir={r / 'a_file'}"],
+        "is a file",
+    ),
+    (
+        "sample",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--num_samples=0", "--device=cpu"],
+        "num_samples must be in [1, inf)",
+    ),
+    (
+        "sample",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--temperature=0", "--device=cpu"],
+        "temperature must be in (0, inf)",
+    ),
+    (
+        "sample",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--device=gpu"],
+        "device must be 'cpu', 'cuda', 'cuda:N' or 'mps'",
+    ),
+    (
+        "eval_bounds",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--confidence=1.5", "--device=cpu"],
+        "confidence must be in (0, 1)",
+    ),
     ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--device=cpu"], "already holds bounds.json"),
-    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--alphas=0,0.5", "--device=cpu"], "every α in --alphas"),
+    (
+        "eval_bounds",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--alphas=0,0.5", "--device=cpu"],
+        "every α in --alphas",
+    ),
     ("bench", lambda d, r: ["--reps=0", "--device=cpu"], "reps must be in [1, inf)"),
     ("sweep", lambda d, r: ["--allocations=fixed:x", f"--sweep_dir={r / 'sw'}"], "cannot be read"),
-    ("compare", lambda d, r: ["--methods=lora,nope", f"--out_dir={r / 'cmp'}"], "unknown method(s) ['lora', 'nope']"),
+    (
+        "compare",
+        lambda d, r: ["--methods=lora,nope", f"--out_dir={r / 'cmp'}"],
+        "unknown method(s) ['lora', 'nope']",
+    ),
     ("compare", lambda d, r: ["--grid=2", f"--out_dir={r / 'cmp'}"], "grid is the odd number"),
     ("hf", lambda d, r: [f"--out_dir={r / 'base'}"], "holds no adapter (adapter='none')"),
     ("hf", lambda d, r: [f"--out_dir={r / 'lora'}", f"--export_dir={r / 'lora'}"], "is not empty"),
     ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'x'}"], "not a PEFT adapter folder"),
-    ("hf", lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"], "already holds a run (ckpt.pt"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_list'}", f"--out_dir={r / 'x'}"], "holds a JSON list, not the object"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_alpha_str'}", f"--out_dir={r / 'x'}"], "lora_alpha must be a number > 0"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_r0'}", f"--out_dir={r / 'x'}"], "r must be a number > 0, got 0"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_cut'}", f"--out_dir={r / 'x'}"], "is not a readable safetensors file"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_nan'}", f"--out_dir={r / 'x'}"], "hold nan or inf values"),
-    ("hf", lambda d, r: [f"--import_from={r / 'peft_ok'}", f"--out_dir={r / 'only_adapter'}"],
-     "already holds a run (adapter.safetensors)"),
-    ("train", lambda d, r: T(d, r, out_dir=r / "imported", init_from="resume", adapter="lora"),
-     "holds no training state (an imported adapter): fine-tune on top of it with --init_from="),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'lora'}", f"--out_dir={r / 'lora'}"],
+        "already holds a run (ckpt.pt",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_list'}", f"--out_dir={r / 'x'}"],
+        "holds a JSON list, not the object",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_alpha_str'}", f"--out_dir={r / 'x'}"],
+        "lora_alpha must be a number > 0",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_r0'}", f"--out_dir={r / 'x'}"],
+        "r must be a number > 0, got 0",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_cut'}", f"--out_dir={r / 'x'}"],
+        "is not a readable safetensors file",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_nan'}", f"--out_dir={r / 'x'}"],
+        "hold nan or inf values",
+    ),
+    (
+        "hf",
+        lambda d, r: [f"--import_from={r / 'peft_ok'}", f"--out_dir={r / 'only_adapter'}"],
+        "already holds a run (adapter.safetensors)",
+    ),
+    (
+        "train",
+        lambda d, r: T(d, r, out_dir=r / "imported", init_from="resume", adapter="lora"),
+        "holds no training state (an imported adapter): fine-tune on top of it with --init_from=",
+    ),
     ("train", lambda d, r: T(str(r / "cutmeta"), r), "meta.json is not readable JSON"),
-    ("train", lambda d, r: T(str(r / "bigids"), r, adapter="lora", init_from=str(r / "base")),
-     "bigids/val.bin holds token id 300, beyond the model's vocabulary of 65"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'latin1.txt'}", f"--out_dir={r / 'x'}"],
-     "latin1.txt is not UTF-8 text"),
-    ("prepare", lambda d, r: ["shakespeare_char", f"--input={r / 'wide.txt'}", f"--out_dir={r / 'x'}"],
-     "distinct characters, more than the 65,536 ids"),
-    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--topk=0", "--device=cpu"], "every k in --topk must be"),
-    ("eval_bounds", lambda d, r: [f"--out_dir={r / 'lora'}", "--choices=seed", "--device=cpu"],
-     "--choices item 'seed' is not name=count"),
+    (
+        "train",
+        lambda d, r: T(str(r / "bigids"), r, adapter="lora", init_from=str(r / "base")),
+        "bigids/val.bin holds token id 300, beyond the model's vocabulary of 65",
+    ),
+    (
+        "prepare",
+        lambda d, r: ["shakespeare_char", f"--input={r / 'latin1.txt'}", f"--out_dir={r / 'x'}"],
+        "latin1.txt is not UTF-8 text",
+    ),
+    (
+        "prepare",
+        lambda d, r: ["shakespeare_char", f"--input={r / 'wide.txt'}", f"--out_dir={r / 'x'}"],
+        "distinct characters, more than the 65,536 ids",
+    ),
+    (
+        "eval_bounds",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--topk=0", "--device=cpu"],
+        "every k in --topk must be",
+    ),
+    (
+        "eval_bounds",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--choices=seed", "--device=cpu"],
+        "--choices item 'seed' is not name=count",
+    ),
 ]
-MAINS = {"train": train.train, "prepare": prepare.main, "sample": sample.sample, "eval_bounds": eval_bounds.main,
-         "bench": bench.main, "sweep": sweep.sweep, "hf": hf.main, "compare": compare.compare}
+MAINS = {
+    "train": train.train,
+    "prepare": prepare.main,
+    "sample": sample.sample,
+    "eval_bounds": eval_bounds.main,
+    "bench": bench.main,
+    "sweep": sweep.sweep,
+    "hf": hf.main,
+    "compare": compare.compare,
+}
 
 
 @pytest.mark.parametrize("script, argv, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
@@ -187,7 +340,9 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
     def broken(argv):
         raise OSError("disk on fire")
 
-    with pytest.raises(SystemExit, match=r"^error: OSError: disk on fire \(LOWRANK_DEBUG=1 shows the traceback\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^error: OSError: disk on fire \(LOWRANK_DEBUG=1 shows the traceback\)$"
+    ):
         cli(broken, [])
     monkeypatch.setenv("LOWRANK_DEBUG", "1")
     with pytest.raises(OSError, match="disk on fire"):
@@ -241,7 +396,9 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_p
     message = str(exit_info.value.code)
     assert "the training loss became nan at iteration 13" in message and "still holds iteration 10" in message
     good = load_checkpoint(str(tmp_path / "nan"))
-    assert good["iter_num"] == 10 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert good["iter_num"] == 10 and all(
+        torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point()
+    )
     monkeypatch.undo()
     train.train(tiny(char_data, tmp_path / "nan", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "nan") == rows_without_timing(tmp_path / "clean")
@@ -275,19 +432,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint_in_one_line(char_data, tmp_pa
     limit = len(before) // 2  # files may grow to half a checkpoint: the next save cannot fit
 
     def small_disk():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # a write past the limit fails (EFBIG) instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     args = tiny(char_data, out, init_from="resume", max_iters=8, eval_interval=4)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True,
-                          preexec_fn=small_disk, cwd=HERE, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+        cwd=HERE,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "could not write" in lines[0] and "the previous file is untouched" in lines[0], proc.stderr
+    assert (
+        len(lines) == 1 and "could not write" in lines[0] and "the previous file is untouched" in lines[0]
+    ), proc.stderr
     assert (out / "ckpt.pt").read_bytes() == before
     assert not [f for f in os.listdir(out) if ".tmp." in f]  # the failed temp file is gone
     assert load_checkpoint(str(out))["iter_num"] == 4
-
 
 
 def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
@@ -295,13 +461,17 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
     never a torn mix), and the temp files the kills leave are removed at the next start."""
     path = tmp_path / "ckpt.pt"
     # each saver starts at its own version (1000 k) and says "ready" after its first save
-    saver = ("import sys, torch, checkpoint\nv = int(sys.argv[1])\nwhile True:\n"
-             f"    checkpoint.save_checkpoint({{'v': v, 't': torch.full((400_000,), float(v))}}, {str(path)!r})\n"
-             "    if v % 1000 == 0:\n        print('ready', flush=True)\n    v += 1\n")
+    saver = (
+        "import sys, torch, checkpoint\nv = int(sys.argv[1])\nwhile True:\n"
+        f"    checkpoint.save_checkpoint({{'v': v, 't': torch.full((400_000,), float(v))}}, {str(path)!r})\n"
+        "    if v % 1000 == 0:\n        print('ready', flush=True)\n    v += 1\n"
+    )
     rng = np.random.default_rng(0)
     versions = set()
     for k in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", saver, str(1000 * k)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", saver, str(1000 * k)], cwd=HERE, stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline() == "ready\n"
         time.sleep(float(rng.uniform(0.0, 0.3)))  # a random moment of the saving loop
         proc.send_signal(signal.SIGKILL)
@@ -319,15 +489,26 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     """A second train.py into a folder another process is training in gets one line naming that
     process, and writes nothing; once that process is killed (kill -9) the folder is free again."""
     out = tmp_path / "busy"
-    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"),
-                              *tiny(char_data, out, max_iters=100000, eval_interval=100000)],
-                             cwd=HERE, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(HERE, "train.py"),
+            *tiny(char_data, out, max_iters=100000, eval_interval=100000),
+        ],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for line in first.stdout:  # training is under way (iteration 0's row written): the folder is held
         if line.startswith("iter 1/"):
             break
     before = sorted(os.listdir(out))
-    second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *tiny(char_data, out, overwrite=True)],
-                            capture_output=True, text=True, cwd=HERE)
+    second = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *tiny(char_data, out, overwrite=True)],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+    )
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 1 and len(lines) == 1, second.stderr
     assert f"is in use by pid {first.pid}" in lines[0] and "train.py" in lines[0]
@@ -350,8 +531,14 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkey
         with pytest.raises(SystemExit) as exit_info:
             cli(train.train, tiny(char_data, tmp_path / "ctrl_c", **kw))
     message = str(exit_info.value.code)
-    assert message.startswith("error: interrupted (Ctrl-C)") and "\n" not in message and "--init_from=resume" in message
-    with open(tmp_path / "ctrl_c" / "metrics.jsonl", "a") as f:  # a kill during a write: the last line cut short
+    assert (
+        message.startswith("error: interrupted (Ctrl-C)")
+        and "\n" not in message
+        and "--init_from=resume" in message
+    )
+    with open(
+        tmp_path / "ctrl_c" / "metrics.jsonl", "a"
+    ) as f:  # a kill during a write: the last line cut short
         f.write('{"iter": 5, "train_lo')
     train.train(tiny(char_data, tmp_path / "ctrl_c", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "ctrl_c") == rows_without_timing(tmp_path / "clean")
@@ -373,11 +560,34 @@ def test_a_folder_with_another_runs_artifacts_holds_a_run(char_data, tmp_path, c
 FAMILY_RUNS = {  # each family mid-schedule at the crash (iteration 13 of 20, checkpoint at 10)
     "lora": dict(adapter="lora", lora_dropout=0.1, dropout=0.1),
     "dora": dict(adapter="dora"),
-    "sora": dict(adapter="sora", lora_rank=4, sora_lambda=0.5, sora_lambda_max=5.0, sora_lambda_levels=3,
-                 sora_lambda_every=4, sora_tune_iters=6),
-    "adalora": dict(adapter="adalora", lora_rank=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2),
-    "adadora": dict(adapter="adadora", lora_rank=4, adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2),
-    "pissa": dict(adapter="pissa", lora_rank=4, pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3),
+    "sora": dict(
+        adapter="sora",
+        lora_rank=4,
+        sora_lambda=0.5,
+        sora_lambda_max=5.0,
+        sora_lambda_levels=3,
+        sora_lambda_every=4,
+        sora_tune_iters=6,
+    ),
+    "adalora": dict(
+        adapter="adalora",
+        lora_rank=4,
+        adalora_target_r=2,
+        adalora_tinit=2,
+        adalora_tfinal=4,
+        adalora_deltaT=2,
+    ),
+    "adadora": dict(
+        adapter="adadora",
+        lora_rank=4,
+        adalora_target_r=2,
+        adalora_tinit=2,
+        adalora_tfinal=4,
+        adalora_deltaT=2,
+    ),
+    "pissa": dict(
+        adapter="pissa", lora_rank=4, pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3
+    ),
     "sublora": dict(adapter="sublora", lora_rank=4, intrinsic_dim=200, allocation_mode="learned"),
 }
 
@@ -401,12 +611,18 @@ def test_every_family_resumes_bit_for_bit_mid_schedule(name, char_data, tmp_path
     assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
     a, b = (load_checkpoint(str(tmp_path / d)) for d in ("clean", "crashed"))
     for key in ("model", "family"):
-        flat_a, flat_b = torch.utils._pytree.tree_flatten(a.get(key))[0], torch.utils._pytree.tree_flatten(b.get(key))[0]
-        assert len(flat_a) == len(flat_b) and all(torch.equal(x, y) if torch.is_tensor(x) else x == y
-                                                  for x, y in zip(flat_a, flat_b)), key
+        flat_a, flat_b = (
+            torch.utils._pytree.tree_flatten(a.get(key))[0],
+            torch.utils._pytree.tree_flatten(b.get(key))[0],
+        )
+        assert len(flat_a) == len(flat_b) and all(
+            torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(flat_a, flat_b)
+        ), key
     for f in ("adapter.safetensors", "adapter_pruned.safetensors"):
         if (tmp_path / "clean" / f).exists():
-            sa, sb = (checkpoint.read_adapter_file(str(tmp_path / d / f))["state"] for d in ("clean", "crashed"))
+            sa, sb = (
+                checkpoint.read_adapter_file(str(tmp_path / d / f))["state"] for d in ("clean", "crashed")
+            )
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
 
 
@@ -433,7 +649,10 @@ def test_a_kill_between_the_two_files_of_a_save_is_detected(char_data, tmp_path,
     capsys.readouterr()
     train.train(tiny(char_data, out, init_from="resume", **kw), environ={})
     assert "adapter.safetensors holds iteration 10 but ckpt.pt iteration 5" in capsys.readouterr().out
-    assert checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"] == load_checkpoint(str(out))["iter_num"]
+    assert (
+        checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"]
+        == load_checkpoint(str(out))["iter_num"]
+    )
 
 
 def test_sample_and_bounds_use_the_vocabulary_the_checkpoint_carries(char_data, tmp_path):
@@ -444,8 +663,10 @@ def test_sample_and_bounds_use_the_vocabulary_the_checkpoint_carries(char_data, 
     out = tmp_path / "run"
     train.train(tiny(str(data), out, max_iters=2, eval_interval=2), environ={})
     shutil.rmtree(data)
-    texts = sample.sample([f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"],
-                          environ={})
+    texts = sample.sample(
+        [f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"],
+        environ={},
+    )
     assert texts[0].startswith("ROMEO:")
     (tmp_path / "other.txt").write_text("ZZZ qqq 123 456 789 !!! " * 400)
     prepare.main(["shakespeare_char", f"--input={tmp_path / 'other.txt'}", f"--out_dir={data}"])

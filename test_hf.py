@@ -22,11 +22,28 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 import hf  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
-from adapters import (AdaLoRALinear, RankAllocator, SoRALinear, SubLoRA, adapter_layers,  # noqa: E402
-                      adapter_state_dict, count_params, find_targets, inject_adapters, load_adapter_state_dict,
-                      merge_adapters, rank_pattern_layers)
-from checkpoint import (FORMAT, build_model, load_adapter, load_checkpoint, read_adapter_file,  # noqa: E402
-                        save_adapter_file)
+from adapters import (  # noqa: E402
+    AdaLoRALinear,
+    RankAllocator,
+    SoRALinear,
+    SubLoRA,
+    adapter_layers,
+    adapter_state_dict,
+    count_params,
+    find_targets,
+    inject_adapters,
+    load_adapter_state_dict,
+    merge_adapters,
+    rank_pattern_layers,
+)
+from checkpoint import (  # noqa: E402
+    FORMAT,
+    build_model,
+    load_adapter,
+    load_checkpoint,
+    read_adapter_file,
+    save_adapter_file,
+)
 from model import GPT, GPTConfig  # noqa: E402
 
 V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
@@ -35,8 +52,19 @@ V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can
 def hf_gpt2(folder, seed=0, dtype=torch.float32, **kw):
     """A tiny random GPT-2 of transformers' own (biases and LayerNorms perturbed too), saved to `folder`."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, **kw)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=V,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        **kw,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -79,7 +107,9 @@ def test_gpt2_weights_give_transformers_logits(tmp_path, activation):
 def test_save_pretrained_loads_in_transformers(tmp_path, bias, gelu):
     """A GPT trained here (nanoGPT's exact GELU, no biases) as a GPT-2 folder: the same function there."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=V, bias=bias, gelu=gelu)).double()
+    model = GPT(
+        GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=V, bias=bias, gelu=gelu)
+    ).double()
     model.save_pretrained(str(tmp_path))
     ref = GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.float64).eval()
     idx = ids()
@@ -96,7 +126,10 @@ FAMILIES = {
     "sora": ("sora", dict(rank=4, alpha=8.0), None),
     "adalora": ("adalora", dict(rank=4, alpha=8.0), None),
     "adadora": ("adadora", dict(rank=4, alpha=8.0), None),
-    **{f"pissa_{way}": ("pissa", dict(rank=4, alpha=4.0, method=way), None) for way in ("way0", "way1", "way2", "way3")},
+    **{
+        f"pissa_{way}": ("pissa", dict(rank=4, alpha=4.0, method=way), None)
+        for way in ("way0", "way1", "way2", "way3")
+    },
     "sublora": ("lora", dict(rank=4, alpha=32.0), ["c_attn:q,v", "lm_head"]),
 }
 
@@ -145,8 +178,12 @@ def test_qv_factors_export_with_zero_rows_for_k(gpt2_dir, tmp_path):
     hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
     from safetensors.torch import load_file
 
-    B = load_file(str(tmp_path / "adapter_model.safetensors"))[f"{hf.PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"]
-    assert B.shape == (96, 3) and B[32:64].abs().max() == 0 and B[:32].abs().min() > 0 and B[64:].abs().min() > 0
+    B = load_file(str(tmp_path / "adapter_model.safetensors"))[
+        f"{hf.PREFIX}transformer.h.0.attn.c_attn.lora_B.weight"
+    ]
+    assert (
+        B.shape == (96, 3) and B[32:64].abs().max() == 0 and B[:32].abs().min() > 0 and B[64:].abs().min() > 0
+    )
 
 
 def test_peft_lora_and_dora_adapters_import(gpt2_dir, tmp_path):
@@ -154,9 +191,16 @@ def test_peft_lora_and_dora_adapters_import(gpt2_dir, tmp_path):
     idx = ids()
     for i, (use_dora, rslora) in enumerate([(False, False), (True, False), (False, True)]):
         torch.manual_seed(i)
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "lm_head"], use_dora=use_dora,
-                         use_rslora=rslora, rank_pattern={"h.1.mlp.c_fc": 2}, alpha_pattern={"lm_head": 3.0},
-                         init_lora_weights=False)  # random A and B: not the identity
+        cfg = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj", "c_fc", "lm_head"],
+            use_dora=use_dora,
+            use_rslora=rslora,
+            rank_pattern={"h.1.mlp.c_fc": 2},
+            alpha_pattern={"lm_head": 3.0},
+            init_lora_weights=False,
+        )  # random A and B: not the identity
         peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).eval()
         folder = tmp_path / f"peft{i}"
         peft_model.save_pretrained(str(folder))
@@ -170,15 +214,30 @@ def test_rank_pattern_gives_peft_ranks_and_scalings(gpt2_dir, use_rslora):
     """lora_rank_pattern reads as PEFT's rank_pattern: every layer's rank and scaling equal PEFT's for
     the same config, and so does the trainable parameter count."""
     pattern = {"c_fc": 3, "lm_head": 8, "h.1.attn.c_proj": 5}
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc", "lm_head"], rank_pattern=pattern,
-                     use_rslora=use_rslora)
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["c_attn", "c_proj", "c_fc", "lm_head"],
+        rank_pattern=pattern,
+        use_rslora=use_rslora,
+    )
     peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
-    want = {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
-            for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.r}
+    want = {
+        n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.r
+    }
     model = GPT.from_pretrained(gpt2_dir)
     names = find_targets(model)
-    inject_adapters(model, "lora", names, layers=rank_pattern_layers(names, pattern), rank=2, alpha=4.0,
-                    use_rslora=use_rslora)
+    inject_adapters(
+        model,
+        "lora",
+        names,
+        layers=rank_pattern_layers(names, pattern),
+        rank=2,
+        alpha=4.0,
+        use_rslora=use_rslora,
+    )
     got = {n: (m.rank, m.scaling) for n, m in adapter_layers(model).items()}
     assert set(got) == set(want) and len({r for r, _ in got.values()}) == 4
     assert all(got[n][0] == want[n][0] and got[n][1] == pytest.approx(want[n][1]) for n in got)
@@ -190,13 +249,17 @@ def test_fp64_merge_and_dora_norm_match_peft(gpt2_dir, tmp_path):
     float32 merge or norm is off by ~1e-7)."""
     model = trained(GPT.from_pretrained(gpt2_dir).double(), "dora")
     hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir, dtype=torch.float64),
-                                           str(tmp_path)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(gpt2_dir, dtype=torch.float64), str(tmp_path)
+    ).eval()
     idx = ids()
     assert torch.allclose(ours(model, idx), theirs(peft_model, idx), rtol=1e-11, atol=1e-11)
     merged, ref = merge_adapters(copy.deepcopy(model)), peft_model.merge_and_unload()
     for name in ("h.0.attn.c_attn", "h.1.mlp.c_fc"):
-        w, w_ref = merged.get_submodule(f"transformer.{name}").weight, ref.get_submodule(f"transformer.{name}").weight.T
+        w, w_ref = (
+            merged.get_submodule(f"transformer.{name}").weight,
+            ref.get_submodule(f"transformer.{name}").weight.T,
+        )
         assert torch.allclose(w, w_ref, rtol=0, atol=1e-13)
 
 
@@ -206,8 +269,18 @@ def test_adalora_masks_equal_peft_rank_allocator(gpt2_dir, seed):
     deltaT > 1: PEFT's RankAllocator and ours mask the same ranks at every step, with the same
     importance (fp64)."""
     total, tinit, tfinal, delta_t = 24, 3, 5, 3
-    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, tinit=tinit, tfinal=tfinal, deltaT=delta_t, beta1=0.85,
-                        beta2=0.85, total_step=total, target_modules=["c_attn", "c_proj", "c_fc"])
+    cfg = AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        lora_alpha=8,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=delta_t,
+        beta1=0.85,
+        beta2=0.85,
+        total_step=total,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+    )
     peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir, dtype=torch.float64), cfg)
     model = GPT.from_pretrained(gpt2_dir).double()
     inject_adapters(model, "adalora", targets=["c_attn", "c_proj", "c_fc"], rank=4, alpha=8.0)
@@ -237,9 +310,15 @@ def test_adalora_masks_equal_peft_rank_allocator(gpt2_dir, seed):
             ref = peft_model.base_model.rankallocator
             for name in allocator.layers:
                 key = f"{name}.lora_E.default"
-                assert torch.allclose(allocator.sensitivity[f"{name}.lora_E"], ref.exp_avg_ipt[key].view(-1), atol=1e-14)
-                assert torch.allclose(allocator.uncertainty[f"{name}.lora_E"], ref.exp_avg_unc[key].view(-1), atol=1e-14)
-    assert sum(int((layer.lora_E != 0).sum()) for layer in allocator.layers.values()) == 2 * len(allocator.layers)
+                assert torch.allclose(
+                    allocator.sensitivity[f"{name}.lora_E"], ref.exp_avg_ipt[key].view(-1), atol=1e-14
+                )
+                assert torch.allclose(
+                    allocator.uncertainty[f"{name}.lora_E"], ref.exp_avg_unc[key].view(-1), atol=1e-14
+                )
+    assert sum(int((layer.lora_E != 0).sum()) for layer in allocator.layers.values()) == 2 * len(
+        allocator.layers
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -247,9 +326,26 @@ def test_adalora_masks_equal_peft_rank_allocator(gpt2_dir, seed):
 
 
 def tiny_run(data_dir, out_dir, **kw):
-    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32,
-                batch_size=4, eval_iters=4, eval_interval=6, log_interval=1, dropout=0.0, learning_rate=1e-2,
-                warmup_iters=0, max_iters=6, lr_decay_iters=6, dtype="float32", init_from="scratch")
+    args = dict(
+        device="cpu",
+        data_dir=data_dir,
+        out_dir=str(out_dir),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=4,
+        eval_iters=4,
+        eval_interval=6,
+        log_interval=1,
+        dropout=0.0,
+        learning_rate=1e-2,
+        warmup_iters=0,
+        max_iters=6,
+        lr_decay_iters=6,
+        dtype="float32",
+        init_from="scratch",
+    )
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -260,14 +356,23 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
     evaluation of the imported run equals the original's."""
     train.train(tiny_run(char_data, tmp_path / "base", max_iters=10, eval_interval=10), environ={})
     run = tmp_path / "sora"
-    train.train(tiny_run(char_data, run, adapter="sora", lora_rank=4, init_from=str(tmp_path / "base"),
-                         sora_lambda=0.3), environ={})
+    train.train(
+        tiny_run(
+            char_data, run, adapter="sora", lora_rank=4, init_from=str(tmp_path / "base"), sora_lambda=0.3
+        ),
+        environ={},
+    )
     export = tmp_path / "export"
     hf.main([f"--out_dir={run}", f"--export_dir={export}"])
     config = json.loads((export / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == os.path.relpath(export / "base") and (export / "base" / "config.json").is_file()
+    assert (
+        config["base_model_name_or_path"] == os.path.relpath(export / "base")
+        and (export / "base" / "config.json").is_file()
+    )
     model = build_model(load_checkpoint(str(run))).eval()
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)
+    ).eval()
     idx = ids(t=32)
     assert torch.allclose(theirs(peft_model, idx), ours(model, idx), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="not empty"):  # an earlier export is never overwritten silently
@@ -275,7 +380,9 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
 
     imported = tmp_path / "imported"
     hf.main([f"--import_from={export}", f"--out_dir={imported}", f"--data_dir={char_data}"])
-    assert torch.allclose(ours(build_model(load_checkpoint(str(imported))).eval(), idx), ours(model, idx), atol=1e-5)
+    assert torch.allclose(
+        ours(build_model(load_checkpoint(str(imported))).eval(), idx), ours(model, idx), atol=1e-5
+    )
     blob = read_adapter_file(str(imported / "adapter.safetensors"))
     assert blob["adapter"]["kind"] == "lora" and blob["format"] == FORMAT
     losses = {}
@@ -288,9 +395,18 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
 
     raw = {}
     for source in (run, imported):
-        eval_bounds.main([f"--out_dir={source}", "--eval_blocks=16", "--eval_docs=8",
-                          "--exact_max_tokens=0", "--device=cpu"])
-        raw[source] = json.loads((source / "bounds.json").read_text())["token_bpd_parts"]["hoeffding"]["unquantised"]
+        eval_bounds.main(
+            [
+                f"--out_dir={source}",
+                "--eval_blocks=16",
+                "--eval_docs=8",
+                "--exact_max_tokens=0",
+                "--device=cpu",
+            ]
+        )
+        raw[source] = json.loads((source / "bounds.json").read_text())["token_bpd_parts"]["hoeffding"][
+            "unquantised"
+        ]
     assert raw[imported] == pytest.approx(raw[run], abs=1e-4)
 
 
@@ -298,10 +414,21 @@ def test_adapter_files_are_safetensors_and_old_pt_files_load(gpt2_dir, tmp_path)
     """adapter.safetensors: no pickle, the settings as JSON in its header; an adapter.pt of older runs
     (the same dict, torch-saved) still loads and gives the same model."""
     model = trained(GPT.from_pretrained(gpt2_dir), "dora")
-    info = dict(kind="dora", targets=list(adapter_layers(model)), settings=dict(rank=4, alpha=8.0),
-                train_embeddings=False)
-    blob = {"format": FORMAT, "adapter": info, "model_type": "gpt", "model_args": {}, "base": gpt2_dir, "seed": 0,
-            "state": adapter_state_dict(model)}
+    info = dict(
+        kind="dora",
+        targets=list(adapter_layers(model)),
+        settings=dict(rank=4, alpha=8.0),
+        train_embeddings=False,
+    )
+    blob = {
+        "format": FORMAT,
+        "adapter": info,
+        "model_type": "gpt",
+        "model_args": {},
+        "base": gpt2_dir,
+        "seed": 0,
+        "state": adapter_state_dict(model),
+    }
     save_adapter_file(blob, str(tmp_path / "adapter.safetensors"))
     raw = (tmp_path / "adapter.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
@@ -321,8 +448,13 @@ def test_bad_folders_and_adapters_give_one_clear_error(gpt2_dir, tmp_path):
     with pytest.raises(hf.InteropError, match="bias='all'"):
         hf.import_peft(str(tmp_path / "bias"), base=gpt2_dir)
     config = json.loads((tmp_path / "bias" / "adapter_config.json").read_text())
-    (tmp_path / "bias" / "adapter_config.json").write_text(json.dumps(dict(config, peft_type="IA3", bias="none")))
-    with pytest.raises(hf.InteropError, match="peft_type 'IA3' .* does not import; these do: LORA, LORA with use_dora, ADALORA"):
+    (tmp_path / "bias" / "adapter_config.json").write_text(
+        json.dumps(dict(config, peft_type="IA3", bias="none"))
+    )
+    with pytest.raises(
+        hf.InteropError,
+        match="peft_type 'IA3' .* does not import; these do: LORA, LORA with use_dora, ADALORA",
+    ):
         hf.import_peft(str(tmp_path / "bias"), base=gpt2_dir)
     model = GPT.from_pretrained(gpt2_dir)
     inject_adapters(model, "pissa", rank=4, quantize_residual=True)
@@ -335,18 +467,32 @@ def test_import_accepts_only_the_options_it_understands(gpt2_dir, tmp_path):
     after its invocation tokens) and an unconverted PiSSA initialisation (its base is the residual).
     Each is refused naming the field; an adapter whose other fields hold PEFT's defaults, with
     harmless metadata set (task_type, layers_to_transform), still imports with PEFT's logits."""
-    for name, cfg in (("alora", LoraConfig(r=2, target_modules=["c_attn"], alora_invocation_tokens=[3, 4])),
-                      ("pissa", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="pissa"))):
+    for name, cfg in (
+        ("alora", LoraConfig(r=2, target_modules=["c_attn"], alora_invocation_tokens=[3, 4])),
+        ("pissa", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="pissa")),
+    ):
         peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
         peft_model.save_pretrained(str(tmp_path / name))
-        with pytest.raises(hf.InteropError, match={"alora": r"alora_invocation_tokens=\[3, 4\]",
-                                                   "pissa": "init_lora_weights='pissa'"}[name]):
+        with pytest.raises(
+            hf.InteropError,
+            match={"alora": r"alora_invocation_tokens=\[3, 4\]", "pissa": "init_lora_weights='pissa'"}[name],
+        ):
             hf.import_peft(str(tmp_path / name), base=gpt2_dir)
     config = json.loads((tmp_path / "alora" / "adapter_config.json").read_text())
     config.update(alora_invocation_tokens=None, lora_bias=True, use_qalora=True, some_future_option={"on": 1})
-    assert hf.unsupported_options(config) == ["lora_bias=True", "use_qalora=True", "some_future_option={'on': 1}"]
+    assert hf.unsupported_options(config) == [
+        "lora_bias=True",
+        "use_qalora=True",
+        "some_future_option={'on': 1}",
+    ]
     torch.manual_seed(0)
-    cfg = LoraConfig(r=2, target_modules=["c_attn"], layers_to_transform=[1], task_type="CAUSAL_LM", init_lora_weights=False)
+    cfg = LoraConfig(
+        r=2,
+        target_modules=["c_attn"],
+        layers_to_transform=[1],
+        task_type="CAUSAL_LM",
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).eval()
     peft_model.save_pretrained(str(tmp_path / "plain"))
     model, info, _ = hf.import_peft(str(tmp_path / "plain"), base=gpt2_dir)
@@ -361,16 +507,29 @@ def export_of(model, info, config, meta, folder, *args):
 
     os.makedirs(folder)
     model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "model_type": "gpt", "model_args": model_args,
-                     "iter_num": 1, "best_val_loss": 1.0, "config": config, "adapter": info, "meta": meta},
-                    str(folder / "ckpt.pt"))
+    save_checkpoint(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "model_type": "gpt",
+            "model_args": model_args,
+            "iter_num": 1,
+            "best_val_loss": 1.0,
+            "config": config,
+            "adapter": info,
+            "meta": meta,
+        },
+        str(folder / "ckpt.pt"),
+    )
     hf.main([f"--out_dir={folder}", *args])
     return folder / "peft"
 
 
 def with_random_lora(model):
     """Rank-2 LoRA on every default target of `model`, B drawn (not zero); returns its checkpoint entry."""
-    info = dict(kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False)
+    info = dict(
+        kind="lora", targets=find_targets(model), settings=dict(rank=2, alpha=4.0), train_embeddings=False
+    )
     inject_adapters(model, "lora", targets=info["targets"], **info["settings"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -399,15 +558,18 @@ def test_an_export_merges_in_peft_with_every_position_and_its_tokenizer(gpt2_dir
     assert config["base_model_name_or_path"] == os.path.relpath(export / "base")
     base_config = json.loads((export / "base" / "config.json").read_text())
     assert base_config["tie_word_embeddings"] is False and base_config["n_positions"] == 64
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(config["base_model_name_or_path"]),
-                                           str(export)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(config["base_model_name_or_path"]), str(export)
+    ).eval()
     idx = ids(t=32)
     want = ours(model.eval(), idx)
     assert torch.allclose(theirs(peft_model, idx), want, rtol=0, atol=1e-5)
     merged = peft_model.merge_and_unload()
     got = theirs(merged, idx)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
-    assert torch.equal(merged.transformer.wte.weight, GPT2LMHeadModel.from_pretrained(gpt2_dir).transformer.wte.weight)
+    assert torch.equal(
+        merged.transformer.wte.weight, GPT2LMHeadModel.from_pretrained(gpt2_dir).transformer.wte.weight
+    )
     long = ids(t=48)  # past the fine-tune's block: the base's own positions 32..47
     inject_adapters(full, "lora", targets=info["targets"], **info["settings"])
     load_adapter_state_dict(full, adapter_state_dict(model))
@@ -438,7 +600,9 @@ def test_a_padded_vocabulary_exports_as_gpt2s_with_its_tokenizer(tmp_path):
     info = with_random_lora(model)
     export = export_of(model, info, {"init_from": "scratch", "dataset": "none-here"}, None, tmp_path / "run")
     assert json.loads((export / "base" / "config.json").read_text())["vocab_size"] == 50257
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export)
+    ).eval()
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     assert torch.allclose(theirs(peft_model, idx), ours(model.eval(), idx)[..., :50257], rtol=0, atol=1e-5)
     text = "ROMEO: But, soft! what light through yonder window breaks?<|endoftext|> Ünïcödé\n"
@@ -454,16 +618,30 @@ def test_adalora_exports_and_imports_in_peft_adalora_format(gpt2_dir, char_data,
     from prepare import read_meta
 
     model = trained(GPT.from_pretrained(gpt2_dir), "adalora")
-    info = dict(kind="adalora", targets=list(adapter_layers(model)), settings=dict(rank=4, alpha=8.0), train_embeddings=False)
-    config = {"init_from": gpt2_dir, "data_dir": char_data, "max_iters": 50, "adalora_target_r": 2, "adalora_tinit": 5}
+    info = dict(
+        kind="adalora",
+        targets=list(adapter_layers(model)),
+        settings=dict(rank=4, alpha=8.0),
+        train_embeddings=False,
+    )
+    config = {
+        "init_from": gpt2_dir,
+        "data_dir": char_data,
+        "max_iters": 50,
+        "adalora_target_r": 2,
+        "adalora_tinit": 5,
+    }
     export = export_of(model, info, config, read_meta(char_data), tmp_path / "run", "--peft_format=native")
     saved = json.loads((export / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADALORA" and saved["init_r"] == 4 and saved["total_step"] == 50
     masks = {f"{n}.lora_E": (layer.lora_E != 0).tolist() for n, layer in adapter_layers(model).items()}
-    assert saved["rank_pattern"] == {n: m if any(m) else [True, False, False, False] for n, m in masks.items()}
+    assert saved["rank_pattern"] == {
+        n: m if any(m) else [True, False, False, False] for n, m in masks.items()
+    }
     assert not any(masks["transformer.h.0.attn.c_proj.lora_E"])  # masked whole: kept as one rank at E = 0
-    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(saved["base_model_name_or_path"]),
-                                           str(export)).eval()
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(saved["base_model_name_or_path"]), str(export)
+    ).eval()
     assert type(peft_model.peft_config["default"]).__name__ == "AdaLoraConfig"
     idx = ids()
     want = ours(model, idx)
@@ -473,8 +651,16 @@ def test_adalora_exports_and_imports_in_peft_adalora_format(gpt2_dir, char_data,
     assert torch.allclose(ours(back.eval(), idx), want, rtol=0, atol=1e-5)
 
     torch.manual_seed(0)  # an AdaLoRA adapter PEFT trained and allocated itself
-    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, tinit=1, tfinal=1, deltaT=1, total_step=6,
-                        target_modules=["c_attn", "c_fc"])
+    cfg = AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        lora_alpha=8,
+        tinit=1,
+        tfinal=1,
+        deltaT=1,
+        total_step=6,
+        target_modules=["c_attn", "c_fc"],
+    )
     peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg)
     for step in range(6):
         for p in peft_model.parameters():
@@ -484,7 +670,9 @@ def test_adalora_exports_and_imports_in_peft_adalora_format(gpt2_dir, char_data,
                     p.sub_(0.1 * p.grad)
         peft_model.base_model.update_and_allocate(step)
     peft_model.save_pretrained(str(tmp_path / "peft_adalora"))
-    reloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(tmp_path / "peft_adalora")).eval()
+    reloaded = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(gpt2_dir), str(tmp_path / "peft_adalora")
+    ).eval()
     mine, mine_info, _ = hf.import_peft(str(tmp_path / "peft_adalora"), base=gpt2_dir)
     assert {s["rank"] for s in mine_info["layers"].values()} <= {0, 1, 2, 3, 4}
     assert torch.allclose(ours(mine.eval(), idx), theirs(reloaded, idx), rtol=0, atol=1e-5)

@@ -31,8 +31,17 @@ def write_hf_gpt2(model, folder):
         sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
     save_file(sd, str(folder / "model.safetensors"))
     c = model.config
-    (folder / "config.json").write_text(json.dumps(dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                                                        vocab_size=c.vocab_size, n_positions=c.block_size)))
+    (folder / "config.json").write_text(
+        json.dumps(
+            dict(
+                n_layer=c.n_layer,
+                n_head=c.n_head,
+                n_embd=c.n_embd,
+                vocab_size=c.vocab_size,
+                n_positions=c.block_size,
+            )
+        )
+    )
 
 
 def test_from_pretrained_local_folder(tmp_path):
@@ -52,13 +61,17 @@ def test_gpt2_weights_compute_gpt2s_tanh_gelu(tmp_path):
     """GPT-2 was trained with the tanh approximation of GELU (transformers' gelu_new): a model loaded
     from its weights must use it, checked against the formula in float64."""
     torch.manual_seed(0)
-    write_hf_gpt2(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True)), tmp_path)
+    write_hf_gpt2(
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50, bias=True)), tmp_path
+    )
     model = GPT.from_pretrained(str(tmp_path)).double().eval()
     mlp = model.transformer.h[0].mlp
     x = torch.randn(4, 32, dtype=torch.float64) * 3
     h = x @ mlp.c_fc.weight.T + mlp.c_fc.bias
     gelu_new = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
-    torch.testing.assert_close(mlp(x), gelu_new @ mlp.c_proj.weight.T + mlp.c_proj.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        mlp(x), gelu_new @ mlp.c_proj.weight.T + mlp.c_proj.bias, rtol=1e-12, atol=1e-12
+    )
     exact = 0.5 * h * (1 + torch.erf(h / 2**0.5))
     assert (mlp(x) - (exact @ mlp.c_proj.weight.T + mlp.c_proj.bias)).abs().max() > 1e-5  # not the exact GELU
     small = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50)
@@ -66,8 +79,12 @@ def test_gpt2_weights_compute_gpt2s_tanh_gelu(tmp_path):
 
 
 def test_convert_transposes_exactly_the_conv1d_weights():
-    sd = {"transformer.h.0.attn.c_attn.weight": torch.arange(6.0).view(2, 3), "h.0.ln_1.weight": torch.ones(3),
-          "lm_head.weight": torch.zeros(2, 2), "h.0.attn.masked_bias": torch.zeros(1)}
+    sd = {
+        "transformer.h.0.attn.c_attn.weight": torch.arange(6.0).view(2, 3),
+        "h.0.ln_1.weight": torch.ones(3),
+        "lm_head.weight": torch.zeros(2, 2),
+        "h.0.attn.masked_bias": torch.zeros(1),
+    }
     out = convert_hf_gpt2_state_dict(sd)
     assert sorted(out) == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.ln_1.weight"]
     assert torch.equal(out["transformer.h.0.attn.c_attn.weight"], torch.arange(6.0).view(2, 3).t())
@@ -109,7 +126,9 @@ def test_optimizer_holds_only_trainable_params_with_decay_on_matrices():
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("lora_" in names[id(p)] for g in opt.param_groups for p in g["params"])
-    assert sum(len(g["params"]) for g in opt.param_groups) == 2 * len([m for m in model.modules() if hasattr(m, "lora_A")])
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2 * len(
+        [m for m in model.modules() if hasattr(m, "lora_A")]
+    )
 
 
 def test_bigram_layout_has_separate_qkv():
@@ -123,14 +142,30 @@ def hf_gpt2(folder, **config):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, **config)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=16,
+        vocab_size=50,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **config,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     return model
 
 
-@pytest.mark.parametrize("field, value", [("scale_attn_by_inverse_layer_idx", True),
-                                          ("scale_attn_weights", False), ("layer_norm_epsilon", 1e-3), ("n_inner", 48)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("scale_attn_weights", False),
+        ("layer_norm_epsilon", 1e-3),
+        ("n_inner", 48),
+    ],
+)
 def test_a_gpt2_config_field_this_gpt_does_not_compute_is_refused(tmp_path, field, value):
     """Each of these changes transformers' outputs; reading the folder as if it did not would give
     other logits without a word."""
@@ -141,8 +176,13 @@ def test_a_gpt2_config_field_this_gpt_does_not_compute_is_refused(tmp_path, fiel
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "gelu_pytorch_tanh", "n_inner_4x", "untied head"])
 def test_gpt2_folders_transformers_writes_load_with_its_logits(tmp_path, layout):
-    extra = {"single": {}, "sharded": {}, "gelu_pytorch_tanh": {"activation_function": "gelu_pytorch_tanh"},
-             "n_inner_4x": {"n_inner": 128}, "untied head": {"tie_word_embeddings": False}}[layout]
+    extra = {
+        "single": {},
+        "sharded": {},
+        "gelu_pytorch_tanh": {"activation_function": "gelu_pytorch_tanh"},
+        "n_inner_4x": {"n_inner": 128},
+        "untied head": {"tie_word_embeddings": False},
+    }[layout]
     hf = hf_gpt2(tmp_path, **extra)
     if layout == "untied head":  # a head of its own, not a copy of the embedding
         with torch.no_grad():
@@ -201,7 +241,11 @@ def test_save_pretrained_refuses_a_model_that_still_holds_adapters(tmp_path):
     with torch.no_grad():
         theirs = GPT2LMHeadModel.from_pretrained(str(tmp_path / "untied")).eval()(idx).logits
     assert (theirs - want).abs().max() <= 1e-5 * want.abs().max()
-    model.lm_head = model.lm_head.base  # the head's adapter dropped: the rest merged still differs from the base
+    model.lm_head = (
+        model.lm_head.base
+    )  # the head's adapter dropped: the rest merged still differs from the base
     want = model(idx, idx)[0]
     merge_adapters(model).save_pretrained(str(tmp_path / "merged"))
-    torch.testing.assert_close(GPT.from_pretrained(str(tmp_path / "merged")).eval()(idx, idx)[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        GPT.from_pretrained(str(tmp_path / "merged")).eval()(idx, idx)[0], want, rtol=1e-5, atol=1e-5
+    )

@@ -14,10 +14,24 @@ import torch.nn as nn
 
 import plots
 import train
-from adapters import (NF4_LEVELS, AdapterError, LoRALinear, Rotation, RotationalPiSSAConfig, RotationalPiSSALinear,
-                      adapter_layers, adapter_state_dict, export_pissa_as_lora, inject_adapters,
-                      load_adapter_state_dict, max_orthogonality_error, nf4_dequantize, nf4_quantize,
-                      replace_linear_with_rotational_pissa, rotation_penalty)
+from adapters import (
+    NF4_LEVELS,
+    AdapterError,
+    LoRALinear,
+    Rotation,
+    RotationalPiSSAConfig,
+    RotationalPiSSALinear,
+    adapter_layers,
+    adapter_state_dict,
+    export_pissa_as_lora,
+    inject_adapters,
+    load_adapter_state_dict,
+    max_orthogonality_error,
+    nf4_dequantize,
+    nf4_quantize,
+    replace_linear_with_rotational_pissa,
+    rotation_penalty,
+)
 from checkpoint import load_checkpoint
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
@@ -138,7 +152,10 @@ def test_randomized_and_full_svd_reconstruct_the_weight():
     with torch.no_grad():
         base.weight.copy_(U @ torch.diag(S) @ V.T)
     W = base.weight.detach().clone()
-    layers = {svd: RotationalPiSSALinear(copy.deepcopy(base), rank=6, svd=svd, svd_niter=6) for svd in ("full", "lowrank")}
+    layers = {
+        svd: RotationalPiSSALinear(copy.deepcopy(base), rank=6, svd=svd, svd_niter=6)
+        for svd in ("full", "lowrank")
+    }
     principals = {}
     for svd, layer in layers.items():
         principals[svd] = layer.B0 @ layer.A0
@@ -206,20 +223,32 @@ def test_seed_design_entry_point():
     model = tiny("gpt")
     model.transformer.ln_f.weight.requires_grad_(True)
     cfg = RotationalPiSSAConfig(r=4, method="way3", freeze_singular_values=True)
-    layers = replace_linear_with_rotational_pissa(model=model, pissa_config=cfg, target_modules=["c_attn", "c_fc"],
-                                                  adapter_name="default", freeze_base_model=False)
-    assert sorted(layers) == sorted(f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc"))
-    assert all(isinstance(m, RotationalPiSSALinear) and not m.singular_values.requires_grad for m in layers.values())
+    layers = replace_linear_with_rotational_pissa(
+        model=model,
+        pissa_config=cfg,
+        target_modules=["c_attn", "c_fc"],
+        adapter_name="default",
+        freeze_base_model=False,
+    )
+    assert sorted(layers) == sorted(
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
+    )
+    assert all(
+        isinstance(m, RotationalPiSSALinear) and not m.singular_values.requires_grad for m in layers.values()
+    )
     assert model.transformer.ln_f.weight.requires_grad  # freeze_base_model=False kept it trainable
     with pytest.raises(AdapterError, match="adapter_name"):
         replace_linear_with_rotational_pissa(model=tiny("gpt"), pissa_config=cfg, adapter_name="second")
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(method="way9"), "way0, way1, way2 or way3"),
-    (dict(svd="qr"), "'full' or 'lowrank'"),
-    (dict(rank=40), "larger than the layer"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(method="way9"), "way0, way1, way2 or way3"),
+        (dict(svd="qr"), "'full' or 'lowrank'"),
+        (dict(rank=40), "larger than the layer"),
+    ],
+)
 def test_bad_settings(settings, message):
     with pytest.raises(AdapterError, match=message):
         inject_adapters(tiny("gpt"), "pissa", **{"rank": 4, **settings})
@@ -233,8 +262,21 @@ def test_rotation_identity_at_init():
 @pytest.mark.parametrize("method", ["way0", "way1"])
 def test_train_pissa_end_to_end(method, char_data, tmp_path):
     out = tmp_path / method
-    train.train(tiny_args(char_data, out, adapter="pissa", pissa_method=method, lora_rank=4, lora_alpha=4.0,
-                          pissa_ortho_weight=0.5, max_iters=12, eval_interval=12, learning_rate=1e-2), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="pissa",
+            pissa_method=method,
+            lora_rank=4,
+            lora_alpha=4.0,
+            pissa_ortho_weight=0.5,
+            max_iters=12,
+            eval_interval=12,
+            learning_rate=1e-2,
+        ),
+        environ={},
+    )
     rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     if method == "way0":
         for r in rows:  # the penalty is logged beside the task loss, and their weighted sum
@@ -278,7 +320,9 @@ def closed_form_rotation(rot):
     if rot.method == "way2":
         B, C = rot.skew_B.detach().double(), rot.skew_C.detach().double()
         K = B @ C.T - C @ B.T
-        return torch.linalg.inv(torch.eye(r, dtype=torch.float64) - K) @ (torch.eye(r, dtype=torch.float64) + K)
+        return torch.linalg.inv(torch.eye(r, dtype=torch.float64) - K) @ (
+            torch.eye(r, dtype=torch.float64) + K
+        )
     A = rot.generator.detach().double()
     A = A - A.T
     R, term = torch.eye(r, dtype=torch.float64), torch.eye(r, dtype=torch.float64)
@@ -295,7 +339,9 @@ def test_rotations_equal_their_closed_forms(method):
     torch.manual_seed(0)
     model = tiny("gpt")
     inject_adapters(model, "pissa", rank=4, method=method, init_identity=False)
-    rotations = [rot for layer in adapter_layers(model).values() for rot in (layer.rotation_U, layer.rotation_V)]
+    rotations = [
+        rot for layer in adapter_layers(model).values() for rot in (layer.rotation_U, layer.rotation_V)
+    ]
     for R, rot in zip(Rotation.batched(rotations), rotations):
         assert torch.allclose(R.double(), closed_form_rotation(rot), atol=1e-6)
         assert torch.allclose(rot().double(), closed_form_rotation(rot), atol=1e-6)

@@ -56,7 +56,12 @@ def test_hf_dataset_from_local_files(tmp_path):
     enc = gpt2_encoding()
     assert int((train == EOT).sum() + (val == EOT).sum()) == len(docs)  # one separator per document
     assert train[-1] == EOT and val[-1] == EOT
-    got = sorted(enc.decode(d.tolist()) for part in (train, val) for d in np.split(part, np.where(part == EOT)[0] + 1) if len(d))
+    got = sorted(
+        enc.decode(d.tolist())
+        for part in (train, val)
+        for d in np.split(part, np.where(part == EOT)[0] + 1)
+        if len(d)
+    )
     assert got == sorted(d + "<|endoftext|>" for d in docs)
 
 
@@ -73,7 +78,9 @@ def test_cli_errors(tmp_path):
 
 def test_space_separated_options_match_the_equals_form(tmp_path):
     text = _write(tmp_path / "in.txt", "to be or not to be, that is the question\n" * 50)
-    prepare.main(["shakespeare_char", "--input", text, "--out_dir", str(tmp_path / "a"), "--val_fraction", "0.2"])
+    prepare.main(
+        ["shakespeare_char", "--input", text, "--out_dir", str(tmp_path / "a"), "--val_fraction", "0.2"]
+    )
     prepare.main(["shakespeare_char", f"--input={text}", f"--out_dir={tmp_path / 'b'}", "--val_fraction=0.2"])
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -83,20 +90,38 @@ def test_space_separated_options_match_the_equals_form(tmp_path):
 OFFLINE = "http://127.0.0.1:9"
 
 
-@pytest.mark.parametrize("command", [
-    ["-c", f"import sys, prepare, configurator; prepare.SHAKESPEARE_URL = '{OFFLINE}/input.txt'; "
-     "configurator.cli(prepare.main, sys.argv[1:])",
-     "shakespeare_char", "--out_dir=OUT"],
-    ["prepare.py", "openwebtext", "--out_dir=OUT"],
-    ["train.py", "--init_from=gpt2", "--data_dir=DATA", "--out_dir=OUT", "--device=cpu", "--block_size=64"],
-    ["sample.py", "--init_from=gpt2", "--device=cpu"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "-c",
+            f"import sys, prepare, configurator; prepare.SHAKESPEARE_URL = '{OFFLINE}/input.txt'; "
+            "configurator.cli(prepare.main, sys.argv[1:])",
+            "shakespeare_char",
+            "--out_dir=OUT",
+        ],
+        ["prepare.py", "openwebtext", "--out_dir=OUT"],
+        [
+            "train.py",
+            "--init_from=gpt2",
+            "--data_dir=DATA",
+            "--out_dir=OUT",
+            "--device=cpu",
+            "--block_size=64",
+        ],
+        ["sample.py", "--init_from=gpt2", "--device=cpu"],
+    ],
+)
 def test_offline_downloads_end_in_one_line_naming_the_local_way(command, tmp_path):
     env = dict(os.environ, HF_ENDPOINT=OFFLINE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
     bpe = tmp_path / "bpe"  # GPT-2 weights need GPT-2 tokens (character data is refused before any download)
-    prepare.prepare_shakespeare(str(bpe), input_path=_write(tmp_path / "t.txt", "To be, or not to be. " * 200))
+    prepare.prepare_shakespeare(
+        str(bpe), input_path=_write(tmp_path / "t.txt", "To be, or not to be. " * 200)
+    )
     argv = [a.replace("OUT", str(tmp_path / "out")).replace("DATA", str(bpe)) for a in command]
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, env=env, cwd=HERE, timeout=120
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach"), proc.stderr
@@ -114,10 +139,17 @@ def _write(path, text):
 
 def python_tree(root, extra=()):
     """A small standard-library-like folder: modules, a package, and the tests that must be left out."""
-    files = {"os_like.py": "import sys\n\ndef f(x):\n    return x + 1\n", "pkg/__init__.py": "from .core import *\n",
-             "pkg/core.py": "# café: a UTF-8 byte sequence\nclass C:\n    pass\n", "json_like/decoder.py": "def dec(s): ...\n",
-             "test/test_os.py": "assert True\n", "pkg/tests/helper.py": "TEST = 1\n", "pkg/test_core.py": "x = 1\n",
-             "notes.txt": "not python\n", **dict(extra)}
+    files = {
+        "os_like.py": "import sys\n\ndef f(x):\n    return x + 1\n",
+        "pkg/__init__.py": "from .core import *\n",
+        "pkg/core.py": "# café: a UTF-8 byte sequence\nclass C:\n    pass\n",
+        "json_like/decoder.py": "def dec(s): ...\n",
+        "test/test_os.py": "assert True\n",
+        "pkg/tests/helper.py": "TEST = 1\n",
+        "pkg/test_core.py": "x = 1\n",
+        "notes.txt": "not python\n",
+        **dict(extra),
+    }
     for rel, text in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +171,9 @@ def test_python_corpus_is_deterministic_and_split_by_whole_files(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     train, val = documents(tmp_path / "a")
     want = {text.encode("utf-8") for text in kept.values()}
-    assert set(train) | set(val) == want and len(train) + len(val) == len(want)  # every file once, no test file
+    assert set(train) | set(val) == want and len(train) + len(val) == len(
+        want
+    )  # every file once, no test file
     assert not set(train) & set(val) and train and val  # no file on both sides
     assert read_meta(str(tmp_path / "a"))["files"] == {"train": len(train), "val": len(val)}
     encode, decode = load_tokenizer(read_meta(str(tmp_path / "a")))
@@ -167,13 +201,35 @@ def test_offline_hf_import_names_its_own_flag(tmp_path):
 
     peft = tmp_path / "peft"
     peft.mkdir()
-    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "gpt2", "r": 1,
-                                                         "lora_alpha": 1, "target_modules": ["lm_head"]}))
-    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(1, 4),
-               "base_model.model.lm_head.lora_B.weight": torch.zeros(4, 1)}, str(peft / "adapter_model.safetensors"))
+    (peft / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "base_model_name_or_path": "gpt2",
+                "r": 1,
+                "lora_alpha": 1,
+                "target_modules": ["lm_head"],
+            }
+        )
+    )
+    save_file(
+        {
+            "base_model.model.lm_head.lora_A.weight": torch.zeros(1, 4),
+            "base_model.model.lm_head.lora_B.weight": torch.zeros(4, 1),
+        },
+        str(peft / "adapter_model.safetensors"),
+    )
     env = dict(os.environ, HF_ENDPOINT=OFFLINE, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0")
-    proc = subprocess.run([sys.executable, "hf.py", f"--import_from={peft}", f"--out_dir={tmp_path / 'out'}"],
-                          capture_output=True, text=True, env=env, cwd=HERE, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "hf.py", f"--import_from={peft}", f"--out_dir={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=HERE,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: cannot reach"), proc.stderr
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: cannot reach"), (
+        proc.stderr
+    )
     assert "hf.py: --base=PATH" in lines[0]

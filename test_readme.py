@@ -17,8 +17,22 @@ from configurator import configure
 from conftest import HERE, SHAKESPEARE
 
 # appended to every train.py line (later --key=value wins): seconds per run instead of minutes
-TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=4, eval_iters=2,
-            eval_interval=4, log_interval=2, max_iters=4, warmup_iters=1, lr_decay_iters=4, intrinsic_dim=300)
+TINY = dict(
+    device="cpu",
+    compile=False,
+    n_layer=2,
+    n_head=2,
+    n_embd=64,
+    block_size=32,
+    batch_size=4,
+    eval_iters=2,
+    eval_interval=4,
+    log_interval=2,
+    max_iters=4,
+    warmup_iters=1,
+    lr_decay_iters=4,
+    intrinsic_dim=300,
+)
 
 
 def readme_commands(lines=None):
@@ -31,7 +45,9 @@ def readme_commands(lines=None):
         if line.startswith("```"):
             fence = line[3:].strip() if fence is None else None
             continue
-        if fence != "" or not re.match(r"([A-Z_]+=\S* )*(python|torchrun|make) ", line):  # prose, code, output
+        if fence != "" or not re.match(
+            r"([A-Z_]+=\S* )*(python|torchrun|make) ", line
+        ):  # prose, code, output
             continue
         words = shlex.split(line, comments=True)
         env = {}
@@ -63,7 +79,9 @@ def run_as_written(commands, tmp_path, monkeypatch):
     for env, words in commands:
         if needs_download_or_gpu(words):
             continue
-        launcher = [sys.executable, "-m", "torch.distributed.run"] if words[0] == "torchrun" else [sys.executable]
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run"] if words[0] == "torchrun" else [sys.executable]
+        )
         script = next(w for w in words if w.endswith(".py"))
         args = words[1:]
         if script == "prepare.py" and not any(a.startswith("--input") for a in args):
@@ -73,12 +91,23 @@ def run_as_written(commands, tmp_path, monkeypatch):
         elif script == "sample.py":
             args += ["--max_new_tokens=16", "--num_samples=1", "--device=cpu"]
         elif script == "sweep.py":  # one run of the grid, tiny
-            args += ["--intrinsic_dims=300", "--allocations=fixed:0.5", "--seeds=0", "--max_iters=4",
-                     "--train_args=" + " ".join(tiny_args(words, train.DEFAULTS))]
+            args += [
+                "--intrinsic_dims=300",
+                "--allocations=fixed:0.5",
+                "--seeds=0",
+                "--max_iters=4",
+                "--train_args=" + " ".join(tiny_args(words, train.DEFAULTS)),
+            ]
         elif script == "compare.py":  # one method, one learning rate, seconds
             args += ["--size=tiny", "--grid=1", "--methods=lora_r1", "--device=cpu"]
         elif script == "eval_bounds.py":
-            args += ["--eval_blocks=8", "--eval_docs=8", "--batch_size=8", "--device=cpu", "--exact_max_tokens=0"]
+            args += [
+                "--eval_blocks=8",
+                "--eval_docs=8",
+                "--batch_size=8",
+                "--device=cpu",
+                "--exact_max_tokens=0",
+            ]
             args += ["--qat_steps=5"] if any(a.startswith("--qat_steps") for a in args) else []
         run_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
         proc = subprocess.run(launcher + args, capture_output=True, text=True, env=run_env, timeout=300)
@@ -90,7 +119,9 @@ def run_as_written(commands, tmp_path, monkeypatch):
             rows = [json.loads(line) for line in open(os.path.join(c["out_dir"], "metrics.jsonl"))]
             assert rows[-1]["iter"] == c["max_iters"] and rows[-1]["val_loss"] is not None, shown
             evals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
-            if load_checkpoint(c["out_dir"])["config"]["init_from"] != "scratch":  # a fine-tune improves its base
+            if (
+                load_checkpoint(c["out_dir"])["config"]["init_from"] != "scratch"
+            ):  # a fine-tune improves its base
                 assert evals[-1] < evals[0], (shown, evals)
         ran.append((shown, proc.stdout))
     return ran
@@ -99,8 +130,18 @@ def run_as_written(commands, tmp_path, monkeypatch):
 def test_every_readme_command_runs_as_written(tmp_path, monkeypatch):
     ran = run_as_written(readme_commands(), tmp_path, monkeypatch)
     scripts = {next(w for w in shown.split() if w.endswith(".py")) for shown, _ in ran}
-    assert scripts == {"prepare.py", "train.py", "sample.py", "sweep.py", "eval_bounds.py", "hf.py", "compare.py"}
-    assert any(s.startswith("torchrun") for s, _ in ran) and any(s.startswith("python train.py --") for s, _ in ran)
+    assert scripts == {
+        "prepare.py",
+        "train.py",
+        "sample.py",
+        "sweep.py",
+        "eval_bounds.py",
+        "hf.py",
+        "compare.py",
+    }
+    assert any(s.startswith("torchrun") for s, _ in ran) and any(
+        s.startswith("python train.py --") for s, _ in ran
+    )
     auto = next(out for s, out in ran if s == "python train.py --max_iters=300")
     assert "fine-tunes the trained base in out-shakespeare-char/" in auto  # USE_LORA=True found the base
 
@@ -111,7 +152,9 @@ def test_every_command_of_train_docstring_runs_as_written(tmp_path, monkeypatch)
     assert len(ran) >= 6
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf", "compare"])
+@pytest.mark.parametrize(
+    "name", ["train", "sample", "eval_bounds", "bench", "sweep", "prepare", "hf", "compare"]
+)
 def test_help_lists_every_key_with_its_default_and_meaning(name, capsys):
     """--help is generated from the globals the configurator reads (and the comments beside them), so
     a key cannot be missing from it; prepare.py lists its options."""

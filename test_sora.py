@@ -15,11 +15,24 @@ import torch.nn as nn
 
 import plots
 import train
-from configurator import ConfigError
-from adapters import (AdapterError, LoRALinear, SoRALinear, SoRAOptimizer, adapter_layers, adapter_state_dict,
-                      build_sora_optimizers, count_params, effective_ranks, inject_adapters, lambda_schedule,
-                      merge_sora_model, prune_sora_model, split_sora_params)
+from adapters import (
+    AdapterError,
+    LoRALinear,
+    SoRALinear,
+    SoRAOptimizer,
+    adapter_layers,
+    adapter_state_dict,
+    build_sora_optimizers,
+    count_params,
+    effective_ranks,
+    inject_adapters,
+    lambda_schedule,
+    merge_sora_model,
+    prune_sora_model,
+    split_sora_params,
+)
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
+from configurator import ConfigError
 from model import GPT, GPTConfig
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
@@ -204,15 +217,24 @@ def test_lambda_schedule(spacing):
         assert values[1] / values[0] == pytest.approx(values[3] / values[2]) == pytest.approx(10 ** (1 / 3))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: SoRAOptimizer([nn.Parameter(torch.ones(2))], sparse_lambda=-1.0), "sparse_lambda must be >= 0"),
-    (lambda: inject_adapters(tiny("gpt"), "sora", rank=0), "positive int"),
-    (lambda: inject_adapters(tiny("gpt"), "sora", targets=["transformer.h.0.attn.c_prj"]), "matches no module"),
-    (lambda: inject_adapters(tiny("gpt"), "sora", targets=["ln_f"]), "not nn.Linear"),
-    (lambda: inject_adapters(tiny("gpt"), "sora", gate_init="zeros"), "gate_init"),
-    (lambda: lambda_schedule(0.0, 1.0, 3, "exp_linear"), "start λ > 0"),
-    (lambda: build_sora_optimizers(tiny("gpt")), "no trainable SoRA gates"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: SoRAOptimizer([nn.Parameter(torch.ones(2))], sparse_lambda=-1.0),
+            "sparse_lambda must be >= 0",
+        ),
+        (lambda: inject_adapters(tiny("gpt"), "sora", rank=0), "positive int"),
+        (
+            lambda: inject_adapters(tiny("gpt"), "sora", targets=["transformer.h.0.attn.c_prj"]),
+            "matches no module",
+        ),
+        (lambda: inject_adapters(tiny("gpt"), "sora", targets=["ln_f"]), "not nn.Linear"),
+        (lambda: inject_adapters(tiny("gpt"), "sora", gate_init="zeros"), "gate_init"),
+        (lambda: lambda_schedule(0.0, 1.0, 3, "exp_linear"), "start λ > 0"),
+        (lambda: build_sora_optimizers(tiny("gpt")), "no trainable SoRA gates"),
+    ],
+)
 def test_bad_input(make, message):
     with pytest.raises(AdapterError, match=message):
         make()
@@ -229,9 +251,25 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     """Both optimizers step on their schedules, ranks are logged, and the pruned adapter is smaller and
     reproduces the trained model."""
     out = tmp_path / "sora"
-    train.train(tiny_args(char_data, out, adapter="sora", lora_rank=4, sora_lambda=2.0, sora_lambda_max=8.0,
-                          sora_lambda_levels=3, sora_lambda_every=10, sora_gate_lr=5e-3, max_iters=30,
-                          eval_interval=30, learning_rate=3e-3, weight_decay=0.1, lr_decay_iters=30), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sora",
+            lora_rank=4,
+            sora_lambda=2.0,
+            sora_lambda_max=8.0,
+            sora_lambda_levels=3,
+            sora_lambda_every=10,
+            sora_gate_lr=5e-3,
+            max_iters=30,
+            eval_interval=30,
+            learning_rate=3e-3,
+            weight_decay=0.1,
+            lr_decay_iters=30,
+        ),
+        environ={},
+    )
     ckpt = load_checkpoint(str(out))
     model = build_model(ckpt)
     ranks = effective_ranks(model)
@@ -242,8 +280,9 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     final = plots.rank_rows(str(out))[-1]  # what the rank plots show as the end: the state pruning sees
     assert final["iter"] == 30 and final["effective_rank"] == ranks
     layers = adapter_layers(model)
-    assert last["adapter_params_remaining"] == sum(r * (layers[n].in_features + layers[n].out_features + 1)
-                                                   for n, r in ranks.items())
+    assert last["adapter_params_remaining"] == sum(
+        r * (layers[n].in_features + layers[n].out_features + 1) for n, r in ranks.items()
+    )
     assert [r["sora_lambda"] for r in rows if r["iter"] in (0, 10, 29)] == pytest.approx([2.0, 5.0, 8.0])
     # the gate optimizer ran on its own peak learning rate, the rest on learning_rate, same schedule
     c = ckpt["config"]
@@ -256,29 +295,47 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     # adapter_pruned.safetensors: smaller, a plain LoRA, and the same logits as the trained gated model
     assert os.path.getsize(out / "adapter_pruned.safetensors") < os.path.getsize(out / "adapter.safetensors")
     base = GPT(GPTConfig(**ckpt["model_args"]))
-    base.load_state_dict({k.replace(".base.", "."): v for k, v in ckpt["model"].items() if ".lora_" not in k
-                          and not k.endswith(".gate")})
+    base.load_state_dict(
+        {
+            k.replace(".base.", "."): v
+            for k, v in ckpt["model"].items()
+            if ".lora_" not in k and not k.endswith(".gate")
+        }
+    )
     load_adapter(base, str(out / "adapter_pruned.safetensors"))
     assert read_adapter_file(str(out / "adapter_pruned.safetensors"))["adapter"]["kind"] == "lora"
     assert {n: m.rank for n, m in adapter_layers(base).items()} == {n: r for n, r in ranks.items() if r}
     idx = torch.randint(0, 65, (2, 32))
     assert torch.allclose(logits(base, idx), logits(model, idx), atol=1e-5)
     assert sum(v.numel() for v in adapter_state_dict(base).values()) < sum(
-        v.numel() for v in adapter_state_dict(model).values())
+        v.numel() for v in adapter_state_dict(model).values()
+    )
 
 
 def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
     """sora_tune_iters: λ is 0 for the last iterations, the ranks pruned when it starts stay pruned, the
     kept gates still move, and the result differs from the run without the phase."""
-    args = dict(adapter="sora", lora_rank=4, sora_lambda=4.0, sora_lambda_max=12.0, sora_lambda_levels=2,
-                sora_lambda_every=10, max_iters=30, eval_interval=10, log_interval=1, learning_rate=3e-3,
-                lr_decay_iters=30)
+    args = dict(
+        adapter="sora",
+        lora_rank=4,
+        sora_lambda=4.0,
+        sora_lambda_max=12.0,
+        sora_lambda_levels=2,
+        sora_lambda_every=10,
+        max_iters=30,
+        eval_interval=10,
+        log_interval=1,
+        learning_rate=3e-3,
+        lr_decay_iters=30,
+    )
     train.train(tiny_args(char_data, tmp_path / "tuned", **args, sora_tune_iters=10), environ={})
     train.train(tiny_args(char_data, tmp_path / "plain", **args), environ={})
     rows = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "tuned")) if r["train_loss"] is not None}
     plain = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "plain")) if r["train_loss"] is not None}
     assert [rows[i]["sora_lambda"] for i in (0, 10, 19, 20, 29)] == pytest.approx([4.0, 12.0, 12.0, 0.0, 0.0])
-    assert rows[19]["train_loss"] == pytest.approx(plain[19]["train_loss"], abs=1e-6)  # the same run until then
+    assert rows[19]["train_loss"] == pytest.approx(
+        plain[19]["train_loss"], abs=1e-6
+    )  # the same run until then
     at_start = rows[20]["effective_rank"]  # logged after iteration 20's step: the set the phase holds
     assert 0 < sum(at_start.values()) < 4 * len(at_start)
     assert all(rows[i]["effective_rank"] == at_start for i in range(20, 30))
@@ -290,7 +347,9 @@ def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
 
 
 def test_train_rejects_negative_lambda(char_data, tmp_path):
-    with pytest.raises(ConfigError, match=r"sora_lambda must be in \[0, inf\), got -0.5"):  # the key the user typed
+    with pytest.raises(
+        ConfigError, match=r"sora_lambda must be in \[0, inf\), got -0.5"
+    ):  # the key the user typed
         train.train(tiny_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})
 
 
@@ -299,7 +358,10 @@ def test_a_shorter_max_iters_scales_the_tuning_phase(tmp_path, capsys):
     sora_lambda_every), unless the command line sets it."""
     cfg = tmp_path / "sora.py"
     cfg.write_text("adapter = 'sora'\nmax_iters = 300\nsora_lambda_every = 38\nsora_tune_iters = 150\n")
-    for argv, want in (([str(cfg), "--max_iters=30"], (4, 15)), ([str(cfg), "--max_iters=30", "--sora_tune_iters=5"], (4, 5))):
+    for argv, want in (
+        ([str(cfg), "--max_iters=30"], (4, 15)),
+        ([str(cfg), "--max_iters=30", "--sora_tune_iters=5"], (4, 5)),
+    ):
         c = train.configure(train.DEFAULTS, argv, {}, train.TEST_MODE)
         train.follow_max_iters(c, train.DEFAULTS, argv, {}, {})
         assert (c["sora_lambda_every"], c["sora_tune_iters"]) == want

@@ -14,10 +14,18 @@ import torch
 
 import plots
 import train
-from adapters import (AdapterError, DenseProjector, RdKronQRProjector, SparseProjector, SubLoRA, count_params,
-                      inject_adapters, merge_adapters)
-from model import GPT, GPTConfig
+from adapters import (
+    AdapterError,
+    DenseProjector,
+    RdKronQRProjector,
+    SparseProjector,
+    SubLoRA,
+    count_params,
+    inject_adapters,
+    merge_adapters,
+)
 from checkpoint import build_model, load_checkpoint, read_adapter_file
+from model import GPT, GPTConfig
 from test_adapters import logits, tiny, tokens
 from test_train import tiny as tiny_args
 
@@ -59,7 +67,11 @@ def test_dense_and_sparse_have_the_expected_scale(cls):
 
 @pytest.mark.parametrize("cls", [DenseProjector, SparseProjector, RdKronQRProjector])
 def test_projector_gradient_is_its_transpose(cls):
-    P = cls(3_000, 40, seed=2) if cls is not DenseProjector else DenseProjector(3_000, 40, seed=2, rows_per_block=700)
+    P = (
+        cls(3_000, 40, seed=2)
+        if cls is not DenseProjector
+        else DenseProjector(3_000, 40, seed=2, rows_per_block=700)
+    )
     matrix = torch.stack([P(e) for e in torch.eye(40)], dim=1)  # (D, d), column by column
     z = torch.randn(40, requires_grad=True)
     g = torch.randn(3_000)
@@ -103,13 +115,21 @@ def test_learned_mode_works_for_every_d_up_to_D(share):
     """nanoGPT's 6 x 384 shape: the head's B (65 x 4 = 260 numbers) is far smaller than its share of
     w; no block gets more coordinates than its two factors hold, and a part smaller than the block's
     coordinates reads only its end of them."""
-    model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=64, vocab_size=65, bias=False, dropout=0.0))
+    model = GPT(
+        GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=64, vocab_size=65, bias=False, dropout=0.0)
+    )
     inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4)
     D = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sub = SubLoRA(model, int(share * D), allocation_mode="learned")
     assert sum(sub.block_dims) == int(share * D)
-    sizes = {b: sum(sub.shapes[n].numel() for n in sub.a_names + sub.b_names if n.startswith(b) or b == "head" and "lm_head" in n)
-             for b in sub.blocks}
+    sizes = {
+        b: sum(
+            sub.shapes[n].numel()
+            for n in sub.a_names + sub.b_names
+            if n.startswith(b) or b == "head" and "lm_head" in n
+        )
+        for b in sub.blocks
+    }
     assert all(dl <= sizes[b] for b, dl in zip(sub.blocks, sub.block_dims))
     idx = torch.randint(0, 65, (2, 16))
     torch.testing.assert_close(sub(idx)[0], sub.model(idx)[0])  # w = 0: the base
@@ -151,12 +171,15 @@ def test_materialize_and_merge_keep_the_outputs():
     assert not isinstance(plain, SubLoRA) and torch.allclose(logits(plain, idx), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(d=10**6), "intrinsic_dim must be in 2.."),
-    (dict(mode="fixed", ratio=0.0), "leaves no coordinate"),
-    (dict(projector="fastfood"), "projector must be one of"),
-    (dict(mode="halves"), "allocation_mode must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d=10**6), "intrinsic_dim must be in 2.."),
+        (dict(mode="fixed", ratio=0.0), "leaves no coordinate"),
+        (dict(projector="fastfood"), "projector must be one of"),
+        (dict(mode="halves"), "allocation_mode must be"),
+    ],
+)
 def test_bad_settings(kwargs, message):
     with pytest.raises(AdapterError, match=message):
         wrapped(**kwargs)
@@ -167,9 +190,23 @@ def test_bad_settings(kwargs, message):
 @pytest.mark.parametrize("mode", MODES)
 def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
     out = tmp_path / mode
-    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=300, allocation_mode=mode,
-                          allocation_ratio=0.5, lora_rank=4, lora_alpha=32.0, max_iters=30, eval_interval=30,
-                          learning_rate=2e-2, lr_decay_iters=30), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sublora",
+            intrinsic_dim=300,
+            allocation_mode=mode,
+            allocation_ratio=0.5,
+            lora_rank=4,
+            lora_alpha=32.0,
+            max_iters=30,
+            eval_interval=30,
+            learning_rate=2e-2,
+            lr_decay_iters=30,
+        ),
+        environ={},
+    )
     rows = plots.read_metrics(str(out))
     v = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert v[-1] < v[0] - 0.1
@@ -183,17 +220,32 @@ def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
 
 def test_adapter_file_rebuilds_from_the_seed_in_a_new_process(char_data, tmp_path):
     out = tmp_path / "run"
-    train.train(tiny_args(char_data, out, adapter="sublora", intrinsic_dim=200, allocation_mode="learned",
-                          max_iters=10, eval_interval=10, learning_rate=2e-2), environ={})
+    train.train(
+        tiny_args(
+            char_data,
+            out,
+            adapter="sublora",
+            intrinsic_dim=200,
+            allocation_mode="learned",
+            max_iters=10,
+            eval_interval=10,
+            learning_rate=2e-2,
+        ),
+        environ={},
+    )
     blob = read_adapter_file(str(out / "adapter.safetensors"))
     assert set(blob["state"]) == {"w", "gate_logits"}  # θ₀, P and the base are not stored
     idx = torch.randint(0, 65, (2, 32), generator=torch.Generator().manual_seed(0))
     torch.save(idx, tmp_path / "idx.pt")
     path = str(out / "adapter.safetensors")
-    script = ("import sys, torch; from checkpoint import base_from_seed, load_adapter, read_adapter_file; "
-              f"blob = read_adapter_file({path!r}); model = load_adapter(base_from_seed(blob), {path!r}).eval(); "
-              f"idx = torch.load({str(tmp_path / 'idx.pt')!r}); torch.save(model(idx, idx)[0], {str(tmp_path / 'out.pt')!r})")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120)
+    script = (
+        "import sys, torch; from checkpoint import base_from_seed, load_adapter, read_adapter_file; "
+        f"blob = read_adapter_file({path!r}); model = load_adapter(base_from_seed(blob), {path!r}).eval(); "
+        f"idx = torch.load({str(tmp_path / 'idx.pt')!r}); torch.save(model(idx, idx)[0], {str(tmp_path / 'out.pt')!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = build_model(load_checkpoint(str(out))).eval()
     assert torch.equal(torch.load(tmp_path / "out.pt"), model(idx, idx)[0])

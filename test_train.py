@@ -28,9 +28,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny(data_dir, out_dir, **kw):
-    args = dict(device="cpu", data_dir=data_dir, out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=64, block_size=32,
-                batch_size=8, eval_iters=4, eval_interval=20, log_interval=1, dropout=0.0, learning_rate=3e-3,
-                warmup_iters=5, lr_decay_iters=60, min_lr=3e-4, max_iters=20, dtype="float32", init_from="scratch")
+    args = dict(
+        device="cpu",
+        data_dir=data_dir,
+        out_dir=str(out_dir),
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        block_size=32,
+        batch_size=8,
+        eval_iters=4,
+        eval_interval=20,
+        log_interval=1,
+        dropout=0.0,
+        learning_rate=3e-3,
+        warmup_iters=5,
+        lr_decay_iters=60,
+        min_lr=3e-4,
+        max_iters=20,
+        dtype="float32",
+        init_from="scratch",
+    )
     args.update(kw)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -63,8 +81,10 @@ def test_every_run_writes_its_loss_curve_and_runs_compare_on_one(pretrained, tmp
     assert open(os.path.join(pretrained, "loss.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     drawn = {}
     real_save = plots.save
-    plots.save = lambda fig, folder, name: drawn.setdefault("lines", [l.get_ydata().tolist() for l in fig.axes[0].lines]) \
+    plots.save = lambda fig, folder, name: (
+        drawn.setdefault("lines", [line.get_ydata().tolist() for line in fig.axes[0].lines])
         and real_save(fig, folder, name)
+    )
     try:
         path = plots.plot_losses([pretrained, pretrained], str(tmp_path / "both.png"))
     finally:
@@ -78,8 +98,20 @@ def test_every_run_writes_its_loss_curve_and_runs_compare_on_one(pretrained, tmp
 
 def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
     out = tmp_path / "lora"
-    last = train.train(tiny(char_data, out, init_from=pretrained, adapter="lora", lora_rank=2, max_iters=30,
-                            eval_interval=15, learning_rate=3e-3, weight_decay=0.0), environ={})
+    last = train.train(
+        tiny(
+            char_data,
+            out,
+            init_from=pretrained,
+            adapter="lora",
+            lora_rank=2,
+            max_iters=30,
+            eval_interval=15,
+            learning_rate=3e-3,
+            weight_decay=0.0,
+        ),
+        environ={},
+    )
     v = evals(out)
     assert v[0] == pytest.approx(evals(pretrained)[-1], abs=1e-6)  # starts exactly at the base model
     assert v[-1] < v[0]
@@ -93,8 +125,17 @@ def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
 
     vocab = set(read_meta(char_data)["stoi"])
     for merge in (False, True):
-        texts = sample([f"--out_dir={out}", "--num_samples=2", "--max_new_tokens=50", "--start=ROMEO:",
-                        "--device=cpu", f"--merge={merge}"], environ={})
+        texts = sample(
+            [
+                f"--out_dir={out}",
+                "--num_samples=2",
+                "--max_new_tokens=50",
+                "--start=ROMEO:",
+                "--device=cpu",
+                f"--merge={merge}",
+            ],
+            environ={},
+        )
         assert len(texts) == 2
         for t in texts:
             assert t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 50 and set(t) <= vocab
@@ -104,12 +145,28 @@ def test_rank_pattern_run_rebuilds_from_its_checkpoint_and_adapter_file(pretrain
     """--lora_rank_pattern: the layers it names get their ranks (scaling alpha / rank), the trainable
     count is the closed form, and the checkpoint and adapter file rebuild the same model."""
     out = tmp_path / "rp"
-    last = train.train(tiny(char_data, out, init_from=pretrained, adapter="lora", lora_rank=1, lora_alpha=2.0,
-                            lora_rank_pattern="lm_head=6; h.1.mlp.c_fc=3", max_iters=6, eval_interval=6), environ={})
+    last = train.train(
+        tiny(
+            char_data,
+            out,
+            init_from=pretrained,
+            adapter="lora",
+            lora_rank=1,
+            lora_alpha=2.0,
+            lora_rank_pattern="lm_head=6; h.1.mlp.c_fc=3",
+            max_iters=6,
+            eval_interval=6,
+        ),
+        environ={},
+    )
     model = checkpoint.build_model(load_checkpoint(str(out)))
     layers = adapter_layers(model)
     ranks = {n: m.rank for n, m in layers.items()}
-    assert ranks.pop("lm_head") == 6 and ranks.pop("transformer.h.1.mlp.c_fc") == 3 and set(ranks.values()) == {1}
+    assert (
+        ranks.pop("lm_head") == 6
+        and ranks.pop("transformer.h.1.mlp.c_fc") == 3
+        and set(ranks.values()) == {1}
+    )
     assert layers["lm_head"].scaling == pytest.approx(2.0 / 6)
     assert last["trainable_params"] == sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
     base = checkpoint.build_model(load_checkpoint(pretrained))
@@ -124,7 +181,9 @@ def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter, m
     # dropout on, so the restored RNG state matters too
     kw = dict(adapter=adapter, dropout=0.1, lora_dropout=0.1, eval_interval=4, lr_decay_iters=8)
     train.train(tiny(char_data, tmp_path / "full", max_iters=8, **kw), environ={})
-    with monkeypatch.context() as m:  # stopped, not finished: an interrupted run never finalizes AdaLoRA's mask
+    with (
+        monkeypatch.context() as m
+    ):  # stopped, not finished: an interrupted run never finalizes AdaLoRA's mask
         m.setattr(adapters.RankAllocator, "finalize", lambda self: None)
         train.train(tiny(char_data, tmp_path / "part", max_iters=4, **kw), environ={})
     train.train(tiny(char_data, tmp_path / "part", max_iters=8, init_from="resume", **kw), environ={})
@@ -138,8 +197,15 @@ def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter, m
 def test_torchrun_two_processes_match_one(char_data, tmp_path):
     kw = dict(max_iters=6, eval_interval=3, gradient_accumulation_steps=2, adapter="lora")
     train.train(tiny(char_data, tmp_path / "one", **kw), environ={})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "train.py"), *tiny(char_data, tmp_path / "two", **kw)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(HERE, "train.py"),
+        *tiny(char_data, tmp_path / "two", **kw),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,14 +219,23 @@ def test_torchrun_two_processes_match_one(char_data, tmp_path):
 def test_torchrun_accumulation_is_raised_and_errors_print_once(char_data, tmp_path):
     """The README's torchrun line with the default accumulation of 1 runs (raised to one micro-batch
     per process, with a note); a config mistake prints one line, not one per process."""
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py")]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(HERE, "train.py"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = tiny(char_data, tmp_path / "acc", max_iters=2, eval_interval=2, gradient_accumulation_steps=1)
     proc = subprocess.run(base + args, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gradient_accumulation_steps=1 raised to 2" in proc.stdout
     assert plots.read_metrics(str(tmp_path / "acc"))[-1]["iter"] == 2
-    proc = subprocess.run(base + args + ["--lora_rnak=4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    proc = subprocess.run(
+        base + args + ["--lora_rnak=4"], capture_output=True, text=True, env=env, cwd=HERE, timeout=300
+    )
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("error: unknown config key 'lora_rnak'") == 1
 
@@ -169,37 +244,69 @@ def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
     """AdaLoRA's config (300 iterations, tinit 30, tfinal 60, warmup 20) shortened to 50: the schedules
     keep their shape instead of failing (tinit >= total - tfinal) or leaving the LR at its peak."""
     cfg = os.path.join(HERE, "config", "finetune_shakespeare_adadora.py")
-    train.train(tiny(char_data, tmp_path / "b", max_iters=2, eval_interval=2), environ={})  # a base to fine-tune
-    short = [cfg, f"--data_dir={char_data}", f"--out_dir={tmp_path / 'ada'}", f"--init_from={tmp_path / 'b'}",
-             "--device=cpu", "--max_iters=50", "--eval_interval=50", "--eval_iters=2", "--batch_size=4", "--block_size=32"]
+    train.train(
+        tiny(char_data, tmp_path / "b", max_iters=2, eval_interval=2), environ={}
+    )  # a base to fine-tune
+    short = [
+        cfg,
+        f"--data_dir={char_data}",
+        f"--out_dir={tmp_path / 'ada'}",
+        f"--init_from={tmp_path / 'b'}",
+        "--device=cpu",
+        "--max_iters=50",
+        "--eval_interval=50",
+        "--eval_iters=2",
+        "--batch_size=4",
+        "--block_size=32",
+    ]
     capsys.readouterr()
     train.train(short, environ={})
     rows = [r for r in plots.read_metrics(str(tmp_path / "ada")) if r["train_loss"] is not None]
     out = capsys.readouterr().out
-    assert "max_iters 300 -> 50" in out and "adalora_tinit 30 -> 5" in out and "lr_decay_iters 300 -> 50" in out
-    assert rows[-1]["lr"] == pytest.approx(train.get_lr(rows[-1]["iter"], dict(train.DEFAULTS, learning_rate=2e-3, min_lr=2e-4,
-                                                                 warmup_iters=3, lr_decay_iters=50)))
+    assert (
+        "max_iters 300 -> 50" in out and "adalora_tinit 30 -> 5" in out and "lr_decay_iters 300 -> 50" in out
+    )
+    assert rows[-1]["lr"] == pytest.approx(
+        train.get_lr(
+            rows[-1]["iter"],
+            dict(train.DEFAULTS, learning_rate=2e-3, min_lr=2e-4, warmup_iters=3, lr_decay_iters=50),
+        )
+    )
     assert rows[-1]["lr"] < 0.5 * 2e-3  # the cosine has come down, not stayed at the peak
     assert rows[-1]["rank_budget"] < rows[0]["rank_budget"]  # the budget fell within the shorter run
 
 
-def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(char_data, tmp_path, monkeypatch, capsys):
+def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(
+    char_data, tmp_path, monkeypatch, capsys
+):
     """USE_LORA=True python train.py (init_from='auto'): the trained base the pretraining config or the
     demo wrote, its context taken when block_size exceeds it; none there: one line saying what to run."""
     monkeypatch.setattr(checkpoint, "AUTO_BASES", (str(tmp_path / "none"), str(tmp_path / "base")))
     with pytest.raises(ConfigError, match="needs a trained base and none is in .*run `make demo`"):
         train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
-    train.train(tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"), environ={})
-    assert load_checkpoint(str(tmp_path / "base"))["config"]["init_from"] == "scratch"  # pretraining: a new model
+    train.train(
+        tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"),
+        environ={},
+    )
+    assert (
+        load_checkpoint(str(tmp_path / "base"))["config"]["init_from"] == "scratch"
+    )  # pretraining: a new model
     lora = tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6)
-    with pytest.raises(ConfigError, match="--block_size=32 exceeds the model's context 16"):  # asked for: refused
+    with pytest.raises(
+        ConfigError, match="--block_size=32 exceeds the model's context 16"
+    ):  # asked for: refused
         train.train(lora, environ={})
     capsys.readouterr()
     t0 = time.time()
-    last = train.train([a for a in lora if not a.startswith("--block_size")], environ={})  # the default 256: lowered
+    last = train.train(
+        [a for a in lora if not a.startswith("--block_size")], environ={}
+    )  # the default 256: lowered
     wall = time.time() - t0
     out = capsys.readouterr().out
-    assert f"fine-tunes the trained base in {tmp_path / 'base'}/" in out and "block_size 256 -> 16, the context" in out
+    assert (
+        f"fine-tunes the trained base in {tmp_path / 'base'}/" in out
+        and "block_size 256 -> 16, the context" in out
+    )
     ckpt = load_checkpoint(str(tmp_path / "a"))
     assert ckpt["config"]["init_from"] == str(tmp_path / "base") and ckpt["model_args"]["block_size"] == 16
     # the run's mean speed leaves evals and saves out: above the naive tokens / wall time of the call
@@ -208,7 +315,13 @@ def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(cha
 
 
 def test_env_vars_select_lora(char_data, tmp_path):
-    env = {"USE_LORA": "True", "LORA_RANK": "2", "LORA_ALPHA": "4", "LORA_DROPOUT": "0.05", "TEST_MODE": "True"}
+    env = {
+        "USE_LORA": "True",
+        "LORA_RANK": "2",
+        "LORA_ALPHA": "4",
+        "LORA_DROPOUT": "0.05",
+        "TEST_MODE": "True",
+    }
     last = train.train([f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cpu"], environ=env)
     assert last["iter"] == train.TEST_MODE["max_iters"]
     info = load_checkpoint(str(tmp_path))["adapter"]
@@ -228,9 +341,22 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     torch.manual_seed(0)
     hf = tmp_path / "gpt2-tiny"
     hf.mkdir()
-    write_hf_gpt2(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257, bias=True)), hf)
-    train.train(tiny(str(data), tmp_path / "out", init_from=str(hf), adapter="lora", lora_rank=2, max_iters=10,
-                     eval_interval=10, learning_rate=1e-2), environ={})
+    write_hf_gpt2(
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257, bias=True)), hf
+    )
+    train.train(
+        tiny(
+            str(data),
+            tmp_path / "out",
+            init_from=str(hf),
+            adapter="lora",
+            lora_rank=2,
+            max_iters=10,
+            eval_interval=10,
+            learning_rate=1e-2,
+        ),
+        environ={},
+    )
     ckpt = load_checkpoint(str(tmp_path / "out"))
     assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 32  # cropped
     v = evals(tmp_path / "out")
@@ -241,33 +367,60 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
 # bad input
 
 
-@pytest.mark.parametrize("argv, error, message", [
-    (["--lora_rnak=4"], ConfigError, "unknown config key 'lora_rnak'"),
-    (["--max_iters=ten"], ConfigError, "max_iters must be int"),
-    (["--adapter=lorax"], ConfigError, "adapter must be one of"),
-    (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin: run `python prepare.py"),
-    (["--FORMAT=x"], ConfigError, "unknown config key 'FORMAT'"),
-    (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
-    (["--compile_mode=fast"], ConfigError, "compile_mode must be one of"),
-    (["--adapter=sublora", "--allocation_mode=learned", "--sublora_gate_grad_width=2"], AdapterError, "gate_grad_width"),
-    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head:8"], ConfigError,
-     "item 'lm_head:8' is not 'pattern=rank'"),
-    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head=0"], ConfigError, "with a rank >= 1"),
-    (["--adapter=adalora", "--init_from=scratch", "--lora_rank_pattern=lm_head=8"], ConfigError,
-     "not adalora .its ranks come from lora_rank and"),
-    (["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=mlp.c_fcx=8"], AdapterError,
-     "rank pattern 'mlp.c_fcx' matches no adapted layer"),
-])
+@pytest.mark.parametrize(
+    "argv, error, message",
+    [
+        (["--lora_rnak=4"], ConfigError, "unknown config key 'lora_rnak'"),
+        (["--max_iters=ten"], ConfigError, "max_iters must be int"),
+        (["--adapter=lorax"], ConfigError, "adapter must be one of"),
+        (["--data_dir=/nonexistent/dir"], train.DataError, "no train.bin: run `python prepare.py"),
+        (["--FORMAT=x"], ConfigError, "unknown config key 'FORMAT'"),
+        (["--init_from=/nonexistent/ckpt.pt"], ConfigError, "not 'scratch'"),
+        (["--compile_mode=fast"], ConfigError, "compile_mode must be one of"),
+        (
+            ["--adapter=sublora", "--allocation_mode=learned", "--sublora_gate_grad_width=2"],
+            AdapterError,
+            "gate_grad_width",
+        ),
+        (
+            ["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head:8"],
+            ConfigError,
+            "item 'lm_head:8' is not 'pattern=rank'",
+        ),
+        (
+            ["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=lm_head=0"],
+            ConfigError,
+            "with a rank >= 1",
+        ),
+        (
+            ["--adapter=adalora", "--init_from=scratch", "--lora_rank_pattern=lm_head=8"],
+            ConfigError,
+            "not adalora .its ranks come from lora_rank and",
+        ),
+        (
+            ["--adapter=lora", "--init_from=scratch", "--lora_rank_pattern=mlp.c_fcx=8"],
+            AdapterError,
+            "rank pattern 'mlp.c_fcx' matches no adapted layer",
+        ),
+    ],
+)
 def test_bad_config(argv, error, message, char_data, tmp_path):
     with pytest.raises(error, match=message):
         train.train([f"--out_dir={tmp_path}", "--device=cpu", f"--data_dir={char_data}", *argv], environ={})
 
 
 def test_cli_prints_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--lora_rnak=4"], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), "--lora_rnak=4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: unknown config key 'lora_rnak'")
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith(
+        "error: unknown config key 'lora_rnak'"
+    )
 
 
 def test_corrupt_and_foreign_checkpoints(pretrained, char_data, tmp_path):
@@ -277,8 +430,11 @@ def test_corrupt_and_foreign_checkpoints(pretrained, char_data, tmp_path):
     (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    for name, message in (("cut.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
-                          ("foreign.pt", "not a checkpoint of this repo")):
+    for name, message in (
+        ("cut.pt", "not a readable checkpoint"),
+        ("text.pt", "not a readable checkpoint"),
+        ("foreign.pt", "not a checkpoint of this repo"),
+    ):
         with pytest.raises(CheckpointError, match=message):
             train.train(tiny(char_data, tmp_path / "o", init_from=str(tmp_path / name)), environ={})
         with pytest.raises(CheckpointError, match=message):
@@ -339,8 +495,18 @@ def test_a_fine_tune_computes_as_its_base_did(char_data, tmp_path, capsys):
     --dropout wins."""
     train.train(tiny(char_data, tmp_path / "base", max_iters=40, eval_interval=40, dropout=0.0), environ={})
     base_val = evals(tmp_path / "base")[-1]
-    args = [a for a in tiny(char_data, tmp_path / "lora", adapter="lora", init_from=str(tmp_path / "base"), max_iters=10,
-                            eval_interval=10) if not a.startswith("--dropout")]
+    args = [
+        a
+        for a in tiny(
+            char_data,
+            tmp_path / "lora",
+            adapter="lora",
+            init_from=str(tmp_path / "base"),
+            max_iters=10,
+            eval_interval=10,
+        )
+        if not a.startswith("--dropout")
+    ]
     capsys.readouterr()
     train.train(args, environ={})
     assert "dropout 0.2 -> 0.0, the base's" in capsys.readouterr().out
@@ -359,10 +525,14 @@ def test_a_resume_keeps_the_adapter_it_trained(pretrained, char_data, tmp_path):
     kw = dict(init_from=pretrained, adapter="lora", lora_rank=2, lora_alpha=4.0, max_iters=4, eval_interval=4)
     train.train(tiny(char_data, out, **kw), environ={})
     for bad in (dict(lora_rank=16), dict(lora_alpha=8.0, lora_targets="lm_head")):
-        with pytest.raises(CheckpointError, match="the checkpoint being resumed has .*drop " +
-                           ", ".join(f"--{k}" for k in bad)):
+        with pytest.raises(
+            CheckpointError,
+            match="the checkpoint being resumed has .*drop " + ", ".join(f"--{k}" for k in bad),
+        ):
             train.train(tiny(char_data, out, **dict(kw, init_from="resume", max_iters=8, **bad)), environ={})
-    plain = [a for a in tiny(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)]
+    plain = [
+        a for a in tiny(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)
+    ]
     train.train(plain, environ={})  # lora_rank and lora_alpha left at train.py's defaults (8, 16.0)
     ckpt = load_checkpoint(str(out))
     assert ckpt["iter_num"] == 8 and (ckpt["config"]["lora_rank"], ckpt["config"]["lora_alpha"]) == (2, 4.0)
@@ -374,15 +544,32 @@ def test_a_fine_tune_of_a_fine_tune_keeps_its_untied_head(char_data, pretrained,
     from the token embedding. The new run's checkpoint holds the two tensors, and build_model gives
     back each one bit for bit (tying them again would overwrite one with the other)."""
     first, second = tmp_path / "first", tmp_path / "second"
-    train.train(tiny(char_data, first, adapter="lora", lora_rank=2, init_from=pretrained, learning_rate=5e-2,
-                     max_iters=4, eval_interval=4), environ={})
-    train.train(tiny(char_data, second, adapter="lora", lora_rank=2, init_from=str(first), max_iters=4,
-                     eval_interval=4), environ={})
+    train.train(
+        tiny(
+            char_data,
+            first,
+            adapter="lora",
+            lora_rank=2,
+            init_from=pretrained,
+            learning_rate=5e-2,
+            max_iters=4,
+            eval_interval=4,
+        ),
+        environ={},
+    )
+    train.train(
+        tiny(
+            char_data, second, adapter="lora", lora_rank=2, init_from=str(first), max_iters=4, eval_interval=4
+        ),
+        environ={},
+    )
     ckpt = checkpoint.load_checkpoint(str(second))
     assert ckpt["model_args"]["tie_word_embeddings"] is False
     assert not torch.equal(ckpt["model"]["transformer.wte.weight"], ckpt["model"]["lm_head.base.weight"])
     state = checkpoint.build_model(ckpt).state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
-    del ckpt["model_args"]["tie_word_embeddings"]  # as a checkpoint written before the flag: the tensors decide
+    del ckpt["model_args"][
+        "tie_word_embeddings"
+    ]  # as a checkpoint written before the flag: the tensors decide
     state = checkpoint.build_model(ckpt).state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
