@@ -124,10 +124,14 @@ class AdapterLinear(nn.Module):
             return self.base(x)
         B, A, s = self.factors()  # ΔW = s·B A, each family's own
         W, xd = self.frozen_weight(), self.lora_dropout(x)
+        b = self.base.bias if self.magnitude is None else None  # DoRA adds the bias after its rescale
+        if fused_pays(x):  # CUDA, eager: measured 1.67x -> 1.05x of full fine-tuning's step (docs/bench.md)
+            y = fused_lora_linear(x, xd, W, b, A, B, s)
+        else:
+            y = F.linear(x, W, b) + s * (xd @ A.T) @ B.T  # y = x Wᵀ + b + s (xd Aᵀ) Bᵀ
         if self.magnitude is None:
-            return lora_linear(x, xd, W, self.base.bias, A, B, s)  # y = x Wᵀ + b + s (xd Aᵀ) Bᵀ
+            return y
         # DoRA (Liu et al. 2024, eq. 5): y = m / ‖W + ΔW‖ ⊙ (x Wᵀ + s (xd Aᵀ) Bᵀ) + b, the norm detached (§4.3)
-        y = lora_linear(x, xd, W, None, A, B, s)
         y = y * (self.magnitude / self.weight_norm((B, A, s)).to(self.magnitude.dtype)).to(y.dtype)
         return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
 
@@ -2327,17 +2331,24 @@ def merge_adapters(model):
 # -----------------------------------------------------------------------------
 # speed: LoRA's forward and backward as three and five GEMMs, no pass over the output. Measured on
 # an H100 (bf16, eager, GPT-2 small, 8 x 1024 tokens): LoRA's step from 1.67x to 1.05x full
-# fine-tuning's. FUSED_LORA = False gives every layer the plain path, this function's test oracle.
+# fine-tuning's; compiled, the plain line was as fast, and on a CPU it is not slower (docs/bench.md).
+# So it runs on CUDA in eager mode only. FUSED_LORA: 'cuda' (that), 'always' (any device, eager: its
+# tests and bench.py's --fused rows), 'never' (the plain line everywhere, its test oracle).
 
-FUSED_LORA = True
+FUSED_LORA = "cuda"
 
 
-def lora_linear(x, xd, W, b, A, B, s):
-    """y = x Wᵀ + b + s (xd Aᵀ) Bᵀ (xd: the dropped-out x)."""
-    if not FUSED_LORA:
-        return F.linear(x, W, b) + s * ((xd @ A.T) @ B.T)
+def fused_pays(x):
+    """Whether AdapterLinear.forward takes the fused path for input x (see FUSED_LORA)."""
+    device_ok = FUSED_LORA == "always" or (FUSED_LORA == "cuda" and x.is_cuda)
+    return device_ok and not torch.compiler.is_compiling()
+
+
+def fused_lora_linear(x, xd, W, b, A, B, s):
+    """y = x Wᵀ + b + s (xd Aᵀ) Bᵀ (xd: the dropped-out x) as _LoRALinear, in the dtype a Linear would
+    compute in (autocast's, or x's)."""
     autocasting = x.device.type in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if autocasting else x.dtype  # what a Linear computes x in
+    dt = torch.get_autocast_dtype(x.device.type) if autocasting else x.dtype
     cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
     return _LoRALinear.apply(cast(x), None if xd is x else cast(xd), cast(W), cast(b), cast(A), cast(B), s)
 

@@ -9,6 +9,7 @@ README's table is a ratio taken within one run.
     python bench.py --device=cuda --compile=both   # every method eager and torch.compile'd, side by side
     python bench.py --quick=True              # a tiny model, seconds: what the test runs
     python bench.py --methods=full,lora,dora  # a subset
+    python bench.py --fused=True              # beside each adapter row, the fused 3-GEMM path forced on
     python bench.py --profile=dora            # also write a torch.profiler trace of one DoRA step
 
 Writes out_dir/bench.json and out_dir/bench.md (the README table).
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+import adapters
 from adapters import config_keys, count_params, family_of, find_targets, fused_on_cuda, merge_adapters
 from configurator import (
     COMPILE_MODES,
@@ -39,6 +41,7 @@ from model import GPT, GPTConfig
 size = ""  # 'baby' | 'large' | 'both' | 'gpu'; '' = 'gpu' on CUDA, 'both' elsewhere
 methods = ""  # comma-separated subset of METHODS; '' = all
 compile = "False"  # 'True': torch.compile every model; 'both': eager and compiled rows ('<method>+compile')
+fused = False  # True: beside each adapter row a '<method>+fused' row, the fused 3-GEMM path forced on
 compile_mode = "default"  # torch.compile's mode: 'default' | 'reduce-overhead' (CUDA graphs) | 'max-autotune'
 profile = ""  # a method name: write out_dir/trace_<method>.json (chrome trace of one step)
 reps = 3  # interleaved repetitions
@@ -119,6 +122,20 @@ class Method:
         self.model, self.family, self.optimizers = model, family, optimizers
         self.init_seconds, self.step_times = init_seconds, []
         self.forward = model  # torch.compile(model) for a compiled row
+
+
+def fused_forward(model):
+    """model's forward with AdapterLinear's fused 3-GEMM path forced on, whatever the device (its
+    backward is the one its forward chose): bench.py --fused=True's rows."""
+
+    def forward(*args):
+        default, adapters.FUSED_LORA = adapters.FUSED_LORA, "always"
+        try:
+            return model(*args)
+        finally:
+            adapters.FUSED_LORA = default
+
+    return forward
 
 
 def adam(model):
@@ -377,11 +394,16 @@ def bench_size(size_name, c):
         names = [n for name in names for n in (name, name + "+compile")]
     elif which == "True":
         names = [name + "+compile" for name in names]
+    if c["fused"]:
+        fusable = lambda n: not n.startswith(("full", "peft_", "sublora")) and "+" not in n  # noqa: E731
+        names = [n for name in names for n in ([name, name + "+fused"] if fusable(name) else [name])]
     methods = {}
     for name in names:
-        methods[name] = build(name.removesuffix("+compile"), base, c)
+        methods[name] = build(name.removesuffix("+compile").removesuffix("+fused"), base, c)
         if name.endswith("+compile"):
             methods[name].forward = torch.compile(methods[name].model, mode=c["compile_mode"])
+        if name.endswith("+fused"):
+            methods[name].forward = fused_forward(methods[name].model)
         print(
             f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
             f"init {methods[name].init_seconds * 1000:.1f}ms",
@@ -416,7 +438,7 @@ def bench_size(size_name, c):
         m = methods[name]
         t = statistics.median(m.step_times)
         compiled = name.endswith("+compile")
-        plain = name.removesuffix("+compile")
+        plain = name.removesuffix("+compile").removesuffix("+fused")
         merged = (
             merge_adapters(copy.deepcopy(m.model)) if not plain.startswith(("full", "peft_")) else m.model
         )

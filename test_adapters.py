@@ -293,7 +293,7 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     """The 3-GEMM forward / 5-GEMM backward against torch's finite differences (float64): every input
     that trains or carries a gradient (x, the dropped-out x, A, B) gets the gradient of
     x Wᵀ + b + s (xd Aᵀ) Bᵀ."""
-    from adapters import lora_linear
+    from adapters import fused_lora_linear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -304,9 +304,9 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     B = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
     inputs = (x, xd, A, B) if dropout else (x, A, B)
     fn = (
-        (lambda x, xd, A, B: lora_linear(x, xd, W, b, A, B, 0.7))
+        (lambda x, xd, A, B: fused_lora_linear(x, xd, W, b, A, B, 0.7))
         if dropout
-        else (lambda x, A, B: lora_linear(x, x, W, b, A, B, 0.7))
+        else (lambda x, A, B: fused_lora_linear(x, x, W, b, A, B, 0.7))
     )
     assert torch.autograd.gradcheck(fn, inputs)
     want = x @ W.T + (0 if b is None else b) + 0.7 * (xd @ A.T) @ B.T
@@ -327,7 +327,7 @@ FAMILY_SETTINGS = {
 
 @pytest.mark.parametrize("name", list(FAMILY_SETTINGS))
 def test_fused_path_equals_the_plain_forward(name, monkeypatch):
-    """The fused 3-GEMM layer (FUSED_LORA) against the plain forward, its oracle: in float64 with dropout
+    """The fused 3-GEMM layer (FUSED_LORA='always') against the plain forward, its oracle: in float64 with dropout
     off the loss and every gradient agree to rounding; under bf16 autocast the two stay as close to
     the float64 loss as each other."""
     import adapters
@@ -344,7 +344,7 @@ def test_fused_path_equals_the_plain_forward(name, monkeypatch):
     idx = tokens()
 
     def run(fused, model, autocast=False):
-        monkeypatch.setattr(adapters, "FUSED_LORA", fused)
+        monkeypatch.setattr(adapters, "FUSED_LORA", "always" if fused else "never")
         model = copy.deepcopy(model)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             loss = model(idx, idx)[1]
@@ -373,3 +373,40 @@ def test_regularisers_ignore_autocast():
         with torch.autocast("cpu", torch.bfloat16):
             under = term(model)
         assert under.dtype == torch.float32 and torch.equal(under, term(model)), kind
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "sora", "adalora"])
+def test_the_plain_line_is_the_line_that_runs(kind, monkeypatch):
+    """Edit the formula as a researcher would (a tanh between A and B, in AdapterLinear.forward's own
+    source) and the CPU output follows the edit: the forward computes the line it shows. The edited
+    model equals an independent computation of W x + b + s·B tanh(A x) (DoRA: rescaled per row)."""
+    import inspect
+    import textwrap
+
+    import adapters
+
+    source = textwrap.dedent(inspect.getsource(adapters.AdapterLinear.forward))
+    plain = "F.linear(x, W, b) + s * (xd @ A.T) @ B.T"
+    assert source.count(plain) == 1, "the plain formula is written once in AdapterLinear.forward"
+    namespace = {}
+    exec(
+        source.replace(plain, "F.linear(x, W, b) + s * torch.tanh(xd @ A.T) @ B.T"), vars(adapters), namespace
+    )
+    model = tiny("gpt")
+    inject_adapters(model, kind, rank=2, targets=["lm_head"])
+    layer = adapter_layers(model)["lm_head"]
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if n in ("lora_B", "lora_E", "gate"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    x = torch.randn(3, layer.in_features)
+    before = layer(x)
+    monkeypatch.setattr(adapters.AdapterLinear, "forward", namespace["forward"])
+    after = layer(x)
+    B, A, s = (t.detach() if torch.is_tensor(t) else t for t in layer.factors())
+    W = layer.base.weight.detach()
+    want = x @ W.T + s * torch.tanh(x @ A.T) @ B.T
+    if layer.magnitude is not None:
+        want = want * (layer.magnitude / (W + s * B @ A).norm(dim=1)).detach()
+    torch.testing.assert_close(after, want)
+    assert not torch.allclose(after, before)

@@ -212,7 +212,7 @@ def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None, autoc
     compiled = torch.compile(model, backend=counter)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        # bf16: the FactorBank casts, and 8 x 16 tokens take the merged-weight GEMM (lora_linear)
+        # bf16: the adapter factors cast to the autocast dtype
         x = torch.randint(65, (8 if autocast else 2, 16), generator=gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             loss = compiled(x, x)[1]
