@@ -28,12 +28,44 @@ the Family hooks; LoRA / DoRA; SoRA; AdaLoRA / AdaDoRA; Rotational PiSSA; SubLoR
 state and merge; the fused speed path; the registry.
 """
 
+__all__ = [  # the public API (README's "Python API"); everything else is this file's own
+    "AdapterError",
+    "AdapterLinear",
+    "Family",
+    "register",
+    "family_of",
+    "FAMILIES",
+    "inject_adapters",
+    "find_targets",
+    "adapter_layers",
+    "count_params",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "merge_adapters",
+    "to_lora",
+    "lora_model",
+    "effective_ranks",
+    "LoRALinear",
+    "DoRALinear",
+    "SoRALinear",
+    "SoRAOptimizer",
+    "build_sora_optimizers",
+    "AdaLoRALinear",
+    "AdaDoRALinear",
+    "RankAllocator",
+    "orthogonal_regularization",
+    "RotationalPiSSALinear",
+    "RotationalPiSSAConfig",
+    "replace_linear_with_rotational_pissa",
+    "rotation_penalty",
+    "SubLoRA",
+]
+
 import contextlib
 import copy
 import fnmatch
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -153,21 +185,37 @@ class AdapterLinear(nn.Module):
             cross = torch.addmm(W @ A.T, B, A @ A.T, beta=2.0 * s, alpha=s * s)  # (out, r)
             return (torch.linalg.vector_norm(W, dim=1).square() + (B * cross).sum(1)).clamp_min(0).sqrt()
 
+    def live_ranks(self):
+        """A bool mask over the factors' ranks of those in use (SoRA: g != 0, AdaLoRA: E != 0), or None
+        when every rank is."""
+        return None
+
+    @torch.no_grad()
     def as_lora(self):
-        """The plain LoRA (with DoRA's magnitude) this layer computes, on the same base: for export and
-        for every tool that reads LoRA factors. None when the layer adds nothing."""
+        """The plain LoRA (with DoRA's magnitude) this layer computes, on the same base, of its live ranks
+        alone: for export, prune and every tool that reads LoRA factors. None when the layer adds
+        nothing; a layer with no live rank but a magnitude is a zero rank-1 LoRA that still rescales W."""
         B, A, s = self.factors()
+        keep = self.live_ranks()
+        if keep is not None:
+            B, A = B[:, keep], A[keep]
+        if A.shape[0] == 0:
+            if self.magnitude is None:
+                return None
+            B, A = B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1])
+        out_ranges = getattr(self, "out_ranges", None)  # a fused q/k/v layer adapted in part stays so
         lora = LoRALinear(
             self.base,
             rank=A.shape[0],
             scaling=s,
             dropout=layer_dropout(self),
             use_dora=self.magnitude is not None,
+            out_ranges=out_ranges,
         )
-        with torch.no_grad():
-            lora.lora_A.copy_(A), lora.lora_B.copy_(B)
-            if self.magnitude is not None:
-                lora.magnitude.copy_(self.magnitude)
+        lora.lora_A.copy_(A)
+        lora.lora_B.copy_(B if lora.out_index is None else B[lora.out_index])
+        if self.magnitude is not None:
+            lora.magnitude.copy_(self.magnitude)
         lora.merged = self.merged
         return lora
 
@@ -343,10 +391,8 @@ class Family:
         Called once the model to train exists, new or resumed."""
         return [(model.configure_optimizers(weight_decay, lr, betas, device_type), lr)]
 
-    extra_weight = 0.0  # the weight of extra_loss in the loss
-
     def extra_loss(self, model):
-        """A term the family adds to the loss (× extra_weight), or None."""
+        """The weighted term the family adds to the loss (a regulariser), or None."""
         return None
 
     def before_step(self, model, it):
@@ -359,10 +405,32 @@ class Family:
         """The family's own numbers for a log row: {name: number, list or dict}."""
         return {}
 
+    prune_key = None  # a bool config key: at the end, save the adapter of the live ranks alone
+
     def finish(self, model, info):
         """At the end of a run: (adapter entry, tensors) of a smaller adapter file to write, or None.
-        May change the model in place (prune)."""
-        return None
+        With prune_key set and true, every layer becomes the plain LoRA (or DoRA) of its live ranks, in
+        place, outputs unchanged (to_lora): SoRA's zero gates and AdaLoRA's zero E dropped."""
+        if not self.prune_key or not self.c[self.prune_key]:
+            return None
+        before = sum(v.numel() for v in adapter_state_dict(model).values())
+        layers = to_lora(model)
+        kept = {n: m for n, m in layers.items() if isinstance(m, LoRALinear)}
+        state = adapter_state_dict(model)
+        ranks = sorted(getattr(m, "rank", 0) for m in layers.values())  # a base nn.Linear: rank 0
+        self.say(
+            f"pruned {self.kind}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}.."
+            f"{ranks[-1]}, median {ranks[len(ranks) // 2]}); adapter parameters {before:,} -> "
+            f"{sum(v.numel() for v in state.values()):,}"
+        )
+        pruned = dict(
+            kind="dora" if any(m.magnitude is not None for m in kept.values()) else "lora",
+            targets=[t for t in info["targets"] if t.partition(":")[0] in kept],
+            settings=dict(dropout=info["settings"]["dropout"]),
+            train_embeddings=info["train_embeddings"],
+            layers={n: dict(rank=m.rank, scaling=m.scaling) for n, m in kept.items()},
+        )
+        return pruned, state
 
     def state_dict(self):
         """What the family tracks besides the model and the optimizers, for the checkpoint."""
@@ -451,9 +519,6 @@ class LoRALinear(AdapterLinear):
     def factors(self):
         return self.full_B(), self.lora_A, self.scaling
 
-    def as_lora(self):
-        return self
-
     def extra_repr(self):
         return f"rank={self.rank}, scaling={self.scaling:g}, dora={self.magnitude is not None}, merged={self.merged}"
 
@@ -506,9 +571,6 @@ class SoRALinear(LoRALinear):
     def factors(self):
         return self.full_B(), self.gate[:, None] * self.lora_A, self.scaling  # B (diag(g) A)
 
-    def effective_rank(self):
-        return int((self.gate != 0).sum())
-
     @torch.no_grad()
     def rebalance(self):
         """Move each gate's magnitude into its column of B (B diag(g) unchanged, so the outputs are):
@@ -517,27 +579,11 @@ class SoRALinear(LoRALinear):
         self.lora_B.mul_(self.gate.abs())
         self.gate.copy_(torch.sign(self.gate))
 
-    @torch.no_grad()
-    def as_lora(self):
-        """The LoRA of rank nnz(g) with identical outputs: zero-gated ranks dropped, g baked into B.
-        None when every gate is zero (the layer is its base alone)."""
-        keep = self.gate != 0
-        if not keep.any():
-            return None
-        lora = LoRALinear(
-            self.base,
-            rank=int(keep.sum()),
-            dropout=layer_dropout(self),
-            scaling=self.scaling,
-            out_ranges=self.out_ranges,
-        )
-        lora.lora_A.copy_(self.lora_A[keep])
-        lora.lora_B.copy_((self.lora_B * self.gate)[:, keep])
-        lora.merged = self.merged
-        return lora
+    def live_ranks(self):
+        return self.gate != 0
 
     def extra_repr(self):
-        return super().extra_repr() + f", effective_rank={self.effective_rank()}"
+        return super().extra_repr() + f", effective_rank={int(self.live_ranks().sum())}"
 
 
 def fused_on_cuda(params):
@@ -643,7 +689,8 @@ def lambda_schedule(start, stop, levels, spacing="linear"):
 def effective_ranks(model):
     """{layer name: ranks in use} for every layer with a sparse rank: nnz(gate) for SoRA, nnz(E) for
     AdaLoRA / AdaDoRA."""
-    return {n: m.effective_rank() for n, m in adapter_layers(model).items() if hasattr(m, "effective_rank")}
+    layers = adapter_layers(model).items()
+    return {n: int(m.live_ranks().sum()) for n, m in layers if m.live_ranks() is not None}
 
 
 def rank_report(model):
@@ -655,34 +702,13 @@ def rank_report(model):
     return {"effective_rank": ranks, "adapter_params_remaining": remaining}
 
 
-def prune_sora_model(model):
-    """Replace every SoRA layer by the plain LoRA of its non-zero ranks (outputs unchanged), or by its
-    base Linear when all its gates are zero. Returns {name: kept rank}; save with adapter_state_dict."""
-    new = replace_layers(
-        model, lambda name, layer: layer.as_lora() if isinstance(layer, SoRALinear) else layer
-    )
-    return {n: getattr(m, "rank", 0) for n, m in new.items()}  # a base nn.Linear: rank 0
-
-
-def merge_sora_model(model):
-    """Fold s · B diag(g) A into every base weight and drop the branches (merge_adapters)."""
-    return merge_adapters(model)
-
-
-def pruned_summary(kind, kept, before, after):
-    ranks = sorted(kept.values())
-    return (
-        f"pruned {kind}: {sum(ranks)} ranks kept in {len(ranks)} layers (per layer {ranks[0]}..{ranks[-1]}, median "
-        f"{ranks[len(ranks) // 2]}); adapter parameters {before:,} -> {after:,}"
-    )
-
-
 class SoRA(Family):
     """λ schedule: sora_lambda, raised to sora_lambda_max in sora_lambda_levels levels of sora_lambda_every
     iterations; the last sora_tune_iters iterations at λ = 0 with the zero gates held (SoRALinear.rebalance
     first). finish: the plain LoRA of the kept ranks, adapter_pruned.safetensors."""
 
     kind, layer = "sora", SoRALinear
+    prune_key = "sora_prune"
     keys = {
         "sora_lambda": (
             0.1,
@@ -770,29 +796,9 @@ class SoRA(Family):
     def stats(self, model):
         return dict(sora_lambda=self.gates.sparse_lambda, **rank_report(model))
 
-    def finish(self, model, info):
-        if not self.c["sora_prune"]:
-            return None
-        before = sum(v.numel() for v in adapter_state_dict(model).values())
-        kept = prune_sora_model(model)
-        layers = adapter_layers(model)
-        pruned = dict(
-            kind="lora",
-            targets=[t for t in info["targets"] if kept[t.partition(":")[0]]],
-            settings=dict(dropout=info["settings"]["dropout"]),
-            train_embeddings=info["train_embeddings"],
-            layers={n: dict(rank=r, scaling=layers[n].scaling) for n, r in kept.items() if r},
-        )
-        state = adapter_state_dict(model)
-        self.say(pruned_summary("sora", kept, before, sum(v.numel() for v in state.values())))
-        return pruned, state
-
 
 # -----------------------------------------------------------------------------
 # AdaLoRA / AdaDoRA: SVD-form adapter, importance-based rank allocation, orthogonality, slicing
-
-
-UNALLOCATED_WARNING_AFTER = 100
 
 
 class AdaLoRALinear(AdapterLinear):
@@ -810,66 +816,17 @@ class AdaLoRALinear(AdapterLinear):
         self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, **kw) * 0.02)
         self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(rank, **kw))
-        self.forwards_since_allocation = 0
 
     def factors(self):
         return self.lora_B, self.lora_E[:, None] * self.lora_A, self.scaling  # B (diag(E) A), as peft
 
-    def forward(self, x):
-        # a training loop that never calls RankAllocator.update_and_allocate trains a plain, fixed-rank
-        # SVD adapter: say so once (not while torch.compile traces, which a counter would re-trigger)
-        if self.training and not torch.compiler.is_compiling():
-            self.forwards_since_allocation += 1
-            if self.forwards_since_allocation == UNALLOCATED_WARNING_AFTER:
-                warnings.warn(
-                    f"AdaLoRA layers ran {UNALLOCATED_WARNING_AFTER} training forwards without "
-                    "RankAllocator.update_and_allocate(step): no rank is being allocated. Call it after "
-                    "optimizer.step() and before optimizer.zero_grad()",
-                    stacklevel=2,
-                )
-        return super().forward(x)
-
-    def effective_rank(self):
-        return int((self.lora_E != 0).sum())
-
-    @torch.no_grad()
-    def keep_ranks(self, keep):
-        """The same layer with only the ranks in the bool mask `keep` (same outputs when the others
-        have E = 0): what an adapter-only save sliced to the allocated ranks holds."""
-        layer = AdaLoRALinear(
-            self.base,
-            rank=int(keep.sum()),
-            dropout=layer_dropout(self),
-            use_dora=self.magnitude is not None,
-            ranknum=self.ranknum,
-        )
-        layer.scaling = self.scaling
-        for name in ("lora_A", "lora_E"):
-            getattr(layer, name).copy_(getattr(self, name)[keep])
-        layer.lora_B.copy_(self.lora_B[:, keep])
-        if self.magnitude is not None:
-            layer.magnitude.copy_(self.magnitude)
-        layer.merged = self.merged
-        return layer
-
-    def as_lora(self):
-        """The LoRA of the ranks with E != 0, B' = B diag(E) (DoRA's magnitude kept); a layer that kept no
-        rank but has a magnitude still rescales W: a zero rank-1 LoRA with it."""
-        layer = self.keep_ranks(self.lora_E != 0)
-        if layer.rank == 0:
-            if self.magnitude is None:
-                return None
-            lora = LoRALinear(self.base, rank=1, scaling=1.0, dropout=layer_dropout(self), use_dora=True)
-            with torch.no_grad():
-                lora.lora_A.zero_(), lora.magnitude.copy_(self.magnitude)
-            lora.merged = self.merged
-            return lora
-        return AdapterLinear.as_lora(layer)
+    def live_ranks(self):
+        return self.lora_E != 0
 
     def extra_repr(self):
         return (
             f"rank={self.rank}, ranknum={self.ranknum}, scaling={self.scaling:g}, "
-            f"dora={self.magnitude is not None}, effective_rank={self.effective_rank()}"
+            f"dora={self.magnitude is not None}, effective_rank={int(self.live_ranks().sum())}"
         )
 
 
@@ -878,6 +835,20 @@ class AdaDoRALinear(AdaLoRALinear):
 
     def __init__(self, base: nn.Linear, **settings):
         super().__init__(base, use_dora=True, **settings)
+
+
+def check_schedule(init_r, target_r, total_step, tinit, tfinal):
+    """AdaLoRA's budget schedule must fit: 1 <= target_r <= init_r and 0 <= tinit < total_step - tfinal
+    (train.py's keys: lora_rank, adalora_target_r, max_iters, adalora_tinit, adalora_tfinal)."""
+    if not 0 < target_r <= init_r:
+        raise AdapterError(
+            f"target_r must be in 1..init rank {init_r} (adalora_target_r <= lora_rank), got {target_r}"
+        )
+    if not 0 <= tinit < total_step - tfinal:
+        raise AdapterError(
+            f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, tfinal={tfinal}, "
+            f"total_step={total_step}: lower --adalora_tinit / --adalora_tfinal or raise --max_iters"
+        )
 
 
 class RankAllocator:
@@ -899,14 +870,7 @@ class RankAllocator:
                 "RankAllocator needs AdaLoRA layers: inject_adapters(model, 'adalora' or 'adadora')"
             )
         self.init_r = next(iter(self.layers.values())).rank
-        if not 0 < target_r <= self.init_r:
-            raise AdapterError(f"target_r must be in 1..init rank {self.init_r}, got {target_r}")
-        if not 0 <= tinit < total_step - tfinal:
-            raise AdapterError(
-                f"AdaLoRA needs 0 <= tinit < total_step - tfinal, got tinit={tinit}, "
-                f"tfinal={tfinal}, total_step={total_step}: lower --adalora_tinit / --adalora_tfinal "
-                "or raise --max_iters"
-            )
+        check_schedule(self.init_r, target_r, total_step, tinit, tfinal)
         self.target_r, self.total_step, self.tinit, self.tfinal, self.deltaT = (
             target_r,
             total_step,
@@ -1004,8 +968,8 @@ class RankAllocator:
 
     @torch.no_grad()
     def mask_to_budget(self, budget):
-        """Zero the E entries of the (total - budget) lowest-scoring ranks over all layers. The anchors
-        mask score <= kthvalue; taking exactly the k lowest keeps the count exact under ties."""
+        """Zero the E entries of the (total - budget) lowest-scoring ranks over all layers. PEFT and
+        QingruZhang/AdaLoRA mask score <= kthvalue; taking exactly the k lowest keeps the count exact under ties."""
         flat = self.flat_rank_scores()
         keep = torch.ones_like(flat, dtype=torch.bool)
         keep[torch.argsort(flat)[: len(flat) - budget]] = False
@@ -1024,8 +988,6 @@ class RankAllocator:
         """After optimizer.step(), before zero_grad(). Returns the budget in force. As peft's
         AdaLoraModel.update_and_allocate: the importance is updated only while step < total_step -
         tfinal; at that step the final mask is built from it, and re-applied at every later step."""
-        for layer in self.layers.values():
-            layer.forwards_since_allocation = 0
         final_step = self.total_step - self.tfinal
         if self.final_mask is not None and step > final_step:
             self.apply_mask(self.final_mask)  # re-applied every step: masked E would regrow
@@ -1095,24 +1057,13 @@ def orthogonal_regularization(model):
         return torch.cat(terms).mean()
 
 
-def slice_adalora_model(model):
-    """Replace every AdaLoRA layer by one holding only its ranks with E != 0 (same outputs), so that
-    adapter_state_dict() is as small as the allocated budget. Returns {name: kept rank}."""
-    new = replace_layers(
-        model,
-        lambda name, layer: (
-            layer.keep_ranks(layer.lora_E != 0) if isinstance(layer, AdaLoRALinear) else layer
-        ),
-    )
-    return {n: m.rank for n, m in new.items() if isinstance(m, AdaLoRALinear)}
-
-
 class AdaLoRA(Family):
     """lora_rank is the initial rank; RankAllocator lowers the budget to adalora_target_r per layer on
     average (PEFT's schedule), after every optimizer step. finish: only the ranks with E != 0,
     adapter_pruned.safetensors."""
 
     kind, layer = "adalora", AdaLoRALinear
+    prune_key = "adalora_prune"
     rank_pattern, ranks_from = False, "lora_rank and the allocator"
     keys = {
         "adalora_target_r": (4, "[1, inf)", "average rank per layer at the end"),
@@ -1137,20 +1088,9 @@ class AdaLoRA(Family):
     def check(self):
         super().check()
         c = self.c
-        if not c["adalora_target_r"] <= c["lora_rank"]:
-            raise AdapterError(
-                f"adalora_target_r must be in 1..lora_rank {c['lora_rank']}, got {c['adalora_target_r']}"
-            )
-        if not c["adalora_tinit"] < c["max_iters"] - c["adalora_tfinal"]:
-            raise AdapterError(
-                f"AdaLoRA needs adalora_tinit < max_iters - adalora_tfinal, got adalora_tinit="
-                f"{c['adalora_tinit']}, adalora_tfinal={c['adalora_tfinal']}, max_iters={c['max_iters']}: "
-                "lower --adalora_tinit / --adalora_tfinal or raise --max_iters"
-            )
-
-    @property
-    def extra_weight(self):
-        return self.c["adalora_orth_reg_weight"]
+        check_schedule(
+            c["lora_rank"], c["adalora_target_r"], c["max_iters"], c["adalora_tinit"], c["adalora_tfinal"]
+        )
 
     def layer_settings(self):
         c = self.c
@@ -1172,7 +1112,8 @@ class AdaLoRA(Family):
         return super().optimizers(model, lr, betas, weight_decay, device_type)
 
     def extra_loss(self, model):
-        return orthogonal_regularization(model) if self.extra_weight > 0 else None
+        weight = self.c["adalora_orth_reg_weight"]
+        return weight * orthogonal_regularization(model) if weight > 0 else None
 
     def before_step(self, model, it):
         self.budget = self.allocator.budget(it)[0]
@@ -1184,17 +1125,6 @@ class AdaLoRA(Family):
 
     def stats(self, model):
         return dict(rank_budget=self.budget, **rank_report(model))
-
-    def finish(self, model, info):
-        if not self.c["adalora_prune"]:
-            return None
-        before = sum(v.numel() for v in adapter_state_dict(model).values())
-        kept = slice_adalora_model(model)
-        state = adapter_state_dict(model)
-        self.say(pruned_summary(self.kind, kept, before, sum(v.numel() for v in state.values())))
-        return dict(
-            info, layers={n: dict(rank=r, ranknum=info["settings"]["rank"]) for n, r in kept.items()}
-        ), state
 
     peft_import = ("ADALORA", False)
     peft_parts = dict(Family.peft_parts, E="lora_E")
@@ -1353,39 +1283,29 @@ class Rotation(nn.Module):
             self.generator = nn.Parameter(noise * torch.randn(r, r, **kw))
         else:
             raise AdapterError(f"pissa method must be way0, way1, way2 or way3, got {method!r}")
-        self.shapes = (method, r, tuple(tuple(p.shape) for p in self.parameters()))
 
     def forward(self):
         """R (r, r)."""
-        return self.matrix if self.method == "way0" else Rotation.batched([self])[0]
-
-    @staticmethod
-    def batched(rotations):
-        """(n, r, r): the matrices of n way 1-3 rotations of one group, a few kernels for all of them."""
-        first = rotations[0]
-        if first.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
-            angles = torch.stack([rot.angles for rot in rotations])  # (n, rounds, pairs)
-            rows = first.angle_of_row.expand(len(rotations), -1, -1)
-            theta = F.pad(angles, (0, 1)).gather(2, rows)  # (n, rounds, r): each row's angle (pad: 0)
-            eye = torch.eye(first.r, device=theta.device, dtype=theta.dtype)
+        if self.method == "way0":
+            return self.matrix
+        if self.method == "way1":  # each round as an r x r matrix, then their product as a balanced tree
+            theta = F.pad(self.angles, (0, 1)).gather(1, self.angle_of_row)  # (rounds, r): each row's angle
+            eye = torch.eye(self.r, device=theta.device, dtype=theta.dtype)
             G = (
                 torch.cos(theta)[..., None] * eye
-                + (first.givens_sign * torch.sin(theta))[..., None] * first.givens_partner
+                + (self.givens_sign * torch.sin(theta))[..., None] * self.givens_partner
             )
-            while G.shape[1] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
-                even = G.shape[1] // 2 * 2
-                G = torch.cat([G[:, 1:even:2] @ G[:, 0:even:2], G[:, even:]], dim=1)
-            return G[:, 0]
-        if first.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
-            B = torch.stack([rot.skew_B for rot in rotations]).double()
-            C = torch.stack([rot.skew_C for rot in rotations]).double()
-            K = B @ C.transpose(1, 2) - C @ B.transpose(1, 2)
-            eye = torch.eye(first.r, dtype=K.dtype, device=K.device)
-            return torch.linalg.solve(eye - K, eye + K).to(first.skew_B.dtype)
-        T = torch.stack(
-            [rot.generator for rot in rotations]
-        ).double()  # way3: exp of T - Tᵀ in fp64, cast once
-        return torch.linalg.matrix_exp(T - T.transpose(1, 2)).to(first.generator.dtype)
+            while G.shape[0] > 1:  # R = G_{n-1} ... G_1 G_0: round 0 acts first
+                even = G.shape[0] // 2 * 2
+                G = torch.cat([G[1:even:2] @ G[0:even:2], G[even:]])
+            return G[0]
+        if self.method == "way2":  # Cayley: (I - K)^-1 (I + K), exactly orthogonal (I + K alone is not)
+            B, C = self.skew_B.double(), self.skew_C.double()
+            K = B @ C.T - C @ B.T
+            eye = torch.eye(self.r, dtype=K.dtype, device=K.device)
+            return torch.linalg.solve(eye - K, eye + K).to(self.skew_B.dtype)
+        T = self.generator.double()  # way3: exp of T - Tᵀ in fp64, cast once
+        return torch.linalg.matrix_exp(T - T.T).to(self.generator.dtype)
 
     def orthogonality_error(self):
         R = self().double()
@@ -1502,11 +1422,7 @@ class RotationalPiSSALinear(AdapterLinear):
                 "a PiSSA layer with an NF4 residual computes deq(W_res) x, which no LoRA on the original "
                 "weights reproduces; export a run trained with pissa_quantize_residual=False"
             )
-        B, A, s = self.factors()
-        lora = LoRALinear(self.base, rank=2 * self.rank, scaling=s, dropout=layer_dropout(self))
-        lora.lora_A.copy_(A), lora.lora_B.copy_(B)
-        lora.merged = self.merged
-        return lora
+        return super().as_lora()
 
     def extra_repr(self):
         return f"rank={self.rank}, method={self.method}, scaling={self.scaling:g}, quantized={self.quantized}"
@@ -1540,14 +1456,6 @@ def max_orthogonality_error(model):
             if isinstance(layer, RotationalPiSSALinear)
             for e in layer.orthogonality_errors()
         )
-
-
-def export_pissa_as_lora(model):
-    """Replace every PiSSA layer by the plain rank-2r LoRA of its ΔW on the original weights, in place."""
-    replace_layers(
-        model, lambda name, layer: layer.as_lora() if isinstance(layer, RotationalPiSSALinear) else layer
-    )
-    return model
 
 
 @dataclass
@@ -1584,7 +1492,7 @@ class RotationalPiSSAConfig:
 def replace_linear_with_rotational_pissa(
     model, pissa_config, target_modules=None, adapter_name="default", freeze_base_model=True
 ):
-    """The seed design's entry point: inject Rotational PiSSA into `target_modules` and return the new
+    """PEFT-style entry point (RotationalPiSSAConfig as a PEFT config): inject Rotational PiSSA into `target_modules` and return the new
     layers by name. One adapter per layer, so adapter_name must stay 'default'. freeze_base_model=False
     leaves trainable what was trainable before."""
     if adapter_name != "default":
@@ -1635,10 +1543,6 @@ class PiSSA(Family):
         ),
     }
 
-    @property
-    def extra_weight(self):
-        return self.c["pissa_ortho_weight"] if self.c["pissa_method"] == "way0" else 0.0
-
     def layer_settings(self):
         c = self.c
         return dict(
@@ -1666,7 +1570,8 @@ class PiSSA(Family):
         return model, info
 
     def extra_loss(self, model):
-        return rotation_penalty(model) if self.extra_weight > 0 else None
+        weight = self.c["pissa_ortho_weight"] if self.c["pissa_method"] == "way0" else 0.0
+        return weight * rotation_penalty(model) if weight > 0 else None
 
     def after_step(self, model, it):
         if self.c["pissa_fold_every"] and (it + 1) % self.c["pissa_fold_every"] == 0:
@@ -1853,12 +1758,9 @@ class SubLoRA(nn.Module):
             raise AdapterError(
                 f"gate_grad_width is a share of a block's coordinates, in [0, 1]; got {gate_grad_width}"
             )
-        self.model, self.config, self.mode, self.sharpness = (
-            model,
-            model.config,
-            allocation_mode,
-            gate_sharpness,
-        )
+        self.model = model
+        self.mode = allocation_mode
+        self.sharpness = gate_sharpness
         self.gate_grad_width = gate_grad_width
         device = lora[0][1].device  # everything below is built on the device of the factors it drives
         gen = torch.Generator().manual_seed(seed)
@@ -1914,24 +1816,14 @@ class SubLoRA(nn.Module):
         # D-sized vectors); not under torch.compile, where a hook with a side effect breaks the graph
         self._grad_parts = None
 
-    # the interface train.py and sample.py use of a model
-    def position_embedding(self):
-        return self.model.position_embedding()
+    def __getattr__(self, name):  # whatever else the wrapped model provides (get_num_params, config...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
-    def get_num_params(self, non_embedding=True):
-        return self.model.get_num_params(non_embedding)
-
-    def flops_per_token(self):
-        return self.model.flops_per_token()
-
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        return self.model.estimate_mfu(fwdbwd_per_iter, dt, peak_flops)
-
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, **kwargs):  # the model's own sampling loop, run through this forward
         return type(self.model).generate(self, *args, **kwargs)
-
-    def crop_block_size(self, block_size):
-        self.model.crop_block_size(block_size)
 
     def gammas(self):
         """{block: γ_ℓ} in learned mode: the share of the block's coordinates routed to B."""
@@ -1949,7 +1841,7 @@ class SubLoRA(nn.Module):
 
     def masks(self, logits=None):
         """Learned mode's soft masks m (one (d_ℓ,) vector per block), in (0, 1), falling with the index.
-        The values are the anchor's m_i = sigmoid(C (γ d_ℓ - i)); that mask moves only the ~1/C
+        The values are the SubLoRA code's (sublora-bounds-for-llms) m_i = sigmoid(C (γ d_ℓ - i)); that mask moves only the ~1/C
         coordinates at its edge, so its gradient in γ is the noise of one or two coordinates. With
         gate_grad_width > 0 the gradient is the one of a wider mask, sigmoid((γ - i/d_ℓ) · 4 / width),
         gathered over that share of the block (straight-through: the forward is unchanged)."""
@@ -2035,7 +1927,7 @@ class SubLoRAFamily(Family):
     random base is its setting (init_from='auto' trains one from scratch)."""
 
     kind = "sublora"
-    default_targets = ("c_attn:q,v", "query", "value", "lm_head")  # the anchor's
+    default_targets = ("c_attn:q,v", "query", "value", "lm_head")  # Sanaelotfi/sublora-bounds-for-llms'
     rank_pattern = False
     scratch_base = True
     keys = {
@@ -2052,7 +1944,7 @@ class SubLoRAFamily(Family):
         "sublora_gate_grad_width": (
             0.1,
             None,
-            "learned mode: share of a block over which a gate's gradient is gathered (0 = the anchor's)",
+            "learned mode: share of a block over which a gate's gradient is gathered (0 = the SubLoRA code's)",
         ),
     }
 
@@ -2205,8 +2097,10 @@ def inject_adapters(
     dropout...); `layers` maps a module name to settings of its own (a pruned layer's rank and
     scaling); `defaults` are the patterns used when no targets are given.
     Returns the adapted module names: store them to rebuild the same model later."""
-    if kind not in ADAPTERS:
-        raise AdapterError(f"unknown adapter {kind!r}; choose one of {sorted(ADAPTERS)}")
+    layer = FAMILIES[kind].layer if kind in FAMILIES else None
+    if layer is None:
+        choices = sorted(k for k, f in FAMILIES.items() if f.layer is not None)
+        raise AdapterError(f"unknown adapter {kind!r}; choose one of {choices}")
     if any(isinstance(m, AdapterLinear) for m in model.modules()):
         raise AdapterError("the model already has adapters; merge_adapters(model) first to stack another")
     names = find_targets(model, targets, defaults)
@@ -2216,7 +2110,7 @@ def inject_adapters(
         own = dict(settings, **(layers or {}).get(name, {}))
         if parts:
             own["out_ranges"] = fused_thirds(parts, base.out_features)
-        set_module(model, name, ADAPTERS[kind](base, **own))
+        set_module(model, name, layer(base, **own))
     mark_trainable(model, train_embeddings)
     return names
 
@@ -2309,8 +2203,15 @@ def lora_model(model):
     model = copy.deepcopy(model)
     if isinstance(model, SubLoRA):
         model = model.materialize()
-    replace_layers(model, lambda name, layer: layer.as_lora())
+    to_lora(model)
     return model
+
+
+def to_lora(model):
+    """Replace every adapter layer by the plain LoRA (with DoRA's magnitude) of its live ranks, in place
+    (as_lora; a layer that adds nothing by its base nn.Linear): the outputs stay. SoRA's prune, AdaLoRA's
+    slice to the allocated ranks, PiSSA's export as rank-2r LoRA. Returns {name: what stands there}."""
+    return replace_layers(model, lambda name, layer: layer.as_lora())
 
 
 def merge_adapters(model):
@@ -2404,14 +2305,11 @@ class _LoRALinear(torch.autograd.Function):
 # register() from its own file) and every script takes it.
 
 FAMILIES = {}
-ADAPTERS = {}  # kind -> layer class, for inject_adapters (the Python API)
 
 
 def register(family):
     """Make `family` (a Family subclass) known to inject_adapters and every script by its kind."""
     FAMILIES[family.kind] = family
-    if family.layer is not None:
-        ADAPTERS[family.kind] = family.layer
     return family
 
 

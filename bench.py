@@ -232,12 +232,12 @@ class PeftFamily:
         from peft.tuners.adalora import RankAllocator as PeftRankAllocator
 
         self.adalora = isinstance(config, AdaLoraConfig)
-        self.extra_weight = config.orth_reg_weight if self.adalora else 0.0
+        self.weight = config.orth_reg_weight if self.adalora else 0.0
         self.allocator = PeftRankAllocator(model, config, "default") if self.adalora else None
         self.model = model
 
     def extra_loss(self, model):
-        return peft_orthogonal_regularization(model) if self.adalora else None
+        return self.weight * peft_orthogonal_regularization(model) if self.adalora else None
 
     def before_step(self, model, it):
         pass
@@ -273,7 +273,7 @@ def step(method, x, y, ctx, it):
         loss = method.forward(x, y)[1]
         extra = method.family.extra_loss(method.model)
         if extra is not None:
-            loss = loss + method.family.extra_weight * extra
+            loss = loss + extra
     loss.backward()
     for opt in method.optimizers:
         opt.step()

@@ -1,6 +1,6 @@
 """
-The language models: nanoGPT's GPT (loads OpenAI GPT-2 weights) and the small 'bigram' model
-of the seed design (separate key / query / value Linears). Knows nothing of adapters: those are
+The language models: nanoGPT's GPT (loads OpenAI GPT-2 weights) and a small 'bigram' model
+(separate key / query / value Linears). Knows nothing of adapters: those are
 injected by module name afterwards (adapters.py).
 
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65))
@@ -429,7 +429,7 @@ def _init_weights(module):
 
 
 # -----------------------------------------------------------------------------
-# the seed design's small language model: separate key / query / value Linears, ReLU MLP
+# a small language model: separate key / query / value Linears, ReLU MLP
 
 
 class MultiHeadAttention(nn.Module):

@@ -7,13 +7,11 @@ slicing, and train.py's loop order.
 
 import copy
 import os
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
-import adapters
 import plots
 import train
 from adapters import (
@@ -24,10 +22,10 @@ from adapters import (
     adapter_layers,
     adapter_state_dict,
     effective_ranks,
+    family_of,
     inject_adapters,
     merge_adapters,
     orthogonal_regularization,
-    slice_adalora_model,
 )
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from test_adapters import logits, tiny, tokens
@@ -275,7 +273,7 @@ def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_pa
     assert sum(effective_ranks(model).values()) == 2 * n  # the checkpoint holds the target budget
     pruned = read_adapter_file(str(out / "adapter_pruned.safetensors"))
     assert sum(r["rank"] for r in pruned["adapter"]["layers"].values()) == 2 * n
-    assert sum(v.numel() for k, v in pruned["state"].items() if k.endswith("lora_E")) == 2 * n
+    assert sum(v.shape[0] for k, v in pruned["state"].items() if k.endswith("lora_A")) == 2 * n
 
 
 def test_importance_is_not_updated_at_the_final_step():
@@ -299,25 +297,6 @@ def test_importance_is_not_updated_at_the_final_step():
     assert alloc.final_mask is not None
 
 
-def test_warns_when_the_allocator_is_never_called():
-    model = tiny("gpt")
-    inject_adapters(model, "adalora", rank=2)
-    model.train()
-    idx = tokens()
-    with pytest.warns(UserWarning, match="update_and_allocate"):
-        for _ in range(adapters.UNALLOCATED_WARNING_AFTER):
-            model(idx, idx)
-    model2 = tiny("gpt")
-    inject_adapters(model2, "adalora", rank=2)
-    alloc = RankAllocator(model2, target_r=1, total_step=1000)
-    model2.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for step in range(adapters.UNALLOCATED_WARNING_AFTER + 5):
-            model2(idx, idx)
-            alloc.update_and_allocate(step)
-
-
 def test_orthogonal_regularization_by_hand():
     model = tiny("gpt")
     inject_adapters(model, "adalora", rank=3, targets=["lm_head", "transformer.h.0.attn.c_proj"])
@@ -328,9 +307,12 @@ def test_orthogonal_regularization_by_hand():
     assert torch.allclose(orthogonal_regularization(model), sum(terms) / 4)
 
 
-def test_slice_keeps_outputs_and_loads_back(tmp_path):
+def test_prune_keeps_outputs_and_loads_back(tmp_path):
+    """The family's finish: every AdaDoRA layer becomes the DoRA of its ranks with E != 0 (a layer with
+    none keeps a zero rank-1 branch: its magnitude still rescales W), the same logits, fewer numbers,
+    and the entry it writes loads back onto a fresh base with those logits."""
     model = tiny("gpt")
-    inject_adapters(model, "adadora", rank=4)
+    names = inject_adapters(model, "adadora", rank=4)
     with torch.no_grad():
         for i, layer in enumerate(adapter_layers(model).values()):
             layer.lora_E.copy_(torch.randn(4))
@@ -339,27 +321,19 @@ def test_slice_keeps_outputs_and_loads_back(tmp_path):
     idx = tokens()
     before = logits(model, idx)
     full = sum(v.numel() for v in adapter_state_dict(model).values())
-    kept = slice_adalora_model(model)
-    assert list(kept.values()) == [4 - (i % 5) for i in range(len(kept))]
-    assert torch.allclose(logits(model, idx), before, atol=1e-5)
-    state = adapter_state_dict(model)
-    assert sum(v.numel() for v in state.values()) < full
-    torch.save(
-        {
-            "format": "lowrank-gpt/1",
-            "state": state,
-            "adapter": dict(
-                kind="adadora",
-                targets=list(kept),
-                settings=dict(rank=4, alpha=16.0, dropout=0.0),
-                train_embeddings=False,
-                layers={n: dict(rank=r, ranknum=4) for n, r in kept.items()},
-            ),
-        },
-        tmp_path / "sliced.pt",
+    info = dict(
+        kind="adadora", targets=names, settings=dict(rank=4, alpha=16.0, dropout=0.0), train_embeddings=False
     )
+    entry, state = family_of("adadora")({"adalora_prune": True}, say=lambda *a: None).finish(model, info)
+    layers = adapter_layers(model)
+    assert [m.rank for m in layers.values()] == [max(1, 4 - (i % 5)) for i in range(len(layers))]
+    assert all(type(m) is LoRALinear and m.magnitude is not None for m in layers.values())
+    assert entry["kind"] == "dora" and entry["targets"] == names
+    assert torch.allclose(logits(model, idx), before, atol=1e-5)
+    assert sum(v.numel() for v in state.values()) < full
+    torch.save({"format": "lowrank-gpt/1", "state": state, "adapter": entry}, tmp_path / "pruned.pt")
     fresh = tiny("gpt")
-    load_adapter(fresh, str(tmp_path / "sliced.pt"))
+    load_adapter(fresh, str(tmp_path / "pruned.pt"))
     assert torch.allclose(logits(fresh, idx), before, atol=1e-5)
 
 
@@ -403,7 +377,7 @@ def test_train_adadora_end_to_end(char_data, tmp_path):
     rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     assert [r["rank_budget"] for r in rows[:5]] == [4 * n] * 5  # tinit
     assert all(r["rank_budget"] == 2 * n and sum(r["effective_rank"].values()) == 2 * n for r in rows[12:])
-    assert all(r["ortho_loss"] > 0 for r in rows)
+    assert all(r["extra_loss"] > 0 for r in rows)
     v = [r["val_loss"] for r in plots.read_metrics(str(out)) if r["val_loss"] is not None]
     assert v[-1] < v[0]
     assert os.path.isfile(out / "rank_allocation.png") and os.path.isfile(out / "effective_rank.png")

@@ -12,8 +12,6 @@ A counting backend (torch._dynamo.testing.CompileCounter) traces what torch.comp
 without inductor: one frame per graph, so graph breaks and recompiles show up as extra frames.
 """
 
-import copy
-
 import pytest
 import torch
 import torch._dynamo
@@ -25,13 +23,11 @@ from adapters import (
     SubLoRA,
     adapter_state_dict,
     build_sora_optimizers,
-    export_pissa_as_lora,
     inject_adapters,
     merge_adapters,
     orthogonal_regularization,
-    prune_sora_model,
     rotation_penalty,
-    slice_adalora_model,
+    to_lora,
 )
 from model import GPT, GPTConfig
 
@@ -141,7 +137,6 @@ def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(name):
     """Value-dependent paths (they check finiteness, count ranks): a CPU model with meta as the default
     device, so any tensor made without device= lands on meta and fails."""
     model = with_adapter(name, "cpu", True)
-    kind = FAMILIES[name][0]
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -149,14 +144,9 @@ def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(name):
     x = torch.randint(65, (2, 16))
     want = model(x)[0]
     with torch.device("meta"):
-        if kind == "sora":
-            prune_sora_model(model)
-        if kind in ("adalora", "adadora"):
-            slice_adalora_model(model)
         if name != "pissa_nf4":  # (refused: no LoRA on the original weights computes an NF4 residual)
-            if kind == "pissa":
-                export_pissa_as_lora(copy.deepcopy(model))
             hf.lora_factors(model)  # every family as the LoRA / DoRA that PEFT receives
+            to_lora(model)  # SoRA's prune, AdaLoRA's slice, PiSSA's export
         adapter_state_dict(model)
         merge_adapters(model)
     torch.testing.assert_close(model(x)[0], want, rtol=1e-4, atol=1e-4)

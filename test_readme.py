@@ -193,3 +193,14 @@ def test_after_the_demo_every_config_runs_as_written(char_data, tmp_path, monkey
         assert last["iter"] == TINY["max_iters"] and last["val_loss"] is not None, config
         base = load_checkpoint("out-" + config[:-3])["config"]["init_from"]
         assert base == ("out-demo-base" if config.startswith("finetune") else "scratch"), config
+
+
+def test_the_readme_api_line_is_adapters_all():
+    """README's "Python API" paragraph names exactly adapters.__all__, and each name exists."""
+    import adapters
+
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    paragraph = text[text.index("Python API (`adapters.__all__`)") :].split("\n\n")[0]
+    named = set(re.findall(r"`(\w+)`", paragraph)) - {"__all__"}
+    assert named == set(adapters.__all__)
+    assert all(hasattr(adapters, name) for name in adapters.__all__)

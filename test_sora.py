@@ -27,9 +27,9 @@ from adapters import (
     effective_ranks,
     inject_adapters,
     lambda_schedule,
-    merge_sora_model,
-    prune_sora_model,
+    merge_adapters,
     split_sora_params,
+    to_lora,
 )
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from configurator import ConfigError
@@ -69,7 +69,7 @@ def test_model_identity_at_init_and_merge_keeps_outputs(model_type):
     assert torch.equal(logits(model, idx), logits(base, idx))
     randomise(model)
     before = logits(model, idx)
-    merge_sora_model(model)
+    merge_adapters(model)
     assert not adapter_layers(model)
     assert torch.allclose(logits(model, idx), before, atol=1e-5)
 
@@ -192,7 +192,7 @@ def test_prune_keeps_logits_and_shrinks_by_the_pruned_ranks():
     before = logits(model, idx)
     trainable_before = count_params(model)[0]
     shapes = {n: (m.in_features + m.out_features, m.rank) for n, m in layers.items()}
-    kept = prune_sora_model(model)
+    kept = {n: getattr(m, "rank", 0) for n, m in to_lora(model).items()}  # a base Linear: 0
     assert kept == {n: 4 - (i % 5) if i % 5 < 4 else 0 for i, n in enumerate(layers)}
     assert torch.allclose(logits(model, idx), before, atol=1e-5)
     # each layer loses its pruned ranks' rows of A and columns of B; its gate is baked into B

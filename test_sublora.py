@@ -140,7 +140,7 @@ def test_learned_mode_works_for_every_d_up_to_D(share):
 
 
 def test_learned_gates_get_a_gradient_from_the_whole_edge_of_the_mask():
-    """The anchor's mask sigmoid(C (γ d - i)) moves ~1/C coordinates: with gate_grad_width = 0 the gate
+    """The SubLoRA code's mask sigmoid(C (γ d - i)) moves ~1/C coordinates: with gate_grad_width = 0 the gate
     gradient is that of one or two coordinates of w; the straight-through wide mask gathers it over
     the block's edge, and leaves the forward (and so the bound) unchanged."""
     narrow, wide = wrapped("learned", d=120), wrapped("learned", d=120)

@@ -276,7 +276,7 @@ def train_step(
         with autocast:
             _, loss = model(X, Y)
         extra = family.extra_loss(raw_model)  # the family's regulariser: 1/accum of it per micro-step
-        scaler.scale((loss if extra is None else loss + family.extra_weight * extra) / accum).backward()
+        scaler.scale((loss if extra is None else loss + extra) / accum).backward()
         loss_sum += loss.detach().float()
     for opt, _ in optimizers:
         scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
@@ -642,8 +642,8 @@ def _train(c, device, ddp, rank, world, given):
                 if extra is not None:
                     stats.update(
                         task_loss=lossf,
-                        ortho_loss=extra.item(),
-                        total_loss=lossf + family.extra_weight * extra.item(),
+                        extra_loss=extra.item(),
+                        total_loss=lossf + extra.item(),
                     )
                 if stats:
                     print(

@@ -14,9 +14,7 @@ adalora_deltaT = 10
 adalora_orth_reg_weight = 0.1  # the AdaLoRA paper's
 eval_interval = 100
 eval_iters = 20
-log_interval = (
-    10  # = adalora_deltaT: each log shows an allocation (masked E regrow in between, as in the anchors)
-)
+log_interval = 10  # = adalora_deltaT: each log shows an allocation (masked E regrow in between, as in PEFT)
 always_save_checkpoint = True  # keep the final allocation
 dataset = "shakespeare_char"
 batch_size = 32

@@ -1,5 +1,5 @@
 # SubLoRA on Tiny Shakespeare (characters) from scratch: the baby GPT stays at its seeded random init,
-# LoRA (rank 4, alpha 32, dropout 0.1, the anchor's) sits on q and v of every block and on the head,
+# LoRA (rank 4, alpha 32, dropout 0.1, Sanaelotfi/sublora-bounds-for-llms') sits on q and v of every block and on the head,
 # and only w in R^intrinsic_dim trains. The training half of the bounds workflow (eval_bounds.py).
 # python train.py config/train_shakespeare_sublora.py --allocation_mode=learned
 out_dir = "out-shakespeare-sublora"
