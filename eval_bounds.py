@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -240,21 +240,33 @@ def smoothed_range(alpha, vocab):
     return math.log2(1 + (1 - alpha) * vocab / alpha)
 
 
+@dataclass
+class Bound:
+    """A bound as the sum of its parts, value = empirical + complexity + sampling: complexity pays for the
+    message (K bits) and the confidence; sampling pays for scoring s sampled blocks instead of every
+    position (exactly 0 when every position is scored). lam: the empirical-Bernstein λ chosen."""
+
+    empirical: float
+    complexity: float
+    sampling: float = 0.0
+    lam: float | None = None
+
+    @property
+    def value(self):
+        return self.empirical + self.complexity + self.sampling
+
+
 def bound(empirical, delta, K_bits, N, s, eps, candidates=1):
-    """The compression bound. Sampled (s of N points): with r = s / (s + N),
+    """The Azuma–Hoeffding compression bound. Sampled (s of N points): with r = s / (s + N),
         R̂_s + Δ √((K ln 2 + ln(1/(rε))) / (2N)) + Δ √(ln(M/((1 - r)ε)) / (2s)),
     where M = `candidates` is how many hypotheses the sampled points chose among (α grid × runs × level
     counts): the sampling term holds for each with probability 1 - (1-r)ε/M, so for the chosen one by a
-    union bound. Exact (s=None: every point scored): R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N)). K already pays
-    for the choices, so the total failure probability is ε either way."""
-    if s is None:
-        return empirical + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / eps)) / (2 * N))
-    r = s / (s + N)
-    return (
-        empirical
-        + delta * math.sqrt((K_bits * math.log(2) + math.log(1 / (r * eps))) / (2 * N))
-        + delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s))
-    )
+    union bound. Exact (s=None: every point scored, r = 1): R̂ + Δ √((K ln 2 + ln(1/ε)) / (2N)). K already
+    pays for the choices, so the total failure probability is ε either way."""
+    r = 1.0 if s is None else s / (s + N)
+    complexity = delta * math.sqrt((K_bits * math.log(2) + math.log(1 / (r * eps))) / (2 * N))
+    sampling = 0.0 if s is None else delta * math.sqrt(math.log(candidates / ((1 - r) * eps)) / (2 * s))
+    return Bound(empirical, complexity, sampling)
 
 
 # the empirical-Bernstein bound's λ grid (31 values; with Azuma–Hoeffding as a 32nd choice, 5 bits in K)
@@ -270,15 +282,13 @@ def bernstein(mean, second, delta, K_bits, N, eps, lambdas=LAMBDAS):
     """The empirical-Bernstein token bound (docs/bounds.md, theorem 2), every point scored: the least over
     the λ grid of R̂ + ψ(λ)/(λΔ) · V̂ + Δ (K ln 2 + ln(1/ε)) / (λN), where R̂ is the mean loss and V̂ the
     mean of (loss − centre)², the centre being the model's own expected loss at each position. K must
-    pay for the λ grid. Returns (bound, λ); mean and second may be arrays (one bound per entry)."""
+    pay for the λ grid. mean and second may be arrays (one bound per entry: the Bound's fields then are)."""
     lam = np.asarray(lambdas, dtype=np.float64)
     C = K_bits * math.log(2) + math.log(1 / eps)
-    b = (
-        np.asarray(mean, np.float64)[..., None]
-        + psi(lam) / (lam * delta) * np.asarray(second, np.float64)[..., None]
-        + delta * C / (lam * N)
-    )
-    return b.min(-1), lam[b.argmin(-1)]
+    complexity = psi(lam) / (lam * delta) * np.asarray(second, np.float64)[..., None] + delta * C / (lam * N)
+    best = complexity.argmin(-1)  # the mean does not depend on λ
+    pick = lambda v: v[best] if np.ndim(v) == 1 else np.take_along_axis(v, best[..., None], -1)[..., 0]  # noqa: E731
+    return Bound(np.asarray(mean, np.float64), pick(complexity), 0.0, lam[best])
 
 
 def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBDAS):
@@ -286,7 +296,8 @@ def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBD
     full-data quantity R̂ + c V̂ (c = ψ(λ)/(λΔ)) is the mean of the block means z = x + c q, bounded
     from the s sampled ones by Maurer & Pontil's empirical Bernstein inequality (i.i.d. z in a range of
     Δ + cΔ²), union over the `candidates` hypotheses the samples chose among; r = s / (s + N) splits ε.
-    stats: the sampled blocks' mean_x, mean_q, var_x, var_q, cov_xq (variances unbiased). (bound, λ)."""
+    stats: the sampled blocks' mean_x, mean_q, var_x, var_q, cov_xq (variances unbiased). The complexity
+    part is c · mean_q + Δ (K ln 2 + ln(1/(rε))) / (λN), the sampling part Maurer & Pontil's terms."""
     r = s / (s + N)
     C = K_bits * math.log(2) + math.log(1 / (r * eps))
     L = math.log(2 * candidates / ((1 - r) * eps))
@@ -294,14 +305,10 @@ def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBD
     for lam in lambdas:
         c = float(psi(lam)) / (lam * delta)
         var = max(stats["var_x"] + 2 * c * stats["cov_xq"] + c * c * stats["var_q"], 0.0)
-        b = (
-            stats["mean_x"]
-            + c * stats["mean_q"]
-            + math.sqrt(2 * var * L / s)
-            + 7 * (delta + c * delta**2) * L / (3 * (s - 1))
-            + delta * C / (lam * N)
-        )
-        best = min(best or (b, lam), (b, lam))
+        complexity = c * stats["mean_q"] + delta * C / (lam * N)
+        sampling = math.sqrt(2 * var * L / s) + 7 * (delta + c * delta**2) * L / (3 * (s - 1))
+        if best is None or complexity + sampling < best.complexity + best.sampling:
+            best = Bound(stats["mean_x"], complexity, sampling, lam)
     return best
 
 
@@ -454,10 +461,29 @@ def check_rebuild(prior, scored, message, x, y, what):
     )
 
 
+@dataclass
+class Run:
+    """The run to bound, as open_run checked it."""
+
+    dir: str
+    kind: str
+    train: np.ndarray  # the training tokens (a memmap)
+    meta: dict | None
+    block: int
+    vocab: int
+    model: torch.nn.Module  # the scored model
+    state: dict  # the message: every trained tensor
+    groups: dict  # codebook group -> tensor names
+    d: int  # trained numbers
+    prior: torch.nn.Module | None  # the receiver's model before the message
+    probe: torch.Tensor  # one block: the logits check's input
+    caveats: list
+
+
 def open_run(c, run_dir):
     """The run to bound, checked before any scoring: its checkpoint and training data, the scored model,
     its message, and the receiver's prior, which with the message must give the model's logits bit for
-    bit. A namespace of them."""
+    bit."""
     if os.path.exists(os.path.join(run_dir, "bounds.json")) and not c["overwrite"]:
         raise ConfigError(
             f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
@@ -494,7 +520,7 @@ def open_run(c, run_dir):
     notes = caveats(cfg, meta)
     for caveat in notes:
         print(f"  warning: {caveat}")
-    return SimpleNamespace(
+    return Run(
         dir=run_dir,
         kind=ckpt["adapter"]["kind"],
         train=train,
@@ -563,19 +589,54 @@ def score_blocks(c, r, blocks, alpha_grid, ks, desc):
 
 
 def token_bounds(xb, qb, K_bits, alpha_grid, vocab, N, s, eps, M):
-    """Per α: (Azuma–Hoeffding bound, (empirical-Bernstein bound, λ), that bound's inputs), from the
-    scored blocks' x and q (s None: every block scored)."""
+    """Per α: (Azuma–Hoeffding Bound, empirical-Bernstein Bound, the latter's inputs), from the scored
+    blocks' x and q (s None: every block scored)."""
     out = []
     for j, a in enumerate(alpha_grid):
         delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
         if s is None:
             inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean()))
-            be = tuple(map(float, bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N, eps)))
+            be = bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N, eps)
+            be = Bound(float(be.empirical), float(be.complexity), 0.0, float(be.lam))
         else:
             inputs = block_stats(x, q)
             be = bernstein_sampled(inputs, delta, K_bits, N, s, eps, M)
         out.append((bound(float(x.mean()), delta, K_bits, N, s, eps, M), be, inputs))
     return out
+
+
+@dataclass
+class Payment:
+    """K, term by term: the bits each bound pays for what was chosen before or by looking at the data."""
+
+    message: int  # the coded message and its Elias-δ length prefix
+    choices: int  # the runs of a sweep and the level count: ⌈log₂ count⌉
+    alpha: int  # the bits bounds' α: ⌈log₂ |grid|⌉
+    method: int  # the token bits bound's method: Azuma–Hoeffding or empirical Bernstein at one λ
+
+    def bits(self, *terms):
+        """message + choices + the named terms."""
+        return self.message + self.choices + sum(getattr(self, t) for t in terms)
+
+
+@dataclass
+class TokenLevel:
+    """What token_level found: the scored positions, what K paid, and the chosen level count's bounds."""
+
+    N: int  # training positions the blocks cover
+    eps: float
+    exact: bool  # every position scored (no sampling part)
+    s: int | None  # sampled blocks (None when exact)
+    before: float  # the unquantised model's loss at the grid's first α
+    grid: dict  # the sweep's choices, name -> count
+    choice_count: int
+    M: int  # hypotheses the sampled blocks chose among (α × method × choices)
+    K: Payment = None
+    levels: int = 0
+    errors: list = field(default_factory=list)
+    msg: dict = field(default_factory=dict)
+    per_alpha: list = field(default_factory=list)
+    smooth: list = field(default_factory=list)
 
 
 def token_level(c, r, gen, alpha_grid, ks, level_grid):
@@ -584,31 +645,36 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
     checked against the prior once more. Every choice made by looking at the data is paid once: runs of
     a sweep and the level count (in K and every union), α (K of the bits bounds), and the bits bound's
     method, Azuma–Hoeffding or empirical Bernstein at one of the λ grid's values (K and the sampling
-    union). A namespace of what the results need."""
+    union)."""
     # blocks of block_size tokens at multiples of block_size (each token scored with its prefix in the
     # block); N counts the positions those blocks cover
     n_blocks = (len(r.train) - 1) // r.block
-    t = SimpleNamespace(N=n_blocks * r.block, eps=1 - c["confidence"])
-    t.exact = t.N <= c["exact_max_tokens"]
-    if t.exact:  # every training position scored once: no sampling term
+    N = n_blocks * r.block
+    exact = N <= c["exact_max_tokens"]
+    if exact:  # every training position scored once: no sampling term
         blocks = torch.arange(n_blocks, device="cpu") * r.block
     else:
         blocks = torch.randint(n_blocks, (c["eval_blocks"],), generator=gen, device="cpu") * r.block
-    t.s = None if t.exact else len(blocks)
     print(
-        f"  token level: {'all' if t.exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {r.block} "
-        f"(N = {t.N:,} positions){'' if t.exact else ', sampled with replacement'}"
+        f"  token level: {'all' if exact else 'a sample of'} {len(blocks):,} of the {n_blocks:,} blocks of {r.block} "
+        f"(N = {N:,} positions){'' if exact else ', sampled with replacement'}"
     )
-    t.before = float(
-        score_blocks(c, r, blocks, alpha_grid, ks, "unquantised")[0][:, 0].mean()
-    )  # at the smallest α
-
-    t.grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
-    t.choice_count = (math.prod(int(v) for v in t.grid.values()) if t.grid else 1) * len(level_grid)
-    t.choice_bits = math.ceil(math.log2(t.choice_count)) if t.choice_count > 1 else 0
-    t.alpha_bits = math.ceil(math.log2(len(alpha_grid)))
-    t.method_bits = math.ceil(math.log2(len(LAMBDAS) + 1))
-    t.M = len(alpha_grid) * (len(LAMBDAS) + 1) * t.choice_count
+    unquantised = score_blocks(c, r, blocks, alpha_grid, ks, "unquantised")[0]
+    grid = dict(kv.split("=") for kv in c["choices"].split(",") if kv)
+    choice_count = (math.prod(int(v) for v in grid.values()) if grid else 1) * len(level_grid)
+    t = TokenLevel(
+        N=N,
+        eps=1 - c["confidence"],
+        exact=exact,
+        s=None if exact else len(blocks),
+        before=float(unquantised[:, 0].mean()),  # at the grid's first α
+        grid=grid,
+        choice_count=choice_count,
+        M=len(alpha_grid) * (len(LAMBDAS) + 1) * choice_count,
+    )
+    choice_bits = math.ceil(math.log2(choice_count)) if choice_count > 1 else 0
+    alpha_bits = math.ceil(math.log2(len(alpha_grid)))
+    method_bits = math.ceil(math.log2(len(LAMBDAS) + 1))
 
     tried = []
     qat_gen = torch.Generator().manual_seed(c["seed"] + 1)  # apart from the sampled blocks' draws
@@ -627,29 +693,21 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
                 r.block,
             )
         msg = message_length(
-            [(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=t.choice_bits
+            [(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits
         )
+        K = Payment(msg["total_bits"] - choice_bits, choice_bits, alpha_bits, method_bits)
         coded = send_raw(r.state, r.groups, coded, msg["sent_raw"])
         set_message(r.model, dequantize(r.state, r.groups, coded))
         xb, qb, errors = score_blocks(c, r, blocks, alpha_grid, ks, f"quantised, {n_levels} levels")
-        per_alpha = token_bounds(
-            xb,
-            qb,
-            msg["total_bits"] + t.alpha_bits + t.method_bits,
-            alpha_grid,
-            r.vocab,
-            t.N,
-            t.s,
-            t.eps,
-            t.M,
-        )
-        best = min(min(ah, be[0]) for ah, be, _ in per_alpha)
+        bits = K.bits("alpha", "method")
+        per_alpha = token_bounds(xb, qb, bits, alpha_grid, r.vocab, t.N, t.s, t.eps, t.M)
+        best = min(min(ah.value, be.value) for ah, be, _ in per_alpha)
         print(
             f"  {n_levels} levels: {xb[:, 0].mean():.4f} bits per token unsmoothed, K = {msg['total_bits']:,} bits, "
             f"best token bound {best:.4f}"
         )
-        tried.append((best, n_levels, coded, xb, errors, msg, per_alpha))
-    _, t.levels, coded, xb, t.errors, t.msg, t.per_alpha = min(tried, key=lambda row: row[0])
+        tried.append((best, n_levels, coded, xb, errors, msg, per_alpha, K))
+    _, t.levels, coded, xb, t.errors, t.msg, t.per_alpha, t.K = min(tried, key=lambda row: row[0])
     t.smooth = xb.mean(0).tolist()
     message = dequantize(r.state, r.groups, coded)
     set_message(r.model, message)
@@ -659,9 +717,9 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
         f"  message: {len(r.groups)} mode bits + {m['code_bits']:,} code bits (entropy bound {m['entropy_bits']:.0f}) + "
         f"{m['codebook_bits']} codebook + {m['count_bits']} counts + {m['fp16_bits']} fp16 (groups sent raw: "
         f"{sum(m['sent_raw'])}) = L = {m['L_bits']:,}; + Elias-δ(L) = {m['length_bits']} bits; + ⌈log₂ "
-        f"{t.choice_count}⌉ = {t.choice_bits} bits for the choices {dict(t.grid, levels=len(level_grid))} = K = "
-        f"{m['total_bits']:,} bits; bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {t.alpha_bits} for α and "
-        f"{t.method_bits} for the method"
+        f"{t.choice_count}⌉ = {t.K.choices} bits for the choices {dict(t.grid, levels=len(level_grid))} = K = "
+        f"{t.K.bits():,} bits; bits bounds also pay ⌈log₂ {len(alpha_grid)}⌉ = {t.K.alpha} for α and "
+        f"{t.K.method} for the method"
     )
     return t
 
@@ -675,6 +733,20 @@ def document_separator(c, meta):
     if meta and meta.get("tokenizer") == "char":
         return load_tokenizer(meta)[0]("\n\n")
     return [EOT]
+
+
+def top_k_rows(level, errors, ks, vocab, K_bits, N, s, eps, candidates):
+    """The top-k error rows of one level: the rate the true token falls outside the k most likely, bounded
+    with Δ = 1 (capped at 1)."""
+    return {
+        f"{level}_top{k}_error": dict(
+            empirical=e,
+            bound=min(1.0, bound(e, 1.0, K_bits, N, s, eps, candidates).value),
+            delta=1.0,
+            random_guess=1 - k / vocab,
+        )
+        for k, e in zip(ks, errors)
+    }
 
 
 def evaluate(c, run_dir):
@@ -697,8 +769,6 @@ def evaluate(c, run_dir):
     )
     N_doc, s_doc = len(starts), len(doc_ix)
 
-    K = t.msg["total_bits"]
-    K_bits = K + t.alpha_bits + t.method_bits
     results = {
         "run": run_dir,
         "kind": r.kind,
@@ -720,85 +790,66 @@ def evaluate(c, run_dir):
         "message": t.msg,
         "alphas": alpha_grid,
         "lambdas": list(LAMBDAS),
-        "K_bits": {"bpd": K_bits, "error": K},
+        "K_terms": asdict(t.K),
+        "K_bits": {"bpd": t.K.bits("alpha", "method"), "error": t.K.bits()},
         "candidates": {"bpd": t.M, "error": t.choice_count},
         "token_bpd_inputs": [inputs for _, _, inputs in t.per_alpha],
         "metrics": {},
+        "token_bpd_parts": {},
     }
     metrics = results["metrics"]
-    ah = [b for b, _, _ in t.per_alpha]
-    be = [b for _, (b, _), _ in t.per_alpha]
-    j, i = int(np.argmin(ah)), int(np.argmin(be))
     common = dict(empirical_per_alpha=t.smooth, random_guess=math.log2(vocab))
-    m_ah = dict(
-        empirical=t.smooth[j],
-        bound=ah[j],
-        alpha=alpha_grid[j],
-        delta=smoothed_range(alpha_grid[j], vocab),
-        per_alpha=ah,
-        **common,
-    )
-    m_be = dict(
-        empirical=t.smooth[i],
-        bound=be[i],
-        alpha=alpha_grid[i],
-        lam=t.per_alpha[i][1][1],
-        delta=smoothed_range(alpha_grid[i], vocab),
-        per_alpha=be,
-        **common,
-    )
-    metrics["token_bpd"] = dict(
-        m_be if be[i] < ah[j] else m_ah, method="empirical Bernstein" if be[i] < ah[j] else "Azuma-Hoeffding"
-    )
-    metrics["token_bpd_hoeffding"], metrics["token_bpd_bernstein"] = m_ah, m_be
-    for k, e in zip(ks, t.errors):
-        metrics[f"token_top{k}_error"] = dict(
-            empirical=e,
-            bound=min(1.0, bound(e, 1.0, K, t.N, t.s, eps, t.choice_count)),
-            delta=1.0,
-            random_guess=1 - k / vocab,
+    for name, which in (("hoeffding", 0), ("bernstein", 1)):
+        per_alpha = [row[which] for row in t.per_alpha]
+        j = int(np.argmin([b.value for b in per_alpha]))
+        best = per_alpha[j]
+        metrics[f"token_bpd_{name}"] = dict(
+            empirical=t.smooth[j],
+            bound=best.value,
+            alpha=alpha_grid[j],
+            delta=smoothed_range(alpha_grid[j], vocab),
+            per_alpha=[b.value for b in per_alpha],
+            **({"lam": best.lam} if best.lam is not None else {}),
+            **common,
         )
-    per_doc = [
-        bound(
-            v, smoothed_range(a, vocab), K + t.alpha_bits, N_doc, s_doc, eps, len(alpha_grid) * t.choice_count
-        )
-        for v, a in zip(doc_smooth, alpha_grid)
-    ]
-    j = int(np.argmin(per_doc))
-    metrics["document_bpd"] = dict(
-        empirical=doc_smooth[j],
-        bound=per_doc[j],
-        alpha=alpha_grid[j],
-        delta=smoothed_range(alpha_grid[j], vocab),
-        per_alpha=per_doc,
-        empirical_per_alpha=doc_smooth,
-        random_guess=math.log2(vocab),
-    )
-    for k, e in zip(ks, doc_err):
-        metrics[f"document_top{k}_error"] = dict(
-            empirical=e,
-            bound=min(1.0, bound(e, 1.0, K, N_doc, s_doc, eps, t.choice_count)),
-            delta=1.0,
-            random_guess=1 - k / vocab,
-        )
-    # where each token-level bits bound comes from, part by part (they add up to it)
-    # (the complexity term holds rε of ε when blocks are sampled; the rest of the distance is sampling)
-    results["token_bpd_parts"] = {}
-    C = K_bits * math.log(2) + math.log(1 / (eps if t.exact else eps * t.s / (t.s + t.N)))
-    for name, m in (("hoeffding", m_ah), ("bernstein", m_be)):
-        q = t.per_alpha[alpha_grid.index(m["alpha"])][2]["mean_q"]
-        complexity = (
-            m["delta"] * math.sqrt(C / (2 * t.N))
-            if name == "hoeffding"
-            else float(psi(m["lam"])) / (m["lam"] * m["delta"]) * q + m["delta"] * C / (m["lam"] * t.N)
-        )
+        # where the bound comes from, part by part: each term as the bound function computed it
         results["token_bpd_parts"][name] = dict(
             unquantised=t.before,
             quantisation=t.smooth[0] - t.before,
-            smoothing=m["empirical"] - t.smooth[0],
-            complexity=complexity,
-            sampling=m["bound"] - m["empirical"] - complexity,
+            smoothing=best.empirical - t.smooth[0],
+            complexity=best.complexity,
+            sampling=best.sampling,
         )
+    ah, be = metrics["token_bpd_hoeffding"], metrics["token_bpd_bernstein"]
+    better = dict(
+        be if be["bound"] < ah["bound"] else ah,
+        method="empirical Bernstein" if be["bound"] < ah["bound"] else "Azuma-Hoeffding",
+    )
+    metrics = results["metrics"] = {"token_bpd": better, **metrics}
+    metrics.update(top_k_rows("token", t.errors, ks, vocab, t.K.bits(), t.N, t.s, eps, t.choice_count))
+    per_doc = [
+        bound(
+            v,
+            smoothed_range(a, vocab),
+            t.K.bits("alpha"),
+            N_doc,
+            s_doc,
+            eps,
+            len(alpha_grid) * t.choice_count,
+        )
+        for v, a in zip(doc_smooth, alpha_grid)
+    ]
+    j = int(np.argmin([b.value for b in per_doc]))
+    metrics["document_bpd"] = dict(
+        empirical=doc_smooth[j],
+        bound=per_doc[j].value,
+        alpha=alpha_grid[j],
+        delta=smoothed_range(alpha_grid[j], vocab),
+        per_alpha=[b.value for b in per_doc],
+        empirical_per_alpha=doc_smooth,
+        random_guess=math.log2(vocab),
+    )
+    metrics.update(top_k_rows("document", doc_err, ks, vocab, t.K.bits(), N_doc, s_doc, eps, t.choice_count))
     results["seconds"] = time.time() - t0
     print_table(results)
     atomic_write(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
