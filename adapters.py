@@ -310,6 +310,9 @@ class Family:
     default_targets = DEFAULT_TARGETS
     rank_pattern = True  # per-layer ranks (lora_rank_pattern) make sense for it
     scratch_base = False  # a random frozen base is its setting (init_from='auto' builds one)
+    # {case: train.py keys}: the settings that exercise what the family does, at a tiny size (rank 4,
+    # 20 iterations); every per-family test runs each case (conftest.py). '' names the case by its kind.
+    examples = {"": {}}
     ranks_from = "lora_rank"  # what sets its ranks where lora_rank_pattern does not apply
 
     def __init__(self, c, say=print):
@@ -460,6 +463,7 @@ class NoAdapter(Family):
 
     kind = "none"
     rank_pattern, scratch_base = False, True
+    examples = {}
 
     def inject(self, model):
         return model, dict(NO_ADAPTER)
@@ -532,11 +536,16 @@ class DoRALinear(LoRALinear):
 
 class LoRA(Family):
     kind, layer = "lora", LoRALinear
+    examples = {
+        "": dict(lora_dropout=0.1, lora_rank_pattern="lm_head=4;c_fc=1"),
+        "qv_rslora": dict(lora_targets="c_attn:q,v;lm_head", use_rslora=True),
+    }
     peft_import = ("LORA", False)
 
 
 class DoRA(Family):
     kind, layer = "dora", DoRALinear
+    examples = {"": dict(train_embeddings=True)}
     peft_import = ("LORA", True)
     peft_parts = dict(Family.peft_parts, m="magnitude")
 
@@ -709,6 +718,11 @@ class SoRA(Family):
 
     kind, layer = "sora", SoRALinear
     prune_key = "sora_prune"
+    examples = {
+        "": dict(
+            sora_lambda=0.5, sora_lambda_max=5.0, sora_lambda_levels=3, sora_lambda_every=4, sora_tune_iters=6
+        )
+    }
     keys = {
         "sora_lambda": (
             0.1,
@@ -1064,6 +1078,7 @@ class AdaLoRA(Family):
 
     kind, layer = "adalora", AdaLoRALinear
     prune_key = "adalora_prune"
+    examples = {"": dict(adalora_target_r=2, adalora_tinit=2, adalora_tfinal=4, adalora_deltaT=2)}
     rank_pattern, ranks_from = False, "lora_rank and the allocator"
     keys = {
         "adalora_target_r": (4, "[1, inf)", "average rank per layer at the end"),
@@ -1514,6 +1529,14 @@ class PiSSA(Family):
 
     kind, layer = "pissa", RotationalPiSSALinear
     rank_pattern = False
+    examples = {
+        "way0": dict(pissa_method="way0", pissa_init_identity=False),
+        "way1_fold": dict(pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3),
+        "way2_nf4": dict(
+            pissa_method="way2", pissa_quantize_residual=True, pissa_quantize_base_components=True
+        ),
+        "way3_lowrank": dict(pissa_method="way3", pissa_svd="lowrank"),
+    }
     keys = {
         "pissa_method": (
             "way0",
@@ -1930,6 +1953,13 @@ class SubLoRAFamily(Family):
     default_targets = ("c_attn:q,v", "query", "value", "lm_head")  # Sanaelotfi/sublora-bounds-for-llms'
     rank_pattern = False
     scratch_base = True
+    examples = {
+        "rdkronqr_learned": dict(intrinsic_dim=200, allocation_mode="learned"),
+        "dense_uniform": dict(intrinsic_dim=64, sublora_projector="dense"),
+        "sparse_fixed": dict(
+            intrinsic_dim=64, sublora_projector="sparse", allocation_mode="fixed", allocation_ratio=0.3
+        ),
+    }
     keys = {
         "intrinsic_dim": (1000, "[1, inf)", "d: the size of the trained vector w"),
         "allocation_mode": ("uniform", None, "'uniform' | 'fixed' | 'learned'"),

@@ -28,8 +28,7 @@ from adapters import (
     orthogonal_regularization,
 )
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
-from test_adapters import logits, tiny, tokens
-from test_train import tiny as tiny_args
+from conftest import logits, run_args, tiny_model, tokens
 
 
 def trained_layer(cls, seed=0, **kw):
@@ -48,7 +47,7 @@ def trained_layer(cls, seed=0, **kw):
 @pytest.mark.parametrize("kind", ["adalora", "adadora", "dora"])
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_identity_at_init(kind, model_type):
-    base = tiny(model_type)
+    base = tiny_model(model_type)
     model = copy.deepcopy(base)
     inject_adapters(model, kind, rank=4)
     idx = tokens()
@@ -117,7 +116,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(cls):
 
 @pytest.mark.parametrize("kind", ["adadora", "dora"])
 def test_merge_adapters_on_a_model(kind):
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, kind, rank=4)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -132,7 +131,7 @@ def test_merge_adapters_on_a_model(kind):
 
 
 def test_budget_follows_the_cubic_schedule():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     n = len(inject_adapters(model, "adalora", rank=6))
     alloc = RankAllocator(model, target_r=2, total_step=100, tinit=10, tfinal=20, deltaT=5)
     init, target = 6 * n, 2 * n
@@ -196,7 +195,7 @@ def test_importance_scores_by_hand():
 
 
 def test_final_budget_is_exact_and_stays():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     n = len(inject_adapters(model, "adadora", rank=4))
     alloc = RankAllocator(model, target_r=2, total_step=16, tinit=2, tfinal=6, deltaT=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -232,7 +231,7 @@ def test_loop_order_in_train(char_data, tmp_path, monkeypatch):
 
         monkeypatch.setattr(cls, name, spy)
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             tmp_path,
             adapter="adalora",
@@ -255,7 +254,7 @@ def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_pa
     never built (total_step - tfinal is one past the last step)."""
     out = tmp_path / "ada"
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="adalora",
@@ -279,7 +278,7 @@ def test_the_final_allocation_is_what_is_saved_whatever_tfinal(char_data, tmp_pa
 def test_importance_is_not_updated_at_the_final_step():
     """peft and the AdaLoRA code update the importance only while step < total_step - tfinal; the final
     mask comes from the scores as they were."""
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "adalora", rank=4)
     alloc = RankAllocator(model, target_r=2, total_step=6, tfinal=2, deltaT=1)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -298,7 +297,7 @@ def test_importance_is_not_updated_at_the_final_step():
 
 
 def test_orthogonal_regularization_by_hand():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "adalora", rank=3, targets=["lm_head", "transformer.h.0.attn.c_proj"])
     terms = []
     for layer in adapter_layers(model).values():
@@ -311,7 +310,7 @@ def test_prune_keeps_outputs_and_loads_back(tmp_path):
     """The family's finish: every AdaDoRA layer becomes the DoRA of its ranks with E != 0 (a layer with
     none keeps a zero rank-1 branch: its magnitude still rescales W), the same logits, fewer numbers,
     and the entry it writes loads back onto a fresh base with those logits."""
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     names = inject_adapters(model, "adadora", rank=4)
     with torch.no_grad():
         for i, layer in enumerate(adapter_layers(model).values()):
@@ -332,7 +331,7 @@ def test_prune_keeps_outputs_and_loads_back(tmp_path):
     assert torch.allclose(logits(model, idx), before, atol=1e-5)
     assert sum(v.numel() for v in state.values()) < full
     torch.save({"format": "lowrank-gpt/1", "state": state, "adapter": entry}, tmp_path / "pruned.pt")
-    fresh = tiny("gpt")
+    fresh = tiny_model("gpt")
     load_adapter(fresh, str(tmp_path / "pruned.pt"))
     assert torch.allclose(logits(fresh, idx), before, atol=1e-5)
 
@@ -345,18 +344,18 @@ def test_prune_keeps_outputs_and_loads_back(tmp_path):
     ],
 )
 def test_bad_allocator_settings(kwargs, message):
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "adalora", rank=4)
     with pytest.raises(AdapterError, match=message):
         RankAllocator(model, **kwargs)
     with pytest.raises(AdapterError, match="needs AdaLoRA layers"):
-        RankAllocator(tiny("gpt"), target_r=1, total_step=10)
+        RankAllocator(tiny_model("gpt"), target_r=1, total_step=10)
 
 
 def test_train_adadora_end_to_end(char_data, tmp_path):
     out = tmp_path / "adadora"
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="adadora",

@@ -21,18 +21,7 @@ from adapters import (
     load_adapter_state_dict,
     merge_adapters,
 )
-from model import MODELS, GPTConfig
-
-CFG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=40, dropout=0.0, bias=True)
-
-
-def tiny(model_type, seed=0):
-    torch.manual_seed(seed)
-    return MODELS[model_type](GPTConfig(**CFG))
-
-
-def tokens(seed=1, B=3, T=16):
-    return torch.randint(0, CFG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+from conftest import adapted, logits, tiny_model, tokens
 
 
 def randomise_adapters(model, seed=2):
@@ -43,14 +32,9 @@ def randomise_adapters(model, seed=2):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
 
 
-def logits(model, idx):
-    model.eval()
-    return model(idx, idx)[0]  # targets given: logits at every position
-
-
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_output_equals_base_at_init(model_type):
-    base = tiny(model_type)
+    base = tiny_model(model_type)
     model = copy.deepcopy(base)
     inject_adapters(model, "lora", rank=4, alpha=8.0)
     idx = tokens()
@@ -74,19 +58,19 @@ def test_lora_forward_matches_closed_form():
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_default_targets_and_trainable_count(model_type):
-    model = tiny(model_type)
+    model = tiny_model(model_type)
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     names = inject_adapters(model, "lora", rank=4)
     assert sorted(names) == sorted(linears)  # every Linear of both layouts is a default target
     trainable, total = count_params(model)
     assert trainable == sum(4 * (m.in_features + m.out_features) for m in linears.values())
-    assert total == sum(p.numel() for p in tiny(model_type).parameters()) + trainable
+    assert total == sum(p.numel() for p in tiny_model(model_type).parameters()) + trainable
     named = {n for n, p in model.named_parameters() if p.requires_grad}
     assert named == {f"{n}.lora_{x}" for n in names for x in "AB"}
 
 
 def test_train_embeddings_option():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "lora", rank=2, train_embeddings=True)
     trainable, _ = count_params(model)
     lora = sum(2 * (m.in_features + m.out_features) for m in adapter_layers(model).values())
@@ -100,7 +84,7 @@ def test_trained_embedding_gets_the_tied_heads_gradient():
     layer once dropped it)."""
     import types
 
-    model = tiny("gpt").double()
+    model = tiny_model("gpt").double()
     inject_adapters(model, "lora", rank=2, train_embeddings=True)
     randomise_adapters(model)
     plain = copy.deepcopy(model)
@@ -120,7 +104,7 @@ def test_trained_embedding_gets_the_tied_heads_gradient():
 
 
 def test_base_weights_unchanged_after_steps():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "lora", rank=4, dropout=0.1)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -142,7 +126,7 @@ def test_base_weights_unchanged_after_steps():
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_merged_equals_unmerged(model_type):
-    model = tiny(model_type)
+    model = tiny_model(model_type)
     inject_adapters(model, "lora", rank=4)
     randomise_adapters(model)
     idx = tokens()
@@ -177,7 +161,7 @@ def test_merge_closed_form_idempotent_and_unmerge_restores():
 
 def test_merging_the_tied_head_leaves_the_embedding():
     """GPT ties lm_head to wte: merging the head's LoRA must not change the token embedding."""
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     wte = model.transformer.wte.weight.detach().clone()
     inject_adapters(model, "lora", rank=4)
     randomise_adapters(model)
@@ -200,7 +184,7 @@ def test_merge_refuses_non_finite():
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_adapter_state_round_trip(model_type, tmp_path):
-    model = tiny(model_type)
+    model = tiny_model(model_type)
     inject_adapters(model, "lora", rank=4, train_embeddings=True)
     randomise_adapters(model)
     with torch.no_grad():  # a trained token embedding (tied to the head in the GPT)
@@ -210,7 +194,7 @@ def test_adapter_state_round_trip(model_type, tmp_path):
     assert n_adapter == count_params(model)[0]  # exactly the trainable tensors, nothing frozen
     torch.save(state, tmp_path / "adapter.pt")
 
-    fresh = tiny(model_type)  # same seed: the same frozen base
+    fresh = tiny_model(model_type)  # same seed: the same frozen base
     inject_adapters(fresh, "lora", rank=4, train_embeddings=True)
     idx = tokens()
     assert not torch.allclose(logits(fresh, idx), logits(model, idx))
@@ -219,20 +203,20 @@ def test_adapter_state_round_trip(model_type, tmp_path):
 
 
 def test_adapter_state_mismatch_errors():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "lora", rank=4)
-    other = tiny("gpt")
+    other = tiny_model("gpt")
     inject_adapters(other, "lora", rank=2)
     with pytest.raises(AdapterError, match="shape"):
         load_adapter_state_dict(other, adapter_state_dict(model))
-    partial = tiny("gpt")
+    partial = tiny_model("gpt")
     inject_adapters(partial, "lora", rank=4, targets=["c_attn"])
     with pytest.raises(AdapterError, match="unknown keys"):
         load_adapter_state_dict(partial, adapter_state_dict(model))
 
 
 def test_fused_qv_target():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     names = inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=2)
     assert names == [f"transformer.h.{i}.attn.c_attn:q,v" for i in range(2)] + ["lm_head"]
     layer = model.transformer.h[0].attn.c_attn
@@ -248,13 +232,13 @@ def test_fused_qv_target():
     assert torch.allclose(layer(x), layer.base(x) + x @ delta.T, atol=1e-6)
     assert count_params(model)[0] == 2 * (2 * (32 + 64)) + 2 * (32 + 40)
     with pytest.raises(AdapterError, match="fused thirds"):
-        inject_adapters(tiny("gpt"), "lora", targets=["c_attn:x"])
+        inject_adapters(tiny_model("gpt"), "lora", targets=["c_attn:x"])
     with pytest.raises(AdapterError, match="3·C outputs"):
-        inject_adapters(tiny("gpt"), "lora", targets=["lm_head:q"])
+        inject_adapters(tiny_model("gpt"), "lora", targets=["lm_head:q"])
 
 
 def test_target_patterns():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     assert find_targets(model, ["transformer.h.0.attn.c_proj"]) == ["transformer.h.0.attn.c_proj"]
     assert find_targets(model, ["attn.c_proj"]) == [f"transformer.h.{i}.attn.c_proj" for i in range(2)]
     assert find_targets(model, ["transformer.h.*.mlp.c_fc"]) == [
@@ -276,11 +260,11 @@ def test_target_patterns():
 )
 def test_bad_injection_errors(targets, settings, message):
     with pytest.raises(AdapterError, match=message):
-        inject_adapters(tiny("gpt"), "lora", targets=targets, **settings)
+        inject_adapters(tiny_model("gpt"), "lora", targets=targets, **settings)
 
 
 def test_unknown_kind_and_double_injection():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     with pytest.raises(AdapterError, match="unknown adapter"):
         inject_adapters(model, "nope")
     inject_adapters(model, "lora", rank=2)
@@ -313,34 +297,19 @@ def test_fused_lora_linear_gradients_are_exact(dropout, bias):
     torch.testing.assert_close(fn(*inputs), want)
 
 
-FAMILY_SETTINGS = {
-    "lora": ("lora", {}),
-    "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])),
-    "dora": ("dora", {}),
-    "sora": ("sora", {}),
-    "adalora": ("adalora", {}),
-    "adadora": ("adadora", {}),
-    "pissa_way1": ("pissa", dict(method="way1", init_identity=False)),
-    "pissa_nf4": ("pissa", dict(method="way0", init_identity=False, quantize_residual=True)),
-}
-
-
-@pytest.mark.parametrize("name", list(FAMILY_SETTINGS))
-def test_fused_path_equals_the_plain_forward(name, monkeypatch):
-    """The fused 3-GEMM layer (FUSED_LORA='always') against the plain forward, its oracle: in float64 with dropout
-    off the loss and every gradient agree to rounding; under bf16 autocast the two stay as close to
-    the float64 loss as each other."""
+def test_fused_path_equals_the_plain_forward(family_case, monkeypatch):
+    """The fused 3-GEMM layer (FUSED_LORA='always') against the plain forward, its oracle, for every
+    family case: in float64 (dropout off) the loss and every gradient agree to rounding; under bf16
+    autocast the two stay as close to the float64 loss as each other."""
     import adapters
 
-    kind, settings = FAMILY_SETTINGS[name]
-    model = tiny("gpt")
-    inject_adapters(model, kind, rank=4, **settings)
+    _, model, _ = adapted(family_case, tiny_model("gpt"))
+    model.eval()  # dropout off: both paths see the same input
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            for n, p in layer.named_parameters():
-                if p.requires_grad and n in ("lora_B", "lora_E", "gate", "singular_values"):
-                    p.copy_(torch.randn(p.shape, generator=g))
+    with torch.no_grad():  # every trained tensor away from its init (B = 0 would hide the branch)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
     idx = tokens()
 
     def run(fused, model, autocast=False):
@@ -368,7 +337,7 @@ def test_regularisers_ignore_autocast():
         ("adalora", orthogonal_regularization, {}),
         ("pissa", rotation_penalty, dict(method="way0", init_identity=False)),
     ):
-        model = tiny("gpt")
+        model = tiny_model("gpt")
         inject_adapters(model, kind, rank=4, **settings)
         with torch.autocast("cpu", torch.bfloat16):
             under = term(model)
@@ -392,7 +361,7 @@ def test_the_plain_line_is_the_line_that_runs(kind, monkeypatch):
     exec(
         source.replace(plain, "F.linear(x, W, b) + s * torch.tanh(xd @ A.T) @ B.T"), vars(adapters), namespace
     )
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, kind, rank=2, targets=["lm_head"])
     layer = adapter_layers(model)["lm_head"]
     with torch.no_grad():

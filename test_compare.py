@@ -12,7 +12,7 @@ import pytest
 
 import compare
 import prepare
-from test_prepare import python_tree
+from conftest import python_tree
 
 
 @pytest.fixture(scope="module")

@@ -19,105 +19,56 @@ from torch._dynamo.testing import CompileCounter
 
 import hf
 from adapters import (
-    RankAllocator,
+    AdapterError,
     SubLoRA,
     adapter_state_dict,
     build_sora_optimizers,
-    inject_adapters,
     merge_adapters,
-    orthogonal_regularization,
-    rotation_penalty,
     to_lora,
 )
-from model import GPT, GPTConfig
+from conftest import adapted, tiny_model
 
 DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
-FAMILIES = {  # name -> (kind, settings); every family and mode
-    "lora": ("lora", {}),
-    "lora_qv": ("lora", dict(targets=["c_attn:q,v", "lm_head"])),
-    "dora": ("dora", {}),
-    "sora": ("sora", {}),
-    "adalora": ("adalora", {}),
-    "adadora": ("adadora", {}),
-    **{f"pissa_{w}": ("pissa", dict(method=w)) for w in ("way0", "way1", "way2", "way3")},
-    "pissa_nf4": ("pissa", dict(method="way0", quantize_residual=True, quantize_base_components=True)),
-    "pissa_lowrank": ("pissa", dict(method="way1", svd="lowrank")),
-}
-SUBLORA = [(p, m) for p in ("rdkronqr", "sparse", "dense") for m in ("uniform", "fixed", "learned")]
 
 
-def tiny_gpt(device="cpu", **kw):
-    torch.manual_seed(0)
-    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=True, dropout=0.0)
-    return GPT(GPTConfig(**{**cfg, **kw})).to(device)
+def with_case(case, device, before, **kw):
+    """(family, model): the family case adapted as train.py adapts it, into a model already on `device`
+    (before=True), or on the CPU and moved afterwards; its optimizers built as train.py builds them."""
+    family, model, _ = adapted(case, tiny_model(device=device if before else "cpu", vocab_size=65), **kw)
+    model = model if before else model.to(device)
+    family.opts = [opt for opt, _ in family.optimizers(model, 1e-3, (0.9, 0.99), 0.1, "cpu")]
+    return family, model
 
 
-def with_adapter(name, device, before):
-    """The family `name` injected into a model already on `device` (before=True), or injected on the
-    CPU and moved afterwards."""
-    kind, settings = FAMILIES[name]
-    model = tiny_gpt(device if before else "cpu")
-    inject_adapters(model, kind, rank=4, **settings)
-    return model if before else model.to(device)
-
-
-def with_sublora(projector, mode, device, before):
-    model = tiny_gpt(device if before else "cpu")
-    inject_adapters(model, "lora", targets=["c_attn:q,v", "lm_head"], rank=4)
-    model = SubLoRA(model, 60, projector=projector, allocation_mode=mode)
-    return model if before else model.to(device)
-
-
-def train_step(model, device, allocator=None, step=0):
-    """Forward, backward, AdamW step and the adapter's after-step work, as train.py does them."""
+def train_step(family, model, device, step=0):
+    """Forward, the family's extra loss, backward, the optimizers' step and the family's after-step
+    work, as train.py does them."""
     x = (
         torch.randint(65, (2, 16), device=device)
         if device != "meta"
         else torch.zeros(2, 16, dtype=torch.long, device=device)
     )
-    _, loss = model(x, x)
-    loss.backward()
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
-    if allocator:
-        allocator.update_and_allocate(step)
+    loss = model(x, x)[1]
+    extra = family.extra_loss(model)
+    (loss if extra is None else loss + extra).backward()
+    for opt in family.opts:
+        opt.step()
+    family.after_step(model, step)
+    for opt in family.opts:
+        opt.zero_grad(set_to_none=True)
     return loss
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["injected_on_device", "moved_after"])
-@pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_family_trains_on_a_non_cpu_device(name, device, before):
-    model = with_adapter(name, device, before)
-    kind = FAMILIES[name][0]
-    reg = {"adalora": orthogonal_regularization, "adadora": orthogonal_regularization}.get(kind)
-    reg = rotation_penalty if name == "pissa_way0" else reg
-    allocator = RankAllocator(model, 2, total_step=4, deltaT=1) if kind in ("adalora", "adadora") else None
+def test_every_family_trains_on_a_non_cpu_device(family_case, device, before):
+    family, model = with_case(family_case, device, before)
     for step in range(3):
-        loss = train_step(model, device, allocator, step)
-        if reg:
-            reg(model).backward()
+        loss = train_step(family, model, device, step)
     assert loss.device.type == device
-    assert all(p.device.type == device for p in model.parameters())
-    assert all(b.device.type == device for b in model.buffers())
-    if allocator:
-        allocator.finalize()
-    if device == "cuda":  # on a real GPU: the same numbers as on the CPU
-        cpu = with_adapter(name, "cpu", True)
-        cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
-        x = torch.randint(65, (2, 16))
-        torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu(x)[0], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("before", [True, False], ids=["built_on_device", "moved_after"])
-@pytest.mark.parametrize("projector,mode", SUBLORA)
-@pytest.mark.parametrize("device", DEVICES)
-def test_sublora_trains_on_a_non_cpu_device(projector, mode, device, before):
-    model = with_sublora(projector, mode, device, before)
-    train_step(model, device)
-    assert model.w.grad is None or model.w.grad.device.type == device
     assert all(t.device.type == device for t in [*model.parameters(), *model.buffers()])
-    if device == "cuda":  # same P, θ₀ and outputs as on the CPU: the seed rebuilds it anywhere
-        cpu = with_sublora(projector, mode, "cpu", True)
+    if device == "cuda":  # on a real GPU: the same numbers as on the CPU (SubLoRA: the seed rebuilds P)
+        cpu = with_case(family_case, "cpu", True)[1]
         cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
         x = torch.randint(65, (2, 16))
         torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu(x)[0], rtol=1e-4, atol=1e-4)
@@ -125,30 +76,31 @@ def test_sublora_trains_on_a_non_cpu_device(projector, mode, device, before):
 
 def test_the_meta_device_catches_a_tensor_made_on_the_cpu():
     """The check above is real: SubLoRA before its fix (projector buffers left on the CPU)."""
-    model = with_sublora("rdkronqr", "uniform", "meta", True)
+    family, model = with_case("sublora_dense_uniform", "meta", True, sublora_projector="rdkronqr")
     proj = model.projectors[0]
     proj.Q1 = torch.zeros(proj.Q1.shape)  # what a buffer built on the CPU and never moved is
     with pytest.raises(RuntimeError, match="device"):
-        train_step(model, "meta")
+        train_step(family, model, "meta")
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "sora", "adadora", "pissa_way1", "pissa_nf4"])
-def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(name):
+def test_merge_prune_slice_export_make_no_tensor_off_the_model_device(family_case):
     """Value-dependent paths (they check finiteness, count ranks): a CPU model with meta as the default
     device, so any tensor made without device= lands on meta and fails."""
-    model = with_adapter(name, "cpu", True)
+    family, model = with_case(family_case, "cpu", True)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     x = torch.randint(65, (2, 16))
-    want = model(x)[0]
+    want = model.eval()(x)[0]
     with torch.device("meta"):
-        if name != "pissa_nf4":  # (refused: no LoRA on the original weights computes an NF4 residual)
+        try:
             hf.lora_factors(model)  # every family as the LoRA / DoRA that PEFT receives
             to_lora(model)  # SoRA's prune, AdaLoRA's slice, PiSSA's export
+        except (AdapterError, hf.InteropError) as e:  # PiSSA's NF4 residual: no LoRA computes it
+            assert "NF4" in str(e)
         adapter_state_dict(model)
-        merge_adapters(model)
+        model = merge_adapters(model)
     torch.testing.assert_close(model(x)[0], want, rtol=1e-4, atol=1e-4)
 
 
@@ -170,7 +122,7 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
         quantize_message,
     )
 
-    model = with_sublora("rdkronqr", "learned", "cpu", True)
+    model = with_case("sublora_rdkronqr_learned", "cpu", True)[1]
     state = message_vector(model)
     groups = message_groups(state)
     data = torch.randint(65, (4000,), generator=torch.Generator().manual_seed(0))
@@ -196,60 +148,40 @@ def test_eval_bounds_quantisation_and_qat_make_no_tensor_off_the_vector_device()
 # torch.compile: one graph per model, no recompiles after the first step
 
 
-def compiled_steps(model, optimizers, steps=5, allocator=None, extra=None, autocast=False):
+def compiled_steps(family, model, steps=5, autocast=False):
+    """Training steps through torch.compile with a counting backend, the family's hooks around them."""
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
-        # bf16: the adapter factors cast to the autocast dtype
         x = torch.randint(65, (8 if autocast else 2, 16), generator=gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             loss = compiled(x, x)[1]
-        if extra:
-            loss = loss + extra(model)
-        loss.backward()
-        for opt in optimizers:
+        extra = family.extra_loss(model)
+        (loss if extra is None else loss + extra).backward()
+        for opt in family.opts:
             opt.step()
-        if allocator:
-            allocator.update_and_allocate(step)
-        for opt in optimizers:
+        family.after_step(model, step)
+        for opt in family.opts:
             opt.zero_grad(set_to_none=True)
     return counter
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_compile_traces_one_graph_and_never_recompiles(name, autocast):
-    model = with_adapter(name, "cpu", True)
-    kind = FAMILIES[name][0]
-    opts = (
-        list(build_sora_optimizers(model))
-        if kind == "sora"
-        else [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
-    )
-    allocator = RankAllocator(model, 2, total_step=6, deltaT=1) if kind in ("adalora", "adadora") else None
-    extra = (lambda m: 0.1 * orthogonal_regularization(m)) if allocator else None
-    counter = compiled_steps(model, opts, allocator=allocator, extra=extra, autocast=autocast)
+def test_compile_traces_one_graph_and_never_recompiles(family_case, autocast):
+    family, model = with_case(family_case, "cpu", True)
+    counter = compiled_steps(family, model, autocast=autocast)
     assert counter.frame_count == 1  # a graph break or a recompile would add a frame
     assert counter.op_count > 0
-
-
-@pytest.mark.parametrize("projector,mode", SUBLORA)
-def test_compile_sublora_one_graph(projector, mode):
-    model = with_sublora(projector, mode, "cpu", True)
-    counter = compiled_steps(
-        model, [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)]
-    )
-    assert counter.frame_count == 1
 
 
 def test_compiled_gradients_equal_eager():
     """Compiling must not change what is trained: the same step compiled and eager (DoRA, whose norm
     is recomputed in the graph, and SubLoRA learned, whose mask gradient is straight-through)."""
     for build in (
-        lambda: with_adapter("adadora", "cpu", True),
-        lambda: with_sublora("rdkronqr", "learned", "cpu", True),
+        lambda: with_case("adadora", "cpu", True)[1],
+        lambda: with_case("sublora_rdkronqr_learned", "cpu", True)[1],
     ):
         eager, compiled = build(), build()
         compiled.load_state_dict(eager.state_dict())
@@ -266,11 +198,11 @@ def test_compiled_gradients_equal_eager():
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", ["lora", "dora"])
-def test_compiled_bf16_step_equals_eager(name):
+@pytest.mark.parametrize("case", ["lora_qv_rslora", "dora"])
+def test_compiled_bf16_step_equals_eager(case):
     """Under bf16 autocast (the fused LoRA function and DoRA's norm in the graph), AOT autograd's trace
     gives eager's loss and gradients."""
-    eager, compiled = with_adapter(name, "cpu", True), with_adapter(name, "cpu", True)
+    eager, compiled = with_case(case, "cpu", True)[1], with_case(case, "cpu", True)[1]
     compiled.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
     x = torch.randint(65, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -318,5 +250,5 @@ def test_adamw_takes_its_fused_kernel_only_on_cuda():
     if torch.cuda.is_available():
         gpu = torch.zeros(2, device="cuda", requires_grad=True)
         assert fused_on_cuda([gpu]) == {"fused": True} and fused_on_cuda([gpu, cpu]) == {}
-        model = with_adapter("sora", "cuda", True)
+        model = with_case("sora", "cuda", True)[1]
         assert all(opt.defaults.get("fused") for opt in build_sora_optimizers(model))

@@ -23,6 +23,7 @@ import sample
 import train
 from adapters import Family, LoRALinear, register
 from checkpoint import build_model, load_adapter, load_checkpoint
+from conftest import run_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS_V1 = os.path.join(HERE, "testdata", "runs_v1")
@@ -39,9 +40,6 @@ class GainLoRALinear(LoRALinear):
 
     def factors(self):
         return self.full_B() * self.gain, self.lora_A, self.scaling
-
-    def as_lora(self):
-        return adapters.AdapterLinear.as_lora(self)  # the plain LoRA with g folded into B
 
 
 class GainLoRA(Family):
@@ -79,29 +77,10 @@ def gainlora(monkeypatch):
     register(GainLoRA)
 
 
-def tiny(data_dir, out_dir, **kw):
-    args = dict(
-        device="cpu",
-        data_dir=data_dir,
-        out_dir=str(out_dir),
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        eval_iters=4,
-        eval_interval=4,
-        log_interval=1,
-        dropout=0.0,
-        learning_rate=1e-2,
-        warmup_iters=1,
-        lr_decay_iters=8,
-        min_lr=1e-3,
-        max_iters=8,
-        init_from="scratch",
-    )
-    args.update(kw)
-    return [f"--{k}={v}" for k, v in args.items()]
+def short_run(data_dir, out_dir, **kw):
+    """run_args at 8 iterations of a 32-wide model, evaluated every 4."""
+    keys = dict(n_embd=32, eval_interval=4, learning_rate=1e-2, warmup_iters=1, lr_decay_iters=8, min_lr=1e-3)
+    return run_args(data_dir, out_dir, **{**keys, "max_iters": 8, **kw})
 
 
 def steps(out_dir):
@@ -110,17 +89,19 @@ def steps(out_dir):
 
 def test_a_family_defined_here_runs_through_every_script(gainlora, char_data, tmp_path):
     base = tmp_path / "base"
-    train.train(tiny(char_data, base, max_iters=30, eval_interval=30, learning_rate=3e-3), environ={})
+    train.train(short_run(char_data, base, max_iters=30, eval_interval=30, learning_rate=3e-3), environ={})
     kw = dict(adapter="gainlora", init_from=str(base), gain_init=0.5, lora_rank=2)
-    train.train(tiny(char_data, tmp_path / "full", **kw), environ={})
+    train.train(short_run(char_data, tmp_path / "full", **kw), environ={})
     full = steps(tmp_path / "full")
     assert full[7]["steps_seen"] == 8 and full[7]["mean_gain"] != 0.5  # its hooks ran; its gain trained
     model = build_model(load_checkpoint(str(tmp_path / "full")))
     assert all(isinstance(m, GainLoRALinear) for m in adapters.adapter_layers(model).values())
 
     # resume: stopped at 4 (its own key, rescaled with max_iters, and its state come back), continued to 8
-    train.train(tiny(char_data, tmp_path / "part", **dict(kw, max_iters=4, lr_decay_iters=8)), environ={})
-    train.train(tiny(char_data, tmp_path / "part", **dict(kw, init_from="resume")), environ={})
+    train.train(
+        short_run(char_data, tmp_path / "part", **dict(kw, max_iters=4, lr_decay_iters=8)), environ={}
+    )
+    train.train(short_run(char_data, tmp_path / "part", **dict(kw, init_from="resume")), environ={})
     part = steps(tmp_path / "part")
     assert sorted(part) == list(range(8))
     for it in range(8):
@@ -175,7 +156,7 @@ def test_a_family_key_is_a_config_key(gainlora, char_data, tmp_path, capsys):
     from configurator import ConfigError
 
     with pytest.raises(ConfigError, match=r"gain_init must be in \(0, inf\)"):
-        train.train(tiny(char_data, tmp_path / "bad", adapter="gainlora", gain_init=-1.0), environ={})
+        train.train(short_run(char_data, tmp_path / "bad", adapter="gainlora", gain_init=-1.0), environ={})
 
 
 def copy_run(name, tmp_path):
@@ -249,3 +230,42 @@ def test_runs_written_before_families_load_sample_and_resume(char_data, tmp_path
     assert sorted(got) == sorted(want) == list(range(9))
     for it in range(9):
         assert got[it]["train_loss"] == pytest.approx(want[it]["train_loss"], abs=1e-6), it
+
+
+def test_a_registered_family_gets_every_per_family_test(tmp_path):
+    """GainLoRA, registered with its (default) example before the suite is collected, joins the family
+    table: the device, compile, fused-path, resume, export and rebuild tests run it and pass, with no
+    test file edited. The family reaches the run as a pytest plugin built from this file's source."""
+    import inspect
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "gainlora_plugin.py"
+    plugin.write_text(
+        "import torch\nimport torch.nn as nn\n\nimport adapters\nfrom adapters import Family, LoRALinear, register\n\n\n"
+        + inspect.getsource(GainLoRALinear)
+        + "\n\n"
+        + inspect.getsource(GainLoRA)
+        + "\n\nregister(GainLoRA)\n"
+    )
+    files = ["test_device.py", "test_adapters.py", "test_faults.py", "test_hf.py", "test_bounds.py"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "gainlora_plugin", "-k", "gainlora", "-rA", *files],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    passed = [line for line in done.stdout.splitlines() if line.startswith("PASSED") and "gainlora" in line]
+    for test in (
+        "test_every_family_trains_on_a_non_cpu_device",
+        "test_compile_traces_one_graph_and_never_recompiles",
+        "test_fused_path_equals_the_plain_forward",
+        "test_every_family_resumes_bit_for_bit_mid_schedule",
+        "test_every_family_exports_to_peft_and_back",
+        "test_the_prior_and_the_decoded_message_rebuild_the_scored_model",
+    ):
+        assert any(test in line for line in passed), test

@@ -31,9 +31,8 @@ import sweep
 import train
 from checkpoint import load_checkpoint
 from configurator import ConfigError, cli
-from conftest import HERE
+from conftest import HERE, case_run_keys, run_args
 from model import GPT
-from test_train import tiny
 
 TIMING = (
     "tokens_per_s",
@@ -63,9 +62,9 @@ def world(char_data, tmp_path_factory):
     other = root / "other.txt"
     other.write_text("ZZZ qqq 123 456 789 !!! " * 400)
     prepare.main(["shakespeare_char", f"--input={other}", f"--out_dir={root / 'digits'}"])
-    train.train(tiny(char_data, root / "base", max_iters=4, eval_interval=4), environ={})
+    train.train(run_args(char_data, root / "base", max_iters=4, eval_interval=4), environ={})
     train.train(
-        tiny(
+        run_args(
             char_data,
             root / "lora",
             adapter="lora",
@@ -128,7 +127,7 @@ def world(char_data, tmp_path_factory):
 def T(char_data, root, **kw):
     """train.py's argv for a tiny run in root/new unless out_dir is given."""
     kw.setdefault("out_dir", root / "new")
-    return tiny(char_data, kw.pop("out_dir"), **kw)
+    return run_args(char_data, kw.pop("out_dir"), **kw)
 
 
 CASES = [
@@ -367,18 +366,18 @@ def crash_at(monkeypatch, iteration, error):
 
 def test_a_crash_then_resume_gives_the_uninterrupted_run_and_its_metrics(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=20, eval_interval=5, log_interval=1, always_save_checkpoint=True)
-    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "clean", **kw), environ={})
 
     def crash(it):
         raise KeyboardInterrupt  # a kill between two checkpoints
 
     crash_at(monkeypatch, 13, crash)
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny(char_data, tmp_path / "crashed", **kw), environ={})
+        train.train(run_args(char_data, tmp_path / "crashed", **kw), environ={})
     assert load_checkpoint(str(tmp_path / "crashed"))["iter_num"] == 10
     (tmp_path / "crashed" / "ckpt.pt.tmp.99999").write_bytes(b"x" * 1000)  # a save killed before its rename
     monkeypatch.undo()
-    train.train(tiny(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
     assert not (tmp_path / "crashed" / "ckpt.pt.tmp.99999").exists()
     a, b = (load_checkpoint(str(tmp_path / d))["model"] for d in ("clean", "crashed"))
@@ -387,12 +386,12 @@ def test_a_crash_then_resume_gives_the_uninterrupted_run_and_its_metrics(char_da
 
 def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=20, eval_interval=5, log_interval=1, always_save_checkpoint=True)
-    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "clean", **kw), environ={})
 
     real = train.get_lr  # a learning rate of nan at iteration 12: the weights, then the loss, become nan
     monkeypatch.setattr(train, "get_lr", lambda it, c: float("nan") if it == 12 else real(it, c))
     with pytest.raises(SystemExit) as exit_info:
-        cli(train.train, tiny(char_data, tmp_path / "nan", **kw))
+        cli(train.train, run_args(char_data, tmp_path / "nan", **kw))
     message = str(exit_info.value.code)
     assert "the training loss became nan at iteration 13" in message and "still holds iteration 10" in message
     good = load_checkpoint(str(tmp_path / "nan"))
@@ -400,7 +399,7 @@ def test_a_nan_stops_the_run_and_keeps_the_last_good_checkpoint(char_data, tmp_p
         torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point()
     )
     monkeypatch.undo()
-    train.train(tiny(char_data, tmp_path / "nan", init_from="resume", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "nan", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "nan") == rows_without_timing(tmp_path / "clean")
 
 
@@ -417,7 +416,7 @@ def test_skip_mode_steps_over_a_nan_gradient(char_data, tmp_path, monkeypatch, c
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward)
-    last = train.train(tiny(char_data, tmp_path / "skip", **kw), environ={})
+    last = train.train(run_args(char_data, tmp_path / "skip", **kw), environ={})
     out = capsys.readouterr().out
     assert "non-finite gradient, step skipped (1 so far)" in out
     assert np.isfinite(last["val_loss"])
@@ -427,7 +426,7 @@ def test_skip_mode_steps_over_a_nan_gradient(char_data, tmp_path, monkeypatch, c
 
 def test_a_full_disk_keeps_the_previous_checkpoint_in_one_line(char_data, tmp_path):
     out = tmp_path / "run"
-    train.train(tiny(char_data, out, max_iters=4, eval_interval=4), environ={})
+    train.train(run_args(char_data, out, max_iters=4, eval_interval=4), environ={})
     before = (out / "ckpt.pt").read_bytes()
     limit = len(before) // 2  # files may grow to half a checkpoint: the next save cannot fit
 
@@ -437,7 +436,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_in_one_line(char_data, tmp_pa
         )  # a write past the limit fails (EFBIG) instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    args = tiny(char_data, out, init_from="resume", max_iters=8, eval_interval=4)
+    args = run_args(char_data, out, init_from="resume", max_iters=8, eval_interval=4)
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "train.py"), *args],
         capture_output=True,
@@ -493,7 +492,7 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
         [
             sys.executable,
             os.path.join(HERE, "train.py"),
-            *tiny(char_data, out, max_iters=100000, eval_interval=100000),
+            *run_args(char_data, out, max_iters=100000, eval_interval=100000),
         ],
         cwd=HERE,
         stdout=subprocess.PIPE,
@@ -504,7 +503,7 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
             break
     before = sorted(os.listdir(out))
     second = subprocess.run(
-        [sys.executable, os.path.join(HERE, "train.py"), *tiny(char_data, out, overwrite=True)],
+        [sys.executable, os.path.join(HERE, "train.py"), *run_args(char_data, out, overwrite=True)],
         capture_output=True,
         text=True,
         cwd=HERE,
@@ -515,13 +514,13 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     assert sorted(os.listdir(out)) == before
     first.send_signal(signal.SIGKILL)
     first.wait()
-    train.train(tiny(char_data, out, overwrite=True, max_iters=2, eval_interval=2), environ={})
+    train.train(run_args(char_data, out, overwrite=True, max_iters=2, eval_interval=2), environ={})
     assert plots.read_metrics(str(out))[-1]["iter"] == 2
 
 
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=8, eval_interval=4, log_interval=1)
-    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "clean", **kw), environ={})
 
     def interrupt(it):
         raise KeyboardInterrupt
@@ -529,7 +528,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkey
     with monkeypatch.context() as m:
         crash_at(m, 6, interrupt)
         with pytest.raises(SystemExit) as exit_info:
-            cli(train.train, tiny(char_data, tmp_path / "ctrl_c", **kw))
+            cli(train.train, run_args(char_data, tmp_path / "ctrl_c", **kw))
     message = str(exit_info.value.code)
     assert (
         message.startswith("error: interrupted (Ctrl-C)")
@@ -540,7 +539,7 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkey
         tmp_path / "ctrl_c" / "metrics.jsonl", "a"
     ) as f:  # a kill during a write: the last line cut short
         f.write('{"iter": 5, "train_lo')
-    train.train(tiny(char_data, tmp_path / "ctrl_c", init_from="resume", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "ctrl_c", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "ctrl_c") == rows_without_timing(tmp_path / "clean")
 
 
@@ -552,53 +551,19 @@ def test_a_folder_with_another_runs_artifacts_holds_a_run(char_data, tmp_path, c
     (out / "loss.png").write_bytes(b"png")
     (out / "bounds.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"already holds a run \(loss.png, bounds.json, peft\)"):
-        train.train(tiny(char_data, out, max_iters=2, eval_interval=2), environ={})
-    train.train(tiny(char_data, out, max_iters=2, eval_interval=2, overwrite=True), environ={})
+        train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
+    train.train(run_args(char_data, out, max_iters=2, eval_interval=2, overwrite=True), environ={})
     assert not (out / "bounds.json").exists() and not (out / "peft").exists() and (out / "loss.png").exists()
 
 
-FAMILY_RUNS = {  # each family mid-schedule at the crash (iteration 13 of 20, checkpoint at 10)
-    "lora": dict(adapter="lora", lora_dropout=0.1, dropout=0.1),
-    "dora": dict(adapter="dora"),
-    "sora": dict(
-        adapter="sora",
-        lora_rank=4,
-        sora_lambda=0.5,
-        sora_lambda_max=5.0,
-        sora_lambda_levels=3,
-        sora_lambda_every=4,
-        sora_tune_iters=6,
-    ),
-    "adalora": dict(
-        adapter="adalora",
-        lora_rank=4,
-        adalora_target_r=2,
-        adalora_tinit=2,
-        adalora_tfinal=4,
-        adalora_deltaT=2,
-    ),
-    "adadora": dict(
-        adapter="adadora",
-        lora_rank=4,
-        adalora_target_r=2,
-        adalora_tinit=2,
-        adalora_tfinal=4,
-        adalora_deltaT=2,
-    ),
-    "pissa": dict(
-        adapter="pissa", lora_rank=4, pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3
-    ),
-    "sublora": dict(adapter="sublora", lora_rank=4, intrinsic_dim=200, allocation_mode="learned"),
-}
-
-
-@pytest.mark.parametrize("name", list(FAMILY_RUNS))
-def test_every_family_resumes_bit_for_bit_mid_schedule(name, char_data, tmp_path, monkeypatch):
+def test_every_family_resumes_bit_for_bit_mid_schedule(family_case, char_data, tmp_path, monkeypatch):
     """Killed at iteration 13 and resumed from its checkpoint at 10, with the same max_iters, a run of
-    every family ends with the uninterrupted run's tensors (model, adapter files, the family's own
-    state such as AdaLoRA's importance scores) and metrics rows, exactly."""
-    kw = dict(FAMILY_RUNS[name], max_iters=20, eval_interval=5, log_interval=1, lr_decay_iters=20)
-    train.train(tiny(char_data, tmp_path / "clean", **kw), environ={})
+    every family case (each mid-schedule at the crash) ends with the uninterrupted run's tensors (model,
+    adapter files, the family's own state such as AdaLoRA's importance scores) and metrics rows, exactly."""
+    kw = case_run_keys(
+        family_case, dropout=0.1, max_iters=20, eval_interval=5, log_interval=1, lr_decay_iters=20
+    )
+    train.train(run_args(char_data, tmp_path / "clean", **kw), environ={})
 
     def crash(it):
         raise KeyboardInterrupt
@@ -606,8 +571,8 @@ def test_every_family_resumes_bit_for_bit_mid_schedule(name, char_data, tmp_path
     with monkeypatch.context() as m:
         crash_at(m, 13, crash)
         with pytest.raises(KeyboardInterrupt):
-            train.train(tiny(char_data, tmp_path / "crashed", **kw), environ={})
-    train.train(tiny(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
+            train.train(run_args(char_data, tmp_path / "crashed", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
     assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
     a, b = (load_checkpoint(str(tmp_path / d)) for d in ("clean", "crashed"))
     for key in ("model", "family"):
@@ -643,11 +608,11 @@ def test_a_kill_between_the_two_files_of_a_save_is_detected(char_data, tmp_path,
     with monkeypatch.context() as m:
         m.setattr(train, "save_checkpoint", killed_on_second)
         with pytest.raises(KeyboardInterrupt):
-            train.train(tiny(char_data, out, **kw), environ={})
+            train.train(run_args(char_data, out, **kw), environ={})
     assert checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"] == 10
     assert load_checkpoint(str(out))["iter_num"] == 5
     capsys.readouterr()
-    train.train(tiny(char_data, out, init_from="resume", **kw), environ={})
+    train.train(run_args(char_data, out, init_from="resume", **kw), environ={})
     assert "adapter.safetensors holds iteration 10 but ckpt.pt iteration 5" in capsys.readouterr().out
     assert (
         checkpoint.read_adapter_file(str(out / "adapter.safetensors"))["iter_num"]
@@ -661,7 +626,7 @@ def test_sample_and_bounds_use_the_vocabulary_the_checkpoint_carries(char_data, 
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
     out = tmp_path / "run"
-    train.train(tiny(str(data), out, max_iters=2, eval_interval=2), environ={})
+    train.train(run_args(str(data), out, max_iters=2, eval_interval=2), environ={})
     shutil.rmtree(data)
     texts = sample.sample(
         [f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=8", "--device=cpu"],

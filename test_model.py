@@ -13,35 +13,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from adapters import inject_adapters
+from conftest import write_hf_gpt2
 from model import GPT, MODELS, GPTConfig, convert_hf_gpt2_state_dict
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def write_hf_gpt2(model, folder):
-    """Save a GPT in the layout of OpenAI's GPT-2 on the Hugging Face hub: no 'transformer.' prefix,
-    Conv1D weights stored (in, out), the tied head left out, old causal-mask buffers present."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        k = k.removeprefix("transformer.")
-        sd[k] = v.t().contiguous() if k.endswith(CONV1D) else v.clone()
-    for i in range(model.config.n_layer):
-        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
-    save_file(sd, str(folder / "model.safetensors"))
-    c = model.config
-    (folder / "config.json").write_text(
-        json.dumps(
-            dict(
-                n_layer=c.n_layer,
-                n_head=c.n_head,
-                n_embd=c.n_embd,
-                vocab_size=c.vocab_size,
-                n_positions=c.block_size,
-            )
-        )
-    )
 
 
 def test_from_pretrained_local_folder(tmp_path):

@@ -33,8 +33,7 @@ from adapters import (
     to_lora,
 )
 from checkpoint import load_checkpoint
-from test_adapters import logits, tiny, tokens
-from test_train import tiny as tiny_args
+from conftest import logits, run_args, tiny_model, tokens
 
 WAYS = ["way0", "way1", "way2", "way3"]
 
@@ -64,7 +63,7 @@ def nf4_error_bound(W, block=64):
 @pytest.mark.parametrize("method", WAYS)
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_output_equals_base_at_init(method, model_type):
-    base = tiny(model_type)
+    base = tiny_model(model_type)
     model = copy.deepcopy(base)
     inject_adapters(model, "pissa", rank=4, method=method)
     idx = tokens()
@@ -109,7 +108,7 @@ def test_nf4_round_trip_matches_an_independent_per_block_computation():
 
 @pytest.mark.parametrize("method", ["way1", "way2", "way3"])
 def test_exactly_orthogonal_after_50_steps(method):
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "pissa", rank=6, method=method)
     train_steps(model, steps=50, lr=5e-2)
     assert max_orthogonality_error(model) <= 1e-5
@@ -120,7 +119,7 @@ def test_exactly_orthogonal_after_50_steps(method):
 def test_way0_penalty_decreases_the_orthogonality_error():
     def run(penalty):
         torch.manual_seed(1)
-        model = tiny("gpt")
+        model = tiny_model("gpt")
         inject_adapters(model, "pissa", rank=4, method="way0", init_identity=False)  # start off orthogonal
         start = max_orthogonality_error(model)
         train_steps(model, steps=50, lr=1e-2, penalty=penalty)
@@ -170,7 +169,7 @@ def test_randomized_and_full_svd_reconstruct_the_weight():
 @pytest.mark.parametrize("quantize", [False, True])
 @pytest.mark.parametrize("method", WAYS)
 def test_merged_equals_unmerged_and_lora_export(method, quantize):
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     inject_adapters(model, "pissa", rank=4, method=method, quantize_residual=quantize)
     train_steps(model, steps=5, lr=5e-2)
@@ -194,13 +193,13 @@ def test_merged_equals_unmerged_and_lora_export(method, quantize):
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_adapter_state_round_trip(quantize):
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "pissa", rank=4, method="way2", quantize_residual=quantize)
     train_steps(model, steps=5, lr=5e-2)
     idx = tokens()
     state = adapter_state_dict(model)
     assert not any(".base." in k for k in state)  # U, V, P(θ₀) and the NF4 residual, never the base
-    fresh = tiny("gpt")  # the original base; its own SVD is overwritten by the stored factors
+    fresh = tiny_model("gpt")  # the original base; its own SVD is overwritten by the stored factors
     inject_adapters(fresh, "pissa", rank=4, method="way2", quantize_residual=quantize)
     fresh.eval()
     fresh(idx)  # fills the residual cache, which the load below must invalidate
@@ -209,7 +208,7 @@ def test_adapter_state_round_trip(quantize):
 
 
 def test_fold_rotations_keeps_outputs():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "pissa", rank=4, method="way1")
     train_steps(model, steps=5, lr=5e-2)
     idx = tokens()
@@ -221,7 +220,7 @@ def test_fold_rotations_keeps_outputs():
 
 
 def test_seed_design_entry_point():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     model.transformer.ln_f.weight.requires_grad_(True)
     cfg = RotationalPiSSAConfig(r=4, method="way3", freeze_singular_values=True)
     layers = replace_linear_with_rotational_pissa(
@@ -239,7 +238,7 @@ def test_seed_design_entry_point():
     )
     assert model.transformer.ln_f.weight.requires_grad  # freeze_base_model=False kept it trainable
     with pytest.raises(AdapterError, match="adapter_name"):
-        replace_linear_with_rotational_pissa(model=tiny("gpt"), pissa_config=cfg, adapter_name="second")
+        replace_linear_with_rotational_pissa(model=tiny_model("gpt"), pissa_config=cfg, adapter_name="second")
 
 
 @pytest.mark.parametrize(
@@ -252,7 +251,7 @@ def test_seed_design_entry_point():
 )
 def test_bad_settings(settings, message):
     with pytest.raises(AdapterError, match=message):
-        inject_adapters(tiny("gpt"), "pissa", **{"rank": 4, **settings})
+        inject_adapters(tiny_model("gpt"), "pissa", **{"rank": 4, **settings})
 
 
 def test_rotation_identity_at_init():
@@ -264,7 +263,7 @@ def test_rotation_identity_at_init():
 def test_train_pissa_end_to_end(method, char_data, tmp_path):
     out = tmp_path / method
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="pissa",
@@ -337,7 +336,7 @@ def closed_form_rotation(rot):
 def test_rotations_equal_their_closed_forms(method):
     """Every rotation of a model (ways 1-3) equals its closed form in float64."""
     torch.manual_seed(0)
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "pissa", rank=4, method=method, init_identity=False)
     rotations = [
         rot for layer in adapter_layers(model).values() for rot in (layer.rotation_U, layer.rotation_V)
@@ -349,7 +348,7 @@ def test_rotations_equal_their_closed_forms(method):
 def test_factors_are_built_in_the_buffers_precision_under_autocast():
     """Under bf16 autocast U R_U and V R_V stay fp32 products, so P(θ) - P(θ₀) is built from the same
     numbers as the frozen P(θ₀) (at init its two halves are equal, not a bf16 rounding apart)."""
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "pissa", rank=4, method="way1")
     for layer in adapter_layers(model).values():
         want = layer.factors()

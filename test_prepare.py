@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import HERE
+from conftest import HERE, python_tree
 from prepare import EOT, gpt2_encoding, load_tokenizer, read_meta
 
 
@@ -135,26 +135,6 @@ def _write(path, text):
 
 # -----------------------------------------------------------------------------
 # the bytes datasets of the method comparison (compare.py)
-
-
-def python_tree(root, extra=()):
-    """A small standard-library-like folder: modules, a package, and the tests that must be left out."""
-    files = {
-        "os_like.py": "import sys\n\ndef f(x):\n    return x + 1\n",
-        "pkg/__init__.py": "from .core import *\n",
-        "pkg/core.py": "# café: a UTF-8 byte sequence\nclass C:\n    pass\n",
-        "json_like/decoder.py": "def dec(s): ...\n",
-        "test/test_os.py": "assert True\n",
-        "pkg/tests/helper.py": "TEST = 1\n",
-        "pkg/test_core.py": "x = 1\n",
-        "notes.txt": "not python\n",
-        **dict(extra),
-    }
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return {rel: text for rel, text in files.items() if rel.endswith(".py") and "test" not in rel}
 
 
 def documents(folder):

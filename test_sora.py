@@ -33,9 +33,8 @@ from adapters import (
 )
 from checkpoint import build_model, load_adapter, load_checkpoint, read_adapter_file
 from configurator import ConfigError
+from conftest import logits, run_args, tiny_model, tokens
 from model import GPT, GPTConfig
-from test_adapters import logits, tiny, tokens
-from test_train import tiny as tiny_args
 
 
 def randomise(model, seed=3):
@@ -62,7 +61,7 @@ def test_forward_closed_form_and_identity_at_init():
 
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 def test_model_identity_at_init_and_merge_keeps_outputs(model_type):
-    base = tiny(model_type)
+    base = tiny_model(model_type)
     model = copy.deepcopy(base)
     inject_adapters(model, "sora", rank=4)
     idx = tokens()
@@ -126,7 +125,7 @@ def test_hold_zeros_keeps_zero_gates_and_steps_the_rest_as_plain_adamw():
 
 
 def test_gates_get_no_weight_decay():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "sora", rank=4)
     gates, others = split_sora_params(model)
     assert len(gates) == len(adapter_layers(model)) and all(p.dim() == 1 for p in gates)
@@ -145,7 +144,7 @@ def test_gates_get_no_weight_decay():
 
 
 def test_large_lambda_drives_every_gate_to_exactly_zero():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "sora", rank=4)
     gate_opt, regular = build_sora_optimizers(model, lr=1e-2, sparse_lambda=100.0)
     model.train()
@@ -159,7 +158,7 @@ def test_large_lambda_drives_every_gate_to_exactly_zero():
 
 
 def test_rebalance_keeps_logits_and_leaves_unit_gates():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "sora", rank=4)
     randomise(model)
     with torch.no_grad():
@@ -181,7 +180,7 @@ def test_rebalance_keeps_logits_and_leaves_unit_gates():
 
 
 def test_prune_keeps_logits_and_shrinks_by_the_pruned_ranks():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     inject_adapters(model, "sora", rank=4)
     randomise(model)
     layers = adapter_layers(model)
@@ -224,15 +223,15 @@ def test_lambda_schedule(spacing):
             lambda: SoRAOptimizer([nn.Parameter(torch.ones(2))], sparse_lambda=-1.0),
             "sparse_lambda must be >= 0",
         ),
-        (lambda: inject_adapters(tiny("gpt"), "sora", rank=0), "positive int"),
+        (lambda: inject_adapters(tiny_model("gpt"), "sora", rank=0), "positive int"),
         (
-            lambda: inject_adapters(tiny("gpt"), "sora", targets=["transformer.h.0.attn.c_prj"]),
+            lambda: inject_adapters(tiny_model("gpt"), "sora", targets=["transformer.h.0.attn.c_prj"]),
             "matches no module",
         ),
-        (lambda: inject_adapters(tiny("gpt"), "sora", targets=["ln_f"]), "not nn.Linear"),
-        (lambda: inject_adapters(tiny("gpt"), "sora", gate_init="zeros"), "gate_init"),
+        (lambda: inject_adapters(tiny_model("gpt"), "sora", targets=["ln_f"]), "not nn.Linear"),
+        (lambda: inject_adapters(tiny_model("gpt"), "sora", gate_init="zeros"), "gate_init"),
         (lambda: lambda_schedule(0.0, 1.0, 3, "exp_linear"), "start λ > 0"),
-        (lambda: build_sora_optimizers(tiny("gpt")), "no trainable SoRA gates"),
+        (lambda: build_sora_optimizers(tiny_model("gpt")), "no trainable SoRA gates"),
     ],
 )
 def test_bad_input(make, message):
@@ -241,7 +240,7 @@ def test_bad_input(make, message):
 
 
 def test_explicit_module_names():
-    model = tiny("gpt")
+    model = tiny_model("gpt")
     names = inject_adapters(model, "sora", targets=["transformer.h.0.attn.c_proj", "lm_head"], rank=2)
     assert names == ["transformer.h.0.attn.c_proj", "lm_head"]
     assert set(effective_ranks(model)) == set(names)
@@ -252,7 +251,7 @@ def test_train_sora_end_to_end(char_data, tmp_path):
     reproduces the trained model."""
     out = tmp_path / "sora"
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="sora",
@@ -328,8 +327,8 @@ def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
         learning_rate=3e-3,
         lr_decay_iters=30,
     )
-    train.train(tiny_args(char_data, tmp_path / "tuned", **args, sora_tune_iters=10), environ={})
-    train.train(tiny_args(char_data, tmp_path / "plain", **args), environ={})
+    train.train(run_args(char_data, tmp_path / "tuned", **args, sora_tune_iters=10), environ={})
+    train.train(run_args(char_data, tmp_path / "plain", **args), environ={})
     rows = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "tuned")) if r["train_loss"] is not None}
     plain = {r["iter"]: r for r in plots.read_metrics(str(tmp_path / "plain")) if r["train_loss"] is not None}
     assert [rows[i]["sora_lambda"] for i in (0, 10, 19, 20, 29)] == pytest.approx([4.0, 12.0, 12.0, 0.0, 0.0])
@@ -343,14 +342,14 @@ def test_train_sora_tuning_phase_keeps_the_pruned_set(char_data, tmp_path):
     assert final == at_start and sum(final.values()) >= sum(plain[29]["effective_rank"].values())
     assert rows[29]["train_loss"] != plain[29]["train_loss"]
     with pytest.raises(ConfigError, match="sora_tune_iters 30 leaves no iteration to sparsify"):
-        train.train(tiny_args(char_data, tmp_path / "bad", **args, sora_tune_iters=30), environ={})
+        train.train(run_args(char_data, tmp_path / "bad", **args, sora_tune_iters=30), environ={})
 
 
 def test_train_rejects_negative_lambda(char_data, tmp_path):
     with pytest.raises(
         ConfigError, match=r"sora_lambda must be in \[0, inf\), got -0.5"
     ):  # the key the user typed
-        train.train(tiny_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})
+        train.train(run_args(char_data, tmp_path, adapter="sora", sora_lambda=-0.5), environ={})
 
 
 def test_a_shorter_max_iters_scales_the_tuning_phase(tmp_path, capsys):

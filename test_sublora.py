@@ -25,16 +25,15 @@ from adapters import (
     merge_adapters,
 )
 from checkpoint import build_model, load_checkpoint, read_adapter_file
+from conftest import logits, run_args, tiny_model, tokens
 from model import GPT, GPTConfig
-from test_adapters import logits, tiny, tokens
-from test_train import tiny as tiny_args
 
 MODES = ["uniform", "fixed", "learned"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def wrapped(mode="uniform", projector="rdkronqr", d=120, ratio=0.25, model_type="gpt"):
-    model = tiny(model_type)
+    model = tiny_model(model_type)
     targets = ["c_attn:q,v", "lm_head"] if model_type == "gpt" else ["query", "value", "lm_head"]
     inject_adapters(model, "lora", targets=targets, rank=4, alpha=32.0)
     return SubLoRA(model, d, projector, mode, ratio, seed=3)
@@ -43,7 +42,7 @@ def wrapped(mode="uniform", projector="rdkronqr", d=120, ratio=0.25, model_type=
 @pytest.mark.parametrize("projector", ["dense", "sparse", "rdkronqr"])
 @pytest.mark.parametrize("mode", MODES)
 def test_logits_equal_the_base_at_w_zero(mode, projector):
-    base = tiny("gpt")
+    base = tiny_model("gpt")
     sub = wrapped(mode, projector)
     idx = tokens()
     assert torch.equal(logits(sub, idx), logits(base, idx))  # B = 0 in θ₀ and w = 0
@@ -184,14 +183,14 @@ def test_bad_settings(kwargs, message):
     with pytest.raises(AdapterError, match=message):
         wrapped(**kwargs)
     with pytest.raises(AdapterError, match="only trainable parameters are LoRA"):
-        SubLoRA(tiny("gpt"), 10)
+        SubLoRA(tiny_model("gpt"), 10)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
     out = tmp_path / mode
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="sublora",
@@ -221,7 +220,7 @@ def test_training_w_lowers_val_loss(mode, char_data, tmp_path):
 def test_adapter_file_rebuilds_from_the_seed_in_a_new_process(char_data, tmp_path):
     out = tmp_path / "run"
     train.train(
-        tiny_args(
+        run_args(
             char_data,
             out,
             adapter="sublora",

@@ -21,36 +21,11 @@ import train
 from adapters import AdapterError, adapter_layers
 from checkpoint import CheckpointError, load_checkpoint
 from configurator import ConfigError
+from conftest import run_args
 from prepare import read_meta
 from sample import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def tiny(data_dir, out_dir, **kw):
-    args = dict(
-        device="cpu",
-        data_dir=data_dir,
-        out_dir=str(out_dir),
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        block_size=32,
-        batch_size=8,
-        eval_iters=4,
-        eval_interval=20,
-        log_interval=1,
-        dropout=0.0,
-        learning_rate=3e-3,
-        warmup_iters=5,
-        lr_decay_iters=60,
-        min_lr=3e-4,
-        max_iters=20,
-        dtype="float32",
-        init_from="scratch",
-    )
-    args.update(kw)
-    return [f"--{k}={v}" for k, v in args.items()]
 
 
 def evals(out_dir):
@@ -64,7 +39,7 @@ def step_losses(out_dir):
 @pytest.fixture(scope="module")
 def pretrained(char_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    train.train(tiny(char_data, out, max_iters=60, eval_interval=30), environ={})
+    train.train(run_args(char_data, out, max_iters=60, eval_interval=30), environ={})
     return str(out)
 
 
@@ -99,7 +74,7 @@ def test_every_run_writes_its_loss_curve_and_runs_compare_on_one(pretrained, tmp
 def test_lora_finetune_and_sample(pretrained, char_data, tmp_path):
     out = tmp_path / "lora"
     last = train.train(
-        tiny(
+        run_args(
             char_data,
             out,
             init_from=pretrained,
@@ -146,7 +121,7 @@ def test_rank_pattern_run_rebuilds_from_its_checkpoint_and_adapter_file(pretrain
     count is the closed form, and the checkpoint and adapter file rebuild the same model."""
     out = tmp_path / "rp"
     last = train.train(
-        tiny(
+        run_args(
             char_data,
             out,
             init_from=pretrained,
@@ -180,13 +155,13 @@ def test_rank_pattern_run_rebuilds_from_its_checkpoint_and_adapter_file(pretrain
 def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter, monkeypatch):
     # dropout on, so the restored RNG state matters too
     kw = dict(adapter=adapter, dropout=0.1, lora_dropout=0.1, eval_interval=4, lr_decay_iters=8)
-    train.train(tiny(char_data, tmp_path / "full", max_iters=8, **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "full", max_iters=8, **kw), environ={})
     with (
         monkeypatch.context() as m
     ):  # stopped, not finished: an interrupted run never finalizes AdaLoRA's mask
         m.setattr(adapters.RankAllocator, "finalize", lambda self: None)
-        train.train(tiny(char_data, tmp_path / "part", max_iters=4, **kw), environ={})
-    train.train(tiny(char_data, tmp_path / "part", max_iters=8, init_from="resume", **kw), environ={})
+        train.train(run_args(char_data, tmp_path / "part", max_iters=4, **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "part", max_iters=8, init_from="resume", **kw), environ={})
     full, part = step_losses(tmp_path / "full"), step_losses(tmp_path / "part")
     assert sorted(part) == list(range(8))
     for it in range(8):
@@ -196,7 +171,7 @@ def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, adapter, m
 
 def test_torchrun_two_processes_match_one(char_data, tmp_path):
     kw = dict(max_iters=6, eval_interval=3, gradient_accumulation_steps=2, adapter="lora")
-    train.train(tiny(char_data, tmp_path / "one", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "one", **kw), environ={})
     cmd = [
         sys.executable,
         "-m",
@@ -204,7 +179,7 @@ def test_torchrun_two_processes_match_one(char_data, tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         os.path.join(HERE, "train.py"),
-        *tiny(char_data, tmp_path / "two", **kw),
+        *run_args(char_data, tmp_path / "two", **kw),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
@@ -228,7 +203,7 @@ def test_torchrun_accumulation_is_raised_and_errors_print_once(char_data, tmp_pa
         os.path.join(HERE, "train.py"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = tiny(char_data, tmp_path / "acc", max_iters=2, eval_interval=2, gradient_accumulation_steps=1)
+    args = run_args(char_data, tmp_path / "acc", max_iters=2, eval_interval=2, gradient_accumulation_steps=1)
     proc = subprocess.run(base + args, capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gradient_accumulation_steps=1 raised to 2" in proc.stdout
@@ -245,7 +220,7 @@ def test_a_shorter_max_iters_scales_the_schedules(char_data, tmp_path, capsys):
     keep their shape instead of failing (tinit >= total - tfinal) or leaving the LR at its peak."""
     cfg = os.path.join(HERE, "config", "finetune_shakespeare_adadora.py")
     train.train(
-        tiny(char_data, tmp_path / "b", max_iters=2, eval_interval=2), environ={}
+        run_args(char_data, tmp_path / "b", max_iters=2, eval_interval=2), environ={}
     )  # a base to fine-tune
     short = [
         cfg,
@@ -283,15 +258,15 @@ def test_an_adapter_without_a_base_finds_the_trained_one_or_says_what_to_run(
     demo wrote, its context taken when block_size exceeds it; none there: one line saying what to run."""
     monkeypatch.setattr(checkpoint, "AUTO_BASES", (str(tmp_path / "none"), str(tmp_path / "base")))
     with pytest.raises(ConfigError, match="needs a trained base and none is in .*run `make demo`"):
-        train.train(tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
+        train.train(run_args(char_data, tmp_path / "a", adapter="lora", init_from="auto"), environ={})
     train.train(
-        tiny(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"),
+        run_args(char_data, tmp_path / "base", max_iters=2, eval_interval=2, block_size=16, init_from="auto"),
         environ={},
     )
     assert (
         load_checkpoint(str(tmp_path / "base"))["config"]["init_from"] == "scratch"
     )  # pretraining: a new model
-    lora = tiny(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6)
+    lora = run_args(char_data, tmp_path / "a", adapter="lora", init_from="auto", max_iters=6, eval_interval=6)
     with pytest.raises(
         ConfigError, match="--block_size=32 exceeds the model's context 16"
     ):  # asked for: refused
@@ -330,9 +305,9 @@ def test_env_vars_select_lora(char_data, tmp_path):
 
 
 def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
+    from conftest import write_hf_gpt2
     from model import GPT, GPTConfig
     from prepare import prepare_shakespeare
-    from test_model import write_hf_gpt2
 
     data = tmp_path / "bpe"
     data.mkdir()
@@ -345,7 +320,7 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257, bias=True)), hf
     )
     train.train(
-        tiny(
+        run_args(
             str(data),
             tmp_path / "out",
             init_from=str(hf),
@@ -436,19 +411,19 @@ def test_corrupt_and_foreign_checkpoints(pretrained, char_data, tmp_path):
         ("foreign.pt", "not a checkpoint of this repo"),
     ):
         with pytest.raises(CheckpointError, match=message):
-            train.train(tiny(char_data, tmp_path / "o", init_from=str(tmp_path / name)), environ={})
+            train.train(run_args(char_data, tmp_path / "o", init_from=str(tmp_path / name)), environ={})
         with pytest.raises(CheckpointError, match=message):
             sample([f"--out_dir={tmp_path / name}"], environ={})
 
 
 def test_resume_with_another_adapter_kind_and_overwrite_guard(pretrained, char_data, tmp_path):
     out = tmp_path / "run"
-    train.train(tiny(char_data, out, max_iters=2, eval_interval=2), environ={})
+    train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
     with pytest.raises(CheckpointError, match="adapter='none'.*--adapter=none"):
-        train.train(tiny(char_data, out, init_from="resume", adapter="lora"), environ={})
+        train.train(run_args(char_data, out, init_from="resume", adapter="lora"), environ={})
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run"):
-        train.train(tiny(char_data, out, max_iters=2), environ={})
+        train.train(run_args(char_data, out, max_iters=2), environ={})
     assert (out / "ckpt.pt").read_bytes() == before
 
 
@@ -471,7 +446,7 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
 def test_wandb_offline(char_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    train.train(tiny(char_data, tmp_path / "o", max_iters=2, eval_interval=2, wandb_log=True), environ={})
+    train.train(run_args(char_data, tmp_path / "o", max_iters=2, eval_interval=2, wandb_log=True), environ={})
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
     assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
 
@@ -482,7 +457,7 @@ def test_eval_only_on_resume_repeats_the_last_eval(pretrained, char_data, tmp_pa
     out = tmp_path / "copy"
     shutil.copytree(pretrained, out)
     before = (out / "ckpt.pt").read_bytes()
-    train.train(tiny(char_data, out, init_from="resume", eval_only=True, max_iters=60), environ={})
+    train.train(run_args(char_data, out, init_from="resume", eval_only=True, max_iters=60), environ={})
     v = evals(out)
     assert v[-1] == pytest.approx(v[-2], abs=1e-6)  # the same fixed eval batches, the same weights
     assert (out / "ckpt.pt").read_bytes() == before  # an eval-only run writes no checkpoint
@@ -493,11 +468,13 @@ def test_a_fine_tune_computes_as_its_base_did(char_data, tmp_path, capsys):
     (train.py's default is 0.2): the run takes the base's 0.0, with a note, and its first step's loss
     is the base's own eval loss (dropout 0.2 on the frozen base made it far worse). An explicit
     --dropout wins."""
-    train.train(tiny(char_data, tmp_path / "base", max_iters=40, eval_interval=40, dropout=0.0), environ={})
+    train.train(
+        run_args(char_data, tmp_path / "base", max_iters=40, eval_interval=40, dropout=0.0), environ={}
+    )
     base_val = evals(tmp_path / "base")[-1]
     args = [
         a
-        for a in tiny(
+        for a in run_args(
             char_data,
             tmp_path / "lora",
             adapter="lora",
@@ -523,15 +500,17 @@ def test_a_resume_keeps_the_adapter_it_trained(pretrained, char_data, tmp_path):
     naming the keys; resumed without them, the run keeps rank 2 and its saved config says so."""
     out = tmp_path / "r2"
     kw = dict(init_from=pretrained, adapter="lora", lora_rank=2, lora_alpha=4.0, max_iters=4, eval_interval=4)
-    train.train(tiny(char_data, out, **kw), environ={})
+    train.train(run_args(char_data, out, **kw), environ={})
     for bad in (dict(lora_rank=16), dict(lora_alpha=8.0, lora_targets="lm_head")):
         with pytest.raises(
             CheckpointError,
             match="the checkpoint being resumed has .*drop " + ", ".join(f"--{k}" for k in bad),
         ):
-            train.train(tiny(char_data, out, **dict(kw, init_from="resume", max_iters=8, **bad)), environ={})
+            train.train(
+                run_args(char_data, out, **dict(kw, init_from="resume", max_iters=8, **bad)), environ={}
+            )
     plain = [
-        a for a in tiny(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)
+        a for a in run_args(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)
     ]
     train.train(plain, environ={})  # lora_rank and lora_alpha left at train.py's defaults (8, 16.0)
     ckpt = load_checkpoint(str(out))
@@ -545,7 +524,7 @@ def test_a_fine_tune_of_a_fine_tune_keeps_its_untied_head(char_data, pretrained,
     back each one bit for bit (tying them again would overwrite one with the other)."""
     first, second = tmp_path / "first", tmp_path / "second"
     train.train(
-        tiny(
+        run_args(
             char_data,
             first,
             adapter="lora",
@@ -558,7 +537,7 @@ def test_a_fine_tune_of_a_fine_tune_keeps_its_untied_head(char_data, pretrained,
         environ={},
     )
     train.train(
-        tiny(
+        run_args(
             char_data, second, adapter="lora", lora_rank=2, init_from=str(first), max_iters=4, eval_interval=4
         ),
         environ={},
