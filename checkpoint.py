@@ -28,7 +28,6 @@ import torch
 from adapters import (
     FAMILIES,
     NO_ADAPTER,
-    SHARED_KEYS,
     adapter_layers,
     family_of,
     load_adapter_state_dict,
@@ -36,7 +35,7 @@ from adapters import (
 )
 from configurator import ConfigError
 from files import atomic_write
-from model import GPT, MODELS, GPTConfig, is_gpt2_folder
+from model import GPT, MODELS, GPTConfig, gpt2_config_args, is_gpt2_folder
 from prepare import check_vocabulary, read_meta
 
 FORMAT = "lowrank-gpt/1"
@@ -148,7 +147,7 @@ def run_base(ckpt, meta=None):
     }  # an imported adapter's config names little more than its base
     torch.manual_seed(c["seed"])
     try:
-        return load_base(c, meta, set(c), say=lambda line: None, check=False)[0]
+        return load_base(c, meta, base_checkpoint(c), check=False)[0]
     except Exception as e:  # a base moved, deleted or not downloadable here: one line
         raise CheckpointError(
             f"the base this run names ({c.get('init_from')!r}) cannot be rebuilt: "
@@ -241,9 +240,9 @@ def load_adapter(model, path):
 
 
 def resume_settings(c, ckpt, given, keys):
-    """A resumed run keeps what shaped its model and adapter (`keys`): one set on the command line or
-    in the environment (`given`) to another value than the checkpoint's is refused in one line; any
-    other takes the checkpoint's value, so the config saved again describes what was trained."""
+    """What a resumed run keeps of what shaped its model and adapter (`keys`): {key: the checkpoint's
+    value}. One set on the command line or in the environment (`given`) to another value than the
+    checkpoint's is refused in one line, so the config saved again describes what was trained."""
     saved = dict(ckpt.get("config", {}), **ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
     differ = [k for k in keys if k in saved and k in given and c[k] != saved[k]]
     if differ:
@@ -253,7 +252,48 @@ def resume_settings(c, ckpt, given, keys):
             f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
             f"drop {', '.join('--' + k for k in differ)}, or start a new run in another --out_dir"
         )
-    c.update({k: saved[k] for k in keys if k in saved})
+    return {k: saved[k] for k in keys if k in saved}
+
+
+def load_resumed(c):
+    """out_dir/ckpt.pt of the run --init_from=resume continues, checked: it holds training state and
+    was trained with the same adapter."""
+    ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
+    if "optimizer" not in ckpt:
+        raise CheckpointError(
+            f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
+            f"top of it with --init_from={c['out_dir']} and another --out_dir"
+        )
+    saved = ckpt["adapter"]["kind"]
+    if saved != c["adapter"]:
+        raise CheckpointError(
+            f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
+            f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it"
+        )
+    return ckpt
+
+
+def base_checkpoint(c):
+    """The checkpoint of the run init_from names (its model, adapters merged, becomes the frozen base),
+    or None when init_from is a new model ('scratch') or GPT-2 (a hub name or folder)."""
+    source = c["init_from"]
+    if source == "scratch" or source.startswith("gpt2") or is_gpt2_folder(source):
+        return None
+    if not os.path.exists(source):
+        raise ConfigError(
+            f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path"
+        )
+    return load_checkpoint(source)
+
+
+def base_context(c, base):
+    """The context (block_size) of the model init_from names, without building it (base: its
+    checkpoint, from base_checkpoint)."""
+    if base is not None:
+        return base["model_args"]["block_size"]
+    if c["init_from"] == "scratch":
+        return c["block_size"]
+    return gpt2_config_args(c["init_from"])["block_size"]
 
 
 def remove_stale_temp_files(out_dir):
@@ -275,11 +315,11 @@ def remove_stale_temp_files(out_dir):
         )
 
 
-def load_base(c, meta, given, say, check=True):
-    """The model before any new adapter: from scratch, GPT-2, or another run's checkpoint (whose own
-    adapters, if any, are merged first: its weights become the frozen base). A trained base keeps how
-    it computes (MODEL_SETTINGS) unless the user set them; check=False skips the vocabulary check
-    (a run already checked against its data)."""
+def load_base(c, meta, base, check=True):
+    """The model before any new adapter, from the resolved config: from scratch, GPT-2, or another run's
+    checkpoint (`base`, from base_checkpoint), whose own adapters, if any, are merged first: its weights
+    become the frozen base, computing with c's MODEL_SETTINGS. check=False skips the vocabulary check (a
+    run already checked against its data)."""
     source = c["init_from"]
     if source == "scratch":
         vocab = meta["vocab_size"] if meta else 50304
@@ -294,69 +334,30 @@ def load_base(c, meta, given, say, check=True):
         )
         return MODELS[c["model_type"]](GPTConfig(**args)), c["model_type"]
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    if source.startswith("gpt2") or is_gpt2_folder(source):
+    if base is None:  # a hub name or a local GPT-2 folder
         if check:
             check_vocabulary({"tokenizer": "gpt2"}, meta, source, data_dir)
-        return GPT.from_pretrained(
-            source, dict(dropout=c["dropout"])
-        ), "gpt"  # hub name or local GPT-2 folder
-    if not os.path.exists(source):
-        raise ConfigError(
-            f"init_from {source!r} is not 'scratch', 'resume', a gpt2 name, nor an existing path"
-        )
-    ckpt = load_checkpoint(source)
-    cfg = ckpt.get("config", {})
+        return GPT.from_pretrained(source, dict(dropout=c["dropout"])), "gpt"
+    cfg = base.get("config", {})
     base_data = cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", ""))
     if check:
-        check_vocabulary(ckpt.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
-    for key in MODEL_SETTINGS:
-        if key not in given and key in ckpt["model_args"] and ckpt["model_args"][key] != c[key]:
-            say(f"note: {key} {c[key]} -> {ckpt['model_args'][key]}, the base's (set --{key} to choose)")
-            c[key] = ckpt["model_args"][key]
-        ckpt["model_args"][key] = c[key]
-    model = merge_adapters(build_model(ckpt))
+        check_vocabulary(base.get("meta") or (read_meta(base_data) if cfg else None), meta, source, data_dir)
+    args = dict(base["model_args"], **{k: c[k] for k in MODEL_SETTINGS})
+    model = merge_adapters(build_model(dict(base, model_args=args)))
     model.config.tie_word_embeddings = model.head_is_tied()  # what the checkpoints of the new run record
-    return model, ckpt["model_type"]
+    return model, base["model_type"]
 
 
-def start_model(c, meta, given, say):
-    """train.py's model: (model, model_type, the checkpoint's adapter entry, the family, the checkpoint
-    resumed or None). A resume rebuilds out_dir/ckpt.pt and keeps what shaped it; a new run loads its
-    base (load_base), cuts it to block_size and lets the family inject fresh adapters. c's block_size
-    follows a base with a shorter context (said, or refused when the command line set it)."""
+def start_model(c, meta, resumed, base, say):
+    """train.py's model from the resolved config: (model, model_type, the checkpoint's adapter entry, the
+    family). A resume rebuilds its checkpoint (`resumed`); a new run loads its base (load_base), cuts it
+    to block_size and lets the family inject fresh adapters."""
     data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
-    if c["init_from"] == "resume":
-        ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
-        if "optimizer" not in ckpt:
-            raise CheckpointError(
-                f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
-                f"top of it with --init_from={c['out_dir']} and another --out_dir"
-            )
-        saved = ckpt["adapter"]["kind"]
-        if saved != c["adapter"]:
-            raise CheckpointError(
-                f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
-                f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it"
-            )
-        shaping = (
-            "model_type",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "bias",
-            "block_size",
-            "dropout",
-            *SHARED_KEYS,
-            *FAMILIES[c["adapter"]].keys,
-        )
-        resume_settings(
-            c, ckpt, {k for k, where in given.items() if where == "command line" or where.isupper()}, shaping
-        )
-        check_vocabulary(ckpt.get("meta"), meta, c["out_dir"], data_dir)
-        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
-        c["init_from"] = ckpt.get("config", {}).get("init_from", "scratch")
-        return build_model(ckpt), ckpt["model_type"], ckpt["adapter"], family_of(c["adapter"])(c, say), ckpt
-    model, model_type = load_base(c, meta, given, say)
+    family = family_of(c["adapter"])(c, say)
+    if resumed is not None:
+        check_vocabulary(resumed.get("meta"), meta, c["out_dir"], data_dir)
+        return build_model(resumed), resumed["model_type"], resumed["adapter"], family
+    model, model_type = load_base(c, meta, base)
     if meta and meta["vocab_size"] > model.config.vocab_size:
         raise ConfigError(
             f"dataset {data_dir!r} has {meta['vocab_size']} tokens but the model only "
@@ -364,24 +365,8 @@ def start_model(c, meta, given, say):
         )
     if c["block_size"] < model.config.block_size:
         model.crop_block_size(c["block_size"])
-    elif c["block_size"] > model.config.block_size:  # a loaded base with a shorter context
-        if given.get("block_size") == "command line":
-            raise ConfigError(
-                f"--block_size={c['block_size']} exceeds the model's context {model.config.block_size}: "
-                f"lower it to {model.config.block_size} or less"
-            )
-        say(
-            f"note: block_size {c['block_size']} -> {model.config.block_size}, the context of the model it starts from"
-        )
-        c["block_size"] = model.config.block_size
-    family = family_of(c["adapter"])(c, say)
-    if c["init_from"] == "scratch" and not family.scratch_base:
-        say(
-            "note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
-            "trained model"
-        )
     model, info = family.inject(model)
-    return model, model_type, info, family, None
+    return model, model_type, info, family
 
 
 def restore_training(ckpt, out_dir, optimizers, family, batches, master, say):
@@ -399,24 +384,15 @@ def restore_training(ckpt, out_dir, optimizers, family, batches, master, say):
     return ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("eval_row")
 
 
-def resolve_auto_base(c):
-    """init_from='auto' made concrete: a new model for pretraining, for a family whose setting is a random
-    base (SubLoRA) and in TEST_MODE; for any other adapter, the first trained base of AUTO_BASES, else
-    one line saying what to run first."""
-    if c["init_from"] != "auto" or c["adapter"] not in FAMILIES:  # train.py names a wrong adapter
-        return
+def auto_base(c):
+    """What init_from='auto' means for this config: a new model ('scratch') for pretraining, for a family
+    whose setting is a random base (SubLoRA) and in TEST_MODE; for any other adapter, the first trained
+    base of AUTO_BASES, else one line saying what to run first."""
     if FAMILIES[c["adapter"]].scratch_base or c["test_mode"]:
-        c["init_from"] = "scratch"
-        return
+        return "scratch"
     for base in AUTO_BASES:
         if os.path.isfile(os.path.join(base, "ckpt.pt")):
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(
-                    f"note: {c['adapter']} fine-tunes the trained base in {base}/ (init_from='auto'; set --init_from "
-                    "to choose)"
-                )
-            c["init_from"] = base
-            return
+            return base
     raise ConfigError(
         f"adapter={c['adapter']} needs a trained base and none is in {' or '.join(AUTO_BASES)}: run `make demo` "
         "or `python train.py config/train_shakespeare_char.py` first, or pass --init_from=PATH "

@@ -216,28 +216,13 @@ class GPT(LanguageModel):
         local folder in the same format (config.json + model.safetensors)."""
         override_args = override_args or {}
         assert all(k == "dropout" for k in override_args), "only dropout can be overridden"
+        args = gpt2_config_args(name_or_path)
         if os.path.isdir(name_or_path):
-            hf = read_json(os.path.join(name_or_path, "config.json"))
-            args = dict(
-                n_layer=hf["n_layer"],
-                n_head=hf["n_head"],
-                n_embd=hf["n_embd"],
-                vocab_size=hf["vocab_size"],
-                block_size=hf["n_positions"],
-                gelu=_gelu(hf, name_or_path),
-                tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            )
             tensors = _folder_weights(name_or_path)
-        elif name_or_path in GPT2_SIZES:
+        else:
             from safetensors.torch import load_file
 
             tensors = load_file(_hub_weights(name_or_path))
-            args = dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh")
-        else:
-            raise ValueError(
-                f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
-                "or a folder holding config.json and model.safetensors"
-            )
         args.update(bias=True, **override_args)  # GPT-2's layout always has biases
         model = cls(GPTConfig(**args))
         state = convert_hf_gpt2_state_dict(tensors, keep_head=not model.config.tie_word_embeddings)
@@ -370,6 +355,28 @@ HF_FIXED = {
     "layer_norm_epsilon": 1e-5,
     "n_inner": None,
 }
+
+
+def gpt2_config_args(name_or_path):
+    """GPTConfig's arguments for a GPT-2 hub name or a local GPT-2 folder (its config.json), without the
+    weights."""
+    if os.path.isdir(name_or_path):
+        hf = read_json(os.path.join(name_or_path, "config.json"))
+        return dict(
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            gelu=_gelu(hf, name_or_path),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        )
+    if name_or_path in GPT2_SIZES:
+        return dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh")
+    raise ValueError(
+        f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
+        "or a folder holding config.json and model.safetensors"
+    )
 
 
 def is_gpt2_folder(path):

@@ -552,3 +552,22 @@ def test_a_fine_tune_of_a_fine_tune_keeps_its_untied_head(char_data, pretrained,
     ]  # as a checkpoint written before the flag: the tensors decide
     state = checkpoint.build_model(ckpt).state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
+
+
+def test_the_config_is_resolved_once_and_read_only(char_data, tmp_path):
+    """resolve_config settles every value a run uses (here the accumulation raised to a multiple of
+    the processes, and a fine-tune's dropout and block_size taken from its base) and returns a
+    read-only mapping: the model set-up cannot change what the checkpoint will record."""
+    base = tmp_path / "base"
+    train.train(
+        run_args(char_data, base, max_iters=2, eval_interval=2, dropout=0.1, block_size=16), environ={}
+    )
+    argv = run_args(
+        char_data, tmp_path / "ft", init_from=str(base), adapter="lora", gradient_accumulation_steps=3
+    )
+    argv = [a for a in argv if not a.startswith(("--dropout", "--block_size"))]
+    c, given, resumed, loaded = train.resolve_config(argv, {}, world=2)
+    assert c["gradient_accumulation_steps"] == 4 and c["dropout"] == 0.1 and c["block_size"] == 16
+    assert resumed is None and loaded["model_args"]["block_size"] == 16
+    with pytest.raises(TypeError):
+        c["max_iters"] = 1

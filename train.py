@@ -20,19 +20,33 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from adapters import FAMILIES, AdapterError, adapter_state_dict, config_keys, count_params, family_of
+from adapters import (
+    FAMILIES,
+    SHARED_KEYS,
+    AdapterError,
+    adapter_state_dict,
+    config_keys,
+    count_params,
+    family_of,
+)
 from checkpoint import (
     FORMAT,
+    MODEL_SETTINGS,
     RUN_FILES,
+    auto_base,
+    base_checkpoint,
+    base_context,
+    load_resumed,
     remove_stale_temp_files,
-    resolve_auto_base,
     restore_training,
+    resume_settings,
     save_adapter_file,
     save_checkpoint,
     start_model,
@@ -170,7 +184,13 @@ def read_config(argv, environ):
     defaults, given = all_keys(), {}
     described = {k: (section, text) for k, (_, _, text, section) in config_keys().items()}
     c = configure(defaults, list(argv), environ, TEST_MODE, described, given)
-    resolve_auto_base(c)  # init_from='auto' made concrete
+    if c["init_from"] == "auto" and c["adapter"] in FAMILIES:  # made concrete (a wrong adapter: below)
+        c["init_from"] = auto_base(c)
+        if c["init_from"] != "scratch" and int(os.environ.get("RANK", 0)) == 0:
+            print(
+                f"note: {c['adapter']} fine-tunes the trained base in {c['init_from']}/ (init_from='auto'; set "
+                "--init_from to choose)"
+            )
     follow_max_iters(c, defaults, list(argv), environ, given)
     choices = {
         "adapter": tuple(FAMILIES),
@@ -217,6 +237,51 @@ def follow_max_iters(c, defaults, argv, environ, given):
     c.update(changed)
 
 
+def resolve_config(argv, environ, world):
+    """The run's config, resolved once, here, and read-only after: read_config's, then what the number of
+    processes and the model it starts from decide (the checkpoint resumed keeps what shaped it; a base
+    gives its MODEL_SETTINGS unless set, and a shorter context), each change said in a note. Returns (c,
+    {key: where the user set it}, the checkpoint to resume or None, the base run's checkpoint or None)."""
+    c, given = read_config(argv, environ)
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
+        raised = -(-c["gradient_accumulation_steps"] // world) * world
+        say(
+            f"note: gradient_accumulation_steps={c['gradient_accumulation_steps']} raised to {raised}, a multiple "
+            f"of the {world} processes (each runs {raised // world} micro-batch(es) per step)"
+        )
+        c["gradient_accumulation_steps"] = raised
+    resumed = base = None
+    if c["init_from"] == "resume":
+        resumed = load_resumed(c)
+        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout")
+        shaping += (*SHARED_KEYS, *FAMILIES[c["adapter"]].keys)
+        user = {k for k, where in given.items() if where == "command line" or where.isupper()}
+        c.update(resume_settings(c, resumed, user, shaping))
+        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
+        c["init_from"] = resumed.get("config", {}).get("init_from", "scratch")
+        return MappingProxyType(c), given, resumed, None
+    base = base_checkpoint(c)
+    for key in MODEL_SETTINGS if base else ():  # how a trained base computes, unless the user set it
+        if key not in given and key in base["model_args"] and base["model_args"][key] != c[key]:
+            say(f"note: {key} {c[key]} -> {base['model_args'][key]}, the base's (set --{key} to choose)")
+            c[key] = base["model_args"][key]
+    context = base_context(c, base)
+    if c["block_size"] > context:  # a base with a shorter context
+        if given.get("block_size") == "command line":
+            raise ConfigError(
+                f"--block_size={c['block_size']} exceeds the model's context {context}: lower it to {context} or less"
+            )
+        say(f"note: block_size {c['block_size']} -> {context}, the context of the model it starts from")
+        c["block_size"] = context
+    if c["init_from"] == "scratch" and not FAMILIES[c["adapter"]].scratch_base:
+        say(
+            "note: adapters on a randomly initialised frozen base (the SubLoRA setting); set init_from to fine-tune a "
+            "trained model"
+        )
+    return MappingProxyType(c), given, None, base
+
+
 # -----------------------------------------------------------------------------
 # schedule, model
 
@@ -255,47 +320,6 @@ def estimate_loss(model, c, data_dir, device, autocast, rank, world):
         out[split] = (total_loss[0] / total_loss[1]).item()
     model.train()
     return out
-
-
-def train_step(
-    model, raw_model, family, optimizers, scaler, batches, it, c, data_dir, device, autocast, rank, world
-):
-    """One optimizer step over this process's micro-batches: (summed task loss, the family's last
-    extra-loss term or None, whether the step was taken)."""
-    accum = c["gradient_accumulation_steps"] // world
-    ix = torch.randint(
-        num_tokens(data_dir, "train") - c["block_size"],
-        (c["gradient_accumulation_steps"], c["batch_size"]),
-        generator=batches,
-    )
-    loss_sum, extra = torch.zeros((), device=device), None
-    for micro_step in range(accum):
-        X, Y = get_batch(data_dir, "train", ix[rank * accum + micro_step], c["block_size"], device)
-        if world > 1:  # all-reduce gradients only at the last micro-step
-            model.require_backward_grad_sync = micro_step == accum - 1
-        with autocast:
-            _, loss = model(X, Y)
-        extra = family.extra_loss(raw_model)  # the family's regulariser: 1/accum of it per micro-step
-        scaler.scale((loss if extra is None else loss + extra) / accum).backward()
-        loss_sum += loss.detach().float()
-    for opt, _ in optimizers:
-        scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
-    step_ok = True
-    if c["nonfinite"] == "skip":  # one host sync per step: the price of knowing before the update
-        grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-        step_ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-    if step_ok:
-        if c["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"]
-            )
-        for opt, _ in optimizers:
-            scaler.step(opt)
-        family.after_step(raw_model, it)
-    scaler.update()
-    for opt, _ in optimizers:
-        opt.zero_grad(set_to_none=True)
-    return loss_sum, extra, step_ok
 
 
 def open_run_folder(out_dir, old, resume_at):
@@ -373,12 +397,222 @@ def _brief(value):
 # -----------------------------------------------------------------------------
 
 
+class Clock:
+    """Training time: the wall time since the start less evals and saves (not training speed), and the
+    smoothed time per iteration the ETA uses (the first iteration pays for compilation and warm-up)."""
+
+    def __init__(self):
+        self.start, self.outside, self.per_iter = time.time(), 0.0, None
+
+    @contextmanager
+    def paused(self):
+        t = time.time()
+        yield
+        self.outside += time.time() - t
+
+    def lap(self, dt, first):
+        if not first:
+            self.per_iter = dt if self.per_iter is None else 0.9 * self.per_iter + 0.1 * dt
+
+    def eta(self, iterations_left, dt):
+        return format_eta(iterations_left * (self.per_iter or dt))
+
+    def training_seconds(self):
+        return time.time() - self.start - self.outside
+
+
+class Run:
+    """What the loop writes and reports for one run: the checkpoint and adapter file, the metrics rows
+    (metrics.jsonl, wandb), the eval row and the log line. Process 0 writes; every process evaluates."""
+
+    def __init__(self, c, raw_model, family, info, optimizers, data, device, precision, rank, world):
+        self.c, self.model, self.raw_model, self.family, self.info = c, raw_model, raw_model, family, info
+        self.optimizers, (self.data_dir, self.meta), self.device = optimizers, data, device
+        self.autocast, self.scaler = precision
+        self.rank, self.world, self.master = rank, world, rank == 0
+        self.accum = c["gradient_accumulation_steps"] // world  # micro-batches per process per step
+        # training batches: one generator, the same on every process, drawing all micro-batches of a
+        # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
+        self.batches = torch.Generator().manual_seed(c["seed"])
+        self.model_args = {k: getattr(raw_model.config, k) for k in GPTConfig.__dataclass_fields__}
+        self.trainable, self.total = count_params(raw_model)
+        self.ckpt_file = os.path.join(c["out_dir"], "ckpt.pt")
+        self.best_val_loss, self.saved_iter, self.skipped, self.last, self.wandb = 1e9, None, 0, {}, None
+
+    def open(self, held, resume_at, tokens_per_iter):
+        """Process 0: the run folder locked (open_run_folder), the run described, wandb started. Returns
+        the lock (None elsewhere)."""
+        if not self.master:
+            return None
+        c, info = self.c, self.info
+        lock = open_run_folder(c["out_dir"], held, resume_at)
+        print(f"model {self.model_type} {self.model_args}")
+        print(
+            f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {self.trainable:,} of "
+            f"{self.total:,} parameters ({100 * self.trainable / self.total:.3f}%)"
+        )
+        print(
+            f"{self.world} process(es), {self.accum} micro-batch(es) each; {tokens_per_iter:,} tokens per iteration"
+        )
+        if c["wandb_log"]:
+            import wandb
+
+            wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=dict(c), resume="allow")
+            self.wandb = wandb
+        return lock
+
+    def step(self, it):
+        """One optimizer step over this process's micro-batches: (summed task loss, the family's last
+        extra-loss term or None, whether the step was taken)."""
+        c, model, raw_model, accum, scaler = self.c, self.model, self.raw_model, self.accum, self.scaler
+        ix = torch.randint(
+            num_tokens(self.data_dir, "train") - c["block_size"],
+            (c["gradient_accumulation_steps"], c["batch_size"]),
+            generator=self.batches,
+        )
+        loss_sum, extra = torch.zeros((), device=self.device), None
+        for micro_step in range(accum):
+            X, Y = get_batch(
+                self.data_dir, "train", ix[self.rank * accum + micro_step], c["block_size"], self.device
+            )
+            if self.world > 1:  # all-reduce gradients only at the last micro-step
+                model.require_backward_grad_sync = micro_step == accum - 1
+            with self.autocast:
+                _, loss = model(X, Y)
+            extra = self.family.extra_loss(
+                raw_model
+            )  # the family's regulariser: 1/accum of it per micro-step
+            scaler.scale((loss if extra is None else loss + extra) / accum).backward()
+            loss_sum += loss.detach().float()
+        for opt, _ in self.optimizers:
+            scaler.unscale_(opt)  # true gradients for clipping and for AdaLoRA's importance (no-op in fp32)
+        step_ok = True
+        if c["nonfinite"] == "skip":  # one host sync per step: the price of knowing before the update
+            grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+            step_ok = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if step_ok:
+            if c["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in raw_model.parameters() if p.requires_grad], c["grad_clip"]
+                )
+            for opt, _ in self.optimizers:
+                scaler.step(opt)
+            self.family.after_step(raw_model, it)
+        else:
+            self.skipped += 1
+            if self.master:
+                print(f"iter {it}: non-finite gradient, step skipped ({self.skipped} so far)")
+        scaler.update()
+        for opt, _ in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return loss_sum, extra
+
+    def mean_loss(self, loss_sum, it):
+        """The step's mean loss over every micro-batch of every process (a sync point); a non-finite
+        one stops the run (nonfinite='stop')."""
+        if self.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        lossf = loss_sum.item() / self.accum
+        if not math.isfinite(lossf) and self.c["nonfinite"] == "stop":
+            self.diverged(f"the training loss became {lossf}", it)
+        return lossf
+
+    def save(self, it, row):
+        """The adapter file first: the checkpoint, written last, is what a resume takes."""
+        c, common = self.c, dict(format=FORMAT, model_type=self.model_type, model_args=self.model_args)
+        if self.info["targets"]:
+            state = adapter_state_dict(self.raw_model)
+            blob = dict(
+                common, adapter=self.info, base=c["init_from"], seed=c["seed"], iter_num=it, state=state
+            )
+            save_adapter_file(blob, os.path.join(c["out_dir"], "adapter.safetensors"))
+        states = [opt.state_dict() for opt, _ in self.optimizers]
+        rng = {"torch": torch.get_rng_state(), "batches": self.batches.get_state()}
+        ckpt = dict(
+            common, model=self.raw_model.state_dict(), optimizer=states[0], extra_optimizers=states[1:]
+        )
+        ckpt.update(iter_num=it, best_val_loss=self.best_val_loss, config=dict(c), adapter=self.info)
+        ckpt.update(family=self.family.state_dict(), meta=self.meta, eval_row=row, rng=rng)
+        save_checkpoint(ckpt, self.ckpt_file)
+        self.saved_iter = it
+        print(f"saved {self.ckpt_file}")
+
+    def log(self, row):
+        with open(os.path.join(self.c["out_dir"], "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb:
+            self.wandb.log(row, step=row["iter"])
+        self.last = row
+
+    def diverged(self, what, at):
+        kept = (
+            f"{self.ckpt_file} still holds iteration {self.saved_iter}"
+            if self.saved_iter is not None
+            else "no checkpoint was written"
+        )
+        raise Diverged(
+            f"{what} at iteration {at}: stopped, and {kept}; lower --learning_rate (now "
+            f"{self.c['learning_rate']:g}) or pass --nonfinite=skip to skip non-finite steps"
+        )
+
+    def evaluate(self, it, lr, first):
+        """Train and val loss; process 0 returns the eval row and saves the checkpoint."""
+        c = self.c
+        if first and self.master:  # the first eval can take a while on a CPU: say what runs
+            print(
+                f"step {it}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
+                "tokens per split (train, val)",
+                flush=True,
+            )
+        losses = estimate_loss(
+            self.model, c, self.data_dir, self.device, self.autocast, self.rank, self.world
+        )
+        if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
+            self.diverged(f"the eval loss became {losses}", it)
+        if not self.master:
+            return None
+        print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        row = dict(iter=it, train_loss=None, val_loss=losses["val"], eval_train_loss=losses["train"], lr=lr)
+        row.update(tokens_per_s=None, trainable_params=self.trainable, total_params=self.total)
+        row.update(self.family.stats(self.raw_model))
+        improved = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        if it > 0 and (improved or c["always_save_checkpoint"]) and not c["eval_only"]:
+            self.save(it, row)
+        return row
+
+    def report(self, it, lr, lossf, extra, dt, row, clock, tokens_per_iter):
+        """The log line of iteration `it` and its metrics row (joined to the eval row of the same
+        iteration, if any)."""
+        c, accum = self.c, self.c["gradient_accumulation_steps"] // self.world
+        eta = clock.eta(c["max_iters"] - it, dt)
+        mfu = (
+            self.raw_model.estimate_mfu(c["batch_size"] * accum, dt)
+            if self.device.startswith("cuda")
+            else None
+        )
+        print(
+            f"iter {it}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
+            f"{tokens_per_iter / dt:,.0f} tok/s" + (f", mfu {100 * mfu:.1f}%" if mfu else "") + f", eta {eta}"
+        )
+        stats = self.family.stats(self.raw_model)
+        if extra is not None:
+            stats.update(task_loss=lossf, extra_loss=extra.item(), total_loss=lossf + extra.item())
+        if stats:
+            brief = ", ".join(f"{k} {_brief(v)}" for k, v in stats.items() if k != "task_loss")
+            print(f"  {self.info['kind']}: {brief}")
+        row = dict(row or {}, iter=it, train_loss=lossf, lr=lr, tokens_per_s=tokens_per_iter / dt)
+        row.update(trainable_params=self.trainable, total_params=self.total, **stats)
+        row.setdefault("val_loss", None)
+        self.log(row)
+
+
 def train(argv=(), environ=None):
     """Run training; returns the final {'iter', 'train_loss', 'val_loss', ...} metrics of rank 0."""
-    c, given = read_config(argv, environ)
     # distributed set-up: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    c, given, resumed, base = resolve_config(argv, environ, world)
     device = c["device"]
     if ddp:
         if device.startswith("cuda"):
@@ -386,7 +620,7 @@ def train(argv=(), environ=None):
             torch.cuda.set_device(device)
         dist.init_process_group(backend=c["backend"] or ("nccl" if device.startswith("cuda") else "gloo"))
     try:
-        last = _train(c, device, ddp, rank, world, given)
+        last = _train(c, resumed, base, device, ddp, rank, world)
         if ddp:  # rank 0 still writes plots and pruned adapters: tear down together (gloo aborts otherwise)
             dist.barrier()
         return last
@@ -395,294 +629,113 @@ def train(argv=(), environ=None):
             dist.destroy_process_group()
 
 
-def _train(c, device, ddp, rank, world, given):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
-        raised = -(-c["gradient_accumulation_steps"] // world) * world
-        say(
-            f"note: gradient_accumulation_steps={c['gradient_accumulation_steps']} raised to {raised}, a multiple "
-            f"of the {world} processes (each runs {raised // world} micro-batch(es) per step)"
-        )
-        c["gradient_accumulation_steps"] = raised
-    accum = c["gradient_accumulation_steps"] // world  # micro-batches per process per step
+def precision(c, device):
+    """(device type, autocast context, gradient scaler) for the run's dtype on `device`."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
-    autocast = (
-        nullcontext()
-        if device_type == "cpu" or ptdtype == torch.float32
-        else torch.autocast(device_type, ptdtype)
-    )
+    fp32 = device_type == "cpu" or ptdtype == torch.float32
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    autocast = nullcontext() if fp32 else torch.autocast(device_type, ptdtype)
+    return device_type, autocast, torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
-    data_dir, meta = open_data(c)
-    out_dir = c["out_dir"]
-    ckpt_file, metrics_file = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
-    resume = c["init_from"] == "resume"
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-    if not resume and not c["overwrite"] and held:
+
+def held_files(c, resuming):
+    """The files of an earlier run in out_dir (to replace, with --overwrite=True); refused otherwise."""
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(c["out_dir"], f))]
+    if not resuming and not c["overwrite"] and held:
         raise ConfigError(
-            f"{out_dir!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
+            f"{c['out_dir']!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
             "choose another --out_dir, or pass --overwrite=True to replace it"
         )
+    return [] if resuming else held
+
+
+def _train(c, resumed, base, device, ddp, rank, world):
+    master, resuming = rank == 0, resumed is not None
+    say = print if master else (lambda *a, **k: None)
+    device_type, autocast, scaler = precision(c, device)
+    data_dir, meta = open_data(c)
+    held = held_files(c, resuming)
     if master:
-        remove_stale_temp_files(out_dir)
+        remove_stale_temp_files(c["out_dir"])
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
-    model, model_type, info, family, ckpt = start_model(c, meta, given, say)
+    model, model_type, info, family = start_model(c, meta, resumed, base, say)
     if meta is None:
         check_token_ids(data_dir, model.config.vocab_size)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     model.to(device)
-    model_args = {k: getattr(model.config, k) for k in GPTConfig.__dataclass_fields__}
-    flops = (
-        model.flops_per_token() * tokens_per_iter
-    )  # a step of minutes is allowed, but said before the long wait
-    rate = (
-        3e14 if device_type == "cuda" else 1e11
-    )  # FLOP/s an H100 in bf16 / 2 CPU cores reach here (bench.py)
-    if flops / rate > 60:
+    flops, rate = model.flops_per_token() * tokens_per_iter, 3e14 if device_type == "cuda" else 1e11
+    if flops / rate > 60:  # FLOP/s an H100 in bf16 / 2 CPU cores reach here (bench.py)
         say(
-            f"note: one iteration is about {flops / 1e12:,.0f} TFLOP, roughly {format_eta(flops / rate)} per iteration "
-            f"on this {device_type}; lower --block_size ({c['block_size']}) or --batch_size for a quick run"
+            f"note: one iteration is about {flops / 1e12:,.0f} TFLOP, roughly {format_eta(flops / rate)} per "
+            f"iteration on this {device_type}; lower --block_size ({c['block_size']}) or --batch_size for a quick run"
         )
-    trainable, total = count_params(model)
-    torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not (below)
-
+    torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not
     optimizers = family.optimizers(
         model, c["learning_rate"], (c["beta1"], c["beta2"]), c["weight_decay"], device_type
     )
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
-    # training batches: one generator, the same on every process, drawing all micro-batches of a
-    # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
-    batches = torch.Generator().manual_seed(c["seed"])
-    iter_num, best_val_loss, resume_row = (
-        restore_training(ckpt, out_dir, optimizers, family, batches, master, say)
-        if resume
-        else (0, 1e9, None)
-    )
-    ckpt = None  # free memory
-
-    raw_model = model
+    run = Run(c, model, family, info, optimizers, (data_dir, meta), device, (autocast, scaler), rank, world)
+    run.model_type, iter_num, resume_row = model_type, 0, None
+    if resuming:
+        iter_num, run.best_val_loss, resume_row = restore_training(
+            resumed, c["out_dir"], optimizers, family, run.batches, master, say
+        )
+        run.saved_iter = iter_num
+    resumed = None  # free memory
     if c["compile"]:
-        model = torch.compile(model, mode=c["compile_mode"])
+        run.model = torch.compile(run.model, mode=c["compile_mode"])
     if ddp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        run.model = DDP(run.model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+    lock = run.open(held, iter_num if resuming and not c["eval_only"] else None, tokens_per_iter)
 
-    lock = None
-    if master:
-        lock = open_run_folder(
-            out_dir, [] if resume else held, iter_num if resume and not c["eval_only"] else None
-        )
-        print(f"model {model_type} {model_args}")
-        print(
-            f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {trainable:,} of "
-            f"{total:,} parameters ({100 * trainable / total:.3f}%)"
-        )
-        print(f"{world} process(es), {accum} micro-batch(es) each; {tokens_per_iter:,} tokens per iteration")
-    wandb = None
-    if c["wandb_log"] and master:
-        import wandb  # noqa: F811
-
-        wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=c, resume="allow")
-
-    def save(eval_row):
-        if info["targets"]:  # the adapter file first: the checkpoint, written last, is what a resume takes
-            blob = {
-                "format": FORMAT,
-                "adapter": info,
-                "model_type": model_type,
-                "model_args": model_args,
-                "base": c["init_from"],
-                "seed": c["seed"],
-                "iter_num": iter_num,
-                "state": adapter_state_dict(raw_model),
-            }
-            save_adapter_file(blob, os.path.join(out_dir, "adapter.safetensors"))
-        states = [opt.state_dict() for opt, _ in optimizers]
-        save_checkpoint(
-            {
-                "format": FORMAT,
-                "model": raw_model.state_dict(),
-                "optimizer": states[0],
-                "extra_optimizers": states[1:],
-                "model_type": model_type,
-                "model_args": model_args,
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "config": c,
-                "adapter": info,
-                "family": family.state_dict(),
-                "meta": meta,
-                "eval_row": eval_row,
-                "rng": {"torch": torch.get_rng_state(), "batches": batches.get_state()},
-            },
-            ckpt_file,
-        )
-
-    def log(row):
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb:
-            wandb.log(row, step=row["iter"])
-
-    def diverged(what, at):
-        kept = (
-            f"{ckpt_file} still holds iteration {saved_iter}"
-            if saved_iter is not None
-            else "no checkpoint was written"
-        )
-        raise Diverged(
-            f"{what} at iteration {at}: stopped, and {kept}; lower --learning_rate (now {c['learning_rate']:g}) "
-            "or pass --nonfinite=skip to skip non-finite steps"
-        )
-
-    model.train()
-    start_iter, t_start, t_outside, dt_avg, last = iter_num, time.time(), 0.0, None, {}
-    saved_iter, skipped = (iter_num if resume else None), 0
+    run.model.train()
+    start_iter, clock = iter_num, Clock()
     while True:
         lr = get_lr(iter_num, c)
         for opt, peak in optimizers:  # every optimizer follows the same schedule, scaled to its peak
             for group in opt.param_groups:
                 group["lr"] = lr * peak / c["learning_rate"]
         if not c["eval_only"]:
-            family.before_step(raw_model, iter_num)
-        first_of_resume = resume and iter_num == start_iter  # that eval was done before the checkpoint
+            family.before_step(model, iter_num)
+        first_of_resume = resuming and iter_num == start_iter  # that eval was done before the checkpoint
         row = resume_row if first_of_resume else None  # its row joins this iteration's, as uninterrupted
-        evaluate = (
-            c["eval_only"]
-            or (iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"])
-            and not first_of_resume
-        )
+        at_eval = iter_num % c["eval_interval"] == 0 or iter_num == c["max_iters"]
+        evaluate = c["eval_only"] or at_eval and not first_of_resume
         if evaluate:
-            t_eval = time.time()
-            if iter_num == start_iter:  # the first eval can take a while on a CPU: say what runs
-                say(
-                    f"step {iter_num}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
-                    "tokens per split (train, val)",
-                    flush=True,
-                )
-            losses = estimate_loss(model, c, data_dir, device, autocast, rank, world)
-            if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
-                diverged(f"the eval loss became {losses}", iter_num)
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                row = dict(
-                    iter=iter_num,
-                    train_loss=None,
-                    val_loss=losses["val"],
-                    eval_train_loss=losses["train"],
-                    lr=lr,
-                    tokens_per_s=None,
-                    trainable_params=trainable,
-                    total_params=total,
-                    **family.stats(raw_model),
-                )
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0 and (improved or c["always_save_checkpoint"]) and not c["eval_only"]:
-                    save(row)
-                    saved_iter = iter_num
-                    print(f"saved {ckpt_file}")
-            t_outside += time.time() - t_eval  # evals and saves are not training speed
+            with clock.paused():
+                row = run.evaluate(iter_num, lr, first=iter_num == start_iter)
         if c["eval_only"] or iter_num >= c["max_iters"]:
-            if row:
+            if row and master:
                 if iter_num > start_iter:
                     row["mean_tokens_per_s"] = (
-                        (iter_num - start_iter) * tokens_per_iter / (time.time() - t_start - t_outside)
+                        (iter_num - start_iter) * tokens_per_iter / clock.training_seconds()
                     )
-                row["peak_mem_mb"] = peak_memory_mb(device)
-                log(row)
-                last = row
+                run.log(dict(row, peak_mem_mb=peak_memory_mb(device)))
             break
-
-        # one optimizer step over `accum` micro-batches
         t0 = time.time()
-        log_now = iter_num % c["log_interval"] == 0 or evaluate  # the same on every process
-        loss_sum, extra, step_ok = train_step(
-            model,
-            raw_model,
-            family,
-            optimizers,
-            scaler,
-            batches,
-            iter_num,
-            c,
-            data_dir,
-            device,
-            autocast,
-            rank,
-            world,
-        )
-        if not step_ok:
-            skipped += 1
-            say(f"iter {iter_num}: non-finite gradient, step skipped ({skipped} so far)")
-        if log_now:
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            lossf = loss_sum.item() / accum  # mean over all micro-batches of the step (a sync point)
-            if not math.isfinite(lossf) and c["nonfinite"] == "stop":
-                diverged(f"the training loss became {lossf}", iter_num)
+        loss_sum, extra = run.step(iter_num)
+        if iter_num % c["log_interval"] == 0 or evaluate:  # the same on every process
+            lossf = run.mean_loss(loss_sum, iter_num)
             dt = time.time() - t0
-            if iter_num > start_iter:  # the first step pays for compilation and warm-up
-                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            clock.lap(dt, first=iter_num == start_iter)
             if master:
-                eta = format_eta((c["max_iters"] - iter_num) * (dt_avg or dt))
-                mfu = raw_model.estimate_mfu(c["batch_size"] * accum, dt) if device_type == "cuda" else None
-                print(
-                    f"iter {iter_num}/{c['max_iters']}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
-                    f"{tokens_per_iter / dt:,.0f} tok/s"
-                    + (f", mfu {100 * mfu:.1f}%" if mfu else "")
-                    + f", eta {eta}"
-                )
-                stats = family.stats(raw_model)
-                if extra is not None:
-                    stats.update(
-                        task_loss=lossf,
-                        extra_loss=extra.item(),
-                        total_loss=lossf + extra.item(),
-                    )
-                if stats:
-                    print(
-                        f"  {info['kind']}: "
-                        + ", ".join(f"{k} {_brief(v)}" for k, v in stats.items() if k != "task_loss")
-                    )
-                row = dict(
-                    row or {},
-                    iter=iter_num,
-                    train_loss=lossf,
-                    lr=lr,
-                    tokens_per_s=tokens_per_iter / dt,
-                    trainable_params=trainable,
-                    total_params=total,
-                    **stats,
-                )
-                row.setdefault("val_loss", None)
-                log(row)
-                last = row
+                run.report(iter_num, lr, lossf, extra, dt, row, clock, tokens_per_iter)
         iter_num += 1
 
     if master:
+        iters, seconds = iter_num - start_iter, time.time() - clock.start
         finish_run(
-            c,
-            raw_model,
-            family,
-            info,
-            model_type,
-            model_args,
-            last,
-            iter_num - start_iter,
-            time.time() - t_start,
-            best_val_loss,
+            c, model, family, info, model_type, run.model_args, run.last, iters, seconds, run.best_val_loss
         )
-    if wandb:
-        wandb.finish()
+    if run.wandb:
+        run.wandb.finish()
     if lock:
         lock.close()
-    return last
+    return run.last
 
 
 def main():
