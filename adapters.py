@@ -1797,15 +1797,30 @@ class SubLoRA(nn.Module):
         self.a_names = [n for n, _ in lora if n.endswith("lora_A")]
         self.b_names = [n for n, _ in lora if n.endswith("lora_B")]
         self.shapes = {n: p.shape for n, p in lora}
-        size = lambda names: sum(self.shapes[n].numel() for n in names)  # noqa: E731
-        self.D = size(self.a_names) + size(self.b_names)
+        self.D = self._size(self.a_names) + self._size(self.b_names)
         d = intrinsic_dim
         if not 2 <= d <= self.D:
             raise AdapterError(f"intrinsic_dim must be in 2..{self.D} (the LoRA parameter count), got {d}")
         make = lambda D, k, i: PROJECTORS[projector](D, k, seed * 1000 + i)  # noqa: E731
-        if allocation_mode == "uniform":
-            self.projectors = nn.ModuleList([make(self.D, d, 0)])
-        elif allocation_mode == "fixed":
+        self.projectors = self._projectors(d, make, allocation_ratio)
+        if allocation_mode == "learned":
+            self.gate_logits = nn.Parameter(torch.zeros(len(self.blocks), device=device))
+        self.projectors.to(device)
+        self.w = nn.Parameter(torch.zeros(d, device=device))
+        # the gradients reaching the A and B factors are kept on every eager training pass (two
+        # D-sized vectors); not under torch.compile, where a hook with a side effect breaks the graph
+        self._grad_parts = None
+
+    def _size(self, names):
+        """How many LoRA numbers the factors `names` hold."""
+        return sum(self.shapes[n].numel() for n in names)
+
+    def _projectors(self, d, make, allocation_ratio):
+        """The projectors of the allocation mode (make(D, d, index) builds one from the seed)."""
+        size = self._size
+        if self.mode == "uniform":
+            return nn.ModuleList([make(self.D, d, 0)])
+        if self.mode == "fixed":
             d_b = round(allocation_ratio * d)
             if not 0 < d_b < d:
                 raise AdapterError(
@@ -1813,31 +1828,23 @@ class SubLoRA(nn.Module):
                     f"to B (d = {d}); choose it inside (0, 1)"
                 )
             self.split = (d - d_b, d_b)
-            self.projectors = nn.ModuleList(
-                [make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)]
+            return nn.ModuleList([make(size(self.a_names), d - d_b, 0), make(size(self.b_names), d_b, 1)])
+        self.blocks = list(dict.fromkeys(_block_of(n) for n in self.a_names))
+        part_sizes = [
+            (
+                size([n for n in self.a_names if _block_of(n) == b]),
+                size([n for n in self.b_names if _block_of(n) == b]),
             )
-        else:
-            self.blocks = list(dict.fromkeys(_block_of(n) for n in self.a_names))
-            part_sizes = [
-                (
-                    size([n for n in self.a_names if _block_of(n) == b]),
-                    size([n for n in self.b_names if _block_of(n) == b]),
-                )
-                for b in self.blocks
-            ]
-            self.block_dims = spread_dims(d, [a + b for a, b in part_sizes])
-            # block ℓ's coordinate i goes to B with weight m_i (high for the first ones) and to A with
-            # 1 - m_i (high for the last ones); a part smaller than d_ℓ reads only its end of the block
-            self.part_dims = [(min(dl, a), min(dl, b)) for dl, (a, b) in zip(self.block_dims, part_sizes)]
-            self.projectors = nn.ModuleList()
-            for k, ((a, b), (k_a, k_b)) in enumerate(zip(part_sizes, self.part_dims)):
-                self.projectors.extend([make(a, k_a, 2 * k), make(b, k_b, 2 * k + 1)])
-            self.gate_logits = nn.Parameter(torch.zeros(len(self.blocks), device=device))
-        self.projectors.to(device)
-        self.w = nn.Parameter(torch.zeros(d, device=device))
-        # the gradients reaching the A and B factors are kept on every eager training pass (two
-        # D-sized vectors); not under torch.compile, where a hook with a side effect breaks the graph
-        self._grad_parts = None
+            for b in self.blocks
+        ]
+        self.block_dims = spread_dims(d, [a + b for a, b in part_sizes])
+        # block ℓ's coordinate i goes to B with weight m_i (high for the first ones) and to A with
+        # 1 - m_i (high for the last ones); a part smaller than d_ℓ reads only its end of the block
+        self.part_dims = [(min(dl, a), min(dl, b)) for dl, (a, b) in zip(self.block_dims, part_sizes)]
+        projectors = nn.ModuleList()
+        for k, ((a, b), (k_a, k_b)) in enumerate(zip(part_sizes, self.part_dims)):
+            projectors.extend([make(a, k_a, 2 * k), make(b, k_b, 2 * k + 1)])
+        return projectors
 
     def __getattr__(self, name):  # whatever else the wrapped model provides (get_num_params, config...)
         try:

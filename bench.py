@@ -360,6 +360,45 @@ def peak_flops(device):
     return next((f for k, f in PEAK_FLOPS.items() if k in name), None)
 
 
+def method_names(c):
+    """The rows to time: the methods asked for (PEFT's only when it is installed), each eager and/or
+    compiled ('+compile'), and with --fused=True each adapter also with the fused path forced ('+fused')."""
+    names = [m for m in (c["methods"].split(",") if c["methods"] else METHODS)]
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        skipped = [n for n in names if n.startswith("peft_")]
+        if skipped:
+            print(f"peft is not installed: skipping {skipped} (pip install peft)")
+        names = [n for n in names if not n.startswith("peft_")]
+    which = str(c["compile"])
+    if which == "both":
+        names = [n for name in names for n in (name, name + "+compile")]
+    elif which == "True":
+        names = [name + "+compile" for name in names]
+    if c["fused"]:
+        fusable = lambda n: not n.startswith(("full", "peft_", "sublora")) and "+" not in n  # noqa: E731
+        names = [n for name in names for n in ([name, name + "+fused"] if fusable(name) else [name])]
+    return names
+
+
+def build_all(names, base, c, size_name):
+    """{row name: Method}, each built on a copy of `base`, its forward compiled or fused as the name says."""
+    methods = {}
+    for name in names:
+        methods[name] = build(name.removesuffix("+compile").removesuffix("+fused"), base, c)
+        if name.endswith("+compile"):
+            methods[name].forward = torch.compile(methods[name].model, mode=c["compile_mode"])
+        if name.endswith("+fused"):
+            methods[name].forward = fused_forward(methods[name].model)
+        print(
+            f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
+            f"init {methods[name].init_seconds * 1000:.1f}ms",
+            flush=True,
+        )
+    return methods
+
+
 def bench_size(size_name, c):
     cfg = SIZES[size_name]
     torch.manual_seed(c["seed"])
@@ -381,34 +420,8 @@ def bench_size(size_name, c):
         c["device"]
     )
     y = torch.roll(x, -1, dims=1)
-    names = [m for m in (c["methods"].split(",") if c["methods"] else METHODS)]
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        skipped = [n for n in names if n.startswith("peft_")]
-        if skipped:
-            print(f"peft is not installed: skipping {skipped} (pip install peft)")
-        names = [n for n in names if not n.startswith("peft_")]
-    which = str(c["compile"])
-    if which == "both":
-        names = [n for name in names for n in (name, name + "+compile")]
-    elif which == "True":
-        names = [name + "+compile" for name in names]
-    if c["fused"]:
-        fusable = lambda n: not n.startswith(("full", "peft_", "sublora")) and "+" not in n  # noqa: E731
-        names = [n for name in names for n in ([name, name + "+fused"] if fusable(name) else [name])]
-    methods = {}
-    for name in names:
-        methods[name] = build(name.removesuffix("+compile").removesuffix("+fused"), base, c)
-        if name.endswith("+compile"):
-            methods[name].forward = torch.compile(methods[name].model, mode=c["compile_mode"])
-        if name.endswith("+fused"):
-            methods[name].forward = fused_forward(methods[name].model)
-        print(
-            f"[{size_name}] built {name}: {count_params(methods[name].model)[0]:,} trainable, "
-            f"init {methods[name].init_seconds * 1000:.1f}ms",
-            flush=True,
-        )
+    names = method_names(c)
+    methods = build_all(names, base, c, size_name)
     if "pissa_way0" in names:  # the randomized SVD's init time, for the full-vs-randomized ratio
         methods["pissa_way0_lowrank_init"] = build("pissa_way0_lowrank", base, c)
     it = 0

@@ -16,6 +16,7 @@ data/shakespeare_bytes from --shakespeare or the download), the base is trained 
 out_dir/base/ and reused, and every run is a train.py process in out_dir/runs/ (its log beside it).
 """
 
+import functools
 import json
 import os
 import platform
@@ -184,8 +185,8 @@ def adapter_bytes(run_dir, row):
     return 4 * row["total_params"]
 
 
-def compare(argv=(), environ=None):
-    c = configure(DEFAULTS, list(argv), environ)
+def check(c):
+    """The methods the config asks for, every setting checked before any work."""
     check_ranges(c, {"grid": "[1, 9]"})
     if c["grid"] % 2 == 0:
         raise ConfigError(
@@ -198,115 +199,79 @@ def compare(argv=(), environ=None):
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method(s) {unknown}; choose among {', '.join(METHODS)}")
-    spec, out = SIZES[c["size"]], c["out_dir"]
-    source, target = prepare_data(c["base_dataset"], c), prepare_data(c["target_dataset"], c)
-    if (read_meta(source) or {}).get("tokenizer") != (read_meta(target) or {}).get("tokenizer"):
-        raise ConfigError(
-            f"{source} and {target} use different tokenizers; a base reads only its own vocabulary"
-        )
-    common = dict(
-        spec["model"], device=c["device"], dropout=0.0, bias=False, weight_decay=0.0, log_interval=25
-    )
-    t_all = time.time()
+    return chosen
 
+
+def pretrain_base(spec, common, source, out):
+    """The base every method fine-tunes: pretrained on `source` into out/base/, or reused from there."""
     base_dir = os.path.join(out, "base")
-    if not os.path.isfile(os.path.join(base_dir, "ckpt.pt")):
-        iters = spec["base"]["max_iters"]
-        print(f"pretraining the base on {source} ({iters} iterations) -> {base_dir}/")
-        base_args = dict(
-            common,
-            **spec["base"],
-            data_dir=source,
-            out_dir=base_dir,
-            init_from="scratch",
-            lr_decay_iters=iters,
-            eval_interval=max(1, iters // 3),
-            eval_iters=20,
-            overwrite=True,
-        )
-        t0 = time.time()
-        run_train([f"--{k}={v}" for k, v in base_args.items()], base_dir, os.path.join(out, "base.log"))
-        atomic_write(os.path.join(base_dir, "run.json"), json.dumps({"seconds": time.time() - t0}))
-    else:
+    if os.path.isfile(os.path.join(base_dir, "ckpt.pt")):
         print(f"reusing the base in {base_dir}/ (delete it to pretrain again)")
+        return base_dir
+    iters = spec["base"]["max_iters"]
+    print(f"pretraining the base on {source} ({iters} iterations) -> {base_dir}/")
+    base_args = dict(common, **spec["base"], data_dir=source, out_dir=base_dir, init_from="scratch")
+    base_args.update(lr_decay_iters=iters, eval_interval=max(1, iters // 3), eval_iters=20, overwrite=True)
+    t0 = time.time()
+    run_train([f"--{k}={v}" for k, v in base_args.items()], base_dir, os.path.join(out, "base.log"))
+    atomic_write(os.path.join(base_dir, "run.json"), json.dumps({"seconds": time.time() - t0}))
+    return base_dir
 
-    tune = spec["tune"]
 
-    def one_run(name, method, lr, keys):
-        """A train.py fine-tuning run on the target data (reused when its folder holds the same one), as a row."""
-        run_dir = os.path.join(out, "runs", name)
-        args = dict(
-            common,
-            **tune,
-            **scaled_keys(keys, tune["max_iters"]),
-            data_dir=target,
-            out_dir=run_dir,
-            init_from=base_dir,
-            lr_decay_iters=tune["max_iters"],
-            overwrite=True,
-        )
-        if lr is not None:
-            args.update(learning_rate=lr, min_lr=lr / 10)
-        argv = [f"--{k}={v}" for k, v in args.items()]
-        record = os.path.join(
-            run_dir, "run.json"
-        )  # the run's command and time: reused only for the same command
-        reused = os.path.isfile(record) and json.load(open(record))["argv"] == argv and not c["overwrite"]
-        t0 = time.time()
-        if reused:
-            rows = read_metrics(run_dir)
-        else:
-            if os.path.isfile(record):  # an interrupted rerun must not look finished afterwards
-                os.remove(record)
-            rows = run_train(argv, run_dir, run_dir + ".log")
-            atomic_write(record, json.dumps({"argv": argv, "seconds": time.time() - t0}))
-        evals, last = [r for r in rows if r.get("val_loss") is not None], rows[-1]
-        tokens = tune["batch_size"] * spec["model"]["block_size"]
-        return dict(
-            method=method,
-            lr=lr,
-            run=name,
-            val_loss=evals[-1]["val_loss"],
-            train_loss=evals[-1]["train_loss"],
-            trainable_params=last["trainable_params"],
-            total_params=last["total_params"],
-            adapter_bytes=None if lr is None else adapter_bytes(run_dir, last),
-            step_ms=1000 * tokens / last["mean_tokens_per_s"] if last.get("mean_tokens_per_s") else None,
-            peak_mem_mb=last.get("peak_mem_mb"),
-            effective_rank=last.get("effective_rank"),
-            seconds=json.load(open(record))["seconds"],
-            reused=reused,
-        )
+def one_run(c, spec, common, target, base_dir, name, method, lr, keys):
+    """A train.py fine-tuning run on the target data (reused when its folder holds the same one), as a row."""
+    tune, run_dir = spec["tune"], os.path.join(c["out_dir"], "runs", name)
+    args = dict(common, **tune, **scaled_keys(keys, tune["max_iters"]), data_dir=target, out_dir=run_dir)
+    args.update(init_from=base_dir, lr_decay_iters=tune["max_iters"], overwrite=True)
+    if lr is not None:
+        args.update(learning_rate=lr, min_lr=lr / 10)
+    argv = [f"--{k}={v}" for k, v in args.items()]
+    record = os.path.join(run_dir, "run.json")  # the run's command and time: reused only for the same command
+    reused = os.path.isfile(record) and json.load(open(record))["argv"] == argv and not c["overwrite"]
+    t0 = time.time()
+    if reused:
+        rows = read_metrics(run_dir)
+    else:
+        if os.path.isfile(record):  # an interrupted rerun must not look finished afterwards
+            os.remove(record)
+        rows = run_train(argv, run_dir, run_dir + ".log")
+        atomic_write(record, json.dumps({"argv": argv, "seconds": time.time() - t0}))
+    evals, last = [r for r in rows if r.get("val_loss") is not None], rows[-1]
+    tokens = tune["batch_size"] * spec["model"]["block_size"]
+    return dict(
+        method=method,
+        lr=lr,
+        run=name,
+        val_loss=evals[-1]["val_loss"],
+        train_loss=evals[-1]["train_loss"],
+        trainable_params=last["trainable_params"],
+        total_params=last["total_params"],
+        adapter_bytes=None if lr is None else adapter_bytes(run_dir, last),
+        step_ms=1000 * tokens / last["mean_tokens_per_s"] if last.get("mean_tokens_per_s") else None,
+        peak_mem_mb=last.get("peak_mem_mb"),
+        effective_rank=last.get("effective_rank"),
+        seconds=json.load(open(record))["seconds"],
+        reused=reused,
+    )
 
-    # every method's grid; a best rate at the grid's edge extends it (twice at most), paid in grid time
+
+def search(c, todo, run_one):
+    """Every method's learning-rate grid run (run_one(name, method, lr, keys)); a best rate at the grid's
+    edge extends it (twice at most), paid in grid time. Returns (every run, the best run per method)."""
     runs, results = [], {}
-    todo = [("frozen", [None], dict(adapter="none", eval_only=True))]
-    todo += [
-        (
-            m,
-            lr_grid(METHODS[m][0], c["grid"]),
-            dict(METHODS[m][1], **({"intrinsic_dim": spec["intrinsic_dim"]} if m == "sublora" else {})),
-        )
-        for m in chosen
-    ]
     planned, t_plan = sum(len(lrs) for _, lrs, _ in todo), time.time()
     for method, lrs, keys in todo:
         extended = 0
         while lrs:
             lr = lrs.pop(0)
-            run = one_run(method if lr is None else f"{method}_lr{lr:.0e}", method, lr, keys)
+            run = run_one(method if lr is None else f"{method}_lr{lr:.0e}", method, lr, keys)
             runs.append(run)
             if method not in results or run["val_loss"] < results[method]["val_loss"]:
                 results[method] = run
             tried = [r["lr"] for r in runs if r["method"] == method]
             best = results[method]["lr"]
-            if (
-                not lrs
-                and best is not None
-                and c["grid"] > 1
-                and extended < 2
-                and best in (min(tried), max(tried))
-            ):
+            at_edge = best is not None and best in (min(tried), max(tried))
+            if not lrs and at_edge and c["grid"] > 1 and extended < 2:
                 lrs, extended, planned = (
                     [best * 3 if best == max(tried) else best / 3],
                     extended + 1,
@@ -319,15 +284,34 @@ def compare(argv=(), environ=None):
                 + f"; eta {eta / 60:.0f} min",
                 flush=True,
             )
+    return runs, results
+
+
+def compare(argv=(), environ=None):
+    c = configure(DEFAULTS, list(argv), environ)
+    chosen = check(c)
+    spec, out = SIZES[c["size"]], c["out_dir"]
+    source, target = prepare_data(c["base_dataset"], c), prepare_data(c["target_dataset"], c)
+    if (read_meta(source) or {}).get("tokenizer") != (read_meta(target) or {}).get("tokenizer"):
+        raise ConfigError(
+            f"{source} and {target} use different tokenizers; a base reads only its own vocabulary"
+        )
+    common = dict(
+        spec["model"], device=c["device"], dropout=0.0, bias=False, weight_decay=0.0, log_interval=25
+    )
+    t_all = time.time()
+    base_dir = pretrain_base(spec, common, source, out)
+    run_one = functools.partial(one_run, c, spec, common, target, base_dir)
+    todo = [("frozen", [None], dict(adapter="none", eval_only=True))]
+    for m in chosen:
+        keys = dict(METHODS[m][1], **({"intrinsic_dim": spec["intrinsic_dim"]} if m == "sublora" else {}))
+        todo.append((m, lr_grid(METHODS[m][0], c["grid"]), keys))
+    runs, results = search(c, todo, run_one)
 
     if "sora" in results:  # SoRA's unpruned self: the same gated LoRA without the L1 push, at SoRA's rate
         sora = results["sora"]
-        dense = one_run(
-            "sora_dense",
-            "sora_dense",
-            sora["lr"],
-            dict(METHODS["sora"][1], sora_lambda=0.0, sora_lambda_max=0.0, sora_tune_iters=0),
-        )
+        no_l1 = dict(METHODS["sora"][1], sora_lambda=0.0, sora_lambda_max=0.0, sora_tune_iters=0)
+        dense = run_one("sora_dense", "sora_dense", sora["lr"], no_l1)
         runs.append(dense)
         sora["dense_val_loss"] = dense["val_loss"]
         sora["ranks_kept"] = sum((sora["effective_rank"] or {}).values())
@@ -355,7 +339,7 @@ def compare(argv=(), environ=None):
         base_dataset=c["base_dataset"],
         target_dataset=c["target_dataset"],
         grid=c["grid"],
-        budget=dict(tune, model=spec["model"]),
+        budget=dict(spec["tune"], model=spec["model"]),
         device=c["device"],
         machine=machine,
         seconds=seconds,

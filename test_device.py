@@ -41,14 +41,19 @@ def with_case(case, device, before, **kw):
 
 
 def train_step(family, model, device, step=0):
-    """Forward, the family's extra loss, backward, the optimizers' step and the family's after-step
-    work, as train.py does them."""
+    """Forward and finish_step, as train.py does them."""
     x = (
         torch.randint(65, (2, 16), device=device)
         if device != "meta"
         else torch.zeros(2, 16, dtype=torch.long, device=device)
     )
     loss = model(x, x)[1]
+    finish_step(family, model, loss, step)
+    return loss
+
+
+def finish_step(family, model, loss, step):
+    """The family's extra loss, backward, the optimizers' step and the family's after-step work."""
     extra = family.extra_loss(model)
     (loss if extra is None else loss + extra).backward()
     for opt in family.opts:
@@ -56,7 +61,6 @@ def train_step(family, model, device, step=0):
     family.after_step(model, step)
     for opt in family.opts:
         opt.zero_grad(set_to_none=True)
-    return loss
 
 
 @pytest.mark.parametrize("before", [True, False], ids=["injected_on_device", "moved_after"])
@@ -158,13 +162,7 @@ def compiled_steps(family, model, steps=5, autocast=False):
         x = torch.randint(65, (8 if autocast else 2, 16), generator=gen)
         with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
             loss = compiled(x, x)[1]
-        extra = family.extra_loss(model)
-        (loss if extra is None else loss + extra).backward()
-        for opt in family.opts:
-            opt.step()
-        family.after_step(model, step)
-        for opt in family.opts:
-            opt.zero_grad(set_to_none=True)
+        finish_step(family, model, loss, step)
     return counter
 
 

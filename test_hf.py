@@ -43,7 +43,7 @@ from checkpoint import (  # noqa: E402
     read_adapter_file,
     save_adapter_file,
 )
-from conftest import adapted, case_run_keys  # noqa: E402
+from conftest import adapted, case_run_keys, run_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
@@ -314,28 +314,11 @@ def test_adalora_masks_equal_peft_rank_allocator(gpt2_dir, seed):
 
 
 def tiny_run(data_dir, out_dir, **kw):
-    args = dict(
-        device="cpu",
-        data_dir=data_dir,
-        out_dir=str(out_dir),
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=4,
-        eval_iters=4,
-        eval_interval=6,
-        log_interval=1,
-        dropout=0.0,
-        learning_rate=1e-2,
-        warmup_iters=0,
-        max_iters=6,
-        lr_decay_iters=6,
-        dtype="float32",
-        init_from="scratch",
+    """run_args at 6 iterations of a 32-wide model."""
+    keys = dict(
+        n_embd=32, batch_size=4, eval_interval=6, learning_rate=1e-2, warmup_iters=0, lr_decay_iters=6
     )
-    args.update(kw)
-    return [f"--{k}={v}" for k, v in args.items()]
+    return run_args(data_dir, out_dir, **{**keys, "max_iters": 6, "min_lr": 1e-4, **kw})
 
 
 def test_command_line_round_trip(char_data, tmp_path, capsys):
