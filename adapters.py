@@ -72,6 +72,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import LanguageModel
+
 # Linears adapted when no targets are given: attention q/k/v and output projection, both MLP
 # Linears and the LM head, for both model layouts of model.py (GPT: c_attn c_proj c_fc lm_head;
 # bigram: query key value proj fc1 fc2 lm_head). A pattern matches a module name exactly, as its
@@ -1852,8 +1854,8 @@ class SubLoRA(nn.Module):
         except AttributeError:
             return getattr(self.model, name)
 
-    def generate(self, *args, **kwargs):  # the model's own sampling loop, run through this forward
-        return type(self.model).generate(self, *args, **kwargs)
+    generate = LanguageModel.generate  # the models' own sampling loop, run through this forward
+    stream = LanguageModel.stream
 
     def gammas(self):
         """{block: γ_ℓ} in learned mode: the share of the block's coordinates routed to B."""
@@ -1937,8 +1939,8 @@ class SubLoRA(nn.Module):
             g_b = torch.autograd.grad(delta_b, w, self._grad_parts[1])[0]
         return g_a.norm().item(), g_b.norm().item()
 
-    def forward(self, idx, targets=None):
-        return torch.func.functional_call(self.model, self.lora_params(), (idx, targets))
+    def forward(self, idx, targets=None, cache=None):
+        return torch.func.functional_call(self.model, self.lora_params(), (idx, targets), {"cache": cache})
 
     @torch.no_grad()
     def materialize(self):

@@ -50,9 +50,7 @@ warmup = 1  # untimed steps per method before the first repetition
 rank = 8  # rank of every adapter
 sublora_dim = 50000  # capped at half the LoRA parameters it wraps
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu' or 'cuda'
-dtype = (
-    "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-)  # autocast dtype on CUDA
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # autocast
 out_dir = "bench"  # where bench.json and bench.md go
 quick = False  # a tiny model and one repetition (the test)
 seed = 0  # seeds the models and the batch

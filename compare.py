@@ -32,21 +32,15 @@ from plots import read_metrics
 from prepare import DATASETS, read_meta
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
-size = (
-    "cpu"  # 'cpu' (about 27 minutes on 2 cores) | 'gpu' (a larger base, a longer budget) | 'tiny' (seconds)
-)
+size = "cpu"  # 'cpu' (about 27 minutes on 2 cores) | 'gpu' (larger base and budget) | 'tiny' (seconds)
 methods = ""  # ','-separated, of full lora_r1 lora_r1_h8 lora_r2 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
 target_dataset = "python_stdlib"  # every method is fine-tuned on data/<target_dataset>
 data_root = "data"  # the folder holding <base_dataset>/ and <target_dataset>/ (prepared there on first use)
-shakespeare = (
-    ""  # a local Tiny Shakespeare file for shakespeare_bytes ('' = testdata/ if present, else download)
-)
+shakespeare = ""  # Tiny Shakespeare for shakespeare_bytes ('' = testdata/ if present, else download)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # passed to every train.py run
-overwrite = (
-    False  # rerun the fine-tuning runs already in out_dir/runs (the base is kept; delete it to retrain)
-)
+overwrite = False  # rerun the runs already in out_dir/runs (the base is kept: delete it to retrain)
 DEFAULTS = config_defaults(globals())
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -57,9 +57,7 @@ alphas = "1e-4,1e-3,5e-3,0.01,0.05,0.1,0.25,0.5"  # prediction-smoothing grid; p
 topk = "1,10,100"  # k of the top-k error bounds
 confidence = 0.95  # the bound holds with this probability (ε = 1 - confidence)
 eval_blocks = 2000  # token level: s blocks of block_size training tokens, sampled with replacement
-exact_max_tokens = (
-    2_000_000  # a training set this small is scored whole (no sampling term); 0 = always sample
-)
+exact_max_tokens = 2_000_000  # a training set this small is scored whole (no sampling); 0 = always sample
 eval_docs = 2000  # document level: s training documents, sampled with replacement
 doc_separator = ""  # '' = <|endoftext|> for GPT-2 data, a blank line ('\n\n') for character data
 overwrite = False  # replace a run's bounds.json (and its plot) from an earlier evaluation

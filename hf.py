@@ -61,17 +61,11 @@ from prepare import read_meta, write_hf_tokenizer
 
 out_dir = "out"  # export: the run to export; import: the run folder to write
 export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
-write_base = (
-    False  # export: write base/ even when the base is a hub GPT-2 (always written for a base trained here)
-)
-peft_format = (
-    "lora"  # export: 'lora' (every family, as the LoRA / DoRA it computes) | 'native' (PEFT's own: AdaLoRA)
-)
+write_base = False  # export: write base/ even for a hub GPT-2 base (always for a base trained here)
+peft_format = "lora"  # export: 'lora' (as the LoRA / DoRA it computes) | 'native' (PEFT's AdaLoRA)
 import_from = ""  # import: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
 base = ""  # import: the base, a gpt2 name or a GPT-2 folder ('' = the adapter's base_model_name_or_path)
-dataset = (
-    "openwebtext"  # import: data/<dataset>/ holds the data eval_bounds and train.py score the imported run on
-)
+dataset = "openwebtext"  # import: data/<dataset>/ holds the data to score the imported run on
 data_dir = ""  # import: that data folder itself ('' = data/<dataset>)
 overwrite = False  # replace an existing export_dir / run folder
 DEFAULTS = config_defaults(globals())

@@ -49,12 +49,76 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def causal_attention(q, k, v, n_head, dropout, training):
-    """(B, T, C) q, k, v -> (B, T, C) causal multi-head attention through SDPA (flash on GPUs)."""
+def causal_attention(q, k, v, n_head, dropout, training, cache=None, layer=0):
+    """(B, T, C) q, k, v -> (B, T, C) causal multi-head attention through SDPA (flash on GPUs). With a
+    KVCache, this layer's keys and values join the cache and the T new queries attend to every cached
+    position up to their own, padding left out."""
     B, T, C = q.shape
     q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+    if cache is None:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if training else 0.0, is_causal=True)
+    else:
+        k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(T))
     return y.transpose(1, 2).contiguous().view(B, T, C)
+
+
+class KVCache:
+    """Every layer's keys and values for up to `size` positions of a batch of B rows, so that generation
+    prefills the prompt once and then runs one token per step. pads (B,): how many positions at the
+    start of each row are left padding (a ragged batch): they are never attended to, and each row's
+    position embeddings count from its first real token."""
+
+    def __init__(self, config, B, size, pads, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, B, config.n_head, size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pads, self.pos, self.size = pads, 0, size
+
+    @staticmethod
+    def nbytes(config, B, size, dtype):
+        """What a cache of B rows and `size` positions holds, in bytes (keys and values)."""
+        return 2 * config.n_layer * B * size * config.n_embd * torch.finfo(dtype).bits // 8
+
+    def positions(self, T):
+        """(B, T) position ids of the next T tokens of every row (0 at a row's first real token)."""
+        new = torch.arange(self.pos, self.pos + T, device=self.pads.device)
+        return (new[None, :] - self.pads[:, None]).clamp_min(0)
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+    def mask(self, T):
+        """(B, 1, T, pos + T) bool: query i sees key j when j <= pos + i and j is not padding (a padding
+        query sees itself: a finite row, never read), or None when every key may be seen."""
+        if T == 1 and not self.pads.any():
+            return None
+        j = torch.arange(self.pos + T, device=self.pads.device)
+        i = torch.arange(self.pos, self.pos + T, device=self.pads.device)[:, None]
+        real = j[None, None, :] >= self.pads[:, None, None]  # (B, 1, pos + T)
+        return ((j <= i) & real | (j == i))[:, None]
+
+    def advance(self, T):
+        self.pos += T
+
+
+def next_token(logits, temperature, top_k, generator):
+    """(B,) the next token of each row from its (B, V) logits: the argmax at temperature 0, else a sample
+    of softmax(logits / temperature) over the top_k (generator: one, or a list with one per row)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    if isinstance(generator, (list, tuple)):  # each row its own stream of random numbers
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -97,19 +161,41 @@ class LanguageModel(nn.Module):
         return self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Continue idx (B, T) by max_new_tokens tokens, sampling one at a time."""
+    def generate(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, kv_cache=True, pads=None
+    ):
+        """Continue idx (B, T) by max_new_tokens tokens (stream's arguments); returns (B, T + new)."""
+        steps = self.stream(idx, max_new_tokens, temperature, top_k, generator, kv_cache, pads)
+        return torch.cat([idx, *(token[:, None] for token, _ in steps)], dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, kv_cache=True, pads=None
+    ):
+        """Yield (the next token of every row (B,), its logits (B, V)) max_new_tokens times after idx (B, T).
+        pads (B,): left padding of each row (a ragged batch of prompts; each row then continues as it
+        would alone). temperature 0: the most likely token (greedy); else a sample of softmax(logits /
+        temperature) over the top_k; generator: one torch.Generator, or one per row. kv_cache: the
+        prompt prefilled once, then one token per step; the context is the last block_size tokens,
+        so past block_size the cache is refilled with them every step, as the uncached path
+        (kv_cache=False, nanoGPT's: the whole context recomputed every step) crops to them."""
+        B, ctx = idx.shape[0], self.config.block_size
+        pads = torch.zeros(B, dtype=torch.long, device=idx.device) if pads is None else pads
+        dtype, cache = next(self.parameters()).dtype, None
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            window = idx[:, -ctx:]
+            if cache is not None and idx.shape[1] <= ctx:  # the cache holds all but the last token
+                logits = self(idx[:, -1:], cache=cache)[0]
+            elif kv_cache or pads.any():  # (re)fill a cache with the window; uncached, a fresh one each step
+                in_window = (pads - (idx.shape[1] - window.shape[1])).clamp_min(0)
+                cache = KVCache(self.config, B, ctx, in_window, idx.device, dtype)
+                logits = self(window, cache=cache)[0]
+                cache = cache if kv_cache else None
+            else:
+                logits = self(window)[0]
+            token = next_token(logits[:, -1], temperature, top_k, generator)
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            yield token, logits[:, -1]
 
     def crop_block_size(self, block_size):
         """Model surgery to use a smaller context than the one trained with (e.g. GPT-2's 1024)."""
@@ -119,7 +205,18 @@ class LanguageModel(nn.Module):
         wpe.weight = nn.Parameter(wpe.weight[:block_size])
         wpe.num_embeddings = block_size
 
-    def _lm_output(self, x, targets):
+    def positions(self, idx, cache):
+        """The position ids of idx's tokens: 0..t-1, or with a cache each row's next ones."""
+        t = idx.size(1)
+        assert t <= self.config.block_size, f"sequence of length {t} > block_size {self.config.block_size}"
+        if cache is None:
+            return torch.arange(t, dtype=torch.long, device=idx.device)
+        assert cache.pos + t <= cache.size, f"{cache.pos + t} positions > the cache's {cache.size}"
+        return cache.positions(t)
+
+    def _lm_output(self, x, targets, cache=None):
+        if cache is not None:
+            cache.advance(x.size(1))
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -141,9 +238,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout = config.n_head, config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
-        y = causal_attention(q, k, v, self.n_head, self.dropout, self.training)
+        y = causal_attention(q, k, v, self.n_head, self.dropout, self.training, cache, layer)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -167,8 +264,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -201,14 +298,13 @@ class GPT(LanguageModel):
     def head_is_tied(self):
         return self.lm_head.weight is self.transformer.wte.weight  # merging a head adapter unties them
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         b, t = idx.size()
-        assert t <= self.config.block_size, f"sequence of length {t} > block_size {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
+        pos = self.positions(idx, cache)  # (t,), or (b, t) with a cache
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
-        for block in self.transformer.h:
-            x = block(x)
-        return self._lm_output(self.transformer.ln_f(x), targets)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        return self._lm_output(self.transformer.ln_f(x), targets, cache)
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -450,8 +546,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.n_head, self.p = config.n_head, config.dropout
 
-    def forward(self, x):
-        y = causal_attention(self.query(x), self.key(x), self.value(x), self.n_head, self.p, self.training)
+    def forward(self, x, cache=None, layer=0):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        y = causal_attention(q, k, v, self.n_head, self.p, self.training, cache, layer)
         return self.dropout(self.proj(y))
 
 
@@ -474,8 +571,8 @@ class BigramBlock(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.ffwd = FeedForward(config)
 
-    def forward(self, x):
-        x = x + self.sa(self.ln1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.sa(self.ln1(x), cache, layer)
         return x + self.ffwd(self.ln2(x))
 
 
@@ -495,14 +592,12 @@ class BigramLanguageModel(LanguageModel):
     def position_embedding(self):
         return self.position_embedding_table
 
-    def forward(self, idx, targets=None):
-        b, t = idx.size()
-        assert t <= self.config.block_size, f"sequence of length {t} > block_size {self.config.block_size}"
-        pos = torch.arange(t, device=idx.device)
+    def forward(self, idx, targets=None, cache=None):
+        pos = self.positions(idx, cache)
         x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (b, t, n_embd)
-        for block in self.blocks:
-            x = block(x)
-        return self._lm_output(self.ln_f(x), targets)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        return self._lm_output(self.ln_f(x), targets, cache)
 
 
 MODELS = {"gpt": GPT, "bigram": BigramLanguageModel}

@@ -57,7 +57,7 @@ def hf_gpt2(folder, seed=0, dtype=torch.float32, **kw):
         n_head=2,
         n_embd=32,
         n_positions=64,
-        vocab_size=V,
+        vocab_size=kw.pop("vocab_size", V),
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -652,3 +652,27 @@ def test_adalora_exports_and_imports_in_peft_adalora_format(gpt2_dir, char_data,
     info = dict(info, kind="adadora")
     with pytest.raises(hf.InteropError, match="PEFT's AdaLoRA has no DoRA magnitude"):
         export_of(dora, info, config, read_meta(char_data), tmp_path / "dora", "--peft_format=native")
+
+
+@pytest.mark.parametrize("vocab", [V, 50257], ids=["char", "bpe"])
+def test_greedy_generation_equals_transformers(tmp_path, vocab):
+    """Greedy generation here (the key/value cache, the adapters unmerged) equals transformers'
+    generate(do_sample=False) on the exported PEFT model, token for token, for a character vocabulary
+    and GPT-2's BPE (a prompt encoded by tiktoken)."""
+    from prepare import gpt2_encoding
+
+    folder = str(tmp_path / "base")
+    hf_gpt2(folder, vocab_size=vocab)
+    model = trained(GPT.from_pretrained(folder), "lora")
+    hf.export_peft(hf.lora_factors(model), str(tmp_path / "peft"), folder)
+    peft_model = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(folder), str(tmp_path / "peft")
+    ).eval()
+    prompt = gpt2_encoding().encode("ROMEO: But soft,") if vocab > V else ids(1, 6)[0].tolist()
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        want = peft_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False, pad_token_id=0
+        )
+    got = model.generate(x, 40, temperature=0)
+    assert got.shape == want.shape and torch.equal(got, want)

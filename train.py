@@ -101,9 +101,7 @@ weight_decay = 1e-1  # AdamW weight decay
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2
 grad_clip = 1.0  # 0 disables
-nonfinite = (
-    "stop"  # a nan/inf loss: 'stop' the run (nothing saved over the last good checkpoint) | 'skip' the step
-)
+nonfinite = "stop"  # a nan/inf loss: 'stop' the run (the last good checkpoint kept) | 'skip' the step
 # learning-rate schedule: linear warmup, cosine decay to min_lr
 decay_lr = True  # warmup then cosine decay; False keeps learning_rate
 warmup_iters = 100  # linear warmup iterations
@@ -111,9 +109,7 @@ lr_decay_iters = 5000  # iteration where the cosine reaches min_lr
 min_lr = 1e-4  # learning rate at the end of the decay
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = (
-    "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-)  # or 'float16'
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # float16
 compile = False  # torch.compile the model (worth it on a GPU)
 compile_mode = "default"  # 'default' | 'reduce-overhead' (CUDA graphs: no launch cost) | 'max-autotune'
 backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
