@@ -10,6 +10,7 @@ README's table is a ratio taken within one run.
     python bench.py --quick=True              # a tiny model, seconds: what the test runs
     python bench.py --methods=full,lora,dora  # a subset
     python bench.py --fused=True              # beside each adapter row, the fused 3-GEMM path forced on
+    python bench.py --sample=True --reps=2    # generation: tokens/s with and without the key/value cache
     python bench.py --profile=dora            # also write a torch.profiler trace of one DoRA step
 
 Writes out_dir/bench.json and out_dir/bench.md (the README table).
@@ -54,6 +55,9 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 out_dir = "bench"  # where bench.json and bench.md go
 quick = False  # a tiny model and one repetition (the test)
 seed = 0  # seeds the models and the batch
+sample = False  # True: time generation instead (sample.py's loop with and without the key/value cache)
+prompt_tokens = 100  # sample mode: the prompt's length
+new_tokens = 500  # sample mode: tokens generated after it
 DEFAULTS = config_defaults(globals())
 
 SIZES = {  # the baby Shakespeare model, and a GPT-2-small-shaped one where the Linears dominate
@@ -494,6 +498,61 @@ def bench_size(size_name, c):
     return rows
 
 
+# sample mode: the baby GPT and GPT-2 small's shape (random weights: the speed does not depend on them)
+SAMPLE_SIZES = {
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=65),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "quick": dict(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=65),
+}
+
+
+def bench_sampling(size_name, c):
+    """Tokens/s of one text (prompt_tokens, then new_tokens sampled as sample.py samples them) with the
+    key/value cache and without it, interleaved over the repetitions; both must give the same text."""
+    torch.manual_seed(c["seed"])
+    model = GPT(GPTConfig(**SAMPLE_SIZES[size_name], dropout=0.0)).to(c["device"]).eval()
+    vocab = SAMPLE_SIZES[size_name]["vocab_size"]
+    prompt = torch.randint(vocab, (1, c["prompt_tokens"]), generator=torch.Generator().manual_seed(c["seed"]))
+    times, texts = {True: [], False: []}, {}
+    for kv_cache in (True, False):  # warm-up, not timed
+        model.generate(prompt.to(c["device"]), 8, 0.8, 200, None, kv_cache)
+    for rep in range(c["reps"]):
+        for kv_cache in (True, False):
+            gen = torch.Generator(device=c["device"]).manual_seed(c["seed"])
+            t0 = time.perf_counter()
+            x = prompt.to(c["device"])
+            texts[kv_cache] = model.generate(x, c["new_tokens"], 0.8, 200, gen, kv_cache).cpu()
+            if c["device"].startswith("cuda"):
+                torch.cuda.synchronize()
+            times[kv_cache].append(time.perf_counter() - t0)
+            print(
+                f"[{size_name}] repetition {rep + 1}: kv_cache={kv_cache} {times[kv_cache][-1]:.2f}s",
+                flush=True,
+            )
+    cached, uncached = statistics.median(times[True]), statistics.median(times[False])
+    return dict(
+        size=size_name,
+        prompt_tokens=c["prompt_tokens"],
+        new_tokens=c["new_tokens"],
+        block_size=model.config.block_size,
+        cached_tokens_per_s=c["new_tokens"] / cached,
+        uncached_tokens_per_s=c["new_tokens"] / uncached,
+        speedup=uncached / cached,
+        same_text=torch.equal(texts[True], texts[False]),
+    )
+
+
+def sampling_markdown(rows):
+    lines = ["| size | block | prompt + new | tokens/s cached | tokens/s uncached | speedup | same text |"]
+    lines.append("| --- " * 7 + "|")
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['block_size']} | {r['prompt_tokens']} + {r['new_tokens']} | "
+            f"{r['cached_tokens_per_s']:,.1f} | {r['uncached_tokens_per_s']:,.1f} | {r['speedup']:.2f}x | {r['same_text']} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows):
     lines = [
         "| size | method | step ms | × full | × eager | kernels/step | tokens/s | trainable | state MB | peak MB | MFU "
@@ -530,7 +589,20 @@ def main(argv=()):
     unknown = [m for m in c["methods"].split(",") if m and m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; choose from {METHODS}")
-    rows = [r for s in sizes for r in bench_size(s, c)]
+    if c["sample"]:
+        sizes = ["quick"] if c["quick"] else ["baby", "gpt2"] if not c["size"] else c["size"].split(",")
+        if any(s not in SAMPLE_SIZES for s in sizes):
+            raise ConfigError(f"sample mode's size must be among {sorted(SAMPLE_SIZES)}, got {c['size']!r}")
+        return write_rows(c, argv, [bench_sampling(s, c) for s in sizes], sampling_markdown, "sampling")
+    rows = write_rows(c, argv, [r for s in sizes for r in bench_size(s, c)], markdown, "bench")
+    for r in rows:
+        if r["method"] == "pissa_init_full_over_lowrank":
+            print(f"[{r['size']}] PiSSA init: full SVD takes {r['ratio']:.1f}x the randomized SVD's time")
+    return rows
+
+
+def write_rows(c, argv, rows, table_of, name):
+    """out_dir/<name>.json (the rows and the machine, date and command) and out_dir/<name>.md (the table)."""
     os.makedirs(c["out_dir"], exist_ok=True)
     info = dict(
         device=c["device"] if not c["device"].startswith("cuda") else torch.cuda.get_device_name(),
@@ -544,13 +616,10 @@ def main(argv=()):
         date=time.strftime("%Y-%m-%d"),
         command="python bench.py " + " ".join(argv),
     )
-    atomic_write(os.path.join(c["out_dir"], "bench.json"), json.dumps(dict(info=info, rows=rows), indent=1))
-    table = markdown(rows)
-    atomic_write(os.path.join(c["out_dir"], "bench.md"), table + "\n")
+    atomic_write(os.path.join(c["out_dir"], f"{name}.json"), json.dumps(dict(info=info, rows=rows), indent=1))
+    table = table_of(rows)
+    atomic_write(os.path.join(c["out_dir"], f"{name}.md"), table + "\n")
     print(table)
-    for r in rows:
-        if r["method"] == "pissa_init_full_over_lowrank":
-            print(f"[{r['size']}] PiSSA init: full SVD takes {r['ratio']:.1f}x the randomized SVD's time")
     return rows
 
 

@@ -177,21 +177,22 @@ class LanguageModel(nn.Module):
         would alone). temperature 0: the most likely token (greedy); else a sample of softmax(logits /
         temperature) over the top_k; generator: one torch.Generator, or one per row. kv_cache: the
         prompt prefilled once, then one token per step; the context is the last block_size tokens,
-        so past block_size the cache is refilled with them every step, as the uncached path
-        (kv_cache=False, nanoGPT's: the whole context recomputed every step) crops to them."""
+        so past block_size every step recomputes them, as the uncached path (kv_cache=False, nanoGPT's:
+        the whole context recomputed every step) does all along."""
         B, ctx = idx.shape[0], self.config.block_size
         pads = torch.zeros(B, dtype=torch.long, device=idx.device) if pads is None else pads
         dtype, cache = next(self.parameters()).dtype, None
         for _ in range(max_new_tokens):
             window = idx[:, -ctx:]
+            in_window = (pads - (idx.shape[1] - window.shape[1])).clamp_min(0)
             if cache is not None and idx.shape[1] <= ctx:  # the cache holds all but the last token
                 logits = self(idx[:, -1:], cache=cache)[0]
-            elif kv_cache or pads.any():  # (re)fill a cache with the window; uncached, a fresh one each step
-                in_window = (pads - (idx.shape[1] - window.shape[1])).clamp_min(0)
+            elif in_window.any() or kv_cache and idx.shape[1] < ctx:  # padding needs a cache's mask
                 cache = KVCache(self.config, B, ctx, in_window, idx.device, dtype)
                 logits = self(window, cache=cache)[0]
-                cache = cache if kv_cache else None
-            else:
+                cache = cache if kv_cache else None  # kept while the context has room to grow
+            else:  # uncached, or past block_size (the window slides: nothing cached stays valid)
+                cache = None
                 logits = self(window)[0]
             token = next_token(logits[:, -1], temperature, top_k, generator)
             idx = torch.cat([idx, token[:, None]], dim=1)

@@ -2,7 +2,8 @@
 Text from a checkpoint (a base model or one with adapters) or from OpenAI's GPT-2. Keys and values are
 cached: the prompt is prefilled once, then each new token costs one position (--kv_cache=False
 recomputes the whole context every step, as nanoGPT does). The context is the last block_size tokens:
-past block_size the cache is refilled with them at every step, so both paths give the same text.
+past block_size every step recomputes them (the window slides, so nothing cached stays valid), and
+both paths give the same text.
 
     python sample.py --out_dir=out-shakespeare-lora                      # adapters applied unmerged
     python sample.py --out_dir=out-shakespeare-lora --merge=True         # merged into W first: plain model

@@ -45,3 +45,13 @@ def test_quick_bench_has_every_row(tmp_path):
     assert rows["full"]["total_params"] == rows["full"]["trainable_params"]
     assert (tmp_path / "bench.md").read_text().count("\n") == len(rows) + 2
     assert [r for r in data["rows"] if r["method"] == "pissa_init_full_over_lowrank"][0]["ratio"] > 0
+
+
+def test_sample_mode_times_both_paths_on_the_same_text(tmp_path):
+    """bench.py --sample=True: generation with and without the key/value cache gives the same text, and
+    the speed-up is the ratio of the two rates."""
+    argv = ["--sample=True", "--quick=True", "--prompt_tokens=10", "--new_tokens=30", f"--out_dir={tmp_path}"]
+    (row,) = bench.main([*argv, "--device=cpu"])
+    assert row["same_text"] and row["new_tokens"] == 30
+    assert row["speedup"] == pytest.approx(row["cached_tokens_per_s"] / row["uncached_tokens_per_s"])
+    assert json.loads((tmp_path / "sampling.json").read_text())["rows"] == [row]

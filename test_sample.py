@@ -33,7 +33,7 @@ def assert_same_steps(got, want):
 def test_cached_generation_equals_the_uncached_one(family_case):
     """Every family case, adapters unmerged and merged, float64: 2 x block_size tokens sampled with the
     cache give the tokens and the logits of the whole-context recomputation at every step (the last
-    block_size of them past the context, where the cache is refilled)."""
+    block_size of them past the context, where both recompute the sliding window)."""
     _, model, _ = adapted(family_case, tiny_model("gpt"))
     model = model.double().eval()
     idx = torch.randint(0, 40, (1, 3), generator=torch.Generator().manual_seed(0))
