@@ -439,21 +439,26 @@ def block_stats(x, q):
     )
 
 
+def every_tensor(model):
+    """{name: tensor} of every parameter and buffer, the buffers a state_dict leaves out included."""
+    return {**dict(model.named_buffers()), **model.state_dict()}
+
+
 @torch.no_grad()
 def check_rebuild(prior, scored, message, x, y, what):
-    """The receiver's model, the prior (initial_model) with `message` written in, gives the scored model's
-    logits bit for bit; otherwise one line naming what differs (state the message does not carry)."""
+    """The receiver's model, the prior (initial_model) with `message` written in, must be the scored model
+    tensor for tensor (every parameter and buffer equal) and give its logits bit for bit; otherwise one
+    line naming what differs (state the message does not carry)."""
     set_message(prior, message)
-    if torch.equal(prior(x, y)[0], scored(x, y)[0]):
+    mine, theirs = every_tensor(prior), every_tensor(scored)
+    differ = sorted(set(mine) ^ set(theirs))
+    differ += [n for n, t in theirs.items() if n in mine and not torch.equal(mine[n].to(t.device), t)]
+    if not differ and torch.equal(prior(x, y)[0], scored(x, y)[0]):
         return
-    mine = prior.state_dict()
-    differ = [
-        n for n, t in scored.state_dict().items() if n not in mine or not torch.equal(mine[n].to(t.device), t)
-    ]
     named = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
     raise CheckpointError(
-        f"{what}: the prior with the message does not give the scored model's logits "
-        f"({named + ' differ from the prior: state the message does not carry' if differ else 'every tensor equal'}"
+        f"{what}: the prior with the message is not the scored model "
+        f"({named + ' differ from the prior: state the message does not carry' if differ else 'every tensor equal, the logits differ'}"
         "); a bound would describe another model, so none is given. Check that the base the run "
         "names is the one it trained on"
     )
@@ -811,13 +816,13 @@ def evaluate(c, run_dir):
             **common,
         )
         # where the bound comes from, part by part: each term as the bound function computed it
-        results["token_bpd_parts"][name] = dict(
-            unquantised=t.before,
-            quantisation=t.smooth[0] - t.before,
-            smoothing=best.empirical - t.smooth[0],
-            complexity=best.complexity,
-            sampling=best.sampling,
-        )
+        results["token_bpd_parts"][name] = {  # the first two at the grid's first α, named so
+            f"unquantised (α = {alpha_grid[0]:g})": t.before,
+            "quantisation": t.smooth[0] - t.before,
+            f"smoothing (α = {alpha_grid[0]:g} -> {alpha_grid[j]:g})": best.empirical - t.smooth[0],
+            "complexity": best.complexity,
+            "sampling": best.sampling,
+        }
     ah, be = metrics["token_bpd_hoeffding"], metrics["token_bpd_bernstein"]
     better = dict(
         be if be["bound"] < ah["bound"] else ah,
@@ -929,7 +934,8 @@ def quantization_aware_tuning(c, model, state, groups, coded, batches, gen, n_bl
 
 def print_table(r):
     print(
-        f"  bits per token before / after quantisation: {r['loss_before_quantization_bits']:.4f} / "
+        f"  bits per token at α = {r['alphas'][0]:g} before / after quantisation: "
+        f"{r['loss_before_quantization_bits']:.4f} / "
         f"{r['loss_after_quantization_bits']:.4f}; K = {r['message']['total_bits']:.0f} bits, "
         f"N = {r['N_tokens']:,} tokens / {r['N_documents']:,} documents"
     )
@@ -960,7 +966,7 @@ def main(argv):
         {
             "levels": "[2, 65536]",
             "confidence": "(0, 1)",
-            "eval_blocks": "[1, inf)",
+            "eval_blocks": "[2, inf)",  # Maurer & Pontil's term divides by s - 1
             "eval_docs": "[1, inf)",
             "batch_size": "[1, inf)",
             "qat_steps": "[0, inf)",

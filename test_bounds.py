@@ -553,7 +553,7 @@ def test_the_prior_and_the_decoded_message_rebuild_the_scored_model(
     with torch.no_grad():
         assert not torch.equal(prior(x, x)[0], model(x, x)[0])
         if family.unboundable(keys):
-            with pytest.raises(CheckpointError, match="does not give the scored model's logits"):
+            with pytest.raises(CheckpointError, match="is not the scored model"):
                 eb.check_rebuild(prior, model, message, x, x, family_case)
             return
         eb.check_rebuild(prior, model, message, x, x, family_case)
@@ -671,3 +671,39 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
         "not the loss on unseen text" in saved["meaning"]["token"]
         and "independent" in saved["meaning"]["document"]
     )
+
+
+def test_the_rebuild_check_compares_every_tensor(char_data, tiny_base, tmp_path):
+    """Logits on one probe can miss a change: the position embedding of a position the probe does not
+    reach moved by +0.5, a frozen weight moved by one ulp, a buffer changed. Each is refused before any
+    scoring, naming the tensor; the untouched model passes."""
+    from checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    keys = case_run_keys("pissa_way0", learning_rate=3e-2, init_from=tiny_base)
+    train.train(run_args(char_data, out, **keys), environ={})
+    _, prior, message = scored_and_prior(out, char_data)
+    eb.set_message(prior, message)
+    x = torch.tensor([[1, 2, 3, 4]])  # positions 0..3 only
+    one_ulp = lambda t: t.copy_(torch.nextafter(t, t + 1))  # noqa: E731
+    changes = {
+        "transformer.wpe.weight": lambda t: t[20].add_(0.5),
+        "transformer.h.0.mlp.c_fc.base.weight": lambda t: one_ulp(t.view(-1)[7:8]),
+        "transformer.h.1.attn.c_attn.U": lambda t: t.view(-1)[0].mul_(2),
+    }
+    for name, change in changes.items():
+        model = scored_and_prior(out, char_data)[0]
+        with torch.no_grad():
+            change(eb.every_tensor(model)[name])
+        if name == "transformer.wpe.weight":  # the probe alone would not see it
+            assert torch.equal(model(x, x)[0], prior(x, x)[0])
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            eb.check_rebuild(prior, model, message, x, x, name)
+    eb.check_rebuild(prior, scored_and_prior(out, char_data)[0], message, x, x, "untouched")
+
+
+def test_fewer_than_two_sampled_blocks_are_refused(tmp_path):
+    from configurator import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_blocks"):
+        eb.main([f"--out_dir={tmp_path}", "--eval_blocks=1"])
