@@ -75,6 +75,21 @@ def run_dir(char_data, tmp_path_factory):
     return str(out)
 
 
+def test_one_text_streams_what_it_returns(run_dir, capsys):
+    """A single text is printed as its tokens come, cut at the stop string: what was shown is the text."""
+    base = [
+        f"--out_dir={run_dir}",
+        "--device=cpu",
+        "--max_new_tokens=40",
+        "--num_samples=1",
+        "--start=ROMEO:",
+    ]
+    capsys.readouterr()
+    (text,) = sample.sample([*base, "--stop=e"], environ={})
+    shown = capsys.readouterr().out
+    assert shown == text + "\n---------------\n" and "e" not in text[len("ROMEO:") :]
+
+
 def test_prompts_file_stop_and_seeds(run_dir, tmp_path):
     """--prompts gives one text per line and sample (texts in order, each with seed + k); a text equals
     the same prompt sampled alone with its seed; --stop cuts each text before the stop string."""
