@@ -44,6 +44,18 @@ def test_cached_generation_equals_the_uncached_one(family_case):
     assert_same_steps(steps(merged, idx, n, True, [7]), uncached)
 
 
+def test_the_cache_under_bf16_autocast(family_case):
+    """Under bf16 autocast (what a GPU run samples in), greedy generation with the cache gives the
+    tokens of the uncached path, and logits within bf16's rounding of its."""
+    _, model, _ = adapted(family_case, tiny_model("gpt"))
+    idx = torch.randint(0, 40, (1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        got, want = (steps(model.eval(), idx, 12, kv, [0], temperature=0) for kv in (True, False))
+    for (token, logits), (want_token, want_logits) in zip(got, want):
+        assert logits.dtype == torch.bfloat16 and torch.equal(token, want_token)
+        torch.testing.assert_close(logits.float(), want_logits.float(), rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("model_type", ["gpt", "bigram"])
 @pytest.mark.parametrize("kv_cache", [True, False])
 def test_a_ragged_batch_gives_each_prompt_what_it_gives_alone(model_type, kv_cache):
