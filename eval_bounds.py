@@ -313,7 +313,8 @@ def bernstein_sampled(stats, delta, K_bits, N, s, eps, candidates, lambdas=LAMBD
 def per_token_stats(model, x, y, alphas, ks, vocab):
     """For every target token and α: the smoothed loss −log₂ p̃(y) (p̃ = (1 − α) p + α / V), the model's
     own expectation of it before seeing y, Σ_v p(v) · −log₂ p̃(v) (the empirical-Bernstein centre: a
-    function of the text before the token), and whether y misses the top k."""
+    function of the text before the token), whether y misses the top k, and the model's own chance of
+    that, 1 − (the top k's probability): the error rows' centre."""
     logits, _ = model(x, y)
     logits = logits.float()[..., :vocab]
     if not torch.isfinite(logits).all():  # a nan rank compares false: the top-k errors would read 0
@@ -331,7 +332,10 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
         -1
     ) - 1  # others scored at or above the true one: ties count against it
     errors = torch.stack([(rank >= k).float() for k in ks], dim=-1)
-    return smooth, centre, errors
+    # the model's own chance, before seeing y, of missing its top k: the top-k rows' Bernstein centre
+    top = p.topk(max(ks), dim=-1).values.cumsum(-1) if ks else p[..., :0]
+    error_centre = torch.stack([1 - top[..., k - 1] for k in ks], dim=-1) if ks else errors
+    return smooth, centre, errors, error_centre
 
 
 def documents(train, separator):
@@ -574,38 +578,48 @@ def batches(c, train, block, starts):
 
 @torch.no_grad()
 def score_blocks(c, r, blocks, alpha_grid, ks, desc):
-    """Per scored block and α, the block's mean loss x and mean (loss − centre)² q; the mean top-k errors."""
-    xs, qs, errors, n = [], [], 0, 0
+    """Per scored block: for each α the block's mean loss x and mean (loss − centre)² q, and the same for
+    each top-k error (the error rate and its centre's)."""
+    xs, qs, exs, eqs = [], [], [], []
     t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
     for k, (x, y) in enumerate(batches(c, r.train, r.block, blocks)):
-        s, m, e = per_token_stats(r.model, x, y, alpha_grid, ks, r.vocab)
+        s, m, e, me = per_token_stats(r.model, x, y, alpha_grid, ks, r.vocab)
         xs.append(s.double().mean(1).cpu())
         qs.append((s.double() - m.double()).square().mean(1).cpu())
-        errors, n = errors + e.sum((0, 1)), n + y.numel()
+        exs.append(e.double().mean(1).cpu())
+        eqs.append((e.double() - me.double()).square().mean(1).cpu())
         done = (k + 1) / steps
-        line = f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, eta {(time.time() - t) * (1 / done - 1):.0f}s"
+        rate = (k + 1) * c["batch_size"] * r.block / (time.time() - t)
+        line = (
+            f"  {desc}: {100 * done:5.1f}% of {len(blocks)} blocks, {rate:,.0f} positions/s, "
+            f"eta {(time.time() - t) * (1 / done - 1):.0f}s"
+        )
         if tty:  # one line redrawn in a terminal; in a log file, a plain line every tenth
             print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
         elif (k + 1) * 10 // steps > k * 10 // steps:
             print(line, flush=True)
-    return torch.cat(xs).numpy(), torch.cat(qs).numpy(), (errors / n).tolist()
+    return tuple(torch.cat(v).numpy() for v in (xs, qs, exs, eqs))
+
+
+def one_bound(x, q, delta, K_bits, N, s, eps, M):
+    """(Azuma–Hoeffding, empirical Bernstein, the latter's inputs) from the scored blocks' means x of a
+    loss in [0, Δ] and q of its squared distance to the centre (s None: every block scored)."""
+    if s is None:
+        inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean()))
+        be = bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N, eps)
+        be = Bound(float(be.empirical), float(be.complexity), 0.0, float(be.lam))
+    else:
+        inputs = block_stats(x, q)
+        be = bernstein_sampled(inputs, delta, K_bits, N, s, eps, M)
+    return bound(float(x.mean()), delta, K_bits, N, s, eps, M), be, inputs
 
 
 def token_bounds(xb, qb, K_bits, alpha_grid, vocab, N, s, eps, M):
-    """Per α: (Azuma–Hoeffding Bound, empirical-Bernstein Bound, the latter's inputs), from the scored
-    blocks' x and q (s None: every block scored)."""
-    out = []
-    for j, a in enumerate(alpha_grid):
-        delta, x, q = smoothed_range(a, vocab), xb[:, j], qb[:, j]
-        if s is None:
-            inputs = dict(mean_x=float(x.mean()), mean_q=float(q.mean()))
-            be = bernstein(inputs["mean_x"], inputs["mean_q"], delta, K_bits, N, eps)
-            be = Bound(float(be.empirical), float(be.complexity), 0.0, float(be.lam))
-        else:
-            inputs = block_stats(x, q)
-            be = bernstein_sampled(inputs, delta, K_bits, N, s, eps, M)
-        out.append((bound(float(x.mean()), delta, K_bits, N, s, eps, M), be, inputs))
-    return out
+    """Per α: one_bound of the smoothed bits, from the scored blocks' x and q."""
+    return [
+        one_bound(xb[:, j], qb[:, j], smoothed_range(a, vocab), K_bits, N, s, eps, M)
+        for j, a in enumerate(alpha_grid)
+    ]
 
 
 @dataclass
@@ -636,7 +650,7 @@ class TokenLevel:
     M: int  # hypotheses the sampled blocks chose among (α × method × choices)
     K: Payment = None
     levels: int = 0
-    errors: list = field(default_factory=list)
+    error_blocks: tuple = ()  # (per block and k: the error rate, its mean squared distance to the centre)
     msg: dict = field(default_factory=dict)
     per_alpha: list = field(default_factory=list)
     smooth: list = field(default_factory=list)
@@ -701,7 +715,7 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
         K = Payment(msg["total_bits"] - choice_bits, choice_bits, alpha_bits, method_bits)
         coded = send_raw(r.state, r.groups, coded, msg["sent_raw"])
         set_message(r.model, dequantize(r.state, r.groups, coded))
-        xb, qb, errors = score_blocks(c, r, blocks, alpha_grid, ks, f"quantised, {n_levels} levels")
+        xb, qb, *errors = score_blocks(c, r, blocks, alpha_grid, ks, f"quantised, {n_levels} levels")
         bits = K.bits("alpha", "method")
         per_alpha = token_bounds(xb, qb, bits, alpha_grid, r.vocab, t.N, t.s, t.eps, t.M)
         best = min(min(ah.value, be.value) for ah, be, _ in per_alpha)
@@ -710,7 +724,7 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
             f"best token bound {best:.4f}"
         )
         tried.append((best, n_levels, coded, xb, errors, msg, per_alpha, K))
-    _, t.levels, coded, xb, t.errors, t.msg, t.per_alpha, t.K = min(tried, key=lambda row: row[0])
+    _, t.levels, coded, xb, t.error_blocks, t.msg, t.per_alpha, t.K = min(tried, key=lambda row: row[0])
     t.smooth = xb.mean(0).tolist()
     message = dequantize(r.state, r.groups, coded)
     set_message(r.model, message)
@@ -750,6 +764,30 @@ def top_k_rows(level, errors, ks, vocab, K_bits, N, s, eps, candidates):
         )
         for k, e in zip(ks, errors)
     }
+
+
+def token_error_rows(t, ks, vocab, eps):
+    """The token-level top-k error rows (Δ = 1): Azuma–Hoeffding or empirical Bernstein, whose centre is
+    the model's own chance of missing its top k, the smaller; the method is paid for in K and in the
+    sampling union, as for the bits rows (the error rows choose no α)."""
+    K_bits, M = t.K.bits("method"), (len(LAMBDAS) + 1) * t.choice_count
+    rows = {}
+    for j, k in enumerate(ks):
+        x, q = t.error_blocks[0][:, j], t.error_blocks[1][:, j]
+        ah, be, inputs = one_bound(x, q, 1.0, K_bits, t.N, t.s, eps, M)
+        best = min(ah, be, key=lambda b: b.value)
+        rows[f"token_top{k}_error"] = dict(
+            empirical=float(x.mean()),
+            bound=min(1.0, best.value),
+            delta=1.0,
+            random_guess=1 - k / vocab,
+            method="empirical Bernstein" if best is be else "Azuma-Hoeffding",
+            bound_hoeffding=ah.value,
+            bound_bernstein=be.value,
+            lam=be.lam,
+            inputs=inputs,
+        )
+    return rows
 
 
 def evaluate(c, run_dir):
@@ -794,8 +832,16 @@ def evaluate(c, run_dir):
         "alphas": alpha_grid,
         "lambdas": list(LAMBDAS),
         "K_terms": asdict(t.K),
-        "K_bits": {"bpd": t.K.bits("alpha", "method"), "error": t.K.bits()},
-        "candidates": {"bpd": t.M, "error": t.choice_count},
+        "K_bits": {
+            "bpd": t.K.bits("alpha", "method"),
+            "token_error": t.K.bits("method"),
+            "document_error": t.K.bits(),
+        },
+        "candidates": {
+            "bpd": t.M,
+            "token_error": (len(LAMBDAS) + 1) * t.choice_count,
+            "document_error": t.choice_count,
+        },
         "token_bpd_inputs": [inputs for _, _, inputs in t.per_alpha],
         "metrics": {},
         "token_bpd_parts": {},
@@ -829,7 +875,8 @@ def evaluate(c, run_dir):
         method="empirical Bernstein" if be["bound"] < ah["bound"] else "Azuma-Hoeffding",
     )
     metrics = results["metrics"] = {"token_bpd": better, **metrics}
-    metrics.update(top_k_rows("token", t.errors, ks, vocab, t.K.bits(), t.N, t.s, eps, t.choice_count))
+    metrics.update(token_error_rows(t, ks, vocab, eps))
+    results["token_error_inputs"] = {k: metrics[f"token_top{k}_error"].pop("inputs") for k in ks}
     per_doc = [
         bound(
             v,
@@ -889,7 +936,7 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
             x[r, :n] = torch.from_numpy(train[j : j + n].astype(np.int64))
             y[r, :n] = torch.from_numpy(train[j + 1 : j + 1 + n].astype(np.int64))
             mask[r, :n] = 1
-        s, _, e = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
+        s, _, e, _ = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
         s, e = s.cpu() * mask[..., None], e.cpu() * mask[..., None]
         idx = torch.tensor([i for i, _, _ in part], device="cpu")
         sums.index_add_(0, idx, s.sum(1))

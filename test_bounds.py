@@ -137,7 +137,7 @@ def test_top_k_error_counts_ties_against_the_true_token():
 
     x = torch.randint(65, (2, 16))
     y = torch.randint(65, (2, 16))
-    _, _, errors = eb.per_token_stats(Uniform(), x, y, [0.1], [1, 10, 64], 65)
+    _, _, errors, _ = eb.per_token_stats(Uniform(), x, y, [0.1], [1, 10, 64], 65)
     assert errors.mean(dim=(0, 1)).tolist() == [1.0, 1.0, 1.0]  # a uniform guess is never in any top k < V
 
 
@@ -264,13 +264,14 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     )
     assert m["bound"] == pytest.approx(expect, rel=1e-9)
     assert r["metrics"]["token_bpd"]["bound"] == min(m["bound"], r["metrics"]["token_bpd_bernstein"]["bound"])
-    e = r["metrics"]["token_top1_error"]
+    e = r["metrics"]["token_top1_error"]  # the error rows pay for their method too: 5 bits, × 32 in the union
     expect = (
         e["empirical"]
-        + math.sqrt((K * math.log(2) + math.log(1 / (rr * eps))) / (2 * N))
-        + math.sqrt(math.log(6 / ((1 - rr) * eps)) / (2 * s))
+        + math.sqrt(((K + 5) * math.log(2) + math.log(1 / (rr * eps))) / (2 * N))
+        + math.sqrt(math.log(192 / ((1 - rr) * eps)) / (2 * s))
     )
-    assert e["bound"] == pytest.approx(min(1.0, expect), rel=1e-9)
+    assert e["bound_hoeffding"] == pytest.approx(expect, rel=1e-9)
+    assert e["bound"] == min(1.0, e["bound_hoeffding"], e["bound_bernstein"])
     assert any("vocabulary was read from the corpus" in c for c in r["caveats"])
     for name, parts in r["token_bpd_parts"].items():
         assert sum(parts.values()) == pytest.approx(r["metrics"][f"token_bpd_{name}"]["bound"], rel=1e-9)
@@ -667,6 +668,22 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
         min(saved["metrics"]["token_bpd_hoeffding"]["per_alpha"]),
         min(saved["metrics"]["token_bpd_bernstein"]["per_alpha"]),
     )
+    # the top-k error rows: the error rate and its squared distance to 1 - (the top k's probability)
+    C = (saved["message"]["total_bits"] + 5) * math.log(2) + math.log(1 / eps)
+    for k in (1, 10):
+        top = p.topk(k, dim=-1)
+        error = 1.0 - (top.indices == y[..., None]).any(-1).double()
+        inputs, row = saved["token_error_inputs"][str(k)], saved["metrics"][f"token_top{k}_error"]
+        assert inputs["mean_x"] == pytest.approx(error.mean().item(), rel=1e-6)
+        centre = 1 - top.values.sum(-1)
+        assert inputs["mean_q"] == pytest.approx((error - centre).square().mean().item(), rel=1e-4)
+        assert row["bound_hoeffding"] == pytest.approx(inputs["mean_x"] + math.sqrt(C / (2 * N)), rel=1e-12)
+        be = min(
+            inputs["mean_x"] + (-math.log(1 - lam) - lam) / lam * inputs["mean_q"] + C / (lam * N)
+            for lam in saved["lambdas"]
+        )
+        assert row["bound_bernstein"] == pytest.approx(be, rel=1e-12)
+        assert row["bound"] == min(1.0, row["bound_hoeffding"], row["bound_bernstein"])
     assert (
         "not the loss on unseen text" in saved["meaning"]["token"]
         and "independent" in saved["meaning"]["document"]
