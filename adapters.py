@@ -277,6 +277,8 @@ SHARED_KEYS = {
         "rank_pattern: scaling lora_alpha / that rank)",
     ),
     "use_rslora": (False, None, "scaling alpha / sqrt(r) instead of alpha / r"),
+    "loraplus": (False, None, "LoRA+ (Hayou et al. 2024): B's learning rate loraplus_ratio x A's"),
+    "loraplus_ratio": (16.0, "[1, inf)", "LoRA+: η_B / η_A (16: the paper's and PEFT's)"),
     "train_embeddings": (False, None, "also train the token / position embeddings"),
 }
 
@@ -320,8 +322,15 @@ class Family:
     def __init__(self, c, say=print):
         self.c, self.say = c, say
 
+    loraplus = True  # its layers train lora_A / lora_B factors, whose rates LoRA+ sets apart
+
     def check(self):
         """Value checks beyond each key's interval, before any work: raise AdapterError."""
+        if self.c["loraplus"] and not self.loraplus:
+            raise AdapterError(
+                f"loraplus=True gives B factors their own learning rate, but {self.kind} trains none: drop "
+                "--loraplus (it applies to lora, dora, sora, adalora and adadora)"
+            )
         if self.c["lora_rank_pattern"] and not self.rank_pattern:
             raise AdapterError(
                 f"lora_rank_pattern sets ranks for lora, dora and sora, not {self.kind} (its ranks come "
@@ -394,6 +403,10 @@ class Family:
     def optimizers(self, model, lr, betas, weight_decay, device_type):
         """[(optimizer, peak learning rate)]; every one follows train.py's schedule scaled to its peak.
         Called once the model to train exists, new or resumed."""
+        if self.c["loraplus"]:
+            return loraplus_optimizers(
+                model.named_parameters(), lr, self.c["loraplus_ratio"], betas, weight_decay
+            )
         return [(model.configure_optimizers(weight_decay, lr, betas, device_type), lr)]
 
     def extra_loss(self, model):
@@ -445,6 +458,24 @@ class Family:
         pass
 
 
+def loraplus_optimizers(named_params, lr, ratio, betas, weight_decay):
+    """LoRA+ (Hayou et al. 2024), with PEFT's grouping (create_loraplus_optimizer): every lora_B and
+    every vector (DoRA's magnitude, AdaLoRA's E) at ratio x lr, the rest (the A factors) at lr. As
+    [(optimizer, peak learning rate)] for train.py's schedule; matrices decay, vectors do not."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    fast = [p for n, p in named if "lora_B" in n or p.ndim == 1]
+    slow = [p for n, p in named if not ("lora_B" in n or p.ndim == 1)]
+
+    def adamw(params, rate):
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=rate, betas=betas, **fused_on_cuda(params)), rate
+
+    return [adamw(slow, lr), adamw(fast, ratio * lr)]
+
+
 def parse_rank_pattern(text):
     """lora_rank_pattern 'lm_head=8;c_fc=2' as {'lm_head': 8, 'c_fc': 2}."""
     pattern = {}
@@ -464,7 +495,7 @@ class NoAdapter(Family):
     """adapter='none': pretraining or full fine-tuning, every weight trained."""
 
     kind = "none"
-    rank_pattern, scratch_base = False, True
+    rank_pattern, scratch_base, loraplus = False, True, False
     examples = {}
 
     def inject(self, model):
@@ -540,7 +571,7 @@ class LoRA(Family):
     kind, layer = "lora", LoRALinear
     examples = {
         "": dict(lora_dropout=0.1, lora_rank_pattern="lm_head=4;c_fc=1"),
-        "qv_rslora": dict(lora_targets="c_attn:q,v;lm_head", use_rslora=True),
+        "qv_rslora_loraplus": dict(lora_targets="c_attn:q,v;lm_head", use_rslora=True, loraplus=True),
     }
     peft_import = ("LORA", False)
 
@@ -723,7 +754,8 @@ class SoRA(Family):
     examples = {
         "": dict(
             sora_lambda=0.5, sora_lambda_max=5.0, sora_lambda_levels=3, sora_lambda_every=4, sora_tune_iters=6
-        )
+        ),
+        "loraplus": dict(sora_lambda=0.5, loraplus=True, loraplus_ratio=4.0),
     }
     keys = {
         "sora_lambda": (
@@ -777,6 +809,12 @@ class SoRA(Family):
         self.gates, rest = build_sora_optimizers(
             model, lr, gate_lr, self.c["sora_lambda"], weight_decay, betas
         )
+        if self.c["loraplus"]:  # the factors by LoRA+'s two rates, the gates on their own
+            factors = [(n, p) for n, p in model.named_parameters() if n.rpartition(".")[2] != "gate"]
+            return [
+                *loraplus_optimizers(factors, lr, self.c["loraplus_ratio"], betas, weight_decay),
+                (self.gates, gate_lr),
+            ]
         return [(rest, lr), (self.gates, gate_lr)]
 
     def tuning(self, it):
@@ -1530,7 +1568,7 @@ class PiSSA(Family):
     U and V."""
 
     kind, layer = "pissa", RotationalPiSSALinear
-    rank_pattern = False
+    rank_pattern, loraplus = False, False
     examples = {
         "way0": dict(pissa_method="way0", pissa_init_identity=False),
         "way1_fold": dict(pissa_method="way1", pissa_init_identity=False, pissa_fold_every=3),
@@ -1959,6 +1997,7 @@ class SubLoRAFamily(Family):
     random base is its setting (init_from='auto' trains one from scratch)."""
 
     kind = "sublora"
+    loraplus = False  # w alone trains
     default_targets = ("c_attn:q,v", "query", "value", "lm_head")  # Sanaelotfi/sublora-bounds-for-llms'
     rank_pattern = False
     scratch_base = True

@@ -196,7 +196,7 @@ def test_compiled_gradients_equal_eager():
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("case", ["lora_qv_rslora", "dora"])
+@pytest.mark.parametrize("case", ["lora_qv_rslora_loraplus", "dora"])
 def test_compiled_bf16_step_equals_eager(case):
     """Under bf16 autocast (the fused LoRA function and DoRA's norm in the graph), AOT autograd's trace
     gives eager's loss and gradients."""

@@ -43,7 +43,7 @@ from checkpoint import (  # noqa: E402
     read_adapter_file,
     save_adapter_file,
 )
-from conftest import adapted, case_run_keys, run_args  # noqa: E402
+from conftest import adapted, case_family, case_run_keys, run_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
@@ -162,7 +162,7 @@ def test_every_family_exports_to_peft_and_back(gpt2_dir, tmp_path, family_case):
 
 
 def test_qv_factors_export_with_zero_rows_for_k(gpt2_dir, tmp_path):
-    model = trained(GPT.from_pretrained(gpt2_dir), "lora_qv_rslora")
+    model = trained(GPT.from_pretrained(gpt2_dir), "lora_qv_rslora_loraplus")
     hf.export_peft(hf.lora_factors(model), str(tmp_path), gpt2_dir)
     from safetensors.torch import load_file
 
@@ -676,3 +676,53 @@ def test_greedy_generation_equals_transformers(tmp_path, vocab):
         )
     got = model.generate(x, 40, temperature=0)
     assert got.shape == want.shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("case,weight_decay", [("lora", 0.1), ("dora", 0.0)])
+def test_loraplus_groups_and_step_equal_peft(gpt2_dir, case, weight_decay):
+    """--loraplus=True: every parameter's learning rate (B factors and vectors at 16x) and one AdamW step
+    equal peft.optimizers.create_loraplus_optimizer's on the same model and gradients (PEFT decays
+    DoRA's magnitude with loraplus_weight_decay, this repo never decays vectors: DoRA at 0)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    family, model, _ = adapted(case, GPT.from_pretrained(gpt2_dir), loraplus=True)
+    model.eval()  # no dropout: both copies see the same gradient
+    twin = copy.deepcopy(model)
+    ours = [opt for opt, _ in family.optimizers(model, 1e-3, (0.9, 0.99), weight_decay, "cpu")]
+    theirs = create_loraplus_optimizer(
+        twin,
+        torch.optim.AdamW,
+        lr=1e-3,
+        loraplus_lr_ratio=16.0,
+        loraplus_weight_decay=weight_decay,
+        betas=(0.9, 0.99),
+    )
+
+    def rates(m, opts):
+        names = {id(p): n for n, p in m.named_parameters()}
+        return {
+            names[id(p)]: (g["lr"], g["weight_decay"])
+            for o in opts
+            for g in o.param_groups
+            for p in g["params"]
+        }
+
+    assert rates(model, ours) == rates(twin, [theirs])
+    assert {lr for lr, _ in rates(model, ours).values()} == {1e-3, 16e-3}
+    for m in (model, twin):
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)  # B away from 0: A gets a gradient
+        m(ids(), ids())[1].backward()
+    for opt in (*ours, theirs):
+        opt.step()
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_loraplus_on_a_family_without_b_factors_is_refused():
+    from adapters import AdapterError
+
+    with pytest.raises(AdapterError, match="drop --loraplus"):
+        case_family("pissa_way0", loraplus=True)
