@@ -195,25 +195,22 @@ def test_documents_split_on_the_separator():
     assert [train_ids[a:b].tolist() for a, b in zip(starts, ends)] == [[5, 6], [7, 8, 9], [4, 4]]
 
 
+def train_sublora(data_dir, out, intrinsic_dim=200, iters=20):
+    """A SubLoRA run of seconds (rank 4 on q, v and the head of a 2-layer random base)."""
+    keys = dict(
+        adapter="sublora", intrinsic_dim=intrinsic_dim, lora_rank=4, lora_alpha=32.0, learning_rate=2e-2
+    )
+    train.train(
+        run_args(data_dir, out, max_iters=iters, eval_interval=iters, lr_decay_iters=iters, **keys),
+        environ={},
+    )
+
+
 def test_non_vacuous_bound_end_to_end(char_data, tmp_path):
     """SubLoRA from scratch on Tiny Shakespeare (V = 65): the token-level bits-per-character bound
     falls below log₂ 65 = 6.02, the bound of a random guess."""
     out = tmp_path / "sublora"
-    train.train(
-        run_args(
-            char_data,
-            out,
-            adapter="sublora",
-            intrinsic_dim=300,
-            lora_rank=4,
-            lora_alpha=32.0,
-            max_iters=80,
-            eval_interval=80,
-            learning_rate=2e-2,
-            lr_decay_iters=80,
-        ),
-        environ={},
-    )
+    train_sublora(char_data, out, intrinsic_dim=300, iters=80)
     results = eb.main(
         [f"--out_dir={out}", "--eval_blocks=2000", "--eval_docs=300", "--device=cpu", "--exact_max_tokens=0"]
     )[0]
@@ -232,21 +229,7 @@ def test_reported_bounds_follow_the_union_over_every_choice(char_data, tmp_path)
     K paying ⌈log₂ 6⌉ + ⌈log₂ 8⌉ + ⌈log₂ 32⌉ bits and the sampling term ln(1536 / ((1 - r) ε)); N is the
     positions the blocks cover. Exact evaluation of the same run drops the sampling term."""
     out = tmp_path / "sublora"
-    train.train(
-        run_args(
-            char_data,
-            out,
-            adapter="sublora",
-            intrinsic_dim=200,
-            lora_rank=4,
-            lora_alpha=32.0,
-            max_iters=20,
-            eval_interval=20,
-            learning_rate=2e-2,
-            lr_decay_iters=20,
-        ),
-        environ={},
-    )
+    train_sublora(char_data, out)
     common = [f"--out_dir={out}", "--eval_docs=50", "--device=cpu", "--levels_grid=5,11", "--choices=seed=3"]
     r = eb.main(common + ["--eval_blocks=300", "--exact_max_tokens=0"])[0]
     n = len(np.memmap(f"{char_data}/train.bin", dtype=np.uint16, mode="r"))
@@ -609,21 +592,7 @@ def test_bounds_json_holds_what_recomputes_both_bounds(char_data, tmp_path):
     expected loss, recomputed here in float64 from the scored model over the whole training set, equal
     bounds.json's inputs; from those inputs, N, K, ε and the grids, both bounds follow as stated."""
     out = tmp_path / "sublora"
-    train.train(
-        run_args(
-            char_data,
-            out,
-            adapter="sublora",
-            intrinsic_dim=200,
-            lora_rank=4,
-            lora_alpha=32.0,
-            max_iters=20,
-            eval_interval=20,
-            learning_rate=2e-2,
-            lr_decay_iters=20,
-        ),
-        environ={},
-    )
+    train_sublora(char_data, out)
     r = eb.main([f"--out_dir={out}", "--eval_docs=20", "--device=cpu", "--levels=5", "--alphas=0.001,0.1"])[0]
     saved = json.loads((out / "bounds.json").read_text())
     model, _, _ = scored_and_prior(out, char_data)

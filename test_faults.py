@@ -208,8 +208,8 @@ CASES = [
     ),
     (
         "sample",
-        lambda d, r: [f"--out_dir={r / 'lora'}", "--temperature=0", "--device=cpu"],
-        "temperature must be in (0, inf)",
+        lambda d, r: [f"--out_dir={r / 'lora'}", "--temperature=-1", "--device=cpu"],
+        "temperature must be in [0, inf)",
     ),
     (
         "sample",
