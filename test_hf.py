@@ -375,9 +375,7 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
                 "--device=cpu",
             ]
         )
-        raw[source] = json.loads((source / "bounds.json").read_text())["token_bpd_parts"]["hoeffding"][
-            "unquantised"
-        ]
+        raw[source] = json.loads((source / "bounds.json").read_text())["loss_before_quantization_bits"]
     assert raw[imported] == pytest.approx(raw[run], abs=1e-4)
 
 
