@@ -65,6 +65,10 @@ SIZES = {
         intrinsic_dim=200,
     ),
 }
+# AdaLoRA's and AdaDoRA's budget schedule over the 300 fine-tuning iterations
+ADALORA = dict(
+    lora_rank=4, lora_alpha=8.0, adalora_target_r=2, adalora_tinit=30, adalora_tfinal=60, adalora_deltaT=10
+)
 # method -> (centre learning rate, train.py keys). The grid multiplies the centre by 3^k.
 METHODS = {
     "full": (3e-3, dict(adapter="none")),
@@ -87,30 +91,8 @@ METHODS = {
             sora_tune_iters=150,
         ),
     ),
-    "adalora": (
-        1e-2,
-        dict(
-            adapter="adalora",
-            lora_rank=4,
-            lora_alpha=8.0,
-            adalora_target_r=2,
-            adalora_tinit=30,
-            adalora_tfinal=60,
-            adalora_deltaT=10,
-        ),
-    ),
-    "adadora": (
-        1e-2,
-        dict(
-            adapter="adadora",
-            lora_rank=4,
-            lora_alpha=8.0,
-            adalora_target_r=2,
-            adalora_tinit=30,
-            adalora_tfinal=60,
-            adalora_deltaT=10,
-        ),
-    ),
+    "adalora": (1e-2, dict(ADALORA, adapter="adalora")),
+    "adadora": (1e-2, dict(ADALORA, adapter="adadora")),
     "pissa_r4": (1e-2, dict(adapter="pissa", lora_rank=4, lora_alpha=4.0, pissa_method="way0")),
     "sublora": (
         3e-2,

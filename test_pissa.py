@@ -271,6 +271,7 @@ def test_train_pissa_end_to_end(method, char_data, tmp_path):
             lora_rank=4,
             lora_alpha=4.0,
             pissa_ortho_weight=0.5,
+            pissa_init_identity=False,
             max_iters=12,
             eval_interval=12,
             learning_rate=1e-2,
@@ -279,9 +280,17 @@ def test_train_pissa_end_to_end(method, char_data, tmp_path):
     )
     rows = [r for r in plots.read_metrics(str(out)) if r["train_loss"] is not None]
     if method == "way0":
-        for r in rows:  # the penalty is logged beside the task loss, and their weighted sum
+        for r in rows:  # the weighted penalty is logged beside the task loss, and their sum
             assert r["total_loss"] == pytest.approx(r["task_loss"] + r["extra_loss"])
             assert r["task_loss"] == r["train_loss"]
+        # iteration 0's term is 0.5 x the penalty of the model the run started from (rebuilt from its seed)
+        from adapters import rotation_penalty
+        from checkpoint import initial_model
+        from prepare import read_meta
+
+        start = initial_model(load_checkpoint(str(out)), read_meta(char_data))
+        assert rows[0]["iter"] == 0 and rows[0]["extra_loss"] > 0
+        assert rows[0]["extra_loss"] == pytest.approx(0.5 * rotation_penalty(start).item(), rel=1e-5)
     else:
         assert "extra_loss" not in rows[-1] and max(r["max_orthogonality_error"] for r in rows) <= 1e-5
     ckpt = load_checkpoint(str(out))
