@@ -239,36 +239,50 @@ def load_adapter(model, path):
     return model
 
 
-def resume_settings(c, ckpt, given, keys):
-    """What a resumed run keeps of what shaped its model and adapter (`keys`): {key: the checkpoint's
-    value}. One set on the command line or in the environment (`given`) to another value than the
-    checkpoint's is refused in one line, so the config saved again describes what was trained."""
+def resume_settings(c, ckpt, given, shaping, session):
+    """What a resumed run takes from its checkpoint, so that it continues the recipe it was trained
+    with: ({key: the checkpoint's value}, notes). Every key but the `session` ones (where and how this
+    process runs) comes back from the checkpoint, unless the command line or the environment (`given`)
+    sets it: then a note names the change, and a key of `shaping` (the model and its adapter) is refused
+    in one line, so the config saved again describes what was trained."""
     saved = dict(ckpt.get("config", {}), **ckpt["model_args"], model_type=ckpt.get("model_type", "gpt"))
-    differ = [k for k in keys if k in saved and k in given and c[k] != saved[k]]
-    if differ:
-        asked = ", ".join(f"--{k}={c[k]!r}" for k in differ)
-        has = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+    user = {k: where for k, where in given.items() if where == "command line" or where.isupper()}
+    differ = [k for k in c if k in saved and k not in session and c[k] != saved[k]]
+    refused = [k for k in differ if k in shaping and k in user]
+    if refused:
+        asked = ", ".join(f"{k}={c[k]!r} ({user[k]})" for k in refused)
+        has = ", ".join(f"{k}={saved[k]!r}" for k in refused)
+        drop = ", ".join(f"--{k}" if user[k] == "command line" else f"unset {user[k]}" for k in refused)
         raise CheckpointError(
             f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
-            f"drop {', '.join('--' + k for k in differ)}, or start a new run in another --out_dir"
+            f"drop {drop}, or start a new run in another --out_dir"
         )
-    return {k: saved[k] for k in keys if k in saved}
+    changed = [k for k in differ if k in user]
+    kept = {k: saved[k] for k in differ if k not in user}
+    notes = []
+    if changed:
+        notes.append(
+            "note: this resume changes "
+            + ", ".join(f"{k} {saved[k]!r} -> {c[k]!r} ({user[k]})" for k in changed)
+            + "; the rest of the recipe is the checkpoint's"
+        )
+    from_files = [k for k in kept if k in given]
+    if from_files:
+        notes.append(
+            "note: resumed with the checkpoint's "
+            + ", ".join(f"{k}={saved[k]!r} (not {c[k]!r} from {given[k]})" for k in from_files)
+            + "; set them on the command line to change them"
+        )
+    return kept, notes
 
 
 def load_resumed(c):
-    """out_dir/ckpt.pt of the run --init_from=resume continues, checked: it holds training state and
-    was trained with the same adapter."""
+    """out_dir/ckpt.pt of the run --init_from=resume continues, checked: it holds training state."""
     ckpt = load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt"))
     if "optimizer" not in ckpt:
         raise CheckpointError(
             f"{c['out_dir']}/ckpt.pt holds no training state (an imported adapter): fine-tune on "
             f"top of it with --init_from={c['out_dir']} and another --out_dir"
-        )
-    saved = ckpt["adapter"]["kind"]
-    if saved != c["adapter"]:
-        raise CheckpointError(
-            f"{c['out_dir']}/ckpt.pt was trained with adapter={saved!r} but this run asks for "
-            f"adapter={c['adapter']!r}; pass --adapter={saved} to resume it"
         )
     return ckpt
 

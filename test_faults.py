@@ -572,7 +572,8 @@ def test_every_family_resumes_bit_for_bit_mid_schedule(family_case, char_data, t
         crash_at(m, 13, crash)
         with pytest.raises(KeyboardInterrupt):
             train.train(run_args(char_data, tmp_path / "crashed", **kw), environ={})
-    train.train(run_args(char_data, tmp_path / "crashed", init_from="resume", **kw), environ={})
+    # resumed without repeating a flag: the checkpoint holds the recipe (data, schedule, family keys)
+    train.train([f"--out_dir={tmp_path / 'crashed'}", "--init_from=resume", "--device=cpu"], environ={})
     assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
     a, b = (load_checkpoint(str(tmp_path / d)) for d in ("clean", "crashed"))
     for key in ("model", "family"):
@@ -589,6 +590,42 @@ def test_every_family_resumes_bit_for_bit_mid_schedule(family_case, char_data, t
                 checkpoint.read_adapter_file(str(tmp_path / d / f))["state"] for d in ("clean", "crashed")
             )
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
+
+
+def test_the_readme_resume_pattern_continues_the_rescaled_schedule(char_data, tmp_path, monkeypatch, capsys):
+    """A config file planned for 400 iterations, run with --max_iters=20 (warmup and decay rescaled),
+    killed at 13, then resumed with the same command plus --init_from=resume: the learning rate of
+    every iteration and the final weights equal the uninterrupted run's. A config file that now says
+    another learning rate is overruled by the checkpoint, with a note; the command line's is taken, with
+    a note."""
+    config = tmp_path / "recipe.py"
+    config.write_text(
+        "adapter = 'lora'\nlora_rank = 2\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\n"
+        "batch_size = 8\neval_iters = 2\neval_interval = 5\nlog_interval = 1\ndropout = 0.1\n"
+        "init_from = 'scratch'\nmax_iters = 400\nwarmup_iters = 40\nlr_decay_iters = 400\n"
+    )
+    command = [str(config), "--device=cpu", f"--data_dir={char_data}", "--max_iters=20"]
+    train.train([*command, f"--out_dir={tmp_path / 'clean'}"], environ={})
+    with monkeypatch.context() as m:
+        crash_at(m, 13, lambda it: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.train([*command, f"--out_dir={tmp_path / 'crashed'}"], environ={})
+    config.write_text(config.read_text() + "learning_rate = 0.5\n")  # edited since: the checkpoint wins
+    capsys.readouterr()
+    train.train([*command, f"--out_dir={tmp_path / 'crashed'}", "--init_from=resume"], environ={})
+    assert "the checkpoint's learning_rate=0.001 (not 0.5 from " in capsys.readouterr().out
+    assert rows_without_timing(tmp_path / "crashed") == rows_without_timing(tmp_path / "clean")
+    lrs = {r["iter"]: r["lr"] for r in plots.read_metrics(tmp_path / "clean")}
+    assert lrs[1] == pytest.approx(1e-3 * 2 / 3) and lrs[20] == pytest.approx(
+        train.get_lr(
+            20, dict(decay_lr=True, learning_rate=1e-3, min_lr=1e-4, warmup_iters=2, lr_decay_iters=20)
+        )
+    )
+    a, b = (load_checkpoint(str(tmp_path / d))["model"] for d in ("clean", "crashed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train.train([f"--out_dir={tmp_path / 'crashed'}", "--init_from=resume", "--max_iters=22"], environ={})
+    assert "this resume changes max_iters 20 -> 22 (command line)" in capsys.readouterr().out
+    assert load_checkpoint(str(tmp_path / "crashed"))["config"]["lr_decay_iters"] == 20
 
 
 def test_a_kill_between_the_two_files_of_a_save_is_detected(char_data, tmp_path, monkeypatch, capsys):

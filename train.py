@@ -156,6 +156,18 @@ RANGES = {
     },
 }
 SCHEDULE_KEYS = ("warmup_iters", "lr_decay_iters")  # + the family's: a --max_iters override rescales them
+# where and how this process runs: a resume takes these from its command, every other key from its checkpoint
+SESSION_KEYS = (
+    "out_dir",
+    "init_from",
+    "eval_only",
+    "overwrite",
+    "device",
+    "compile",
+    "compile_mode",
+    "backend",
+)
+SESSION_KEYS += ("wandb_log", "wandb_project", "wandb_run_name", "test_mode")
 
 
 def all_keys():
@@ -240,6 +252,17 @@ def resolve_config(argv, environ, world):
     {key: where the user set it}, the checkpoint to resume or None, the base run's checkpoint or None)."""
     c, given = read_config(argv, environ)
     say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    resumed = None
+    if c["init_from"] == "resume":
+        resumed = load_resumed(c)
+        shaping = ("adapter", "model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout")
+        shaping += (*SHARED_KEYS, *family_of(resumed["adapter"]["kind"]).keys)
+        kept, notes = resume_settings(c, resumed, given, shaping, SESSION_KEYS)
+        c.update(kept)
+        for note in notes:
+            say(note)
+        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
+        c["init_from"] = resumed.get("config", {}).get("init_from", "scratch")
     if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
         raised = -(-c["gradient_accumulation_steps"] // world) * world
         say(
@@ -247,15 +270,7 @@ def resolve_config(argv, environ, world):
             f"of the {world} processes (each runs {raised // world} micro-batch(es) per step)"
         )
         c["gradient_accumulation_steps"] = raised
-    resumed = base = None
-    if c["init_from"] == "resume":
-        resumed = load_resumed(c)
-        shaping = ("model_type", "n_layer", "n_head", "n_embd", "bias", "block_size", "dropout")
-        shaping += (*SHARED_KEYS, *FAMILIES[c["adapter"]].keys)
-        user = {k for k, where in given.items() if where == "command line" or where.isupper()}
-        c.update(resume_settings(c, resumed, user, shaping))
-        # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
-        c["init_from"] = resumed.get("config", {}).get("init_from", "scratch")
+    if resumed is not None:
         return MappingProxyType(c), given, resumed, None
     base = base_checkpoint(c)
     for key in MODEL_SETTINGS if base else ():  # how a trained base computes, unless the user set it
