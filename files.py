@@ -85,7 +85,13 @@ def lock_folder(folder, what):
         path in _HELD
     ):  # this process's own, left by a run that ended in an exception: a process runs one at a time
         _HELD.pop(path).close()
-    f = open(path, "a+")
+    try:  # never through a link: the lock writes its holder into the file
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a+")
+    except OSError as e:
+        raise WriteError(
+            f"{path} cannot be the lock file ({'a link' if os.path.islink(path) else e.strerror}): remove it, "
+            "or choose another folder"
+        ) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -32,6 +32,7 @@ import train
 from checkpoint import load_checkpoint
 from configurator import ConfigError, cli
 from conftest import HERE, case_run_keys, run_args
+from files import WriteError
 from model import GPT
 
 TIMING = (
@@ -501,6 +502,7 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     for line in first.stdout:  # training is under way (iteration 0's row written): the folder is held
         if line.startswith("iter 1/"):
             break
+    (out / f"ckpt.pt.tmp.{first.pid}").write_bytes(b"a save in progress")  # the running run's
     before = sorted(os.listdir(out))
     second = subprocess.run(
         [sys.executable, os.path.join(HERE, "train.py"), *run_args(char_data, out, overwrite=True)],
@@ -516,6 +518,31 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     first.wait()
     train.train(run_args(char_data, out, overwrite=True, max_iters=2, eval_interval=2), environ={})
     assert plots.read_metrics(str(out))[-1]["iter"] == 2
+
+
+def test_the_folder_is_checked_under_its_lock(char_data, tmp_path, monkeypatch):
+    """A run that finished in the folder between this run's first look and its lock (two runs started
+    together) is seen under the lock: refused, its files untouched. A .lock that is a link is refused
+    without writing through it."""
+    out = tmp_path / "raced"
+    real = train.lock_folder
+
+    def lock_after_another_run(folder, what):
+        (out / "ckpt.pt").write_bytes(b"the other run's")
+        return real(folder, what)
+
+    monkeypatch.setattr(train, "lock_folder", lock_after_another_run)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
+    assert (out / "ckpt.pt").read_bytes() == b"the other run's"
+    monkeypatch.undo()
+    target, linked = tmp_path / "precious.txt", tmp_path / "linked"
+    target.write_text("keep me")
+    linked.mkdir()
+    (linked / ".lock").symlink_to(target)
+    with pytest.raises(WriteError, match=r"\.lock cannot be the lock file \(a link\): remove it"):
+        train.train(run_args(char_data, linked, max_iters=2, eval_interval=2), environ={})
+    assert target.read_text() == "keep me"
 
 
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(char_data, tmp_path, monkeypatch):

@@ -419,7 +419,10 @@ def test_corrupt_and_foreign_checkpoints(pretrained, char_data, tmp_path):
 def test_resume_with_another_adapter_kind_and_overwrite_guard(pretrained, char_data, tmp_path):
     out = tmp_path / "run"
     train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
-    with pytest.raises(CheckpointError, match="adapter='lora' \\(command line\\) but the checkpoint being resumed has adapter='none'.*drop --adapter"):
+    with pytest.raises(
+        CheckpointError,
+        match="adapter='lora' \\(command line\\) but the checkpoint being resumed has adapter='none'.*drop --adapter",
+    ):
         train.train(run_args(char_data, out, init_from="resume", adapter="lora"), environ={})
     before = (out / "ckpt.pt").read_bytes()
     with pytest.raises(ConfigError, match="already holds a run"):

@@ -333,12 +333,24 @@ def estimate_loss(model, c, data_dir, device, autocast, rank, world):
     return out
 
 
-def open_run_folder(out_dir, old, resume_at):
-    """The run folder made and locked to this process (the lock is returned); an earlier run's files
-    (`old`: --overwrite=True was given) removed; on a resume at iteration `resume_at`, the metrics rows
-    logged after the checkpoint dropped (they come again)."""
-    os.makedirs(out_dir, exist_ok=True)
-    lock = lock_folder(out_dir, "python train.py " + " ".join(sys.argv[1:]))
+def lock_run_folder(c, resuming):
+    """Process 0's lock on out_dir (made if new), taken before anything in it is changed; under it, the
+    checks a run started beside this one could change: the folder holds no other run (held_files) and
+    the temp files of killed saves are removed. Returns (the lock, the earlier run's files to replace)."""
+    os.makedirs(c["out_dir"], exist_ok=True)
+    lock = lock_folder(c["out_dir"], "python train.py " + " ".join(sys.argv[1:]))
+    try:
+        held = held_files(c, resuming)
+    except ConfigError:
+        lock.close()
+        raise
+    remove_stale_temp_files(c["out_dir"])
+    return lock, held
+
+
+def clear_run_folder(out_dir, old, resume_at):
+    """Under the lock: an earlier run's files (`old`: --overwrite=True was given) removed; on a resume at
+    iteration `resume_at`, the metrics rows logged after the checkpoint dropped (they come again)."""
     for f in old:
         path = os.path.join(out_dir, f)
         if os.path.isdir(path):
@@ -348,7 +360,6 @@ def open_run_folder(out_dir, old, resume_at):
     if resume_at is not None and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         kept = [r for r in read_metrics(out_dir) if r["iter"] < resume_at]
         atomic_write(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
-    return lock
 
 
 def finish_run(c, model, family, info, model_type, model_args, last, iters, seconds, best_val_loss):
@@ -451,12 +462,12 @@ class Run:
         self.best_val_loss, self.saved_iter, self.skipped, self.last, self.wandb = 1e9, None, 0, {}, None
 
     def open(self, held, resume_at, tokens_per_iter):
-        """Process 0: the run folder locked (open_run_folder), the run described, wandb started. Returns
-        the lock (None elsewhere)."""
+        """Process 0, holding the folder's lock: the run folder cleared (clear_run_folder), the run
+        described, wandb started."""
         if not self.master:
-            return None
+            return
         c, info = self.c, self.info
-        lock = open_run_folder(c["out_dir"], held, resume_at)
+        clear_run_folder(c["out_dir"], held, resume_at)
         print(f"model {self.model_type} {self.model_args}")
         print(
             f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {self.trainable:,} of "
@@ -470,7 +481,6 @@ class Run:
 
             wandb.init(project=c["wandb_project"], name=c["wandb_run_name"], config=dict(c), resume="allow")
             self.wandb = wandb
-        return lock
 
     def step(self, it):
         """One optimizer step over this process's micro-batches: (summed task loss, the family's last
@@ -668,9 +678,8 @@ def _train(c, resumed, base, device, ddp, rank, world):
     say = print if master else (lambda *a, **k: None)
     device_type, autocast, scaler = precision(c, device)
     data_dir, meta = open_data(c)
-    held = held_files(c, resuming)
-    if master:
-        remove_stale_temp_files(c["out_dir"])
+    held = held_files(c, resuming)  # every process refuses alike; process 0 checks again under the lock
+    lock, held = lock_run_folder(c, resuming) if master else (None, held)
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
@@ -701,7 +710,7 @@ def _train(c, resumed, base, device, ddp, rank, world):
         run.model = torch.compile(run.model, mode=c["compile_mode"])
     if ddp:
         run.model = DDP(run.model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
-    lock = run.open(held, iter_num if resuming and not c["eval_only"] else None, tokens_per_iter)
+    run.open(held, iter_num if resuming and not c["eval_only"] else None, tokens_per_iter)
 
     run.model.train()
     start_iter, clock = iter_num, Clock()
