@@ -22,6 +22,7 @@ the tensors under "state", torch-saved) still load.
 import json
 import os
 import re
+import shutil
 
 import torch
 
@@ -34,7 +35,7 @@ from adapters import (
     merge_adapters,
 )
 from configurator import ConfigError
-from files import atomic_write
+from files import atomic_write, lock_folder
 from model import GPT, MODELS, GPTConfig, gpt2_config_args, is_gpt2_folder
 from prepare import check_vocabulary, read_meta
 
@@ -310,11 +311,28 @@ def base_context(c, base):
     return gpt2_config_args(c["init_from"])["block_size"]
 
 
-def remove_stale_temp_files(out_dir):
-    """Temp files of saves that were killed before their rename (files.atomic_write names them
-    FILE.tmp.PID): never valid, so removed at the next start, with a note."""
-    if not os.path.isdir(out_dir):
-        return
+def run_files(out_dir):
+    """The RUN_FILES out_dir holds: a folder holding any holds a run."""
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+
+
+def remove_run_files(out_dir, names):
+    """An earlier run's files removed (--overwrite=True), under the folder's lock."""
+    for f in names:
+        path = os.path.join(out_dir, f)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def lock_run_folder(out_dir, what):
+    """The run folder (made if new) locked to this process before anything in it is changed, and the
+    temp files of saves killed before their rename (files.atomic_write names them FILE.tmp.PID) removed,
+    with a note: never valid, and no other process is writing one now. Returns the lock (close it to
+    release); the caller checks run_files under it."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = lock_folder(out_dir, what)
     stale = [
         os.path.join(out_dir, f)
         for f in os.listdir(out_dir)
@@ -327,6 +345,7 @@ def remove_stale_temp_files(out_dir):
         print(
             f"note: removed {len(stale)} temp file(s) ({size / 2**20:.1f} MB) left in {out_dir} by interrupted saves"
         )
+    return lock
 
 
 def load_base(c, meta, base, check=True):

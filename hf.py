@@ -47,10 +47,12 @@ from adapters import (
 )
 from checkpoint import (
     FORMAT,
-    RUN_FILES,
     build_model,
     load_checkpoint,
+    lock_run_folder,
+    remove_run_files,
     run_base,
+    run_files,
     save_adapter_file,
     save_checkpoint,
 )
@@ -507,13 +509,15 @@ def import_peft(folder, base=""):
 
 def import_run(c):
     folder, out = c["import_from"], c["out_dir"]
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    lock = lock_run_folder(out, "python hf.py --import_from=" + folder)  # a training run there: refused
+    held = run_files(out)
     if held and not c["overwrite"]:
         raise ConfigError(
             f"{out!r} already holds a run ({', '.join(held)}): choose another --out_dir or pass "
             "--overwrite=True"
         )
     model, info, base = import_peft(folder, c["base"])
+    remove_run_files(out, held)  # --overwrite: nothing of the earlier run stays beside the import
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
     config = {
         "init_from": base,
@@ -521,7 +525,6 @@ def import_run(c):
         "data_dir": c["data_dir"],
         "imported_from": os.path.abspath(folder),
     }
-    os.makedirs(out, exist_ok=True)
     save_checkpoint(
         {
             "format": FORMAT,
@@ -548,6 +551,7 @@ def import_run(c):
         },
         os.path.join(out, "adapter.safetensors"),
     )
+    lock.close()
     ranks = sorted({s["rank"] for s in info["layers"].values()})
     print(
         f"imported a PEFT {info['kind']} adapter ({len(info['targets'])} modules, rank {'/'.join(map(str, ranks))}) "

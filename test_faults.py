@@ -481,8 +481,8 @@ def test_a_kill_during_a_save_leaves_a_whole_checkpoint(tmp_path):
         assert blob["v"] // 1000 == k  # this saver's, written after its first save
         versions.add(blob["v"])
     assert len(versions) > 1  # the saves went on between kills
-    checkpoint.remove_stale_temp_files(str(tmp_path))  # whatever temp files the kills left
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    checkpoint.lock_run_folder(str(tmp_path), "test").close()  # whatever temp files the kills left
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt"]
 
 
 def test_a_run_folder_has_one_writer(char_data, tmp_path):
@@ -525,13 +525,13 @@ def test_the_folder_is_checked_under_its_lock(char_data, tmp_path, monkeypatch):
     together) is seen under the lock: refused, its files untouched. A .lock that is a link is refused
     without writing through it."""
     out = tmp_path / "raced"
-    real = train.lock_folder
+    real = checkpoint.lock_folder
 
     def lock_after_another_run(folder, what):
         (out / "ckpt.pt").write_bytes(b"the other run's")
         return real(folder, what)
 
-    monkeypatch.setattr(train, "lock_folder", lock_after_another_run)
+    monkeypatch.setattr(checkpoint, "lock_folder", lock_after_another_run)
     with pytest.raises(ConfigError, match="already holds a run"):
         train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
     assert (out / "ckpt.pt").read_bytes() == b"the other run's"

@@ -724,3 +724,28 @@ def test_loraplus_on_a_family_without_b_factors_is_refused():
 
     with pytest.raises(AdapterError, match="drop --loraplus"):
         case_family("pissa_way0", loraplus=True)
+
+
+def test_import_holds_the_folder_lock_and_overwrite_leaves_nothing_old(gpt2_dir, char_data, tmp_path):
+    """An import into a folder a training run holds is refused, the run's files untouched; with
+    --overwrite into a finished run's folder, nothing of that run (metrics, plots, bounds) stays beside
+    the imported checkpoint."""
+    import fcntl
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False)
+    folder = tmp_path / "peft"
+    get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).save_pretrained(str(folder))
+    out = tmp_path / "run"
+    train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
+    (out / "bounds.json").write_text("{}")
+    args = [f"--import_from={folder}", f"--base={gpt2_dir}", f"--out_dir={out}", "--overwrite=True"]
+    with open(out / ".lock", "a+") as held:  # another process's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = (out / "ckpt.pt").read_bytes()
+        with pytest.raises(OSError, match="is in use by"):
+            hf.main(args, environ={})
+        assert (out / "ckpt.pt").read_bytes() == before
+    hf.main(args, environ={})
+    assert sorted(os.listdir(out)) == [".lock", "adapter.safetensors", "ckpt.pt"]
+    assert load_checkpoint(str(out))["config"]["imported_from"] == str(folder)

@@ -17,7 +17,6 @@ TEST_MODE=True), then --key=value.
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,14 +38,15 @@ from adapters import (
 from checkpoint import (
     FORMAT,
     MODEL_SETTINGS,
-    RUN_FILES,
     auto_base,
     base_checkpoint,
     base_context,
     load_resumed,
-    remove_stale_temp_files,
+    lock_run_folder,
+    remove_run_files,
     restore_training,
     resume_settings,
+    run_files,
     save_adapter_file,
     save_checkpoint,
     start_model,
@@ -61,7 +61,7 @@ from configurator import (
     config_defaults,
     configure,
 )
-from files import atomic_write, lock_folder
+from files import atomic_write
 from model import MODELS, GPTConfig
 from plots import plot_effective_ranks, plot_losses, plot_rank_allocation, read_metrics
 from prepare import DataError, check_token_ids, get_batch, num_tokens, open_data  # noqa: F401 (DataError)
@@ -333,31 +333,10 @@ def estimate_loss(model, c, data_dir, device, autocast, rank, world):
     return out
 
 
-def lock_run_folder(c, resuming):
-    """Process 0's lock on out_dir (made if new), taken before anything in it is changed; under it, the
-    checks a run started beside this one could change: the folder holds no other run (held_files) and
-    the temp files of killed saves are removed. Returns (the lock, the earlier run's files to replace)."""
-    os.makedirs(c["out_dir"], exist_ok=True)
-    lock = lock_folder(c["out_dir"], "python train.py " + " ".join(sys.argv[1:]))
-    try:
-        held = held_files(c, resuming)
-    except ConfigError:
-        lock.close()
-        raise
-    remove_stale_temp_files(c["out_dir"])
-    return lock, held
-
-
-def clear_run_folder(out_dir, old, resume_at):
-    """Under the lock: an earlier run's files (`old`: --overwrite=True was given) removed; on a resume at
-    iteration `resume_at`, the metrics rows logged after the checkpoint dropped (they come again)."""
-    for f in old:
-        path = os.path.join(out_dir, f)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    if resume_at is not None and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+def trim_metrics(out_dir, resume_at):
+    """A resume at iteration `resume_at`: the metrics rows logged after the checkpoint dropped (they
+    come again)."""
+    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         kept = [r for r in read_metrics(out_dir) if r["iter"] < resume_at]
         atomic_write(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -462,12 +441,14 @@ class Run:
         self.best_val_loss, self.saved_iter, self.skipped, self.last, self.wandb = 1e9, None, 0, {}, None
 
     def open(self, held, resume_at, tokens_per_iter):
-        """Process 0, holding the folder's lock: the run folder cleared (clear_run_folder), the run
-        described, wandb started."""
+        """Process 0, holding the folder's lock: an earlier run's files removed (`held`: --overwrite=True
+        was given), a resume's later metrics rows dropped, the run described, wandb started."""
         if not self.master:
             return
         c, info = self.c, self.info
-        clear_run_folder(c["out_dir"], held, resume_at)
+        remove_run_files(c["out_dir"], held)
+        if resume_at is not None:
+            trim_metrics(c["out_dir"], resume_at)
         print(f"model {self.model_type} {self.model_args}")
         print(
             f"adapter {info['kind']}: {len(info['targets'])} layers adapted; trainable {self.trainable:,} of "
@@ -664,7 +645,7 @@ def precision(c, device):
 
 def held_files(c, resuming):
     """The files of an earlier run in out_dir (to replace, with --overwrite=True); refused otherwise."""
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(c["out_dir"], f))]
+    held = run_files(c["out_dir"])
     if not resuming and not c["overwrite"] and held:
         raise ConfigError(
             f"{c['out_dir']!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
@@ -678,8 +659,9 @@ def _train(c, resumed, base, device, ddp, rank, world):
     say = print if master else (lambda *a, **k: None)
     device_type, autocast, scaler = precision(c, device)
     data_dir, meta = open_data(c)
-    held = held_files(c, resuming)  # every process refuses alike; process 0 checks again under the lock
-    lock, held = lock_run_folder(c, resuming) if master else (None, held)
+    held_files(c, resuming)  # every process refuses alike, before any work; process 0 again under the lock
+    lock = lock_run_folder(c["out_dir"], "python train.py " + " ".join(sys.argv[1:])) if master else None
+    held = held_files(c, resuming)
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
