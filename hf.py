@@ -507,17 +507,23 @@ def import_peft(folder, base=""):
     return model, info, base
 
 
-def import_run(c):
-    folder, out = c["import_from"], c["out_dir"]
-    lock = lock_run_folder(out, "python hf.py --import_from=" + folder)  # a training run there: refused
-    held = run_files(out)
-    if held and not c["overwrite"]:
+def check_out_dir(out, overwrite):
+    """The earlier run's files in out (to replace, with --overwrite=True); refused otherwise."""
+    held = run_files(out) if os.path.isdir(out) else []
+    if held and not overwrite:
         raise ConfigError(
             f"{out!r} already holds a run ({', '.join(held)}): choose another --out_dir or pass "
             "--overwrite=True"
         )
+    return held
+
+
+def import_run(c):
+    folder, out = c["import_from"], c["out_dir"]
+    check_out_dir(out, c["overwrite"])  # before any work
     model, info, base = import_peft(folder, c["base"])
-    remove_run_files(out, held)  # --overwrite: nothing of the earlier run stays beside the import
+    lock = lock_run_folder(out, "python hf.py --import_from=" + folder)  # a training run there: refused
+    remove_run_files(out, check_out_dir(out, c["overwrite"]))  # nothing of an earlier run stays beside it
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
     config = {
         "init_from": base,

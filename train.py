@@ -660,14 +660,15 @@ def _train(c, resumed, base, device, ddp, rank, world):
     device_type, autocast, scaler = precision(c, device)
     data_dir, meta = open_data(c)
     held_files(c, resuming)  # every process refuses alike, before any work; process 0 again under the lock
-    lock = lock_run_folder(c["out_dir"], "python train.py " + " ".join(sys.argv[1:])) if master else None
-    held = held_files(c, resuming)
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
     torch.manual_seed(c["seed"])
     model, model_type, info, family = start_model(c, meta, resumed, base, say)
     if meta is None:
         check_token_ids(data_dir, model.config.vocab_size)
+    # the folder locked once every refusal is out of the way, and checked again under the lock
+    lock = lock_run_folder(c["out_dir"], "python train.py " + " ".join(sys.argv[1:])) if master else None
+    held = held_files(c, resuming)
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
     model.to(device)
     flops, rate = model.flops_per_token() * tokens_per_iter, 3e14 if device_type == "cuda" else 1e11
