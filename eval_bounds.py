@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from adapters import adapter_state_dict, family_of
-from checkpoint import CheckpointError, build_model, initial_model, load_checkpoint
+from checkpoint import CheckpointError, build_model, checkpoint_path, initial_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
-from files import atomic_write
+from files import atomic_write, file_sha256, read_json
 from prepare import EOT, check_vocabulary, load_tokenizer, read_meta
 
 out_dir = "out"  # a run to bound
@@ -485,18 +485,16 @@ class Run:
     prior: torch.nn.Module | None  # the receiver's model before the message
     probe: torch.Tensor  # one block: the logits check's input
     caveats: list
+    checkpoint: dict  # what was scored: its iteration and the SHA-256 of ckpt.pt
 
 
 def open_run(c, run_dir):
     """The run to bound, checked before any scoring: its checkpoint and training data, the scored model,
     its message, and the receiver's prior, which with the message must give the model's logits bit for
     bit."""
-    if os.path.exists(os.path.join(run_dir, "bounds.json")) and not c["overwrite"]:
-        raise ConfigError(
-            f"{run_dir} already holds bounds.json from an earlier evaluation: pass --overwrite=True to "
-            "replace it (or copy it away first)"
-        )
     ckpt = load_checkpoint(run_dir, map_location="cpu")
+    scored = dict(iter_num=ckpt["iter_num"], sha256=file_sha256(checkpoint_path(run_dir)))
+    check_earlier_bounds(run_dir, scored, c["overwrite"])
     cfg = ckpt["config"]
     refusal = family_of(ckpt["adapter"]["kind"]).unboundable(cfg)
     if refusal:
@@ -541,7 +539,29 @@ def open_run(c, run_dir):
         prior=prior,
         probe=probe,
         caveats=notes,
+        checkpoint=scored,
     )
+
+
+def check_earlier_bounds(run_dir, scored, overwrite):
+    """bounds.json of an earlier evaluation: of this very checkpoint (`scored`: its iteration and
+    SHA-256, which bounds.json records), or of an older file that records none, it is replaced only with
+    --overwrite=True; of another checkpoint (the run was resumed since), it is stale and replaced, with
+    a note naming what it bounded."""
+    path = os.path.join(run_dir, "bounds.json")
+    if not os.path.exists(path):
+        return
+    held = read_json(path).get("checkpoint", {})
+    if held.get("sha256") not in (None, scored["sha256"]):
+        print(
+            f"note: {path} bounded iteration {held['iter_num']}, not the checkpoint now in {run_dir} (iteration "
+            f"{scored['iter_num']}): it is stale and will be replaced"
+        )
+    elif not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds bounds.json for this checkpoint (iteration {scored['iter_num']}): pass "
+            "--overwrite=True to replace it (or copy it away first)"
+        )
 
 
 def caveats(cfg, meta):
@@ -826,6 +846,7 @@ def evaluate(c, run_dir):
         "confidence": c["confidence"],
         "meaning": MEANING,
         "caveats": r.caveats,
+        "checkpoint": r.checkpoint,
         "loss_before_quantization_bits": t.before,
         "loss_after_quantization_bits": t.smooth[0],
         "message": t.msg,

@@ -37,7 +37,7 @@ def atomic_write(path, data):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch wraps some OSErrors as RuntimeError
         reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        kept = "the previous file is untouched" if os.path.exists(path) else "nothing was written"
+        kept = "the previous file is untouched" if os.path.exists(path) else "it was not created"
         raise WriteError(
             f"could not write {path} ({reason}); {kept}: free space or choose another folder "
             "(a training run then continues with --init_from=resume)"
@@ -45,6 +45,17 @@ def atomic_write(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes, in hex: what names the exact file a result describes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def reachable(url, timeout=5.0):

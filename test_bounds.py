@@ -5,6 +5,7 @@ to end on Tiny Shakespeare.
     python -m pytest -q test_bounds.py
 """
 
+import hashlib
 import json
 import math
 import random
@@ -15,6 +16,7 @@ import torch
 
 import eval_bounds as eb
 import train
+from configurator import ConfigError
 from conftest import case_run_keys, run_args
 from model import GPT, GPTConfig
 
@@ -323,25 +325,32 @@ def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
         assert len(torch.unique(torch.cat([params[n].detach().reshape(-1) for n in names]))) <= 5
 
 
-def test_a_pretrained_or_resumed_base_is_named_in_the_caveats(char_data, tmp_path):
+def test_a_pretrained_or_resumed_base_is_named_and_bounds_json_names_its_checkpoint(
+    char_data, tmp_path, capsys
+):
+    """The caveat names the real base of a resumed fine-tune (not 'resume'). bounds.json records the
+    iteration and SHA-256 of the checkpoint it bounded: bounded at 4, the run resumed to 8, the next
+    evaluation says the old one is stale and replaces it without --overwrite; the same checkpoint again
+    is refused without it."""
     base, lora = tmp_path / "base", tmp_path / "lora"
     train.train(run_args(char_data, base, max_iters=4, eval_interval=4), environ={})
-    train.train(
-        run_args(
-            char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=4, eval_interval=4
-        ),
-        environ={},
+    kw = dict(adapter="lora", lora_rank=2, eval_interval=4)
+    train.train(run_args(char_data, lora, init_from=str(base), max_iters=4, **kw), environ={})
+    args = [f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"]
+    first = eb.main(args)[0]
+    assert first["checkpoint"] == dict(
+        iter_num=4, sha256=hashlib.sha256((lora / "ckpt.pt").read_bytes()).hexdigest()
     )
-    train.train(
-        run_args(
-            char_data, lora, adapter="lora", lora_rank=2, init_from="resume", max_iters=8, eval_interval=4
-        ),
-        environ={},
+    train.train(run_args(char_data, lora, init_from="resume", max_iters=8, **kw), environ={})
+    capsys.readouterr()
+    r = eb.main(args)[0]
+    assert f"{lora}/bounds.json bounded iteration 4, not the checkpoint now in {lora} (iteration 8)" in (
+        capsys.readouterr().out
     )
-    r = eb.main(
-        [f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"]
-    )[0]
+    assert json.loads((lora / "bounds.json").read_text())["checkpoint"]["iter_num"] == 8
     assert any(f"the base comes from {str(base)!r}" in c for c in r["caveats"])  # not 'resume'
+    with pytest.raises(ConfigError, match=r"already holds bounds.json for this checkpoint \(iteration 8\)"):
+        eb.main(args)
 
 
 def test_a_sweep_pays_for_its_runs_without_being_asked(char_data, tmp_path, capsys):
