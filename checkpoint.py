@@ -301,14 +301,14 @@ def base_checkpoint(c):
     return load_checkpoint(source)
 
 
-def base_context(c, base):
-    """The context (block_size) of the model init_from names, without building it (base: its
-    checkpoint, from base_checkpoint)."""
+def base_args(c, base):
+    """The model arguments (block_size, dropout, ...) of the model init_from names, without building it
+    (base: its checkpoint, from base_checkpoint); None for a new model."""
     if base is not None:
-        return base["model_args"]["block_size"]
+        return base["model_args"]
     if c["init_from"] == "scratch":
-        return c["block_size"]
-    return gpt2_config_args(c["init_from"])["block_size"]
+        return None
+    return gpt2_config_args(c["init_from"])
 
 
 def run_files(out_dir):

@@ -9,6 +9,7 @@ writer. The lowest module: every script and model.py write through it.
 
 import json
 import os
+import shutil
 import socket
 import urllib.parse
 import urllib.request
@@ -45,6 +46,37 @@ def atomic_write(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_folder(folder, fill):
+    """A folder written whole: fill(tmp) writes a fresh temp folder beside `folder` (FOLDER.tmp.PID),
+    which then takes its place, the old folder removed only after: a crash or a full disk leaves the old
+    folder or the new one, never a part, and no file of the old one survives into the new. Returns
+    fill's result."""
+    tmp, old = f"{folder}.tmp.{os.getpid()}", f"{folder}.old.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        result = fill(tmp)
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return result
+    except (OSError, RuntimeError) as e:
+        raise WriteError(_unwritten(folder, e)) from None
+    except Exception as e:  # a library's own write error (safetensors' SafetensorError on a full disk)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise WriteError(_unwritten(folder, e)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unwritten(folder, e):
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+    kept = "the previous one is untouched" if os.path.exists(folder) else "nothing of it was left"
+    return f"could not write {folder}/ ({type(e).__name__}: {reason}); {kept}: free space or choose another folder"
 
 
 def file_sha256(path):

@@ -57,7 +57,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from configurator import ConfigError, cli, config_defaults, configure
-from files import atomic_write, read_json
+from files import atomic_write, read_json, write_folder
 from model import GPT, GPT2_SIZES, is_gpt2_folder
 from prepare import read_meta, write_hf_tokenizer
 
@@ -66,7 +66,7 @@ export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
 write_base = False  # export: write base/ even for a hub GPT-2 base (always for a base trained here)
 peft_format = "lora"  # export: 'lora' (as the LoRA / DoRA it computes) | 'native' (PEFT's AdaLoRA)
 import_from = ""  # import: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
-base = ""  # import: the base, a gpt2 name or a GPT-2 folder ('' = the adapter's base_model_name_or_path)
+base = ""  # import: the base, a gpt2 name or GPT-2 folder ('' = the adapter's); export: where a moved base is now
 dataset = "openwebtext"  # import: data/<dataset>/ holds the data to score the imported run on
 data_dir = ""  # import: that data folder itself ('' = data/<dataset>)
 overwrite = False  # replace an existing export_dir / run folder
@@ -200,7 +200,7 @@ def base_for_export(model, ckpt, vocab):
     the base it started from in full (a fine-tune cut to block_size keeps the rest), the token rows cut
     to the real vocabulary (a padded nanoGPT vocabulary)."""
     plain = lora_model(model)
-    tied = "lm_head" not in adapter_layers(model) and plain.head_is_tied()
+    tied = "lm_head" not in adapter_layers(plain) and plain.head_is_tied()
     start = run_base(ckpt) if ckpt.get("config", {}).get("init_from", "scratch") != "scratch" else plain
     positions = max(plain.config.block_size, start.config.block_size)
     config = dataclasses.replace(
@@ -211,6 +211,12 @@ def base_for_export(model, ckpt, vocab):
     state = {k: v for k, v in state.items() if k in base.state_dict()}
     state["lm_head.weight"] = state.get("lm_head.weight", state["transformer.wte.weight"])
     wpe = start.transformer.wpe.weight.detach()
+    trained = ckpt["adapter"].get("train_embeddings")
+    if not trained and not torch.equal(wpe[: plain.config.block_size], plain.transformer.wpe.weight.detach()):
+        raise InteropError(
+            f"the base at {ckpt['config']['init_from']!r} is not the one this run started from (its position "
+            "table differs): pass --base=WHERE_IT_IS_NOW"
+        )
     state["transformer.wpe.weight"] = torch.cat(
         [state["transformer.wpe.weight"], wpe[plain.config.block_size :]]
     )
@@ -230,6 +236,8 @@ def export_run(c):
     folder = c["export_dir"] or os.path.join(c["out_dir"], "peft")
     if os.path.isdir(folder) and os.listdir(folder) and not c["overwrite"]:
         raise ConfigError(f"{folder!r} is not empty: choose another --export_dir or pass --overwrite=True")
+    if c["base"]:  # the run's base, moved since training
+        ckpt["config"] = cfg = dict(cfg, init_from=c["base"])
     meta = ckpt.get("meta") or read_meta(cfg.get("data_dir") or os.path.join("data", cfg.get("dataset", "")))
     vocab = (
         meta["vocab_size"] if meta else min(ckpt["model_args"]["vocab_size"], 50257)
@@ -240,32 +248,35 @@ def export_run(c):
         for n, (A, B, s, m) in lora_factors(model).items()
     }
     hub = hub_name(cfg.get("init_from", ""))
-    base_dir = os.path.join(folder, "base")
-    if hub and not info["train_embeddings"] and not c["write_base"] and "lm_head" not in factors:
-        base_name = hub
-    else:  # the run's frozen weights, with the tokenizer that reads its data
-        if hub and "lm_head" in factors:
-            print(
-                f"note: the adapter adapts lm_head, which {hub} ties to the token embedding: base/ is written with "
-                "an untied head, so PEFT's merge_and_unload changes the head alone"
-            )
-        base_for_export(model, ckpt, vocab).save_pretrained(base_dir)
-        if not write_hf_tokenizer(meta, base_dir, ckpt["model_args"]["block_size"]):
-            print(
-                "note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 bytes)"
-            )
-        base_name = os.path.relpath(
-            base_dir
-        )  # relative: an export copied with its folder still finds its base
-    dropout = info["settings"].get("dropout", 0.0)
+    own_base = not (hub and not info["train_embeddings"] and not c["write_base"] and "lm_head" not in factors)
+    if own_base and hub and "lm_head" in factors:
+        print(
+            f"note: the adapter adapts lm_head, which {hub} ties to the token embedding: base/ is written with "
+            "an untied head, so PEFT's merge_and_unload changes the head alone"
+        )
+    # the base's absolute path: AutoPeftModelForCausalLM opens it from any working directory
+    base_name = os.path.abspath(os.path.join(folder, "base")) if own_base else hub
+
+    def fill(tmp):  # the whole export, into a temp folder that then replaces `folder` (files.write_folder)
+        if own_base:  # the run's frozen weights, with the tokenizer that reads its data
+            base = base_for_export(model, ckpt, vocab)
+            base.save_pretrained(os.path.join(tmp, "base"))
+            if not write_hf_tokenizer(meta, os.path.join(tmp, "base"), base.config.block_size):
+                print(
+                    "note: a bytes dataset has no Hugging Face tokenizer: base/ holds none (its ids are the UTF-8 "
+                    "bytes)"
+                )
+        if c["peft_format"] == "native":
+            return export_native(model, ckpt, tmp, base_name, info["settings"].get("dropout", 0.0), vocab)
+        return export_peft(factors, tmp, base_name, dropout=info["settings"].get("dropout", 0.0))
+
+    config = write_folder(folder, fill)
     if c["peft_format"] == "native":
-        config = export_native(model, ckpt, folder, base_name, dropout, vocab)
         print(
             f"exported {info['kind']} in PEFT's {config['peft_type']} format ({len(config['target_modules'])} modules) "
             f"to {folder}/ for base {base_name}"
         )
         return folder
-    config = export_peft(factors, folder, base_name, dropout=dropout)
     n = sum(A.numel() + B.numel() for A, B, _, _ in factors.values())
     print(
         f"exported {info['kind']} ({len(config['target_modules'])} modules, rank {config['r']}"

@@ -459,6 +459,11 @@ def gpt2_config_args(name_or_path):
     weights."""
     if os.path.isdir(name_or_path):
         hf = read_json(os.path.join(name_or_path, "config.json"))
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(
+                f"{name_or_path} holds a {hf['model_type']!r} model (config.json's model_type); this GPT loads "
+                "GPT-2 folders only (model_type 'gpt2')"
+            )
         return dict(
             n_layer=hf["n_layer"],
             n_head=hf["n_head"],
@@ -467,9 +472,10 @@ def gpt2_config_args(name_or_path):
             block_size=hf["n_positions"],
             gelu=_gelu(hf, name_or_path),
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            dropout=hf.get("resid_pdrop", 0.1),  # GPT-2's three dropouts are one here (save_pretrained)
         )
     if name_or_path in GPT2_SIZES:
-        return dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh")
+        return dict(GPT2_SIZES[name_or_path], vocab_size=50257, block_size=1024, gelu="tanh", dropout=0.1)
     raise ValueError(
         f"unknown pretrained model {name_or_path!r}: use one of {sorted(GPT2_SIZES)} "
         "or a folder holding config.json and model.safetensors"

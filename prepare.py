@@ -100,7 +100,8 @@ def write_hf_tokenizer(meta, folder, max_length):
             },
             "post_processor": None,
             "decoder": {"type": "Fuse"},
-            "model": {"type": "WordLevel", "vocab": meta["stoi"], "unk_token": next(iter(meta["stoi"]))},
+            # an unknown character is refused as by the repo's encoder: "<unk>" is in no character vocabulary
+            "model": {"type": "WordLevel", "vocab": meta["stoi"], "unk_token": "<unk>"},
         }
         atomic_write(os.path.join(folder, "tokenizer.json"), json.dumps(spec, ensure_ascii=False))
         config = {

@@ -43,7 +43,7 @@ from checkpoint import (  # noqa: E402
     read_adapter_file,
     save_adapter_file,
 )
-from conftest import adapted, case_family, case_run_keys, run_args  # noqa: E402
+from conftest import adapted, case_family, case_run_keys, family_cases, run_args  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 V = 65  # the character vocabulary of Tiny Shakespeare, so that a tiny GPT-2 can be trained and evaluated here
@@ -337,7 +337,7 @@ def test_command_line_round_trip(char_data, tmp_path, capsys):
     hf.main([f"--out_dir={run}", f"--export_dir={export}"])
     config = json.loads((export / "adapter_config.json").read_text())
     assert (
-        config["base_model_name_or_path"] == os.path.relpath(export / "base")
+        config["base_model_name_or_path"] == str((export / "base").absolute())
         and (export / "base" / "config.json").is_file()
     )
     model = build_model(load_checkpoint(str(run))).eval()
@@ -524,7 +524,7 @@ def test_an_export_merges_in_peft_with_every_position_and_its_tokenizer(gpt2_dir
     meta = read_meta(char_data)
     export = export_of(model, info, {"init_from": gpt2_dir, "data_dir": char_data}, meta, tmp_path / "run")
     config = json.loads((export / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == os.path.relpath(export / "base")
+    assert config["base_model_name_or_path"] == str((export / "base").absolute())
     base_config = json.loads((export / "base" / "config.json").read_text())
     assert base_config["tie_word_embeddings"] is False and base_config["n_positions"] == 64
     peft_model = PeftModel.from_pretrained(
@@ -749,3 +749,76 @@ def test_import_holds_the_folder_lock_and_overwrite_leaves_nothing_old(gpt2_dir,
     hf.main(args, environ={})
     assert sorted(os.listdir(out)) == [".lock", "adapter.safetensors", "ckpt.pt"]
     assert load_checkpoint(str(out))["config"]["imported_from"] == str(folder)
+
+
+@pytest.mark.parametrize("case", [c for c in family_cases() if c.startswith("sublora")])
+def test_a_sublora_export_merges_in_peft(gpt2_dir, char_data, tmp_path, case):
+    """SubLoRA adapts the LM head of its wrapped model ('model.lm_head' on the wrapper): the export
+    writes base/ with an untied head, so PEFT's merge_and_unload gives the run's logits, for every
+    allocation mode."""
+    from prepare import read_meta
+
+    torch.manual_seed(0)
+    _, model, info = adapted(case, GPT.from_pretrained(gpt2_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    meta = read_meta(char_data)
+    export = export_of(model, info, {"init_from": gpt2_dir, "data_dir": char_data}, meta, tmp_path / "run")
+    assert json.loads((export / "base" / "config.json").read_text())["tie_word_embeddings"] is False
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(export / "base")), str(export))
+    idx, want = ids(), ours(model.eval(), ids())
+    got = theirs(peft_model.eval().merge_and_unload(), idx)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_an_export_replaces_its_folder_whole_and_names_its_base_absolutely(
+    gpt2_dir, char_data, tmp_path, monkeypatch
+):
+    """Re-exported with --overwrite (a character run, then a GPT-2-token run), the folder holds the new
+    export only: no character tokenizer.json left for AutoTokenizer to read. The character tokenizer
+    refuses a character outside the vocabulary, as the repo's encoder does; its model_max_length is
+    the base's positions, not the fine-tune's block. AutoPeftModelForCausalLM opens the export from
+    any working directory. A run whose base folder moved exports with --base=WHERE_IT_IS_NOW, and a
+    wrong base is refused."""
+    import shutil
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from prepare import load_tokenizer, read_meta
+
+    torch.manual_seed(0)
+    model = GPT.from_pretrained(gpt2_dir)
+    model.crop_block_size(32)
+    info = with_random_lora(model)
+    meta = read_meta(char_data)
+    export = export_of(model, info, {"init_from": gpt2_dir, "data_dir": char_data}, meta, tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(str(export / "base"))
+    assert tokenizer.model_max_length == 64  # the base's positions
+    with pytest.raises(Exception, match="Missing \\[UNK\\] token"):  # 'é' is not in Tiny Shakespeare
+        tokenizer("café")
+    monkeypatch.chdir(tmp_path / "run")
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(export)).eval()
+    assert torch.allclose(theirs(auto, ids(t=32)), ours(model.eval(), ids(t=32)), rtol=0, atol=1e-5)
+    moved = tmp_path / "moved_gpt2"
+    shutil.copytree(gpt2_dir, moved)
+    hf.main([f"--out_dir={tmp_path / 'run'}", "--overwrite=True", f"--base={moved}"])
+    other = tmp_path / "other_gpt2"
+    hf_gpt2(str(other), seed=5)
+    with pytest.raises(hf.InteropError, match="is not the one this run started from"):
+        hf.main([f"--out_dir={tmp_path / 'run'}", "--overwrite=True", f"--base={other}"])
+    (export / "stray.txt").write_text("from before")
+    gpt2_tokens = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304, bias=True))
+    info = with_random_lora(gpt2_tokens)
+    config = {"init_from": "scratch", "dataset": "none-here"}
+    shutil.rmtree(tmp_path / "run2", ignore_errors=True)
+    export_of(
+        gpt2_tokens, info, config, None, tmp_path / "run2", f"--export_dir={export}", "--overwrite=True"
+    )
+    assert sorted(os.listdir(export)) == ["adapter_config.json", "adapter_model.safetensors", "base"]
+    assert "tokenizer.json" not in os.listdir(export / "base")
+    assert AutoTokenizer.from_pretrained(str(export / "base"))("ROMEO")["input_ids"] == load_tokenizer(None)[
+        0
+    ]("ROMEO")

@@ -39,8 +39,8 @@ from checkpoint import (
     FORMAT,
     MODEL_SETTINGS,
     auto_base,
+    base_args,
     base_checkpoint,
-    base_context,
     load_resumed,
     lock_run_folder,
     remove_run_files,
@@ -273,11 +273,12 @@ def resolve_config(argv, environ, world):
     if resumed is not None:
         return MappingProxyType(c), given, resumed, None
     base = base_checkpoint(c)
-    for key in MODEL_SETTINGS if base else ():  # how a trained base computes, unless the user set it
-        if key not in given and key in base["model_args"] and base["model_args"][key] != c[key]:
-            say(f"note: {key} {c[key]} -> {base['model_args'][key]}, the base's (set --{key} to choose)")
-            c[key] = base["model_args"][key]
-    context = base_context(c, base)
+    args = base_args(c, base) or {}
+    for key in MODEL_SETTINGS:  # how a trained base (ours or a GPT-2's) computes, unless the user set it
+        if key not in given and key in args and args[key] != c[key]:
+            say(f"note: {key} {c[key]} -> {args[key]}, the base's (set --{key} to choose)")
+            c[key] = args[key]
+    context = args.get("block_size", c["block_size"])
     if c["block_size"] > context:  # a base with a shorter context
         if given.get("block_size") == "command line":
             raise ConfigError(
