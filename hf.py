@@ -59,7 +59,7 @@ from checkpoint import (
 from configurator import ConfigError, cli, config_defaults, configure
 from files import atomic_write, read_json, write_folder
 from model import GPT, GPT2_SIZES, is_gpt2_folder
-from prepare import read_meta, write_hf_tokenizer
+from prepare import check_vocabulary, read_meta, write_hf_tokenizer
 
 out_dir = "out"  # export: the run to export; import: the run folder to write
 export_dir = ""  # export: where the PEFT adapter goes ('' = out_dir/peft)
@@ -518,6 +518,19 @@ def import_peft(folder, base=""):
     return model, info, base
 
 
+def base_vocabulary(base, vocab_size):
+    """What the token ids of a GPT-2 base mean, as a meta.json would say (prepare.vocabulary reads it):
+    GPT-2's tokens for a 50,257-token (or padded) vocabulary, the characters of the tokenizer.json an
+    export here wrote beside a smaller one, else None (unknown: import_run checks the size alone)."""
+    if vocab_size >= 50257:
+        return {"tokenizer": "gpt2"}
+    path = os.path.join(base, "tokenizer.json")
+    if os.path.isfile(path) and read_json(path).get("model", {}).get("type") == "WordLevel":
+        stoi = read_json(path)["model"]["vocab"]
+        return {"tokenizer": "char", "vocab_size": len(stoi), "itos": {i: ch for ch, i in stoi.items()}}
+    return None
+
+
 def check_out_dir(out, overwrite):
     """The earlier run's files in out (to replace, with --overwrite=True); refused otherwise."""
     held = run_files(out) if os.path.isdir(out) else []
@@ -533,6 +546,14 @@ def import_run(c):
     folder, out = c["import_from"], c["out_dir"]
     check_out_dir(out, c["overwrite"])  # before any work
     model, info, base = import_peft(folder, c["base"])
+    data_dir = c["data_dir"] or os.path.join("data", c["dataset"])
+    meta = read_meta(data_dir)
+    check_vocabulary(base_vocabulary(base, model.config.vocab_size), meta, base, data_dir)
+    if meta and meta["vocab_size"] > model.config.vocab_size:
+        raise InteropError(
+            f"{data_dir!r} holds {meta['vocab_size']:,} token ids but the base {base!r} reads "
+            f"{model.config.vocab_size:,}: pass the --dataset (or --data_dir) prepared with the base's tokenizer"
+        )
     lock = lock_run_folder(out, "python hf.py --import_from=" + folder)  # a training run there: refused
     remove_run_files(out, check_out_dir(out, c["overwrite"]))  # nothing of an earlier run stays beside it
     model_args = {k: getattr(model.config, k) for k in model.config.__dataclass_fields__}
@@ -552,7 +573,7 @@ def import_run(c):
             "best_val_loss": float("inf"),
             "config": config,
             "adapter": info,
-            "meta": None,
+            "meta": meta,
         },
         os.path.join(out, "ckpt.pt"),
     )

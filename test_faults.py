@@ -167,6 +167,7 @@ CASES = [
     ("train", lambda d, r: T(d, r) + ["--dataset=nope", "--data_dir="], "prepare it with prepare.py"),
     ("train", lambda d, r: T(d, r, adapter="sora", sora_lambda=-1.0), "sora_lambda must be in [0, inf)"),
     ("train", lambda d, r: T(d, r, nonfinite="maybe"), "nonfinite must be one of 'stop', 'skip'"),
+    ("train", lambda d, r: T(d, r, dtype="float16"), "dtype='float16' needs a CUDA device"),
     (
         "prepare",
         lambda d, r: ["shakespeare_char", f"--input={r / 'empty.txt'}", f"--out_dir={r / 'small'}"],

@@ -10,6 +10,7 @@ RankAllocator over a whole schedule. peft and transformers are test-only require
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -822,3 +823,44 @@ def test_an_export_replaces_its_folder_whole_and_names_its_base_absolutely(
     assert AutoTokenizer.from_pretrained(str(export / "base"))("ROMEO")["input_ids"] == load_tokenizer(None)[
         0
     ]("ROMEO")
+
+
+def test_an_import_refuses_data_of_another_vocabulary(gpt2_dir, char_data, tmp_path):
+    """A PEFT adapter for a GPT-2-token base imported with character data is refused in one line (it
+    would score and sample nonsense), and so is a character export's base with data of other
+    characters; with the data it reads, the import records that vocabulary, so sample.py decodes."""
+    from prepare import read_meta, write_hf_tokenizer
+
+    big = tmp_path / "gpt2_tokens"
+    hf_gpt2(str(big), vocab_size=50257)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False)
+    folder = tmp_path / "peft"
+    get_peft_model(GPT2LMHeadModel.from_pretrained(str(big)), cfg).save_pretrained(str(folder))
+    args = [f"--import_from={folder}", f"--base={big}", f"--data_dir={char_data}"]
+    with pytest.raises(ValueError, match="reads gpt2 tokens but .* holds char tokens"):
+        hf.main([*args, f"--out_dir={tmp_path / 'a'}"], environ={})
+    assert not (tmp_path / "a").exists()
+    meta = read_meta(char_data)
+    base = tmp_path / "char_gpt2"
+    shutil.copytree(gpt2_dir, base)
+    write_hf_tokenizer(meta, str(base), 64)  # the base as an export here writes it: its characters known
+    small = tmp_path / "peft_small"
+    get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)), cfg).save_pretrained(str(small))
+    other = dict(meta, itos={str(i): meta["itos"][str((i + 1) % V)] for i in range(V)})
+    other["stoi"] = {ch: int(i) for i, ch in other["itos"].items()}
+    shifted = tmp_path / "shifted"
+    shutil.copytree(char_data, shifted)
+    (shifted / "meta.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="the same characters with other ids"):
+        hf.main(
+            [
+                f"--import_from={small}",
+                f"--base={base}",
+                f"--data_dir={shifted}",
+                f"--out_dir={tmp_path / 'b'}",
+            ]
+        )
+    out = tmp_path / "c"
+    hf.main([f"--import_from={small}", f"--base={base}", f"--data_dir={char_data}", f"--out_dir={out}"])
+    assert load_checkpoint(str(out))["meta"] == meta

@@ -185,6 +185,21 @@ def test_an_incomplete_or_pickled_gpt2_folder_is_one_line(tmp_path):
         GPT.from_pretrained(str(tmp_path / "cut"))
 
 
+def test_a_folder_of_another_model_type_is_one_line(tmp_path):
+    """A Llama folder given where a GPT-2 folder is expected (sample.py --init_from): one line naming its
+    model_type, no KeyError."""
+    import sample
+    from configurator import cli
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli(sample.sample, [f"--init_from={tmp_path}", "--device=cpu", "--max_new_tokens=2"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "holds a 'llama' model (config.json's model_type)" in message
+
+
 def test_save_pretrained_refuses_a_model_that_still_holds_adapters(tmp_path):
     """Its folder would load as another function: refused in one line; merged first, it writes and
     loads back with the adapted model's logits. A merged head adapter unties the head from the

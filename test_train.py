@@ -305,6 +305,8 @@ def test_env_vars_select_lora(char_data, tmp_path):
 
 
 def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
+    """A GPT-2 folder fine-tuned on GPT-2 tokens: cut to the run's block, its dropout inherited as for a
+    base trained here; the loss falls."""
     from conftest import write_hf_gpt2
     from model import GPT, GPTConfig
     from prepare import prepare_shakespeare
@@ -319,21 +321,14 @@ def test_gpt2_folder_as_base_with_bpe_data(tmp_path, shakespeare_text):
     write_hf_gpt2(
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=50257, bias=True)), hf
     )
-    train.train(
-        run_args(
-            str(data),
-            tmp_path / "out",
-            init_from=str(hf),
-            adapter="lora",
-            lora_rank=2,
-            max_iters=10,
-            eval_interval=10,
-            learning_rate=1e-2,
-        ),
-        environ={},
+    kw = dict(
+        init_from=str(hf), adapter="lora", lora_rank=2, max_iters=10, eval_interval=10, learning_rate=1e-2
     )
+    args = [a for a in run_args(str(data), tmp_path / "out", **kw) if not a.startswith("--dropout=")]
+    train.train(args, environ={})
     ckpt = load_checkpoint(str(tmp_path / "out"))
     assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["block_size"] == 32  # cropped
+    assert ckpt["model_args"]["dropout"] == 0.1  # the folder's (GPT-2's resid_pdrop, unset: 0.1), not 0.2
     v = evals(tmp_path / "out")
     assert v[-1] < v[0]
 
@@ -574,3 +569,13 @@ def test_the_config_is_resolved_once_and_read_only(char_data, tmp_path):
     assert resumed is None and loaded["model_args"]["block_size"] == 16
     with pytest.raises(TypeError):
         c["max_iters"] = 1
+
+
+def test_bfloat16_on_the_cpu_trains_in_bfloat16(char_data, tmp_path):
+    """--dtype=bfloat16 on the CPU autocasts (it used to train in float32 without a word): the losses
+    differ from the float32 run's, and stay close to them."""
+    kw = dict(max_iters=6, eval_interval=6, log_interval=1)
+    train.train(run_args(char_data, tmp_path / "fp32", **kw), environ={})
+    train.train(run_args(char_data, tmp_path / "bf16", dtype="bfloat16", **kw), environ={})
+    fp32, bf16 = step_losses(tmp_path / "fp32"), step_losses(tmp_path / "bf16")
+    assert all(fp32[i] != bf16[i] for i in range(6)) and all(abs(fp32[i] - bf16[i]) < 0.05 for i in range(6))

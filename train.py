@@ -263,6 +263,13 @@ def resolve_config(argv, environ, world):
             say(note)
         # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
         c["init_from"] = resumed.get("config", {}).get("init_from", "scratch")
+    if c["dtype"] == "float16" and not c["device"].startswith(
+        "cuda"
+    ):  # (a resume's dtype is its checkpoint's)
+        raise ConfigError(
+            f"dtype='float16' needs a CUDA device (its gradient scaler), not {c['device']!r}: use --dtype=bfloat16 "
+            "or --dtype=float32"
+        )
     if c["gradient_accumulation_steps"] % world:  # it counts micro-batches over all processes (nanoGPT's)
         raised = -(-c["gradient_accumulation_steps"] // world) * world
         say(
@@ -636,7 +643,7 @@ def precision(c, device):
     """(device type, autocast context, gradient scaler) for the run's dtype on `device`."""
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[c["dtype"]]
-    fp32 = device_type == "cpu" or ptdtype == torch.float32
+    fp32 = ptdtype == torch.float32  # bfloat16 autocasts on the CPU too
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
