@@ -28,13 +28,20 @@ def read_metrics(out_dir):
     rows = []
     for i, line in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if i < len(lines) - 1:
                 raise ValueError(
                     f"{path} line {i + 1} is not JSON; the file is damaged: delete that line"
                 ) from None
             print(f"note: {path} ends in a cut line (an interrupted write), dropped")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("iter"), int):
+            raise ValueError(
+                f"{path} line {i + 1} is not a metrics row (a JSON object with an integer 'iter'); the file is "
+                "damaged: delete that line"
+            )
+        rows.append(row)
     return rows
 
 

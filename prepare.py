@@ -180,12 +180,20 @@ def check_token_ids(data_dir, vocab_size):
             )
 
 
-def get_batch(data_dir, split, ix, block_size, device):
+def get_batch(data_dir, split, ix, block_size, device, vocab_size):
+    """The blocks starting at `ix` of split.bin and their next tokens; an id beyond the vocabulary (a
+    file written with another tokenizer) is one line, not an index error deep in the model."""
     data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
     x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
     y = torch.stack(
         [torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()]
     )
+    top = int(y.max().maximum(x.max()))
+    if top >= vocab_size:
+        raise DataError(
+            f"{data_dir}/{split}.bin holds token id {top}, beyond the vocabulary of {vocab_size} (its meta.json's, "
+            "else the model's): it was written with another tokenizer; prepare the data again"
+        )
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)

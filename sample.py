@@ -56,6 +56,17 @@ def load(c):
                 f"the model has a {ckpt['model_args']['vocab_size']}-token vocabulary but "
                 f"the dataset's meta.json ({cfg.get('dataset')!r}) is not in data/; prepare it"
             )
+        vocab = ckpt["model_args"]["vocab_size"]
+        if meta and (
+            meta["vocab_size"] > vocab or meta.get("tokenizer") != "gpt2" and meta["vocab_size"] != vocab
+        ):
+            where = (
+                "the checkpoint's" if ckpt.get("meta") else f"{cfg.get('data_dir') or cfg.get('dataset')!r}'s"
+            )
+            raise CheckpointError(
+                f"the model reads {vocab} token ids but {where} vocabulary has {meta['vocab_size']} (the data was "
+                "prepared again with other text since?): prepare the data the run trained on, or train again"
+            )
         return build_model(ckpt), meta
     if c["init_from"].startswith("gpt2") or is_gpt2_folder(c["init_from"]):
         return GPT.from_pretrained(c["init_from"]), None

@@ -521,6 +521,34 @@ def test_a_run_folder_has_one_writer(char_data, tmp_path):
     assert plots.read_metrics(str(out))[-1]["iter"] == 2
 
 
+@pytest.mark.parametrize("row", ["[1, 2]", '{"train_loss": 3.1}', '{"iter": "5"}'])
+def test_a_damaged_metrics_row_is_one_line_before_a_resume(char_data, tmp_path, row):
+    out = tmp_path / "run"
+    train.train(run_args(char_data, out, max_iters=4, eval_interval=2), environ={})
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(row + "\n" + '{"iter": 4}\n')
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(train.train, run_args(char_data, out, max_iters=6, eval_interval=2, init_from="resume"))
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "metrics.jsonl line" in message and "is not a metrics row" in message
+    assert snapshot(out) == before
+
+
+def test_a_token_id_beyond_meta_vocabulary_is_one_line(char_data, tmp_path):
+    """train.bin holding ids beyond its meta.json's 65 characters (written with another tokenizer): one
+    line naming the file and the id, where an IndexError came from the embedding before."""
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    ids[::50] = 300
+    ids.tofile(data / "train.bin")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(train.train, run_args(str(data), tmp_path / "run", max_iters=2, eval_interval=2))
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "train.bin holds token id 300, beyond the vocabulary of 65" in message
+
+
 def test_the_folder_is_checked_under_its_lock(char_data, tmp_path, monkeypatch):
     """A run that finished in the folder between this run's first look and its lock (two runs started
     together) is seen under the lock: refused, its files untouched. A .lock that is a link is refused

@@ -135,3 +135,28 @@ def test_bad_input_is_one_line_before_any_generation(run_dir, tmp_path, monkeypa
     monkeypatch.setattr(sample.os, "sysconf", lambda name: 1)  # one free byte
     with pytest.raises(ConfigError, match="lower --batch_size"):
         sample.sample(base, environ={})
+
+
+def test_a_vocabulary_that_does_not_fit_the_model_is_one_line(char_data, tmp_path):
+    """A checkpoint whose recorded vocabulary disagrees with its model, and an older checkpoint (no
+    vocabulary of its own) whose data folder was prepared again from other text: one line each, not a
+    KeyError while decoding."""
+    from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from prepare import prepare_shakespeare_char
+
+    out = tmp_path / "run"
+    train.train(run_args(char_data, out, max_iters=2, eval_interval=2), environ={})
+    ckpt = load_checkpoint(str(out))
+    args = [f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5", "--start=a"]
+    save_checkpoint(dict(ckpt, meta=dict(ckpt["meta"], vocab_size=70)), str(out / "ckpt.pt"))
+    with pytest.raises(
+        CheckpointError, match="the model reads 65 token ids but the checkpoint's vocabulary has 70"
+    ):
+        sample.sample(args, environ={})
+    data = tmp_path / "data"
+    (tmp_path / "other.txt").write_text("a smaller alphabet, prepared again\n" * 50)
+    prepare_shakespeare_char(str(data), input_path=str(tmp_path / "other.txt"))
+    old = {k: v for k, v in ckpt.items() if k != "meta"}
+    save_checkpoint(dict(old, config=dict(ckpt["config"], data_dir=str(data))), str(out / "ckpt.pt"))
+    with pytest.raises(CheckpointError, match="vocabulary has 17 .the data was prepared again"):
+        sample.sample(args, environ={})

@@ -318,7 +318,7 @@ def get_lr(it, c):
 
 
 @torch.no_grad()
-def estimate_loss(model, c, data_dir, device, autocast, rank, world):
+def estimate_loss(model, c, data_dir, vocab, device, autocast, rank, world):
     """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared among
     the processes."""
     model.eval()
@@ -330,7 +330,7 @@ def estimate_loss(model, c, data_dir, device, autocast, rank, world):
         )
         total_loss = torch.zeros(2, device=device)
         for k in range(rank, c["eval_iters"], world):
-            X, Y = get_batch(data_dir, split, ix[k], c["block_size"], device)
+            X, Y = get_batch(data_dir, split, ix[k], c["block_size"], device, vocab)
             with autocast:
                 _, loss = model(X, Y)
             total_loss += torch.stack([loss.float(), torch.ones((), device=device)])
@@ -444,6 +444,7 @@ class Run:
         # step; each process takes its slice. A DDP run sees exactly the batches of a 1-process run.
         self.batches = torch.Generator().manual_seed(c["seed"])
         self.model_args = {k: getattr(raw_model.config, k) for k in GPTConfig.__dataclass_fields__}
+        self.vocab = self.meta["vocab_size"] if self.meta else raw_model.config.vocab_size  # ids must fit
         self.trainable, self.total = count_params(raw_model)
         self.ckpt_file = os.path.join(c["out_dir"], "ckpt.pt")
         self.best_val_loss, self.saved_iter, self.skipped, self.last, self.wandb = 1e9, None, 0, {}, None
@@ -483,7 +484,12 @@ class Run:
         loss_sum, extra = torch.zeros((), device=self.device), None
         for micro_step in range(accum):
             X, Y = get_batch(
-                self.data_dir, "train", ix[self.rank * accum + micro_step], c["block_size"], self.device
+                self.data_dir,
+                "train",
+                ix[self.rank * accum + micro_step],
+                c["block_size"],
+                self.device,
+                self.vocab,
             )
             if self.world > 1:  # all-reduce gradients only at the last micro-step
                 model.require_backward_grad_sync = micro_step == accum - 1
@@ -575,7 +581,7 @@ class Run:
                 flush=True,
             )
         losses = estimate_loss(
-            self.model, c, self.data_dir, self.device, self.autocast, self.rank, self.world
+            self.model, c, self.data_dir, self.vocab, self.device, self.autocast, self.rank, self.world
         )
         if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
             self.diverged(f"the eval loss became {losses}", it)
@@ -652,8 +658,11 @@ def precision(c, device):
 
 
 def held_files(c, resuming):
-    """The files of an earlier run in out_dir (to replace, with --overwrite=True); refused otherwise."""
+    """The files of an earlier run in out_dir (to replace, with --overwrite=True); refused otherwise. A
+    resume's metrics rows are read, so a damaged file is refused before any work."""
     held = run_files(c["out_dir"])
+    if resuming and "metrics.jsonl" in held:
+        read_metrics(c["out_dir"])
     if not resuming and not c["overwrite"] and held:
         raise ConfigError(
             f"{c['out_dir']!r} already holds a run ({', '.join(held)}); continue it with --init_from=resume, "
