@@ -27,6 +27,7 @@ fine-tune otherwise names the hub model. Then, with transformers and peft instal
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -419,10 +420,19 @@ def read_peft(folder):
     for key, value in (
         ("lora_alpha", alpha),
         ("r", r),
+        *((("init_r", config.get("init_r", 12)),) if config.get("peft_type") == "ADALORA" else ()),
         *((f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()),
+        *(
+            (f"rank_pattern[{k!r}]", v)  # AdaLoRA's holds masks
+            for k, v in (config.get("rank_pattern") or {}).items()
+            if config.get("peft_type", "LORA") == "LORA"
+        ),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InteropError(f"{paths[0]}: {key} must be a number > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise InteropError(f"{paths[0]}: {key} must be a finite number > 0, got {value!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InteropError(f"{paths[0]}: lora_dropout must be a number in [0, 1), got {dropout!r}")
     try:
         tensors = load_file(paths[1])
     except Exception as e:  # a truncated or foreign file: safetensors' errors are several
@@ -493,6 +503,15 @@ def import_peft(folder, base=""):
             raise InteropError(
                 f"{name}: the adapter file holds {sorted(t)}; a {config['peft_type']} adapter with "
                 f"use_dora={bool(config.get('use_dora'))} needs {sorted(family.peft_parts)}"
+            )
+        rank_key = pattern_key(config.get("rank_pattern") or {}, name)
+        said = config["rank_pattern"][rank_key] if rank_key else config.get("r", 8)
+        lora = config.get("peft_type", "LORA") == "LORA"  # AdaLoRA's tensors are sliced by its mask
+        if lora and t["A"].shape[0] != said:
+            raise InteropError(
+                f"{folder}: adapter_config.json gives {name} rank {said} but its tensors have rank "
+                f"{t['A'].shape[0]} (PeftModel refuses it too, and the scale alpha / r is ambiguous): correct r "
+                "or rank_pattern"
             )
         key = pattern_key(config.get("alpha_pattern") or {}, name)
         settings[name] = family.from_peft(

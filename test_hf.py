@@ -864,3 +864,24 @@ def test_an_import_refuses_data_of_another_vocabulary(gpt2_dir, char_data, tmp_p
     out = tmp_path / "c"
     hf.main([f"--import_from={small}", f"--base={base}", f"--data_dir={char_data}", f"--out_dir={out}"])
     assert load_checkpoint(str(out))["meta"] == meta
+
+
+def test_an_adapter_config_with_bad_numbers_or_another_rank_is_refused(gpt2_dir, tmp_path):
+    """lora_alpha NaN (NaN <= 0 is false, so it passed), an AdaLoRA init_r written as a string, a
+    lora_dropout of 1, an r that disagrees with the tensors (PeftModel refuses that file too): one line
+    each naming the field."""
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).eval()
+    folder = tmp_path / "peft"
+    peft_model.save_pretrained(str(folder))
+    good = json.loads((folder / "adapter_config.json").read_text())
+    for change, words in (
+        (dict(lora_alpha=float("nan")), "lora_alpha must be a finite number > 0, got nan"),
+        (dict(peft_type="ADALORA", init_r="12"), "init_r must be a finite number > 0, got '12'"),
+        (dict(lora_dropout=1.0), "lora_dropout must be a number in \\[0, 1\\), got 1.0"),
+        (dict(r=8), "gives transformer.h.0.attn.c_attn rank 8 but its tensors have rank 2"),
+    ):
+        (folder / "adapter_config.json").write_text(json.dumps(dict(good, **change)))
+        with pytest.raises(hf.InteropError, match=words):
+            hf.import_peft(str(folder), base=gpt2_dir)
