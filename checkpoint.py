@@ -105,6 +105,15 @@ def load_checkpoint(path, map_location="cpu"):
     elif ckpt["format"] != FORMAT:
         raise CheckpointError(f"{path} has format {ckpt['format']!r}; this code reads {FORMAT!r}")
     ckpt.setdefault("adapter", dict(NO_ADAPTER))
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # named for what they are: a diverged adapter is not a broken base
+        targets = tuple(t + "." for t in ckpt["adapter"].get("targets", []))
+        adapter = all(k.startswith(targets) and ".base." not in k for k in bad)
+        raise CheckpointError(
+            f"{path} holds nan or inf in {'its adapter' if adapter else 'its model'} ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): the run diverged; use an earlier checkpoint or train again "
+            "with a lower learning rate"
+        )
     return ckpt
 
 

@@ -30,6 +30,16 @@ COMPILE_MODES = (
 )  # torch.compile's modes
 
 
+# what to do about a path that cannot be used (cli's line for an OSError naming a file)
+OS_FIXES = {
+    "FileNotFoundError": "check the path (a key or config file names it), or create what it names first",
+    "IsADirectoryError": "a folder stands where a file is expected: name the file inside it",
+    "NotADirectoryError": "a file stands where a folder is expected: choose another path",
+    "PermissionError": "this user may not use it: change its permissions, or choose a path you own",
+    "FileExistsError": "something already stands there: move it away, or choose another path",
+}
+
+
 class ConfigError(ValueError):
     """A bad key, value or config file; the message names it and says the fix."""
 
@@ -259,4 +269,7 @@ def cli(main, argv):
             if own
             else f"error: {type(e).__name__}: {text} (LOWRANK_DEBUG=1 shows the traceback)"
         )
+        fix = OS_FIXES.get(type(e).__name__) if not own and getattr(e, "filename", None) else None
+        if fix:  # a path the user gave: what is wrong with it, and what to do
+            message = f"error: {e.filename}: {e.strerror}: {fix}"
         raise SystemExit(message if int(os.environ.get("RANK", 0)) == 0 else 1) from None

@@ -253,12 +253,12 @@ CASES = [
     (
         "hf",
         lambda d, r: [f"--import_from={r / 'peft_alpha_str'}", f"--out_dir={r / 'x'}"],
-        "lora_alpha must be a number > 0",
+        "lora_alpha must be a finite number > 0",
     ),
     (
         "hf",
         lambda d, r: [f"--import_from={r / 'peft_r0'}", f"--out_dir={r / 'x'}"],
-        "r must be a number > 0, got 0",
+        "r must be a finite number > 0, got 0",
     ),
     (
         "hf",
@@ -740,3 +740,33 @@ def test_a_peft_adapter_without_lora_alpha_imports_with_peft_default(world):
     model, info, _ = hf.import_peft(str(world / "peft_noalpha"))
     r = json.loads((world / "peft_ok" / "adapter_config.json").read_text())["r"]
     assert {s["scaling"] for s in info["layers"].values()} == {8 / r}
+
+
+def test_a_diverged_checkpoint_and_a_bad_path_say_what_they_are(char_data, tmp_path):
+    """A checkpoint whose adapter holds nan is refused naming the adapter (not the base) and the
+    tensors, by every reader; an OSError on a path the user gave says the path and what to do."""
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    train.train(run_args(char_data, base, max_iters=2, eval_interval=2), environ={})
+    train.train(
+        run_args(char_data, lora, adapter="lora", init_from=str(base), max_iters=2, eval_interval=2),
+        environ={},
+    )
+    ckpt = load_checkpoint(str(lora))
+    ckpt["model"]["transformer.h.1.attn.c_attn.lora_B"][0, 0] = float("nan")
+    checkpoint.save_checkpoint(ckpt, str(lora / "ckpt.pt"))
+    for main, argv in (
+        (sample.sample, [f"--out_dir={lora}", "--device=cpu", "--max_new_tokens=2"]),
+        (train.train, run_args(char_data, tmp_path / "ft", adapter="lora", init_from=str(lora))),
+        (hf.main, [f"--out_dir={lora}"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(main, argv)
+        assert str(exit_info.value.code) == (
+            f"error: {lora}/ckpt.pt holds nan or inf in its adapter (transformer.h.1.attn.c_attn.lora_B): the "
+            "run diverged; use an earlier checkpoint or train again with a lower learning rate"
+        )
+    with pytest.raises(SystemExit) as exit_info:
+        cli(sample.sample, [f"--out_dir={base}", "--device=cpu", f"--prompts={tmp_path}"])
+    assert str(exit_info.value.code) == (
+        f"error: {tmp_path}: Is a directory: a folder stands where a file is expected: name the file inside it"
+    )
