@@ -105,6 +105,13 @@ def load_checkpoint(path, map_location="cpu"):
     elif ckpt["format"] != FORMAT:
         raise CheckpointError(f"{path} has format {ckpt['format']!r}; this code reads {FORMAT!r}")
     ckpt.setdefault("adapter", dict(NO_ADAPTER))
+    kind = ckpt["adapter"]["kind"]
+    if kind not in FAMILIES:
+        plugins = ckpt.get("config", {}).get("plugins") or "YOUR_MODULE"
+        raise CheckpointError(
+            f"{path} was trained with adapter {kind!r}, which no loaded module registers: pass "
+            f"--plugins={plugins} (the module that registers it)"
+        )
     bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # named for what they are: a diverged adapter is not a broken base
         targets = tuple(t + "." for t in ckpt["adapter"].get("targets", []))

@@ -75,6 +75,34 @@ def config_defaults(names):
     }
 
 
+def import_plugins(argv):
+    """The modules --plugins=a,b names (module names found from the working directory, or paths to .py
+    files), imported before any key is read: a module that calls adapters.register adds its family and
+    the family's keys to every script. One line for a module that cannot be found."""
+    import importlib
+    import importlib.util
+
+    given = [a.partition("=")[2] for a in argv if a.startswith("--plugins=")]
+    for name in (n.strip() for n in (given[-1] if given else "").split(",") if n.strip()):
+        if name.endswith(".py"):
+            if not os.path.isfile(name):
+                raise ConfigError(f"--plugins: no file {name!r}; give the path of your module's .py file")
+            module = os.path.splitext(os.path.basename(name))[0]
+            if module not in sys.modules:
+                spec = importlib.util.spec_from_file_location(module, name)
+                sys.modules[module] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(sys.modules[module])
+            continue
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"--plugins: no module {name!r} in the working directory or on sys.path; put {name}.py here "
+                "or pass its path (--plugins=path/to/it.py)"
+            )
+        importlib.import_module(name)
+
+
 def configure(defaults, argv, environ=None, test_overrides=None, described=None, given=None):
     """defaults <- config files in argv <- environment <- --key=value in argv. With TEST_MODE=True (or
     test_mode=True anywhere) `test_overrides` apply just before the --key=value overrides.
@@ -86,6 +114,8 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
         env = environ != {} and any(k in defaults for k in ("adapter", *ENV_KEYS.values()))
         print(help_text(caller.get("__file__", "script.py"), caller.get("__doc__"), defaults, env, described))
         raise SystemExit(0)
+    if "plugins" in defaults:
+        import_plugins(argv)
     config = dict(defaults)
     environ = os.environ if environ is None else environ
     overrides = {}
@@ -103,6 +133,11 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
             raise ConfigError(f"argument {arg!r}: overrides are written --key=value")
         else:
             from_file = _read_config_file(arg, defaults)
+            if "plugins" in from_file:
+                raise ConfigError(
+                    f"{arg}: plugins is read before config files: pass --plugins={from_file['plugins']} on the "
+                    "command line"
+                )
             config.update(from_file)
             if given is not None:
                 given.update(dict.fromkeys(from_file, arg))

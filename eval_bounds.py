@@ -65,6 +65,7 @@ choices = ""  # hyperparameter choices made by looking at results, 'name=count,.
 batch_size = 64  # blocks per forward pass
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'mps'
 seed = 1337  # seeds the sampled blocks and documents
+plugins = ""  # modules imported first (names or .py paths): the families a run was trained with
 DEFAULTS = config_defaults(globals())
 
 

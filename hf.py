@@ -71,6 +71,7 @@ base = ""  # import: the base, a gpt2 name or GPT-2 folder ('' = the adapter's);
 dataset = "openwebtext"  # import: data/<dataset>/ holds the data to score the imported run on
 data_dir = ""  # import: that data folder itself ('' = data/<dataset>)
 overwrite = False  # replace an existing export_dir / run folder
+plugins = ""  # modules imported first (names or .py paths): the families a run was trained with
 DEFAULTS = config_defaults(globals())
 
 PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model

@@ -38,6 +38,7 @@ batch_size = 0  # texts generated together; 0 = all of them. A batch of one stre
 kv_cache = True  # cache keys and values (False: recompute the whole context for every token)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # 'cpu', 'cuda', 'cuda:N' or 'mps'
 merge = False  # fold the adapters into the base weights before sampling
+plugins = ""  # modules imported first (names or .py paths): the families a run was trained with
 DEFAULTS = config_defaults(globals())
 
 

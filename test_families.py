@@ -269,3 +269,47 @@ def test_a_registered_family_gets_every_per_family_test(tmp_path):
         "test_the_prior_and_the_decoded_message_rebuild_the_scored_model",
     ):
         assert any(test in line for line in passed), test
+
+
+def test_the_readme_family_reaches_the_command_line(char_data, tmp_path):
+    """The README's "Adding a family" code, saved as gainlora.py in the working directory, works from the
+    command line exactly as the README says: train.py --plugins=gainlora --adapter=gainlora
+    --gain_init=0.5 trains it (the gain starts at 0.5), and sample.py and eval_bounds.py read the run
+    with the same --plugins; without it, a reader says which --plugins to pass."""
+    import re
+    import subprocess
+    import sys
+
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Adding a family") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "gainlora.py").write_text(code)
+    env = dict(os.environ, PYTHONPATH=HERE)
+
+    def run(script, *args):
+        return subprocess.run(
+            [sys.executable, os.path.join(HERE, script), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+
+    out = tmp_path / "run"
+    args = run_args(char_data, out, max_iters=4, eval_interval=4, init_from="scratch")
+    done = run("train.py", "--plugins=gainlora", "--adapter=gainlora", "--gain_init=0.5", *args)
+    assert done.returncode == 0, done.stderr
+    assert "adapter gainlora:" in done.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # this process has not imported gainlora
+    assert ckpt["config"]["gain_init"] == 0.5 and ckpt["config"]["plugins"] == "gainlora"
+    gains = [v for k, v in ckpt["model"].items() if k.endswith(".gain")]
+    assert gains and all(abs(float(g) - 0.5) < 0.1 for g in gains)  # from 0.5, a few steps moved
+    sampled = run("sample.py", "--plugins=gainlora", f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5")
+    assert sampled.returncode == 0, sampled.stderr
+    refused = run("sample.py", f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5")
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"error: {out}/ckpt.pt was trained with adapter 'gainlora', which no loaded module registers: pass "
+        "--plugins=gainlora (the module that registers it)"
+    ]
+    missing = run("train.py", "--plugins=nothere", *args)
+    assert "--plugins: no module 'nothere' in the working directory" in missing.stderr

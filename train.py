@@ -60,6 +60,7 @@ from configurator import (
     cli,
     config_defaults,
     configure,
+    import_plugins,
 )
 from files import atomic_write
 from model import MODELS, GPTConfig
@@ -115,6 +116,7 @@ compile_mode = "default"  # 'default' | 'reduce-overhead' (CUDA graphs: no launc
 backend = ""  # DDP backend; '' = nccl on cuda, gloo on cpu
 seed = 1337  # seeds the model init, dropout and the batch order
 test_mode = False  # TEST_MODE=True: the sizes below, for a run of seconds
+plugins = ""  # modules imported first (names or .py paths, comma-separated): they may register() families
 OWN_KEYS = config_defaults(globals())
 TEST_MODE = dict(
     max_iters=20,
@@ -189,6 +191,7 @@ class Diverged(RuntimeError):
 
 def read_config(argv, environ):
     """(config, {key: where the user set it}), every check that needs no data or model done."""
+    import_plugins(argv)  # before the keys: a plugin's family brings its own
     defaults, given = all_keys(), {}
     described = {k: (section, text) for k, (_, _, text, section) in config_keys().items()}
     c = configure(defaults, list(argv), environ, TEST_MODE, described, given)
