@@ -6,9 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# offline on any machine: testdata/ holds Tiny Shakespeare and tiktoken's GPT-2 ranks
+# offline on any machine: testdata/ holds Tiny Shakespeare and tiktoken's GPT-2 ranks (prepare.py reads them)
 SHAKESPEARE := testdata/tinyshakespeare.txt
-export TIKTOKEN_CACHE_DIR ?= $(abspath testdata/tiktoken_cache)
 export WANDB_MODE ?= offline
 
 .PHONY: install install-test demo test gpu-check clean

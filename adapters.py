@@ -288,11 +288,8 @@ def config_keys():
     family's own."""
     keys = {k: (*v, "adapter: the keys every family reads") for k, v in SHARED_KEYS.items()}
     for family in FAMILIES.values():
-        section = (
-            f"{family.kind}: {(family.__doc__ or '').strip().splitlines()[0]}"
-            if family.__doc__
-            else family.kind
-        )
+        sentence = " ".join((family.__doc__ or "").split()).split(". ")[0].rstrip(".")  # its first, whole
+        section = f"{family.kind}: {sentence}" if sentence else family.kind
         keys.update({k: (*v, section) for k, v in family.keys.items()})
     return keys
 

@@ -125,9 +125,7 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
             if not eq:
                 raise ConfigError(f"argument {arg!r}: write --{key}=VALUE")
             if key not in config:
-                raise ConfigError(
-                    f"unknown config key {key!r} in {arg!r}; known keys: {', '.join(sorted(config))}"
-                )
+                raise ConfigError(f"unknown config key {key!r} in {arg!r}; {_suggest(key, config)}")
             overrides[key] = _typed(key, _parse(text, defaults[key]), defaults[key], f"--{key}")
         elif "=" in arg:
             raise ConfigError(f"argument {arg!r}: overrides are written --key=value")
@@ -164,6 +162,15 @@ def configure(defaults, argv, environ=None, test_overrides=None, described=None,
     return config
 
 
+def _suggest(key, known):
+    """'did you mean ...?' for a mistyped key (the closest known ones), and where the list is."""
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+    mean = f"did you mean {' or '.join(repr(k) for k in close)}? " if close else ""
+    return f"{mean}(--help lists every key)"
+
+
 def _read_config_file(path, defaults):
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist (configs live in config/)")
@@ -175,9 +182,7 @@ def _read_config_file(path, defaults):
         if key.startswith("_") or type(value).__name__ == "module":
             continue
         if key not in defaults:
-            raise ConfigError(
-                f"{path}: unknown config key {key!r}; known keys: {', '.join(sorted(defaults))}"
-            )
+            raise ConfigError(f"{path}: unknown config key {key!r}; {_suggest(key, defaults)}")
         values[key] = _typed(key, value, defaults[key], path)
     return values
 

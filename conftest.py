@@ -9,11 +9,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE = os.path.join(HERE, "testdata", "tinyshakespeare.txt")  # karpathy/char-rnn's input.txt
-TIKTOKEN_CACHE = os.path.join(
-    HERE, "testdata", "tiktoken_cache"
-)  # tiktoken's cached r50k_base (= GPT-2) ranks
-if os.path.isdir(TIKTOKEN_CACHE):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

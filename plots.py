@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configurator import ConfigError, cli  # noqa: E402
 from files import atomic_write  # noqa: E402
 
 
@@ -355,5 +356,21 @@ def main(out_dirs):
         print(f"wrote {plot_losses(out_dirs)}")
 
 
+def command(argv):
+    """plots.py's command line: run folders (default: out), or --help."""
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: python plots.py [RUN_DIR ...]   (default: out)\n{__doc__}")
+        return
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:
+        raise ValueError(
+            f"plots.py takes run folders, not {flags[0]!r}: python plots.py out-demo-base out-demo-lora"
+        )
+    missing = [d for d in argv or ["out"] if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+    if missing:
+        raise ConfigError(f"{missing[0]!r} holds no metrics.jsonl: name a run folder train.py wrote")
+    main(argv or ["out"])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["out"])
+    cli(command, sys.argv[1:])

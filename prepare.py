@@ -17,8 +17,8 @@ and meta.json (vocabulary and tokenizer; JSON, not pickle).
       --overwrite=True     replace a different dataset already prepared in out_dir (refused otherwise)
       --vocab_from=DIR     shakespeare_char: the character ids of the dataset in DIR (to fine-tune a model trained on it)
 
-Without internet, tiktoken reads its ranks from TIKTOKEN_CACHE_DIR: `gpt2` is tried first, then
-`r50k_base`, which has the same ranks and <|endoftext|> id.
+tiktoken reads its ranks from TIKTOKEN_CACHE_DIR (default: this repo's testdata/tiktoken_cache): `gpt2`
+is tried first, then `r50k_base`, which has the same ranks and <|endoftext|> id.
 """
 
 import json
@@ -37,9 +37,16 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 EOT = 50256  # GPT-2's <|endoftext|>: separates documents
 
 
+TIKTOKEN_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "tiktoken_cache")
+
+
 def gpt2_encoding():
+    """tiktoken's GPT-2 encoding. Its ranks ship in testdata/tiktoken_cache, read unless TIKTOKEN_CACHE_DIR
+    names another cache: no download, online or off."""
     import tiktoken
 
+    if os.path.isdir(TIKTOKEN_CACHE):
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:  # offline: gpt2's files cannot be fetched; r50k_base is the same encoding
@@ -47,8 +54,8 @@ def gpt2_encoding():
             return tiktoken.get_encoding("r50k_base")
         except Exception as e:
             raise RuntimeError(
-                "cannot load the GPT-2 tokenizer offline: point TIKTOKEN_CACHE_DIR at a folder "
-                f"holding tiktoken's cached ranks ({e})"
+                "cannot load the GPT-2 tokenizer offline: point TIKTOKEN_CACHE_DIR at a folder holding "
+                f"tiktoken's cached ranks, such as this repo's testdata/tiktoken_cache ({e})"
             ) from None
 
 

@@ -50,11 +50,15 @@ def test_values_are_parsed_and_type_checked():
 
 
 def test_unknown_keys_and_files(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config key 'lora_rnak'"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'lora_rnak'.*did you mean 'lora_rank'\\? .--help"
+    ):
         configure(DEFAULTS, ["--lora_rnak=4"], {})
+    with pytest.raises(ConfigError, match="unknown config key 'zzz' in '--zzz=1'; .--help lists every key.$"):
+        configure(DEFAULTS, ["--zzz=1"], {})
     cfg = tmp_path / "c.py"
-    cfg.write_text("learning_rat = 1e-3\n")
-    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'"):
+    cfg.write_text("max_iter = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'max_iter'; did you mean 'max_iters'"):
         configure(DEFAULTS, [str(cfg)], {})
     with pytest.raises(ConfigError, match="does not exist"):
         configure(DEFAULTS, ["config/nope.py"], {})

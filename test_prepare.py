@@ -213,3 +213,28 @@ def test_offline_hf_import_names_its_own_flag(tmp_path):
         proc.stderr
     )
     assert "hf.py: --base=PATH" in lines[0]
+
+
+def test_prepare_finds_the_bundled_gpt2_ranks_by_itself(tmp_path):
+    """`python prepare.py shakespeare` from another folder, TIKTOKEN_CACHE_DIR unset: it reads the ranks
+    in testdata/tiktoken_cache (the README's step-by-step line works offline as written), and the ids
+    are GPT-2's."""
+    from conftest import SHAKESPEARE
+
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "prepare.py"),
+            "shakespeare",
+            f"--input={SHAKESPEARE}",
+            "--out_dir=bpe",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    ids = np.fromfile(tmp_path / "bpe" / "train.bin", dtype=np.uint16)
+    assert ids[:4].tolist() == [5962, 22307, 25, 198]  # "First Citizen:\n" in GPT-2's BPE

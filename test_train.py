@@ -579,3 +579,24 @@ def test_bfloat16_on_the_cpu_trains_in_bfloat16(char_data, tmp_path):
     train.train(run_args(char_data, tmp_path / "bf16", dtype="bfloat16", **kw), environ={})
     fp32, bf16 = step_losses(tmp_path / "fp32"), step_losses(tmp_path / "bf16")
     assert all(fp32[i] != bf16[i] for i in range(6)) and all(abs(fp32[i] - bf16[i]) < 0.05 for i in range(6))
+
+
+def test_a_long_eval_shows_its_progress(char_data, monkeypatch):
+    """An eval whose batches take 10 seconds each prints where it is every 15 seconds (split, batch,
+    share of the whole eval, ETA from the time so far), so a CPU run's long eval is not silent; the
+    losses are the ones a silent eval gives."""
+    from contextlib import nullcontext
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65))
+    c = dict(seed=1, block_size=16, eval_iters=4, batch_size=2)
+    args = (model, c, char_data, 65, "cpu", nullcontext(), 0, 1)
+    silent = train.estimate_loss(*args)
+    clock = iter(range(0, 10_000, 10))  # every call to time.time() is 10 seconds later
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    lines = []
+    assert train.estimate_loss(*args, say=lines.append) == silent
+    assert lines[0] == "  eval train: batch 2/4, 25% of the eval, eta 0:02:00"  # 40 s for a quarter
+    assert lines[-1].startswith("  eval val: batch 4/4, 100% of the eval, eta 0:00:00")

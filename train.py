@@ -321,11 +321,11 @@ def get_lr(it, c):
 
 
 @torch.no_grad()
-def estimate_loss(model, c, data_dir, vocab, device, autocast, rank, world):
+def estimate_loss(model, c, data_dir, vocab, device, autocast, rank, world, say=None):
     """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared among
-    the processes."""
+    the processes. `say` (process 0's print) gets a progress line every 15 seconds of a long eval."""
     model.eval()
-    out = {}
+    out, start, shown = {}, time.time(), time.time()
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(c["seed"] + 1)
         ix = torch.randint(
@@ -337,6 +337,13 @@ def estimate_loss(model, c, data_dir, vocab, device, autocast, rank, world):
             with autocast:
                 _, loss = model(X, Y)
             total_loss += torch.stack([loss.float(), torch.ones((), device=device)])
+            if say and time.time() - shown > 15:
+                done = (k + 1) / c["eval_iters"] / 2 + (split == "val") / 2  # of both splits
+                eta = format_eta((time.time() - start) * (1 - done) / done)
+                say(
+                    f"  eval {split}: batch {k + 1}/{c['eval_iters']}, {100 * done:.0f}% of the eval, eta {eta}"
+                )
+                shown = time.time()
         if world > 1:
             dist.all_reduce(total_loss)
         out[split] = (total_loss[0] / total_loss[1]).item()
@@ -576,7 +583,7 @@ class Run:
 
     def evaluate(self, it, lr, first):
         """Train and val loss; process 0 returns the eval row and saves the checkpoint."""
-        c = self.c
+        c, say = self.c, print if self.master else None
         if first and self.master:  # the first eval can take a while on a CPU: say what runs
             print(
                 f"step {it}: evaluating {c['eval_iters']} batches of {c['batch_size']} x {c['block_size']} "
@@ -584,7 +591,7 @@ class Run:
                 flush=True,
             )
         losses = estimate_loss(
-            self.model, c, self.data_dir, self.vocab, self.device, self.autocast, self.rank, self.world
+            self.model, c, self.data_dir, self.vocab, self.device, self.autocast, self.rank, self.world, say
         )
         if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
             self.diverged(f"the eval loss became {losses}", it)
