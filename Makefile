@@ -4,6 +4,8 @@
 # make gpu-check: on a CUDA machine, the device tests on CUDA (compiled training of every adapter) and
 #                 bench.py eager vs compiled, as a table
 PYTHON ?= python3
+# torch's own index, installed from first when set: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # offline on any machine: testdata/ holds Tiny Shakespeare and tiktoken's GPT-2 ranks (prepare.py reads them)
@@ -14,6 +16,7 @@ export WANDB_MODE ?= offline
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 --index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
