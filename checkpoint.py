@@ -56,6 +56,7 @@ RUN_FILES = (
     "bounds.json",
     "bound_parts.png",
     "bound_vs_alpha.png",
+    "summary.md",
     "peft",
 )
 

@@ -46,20 +46,51 @@ def read_metrics(out_dir):
     return rows
 
 
-def report(out_dirs):
-    """One line per run: val loss at its first and last eval, trainable fraction, speed (the run's mean,
-    evals excluded; the median logged step for runs from before it was recorded)."""
-    print(f"{'run':<28} {'iters':>6} {'val first':>10} {'val last':>9} {'trainable':>22} {'tok/s':>8}")
+def summary(out_dirs):
+    """One row per run, as printed: iterations, val loss at its first and last eval, trainable share,
+    speed (the run's mean, evals excluded; the median logged step for runs from before it was
+    recorded)."""
+    out = []
     for d in out_dirs:
         rows = read_metrics(d)
         evals = [r for r in rows if r["val_loss"] is not None]
         speed = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
         speed = [rows[-1]["mean_tokens_per_s"]] if "mean_tokens_per_s" in rows[-1] else speed
-        frac = f"{rows[-1]['trainable_params']:,} ({100 * rows[-1]['trainable_params'] / rows[-1]['total_params']:.2f}%)"
-        print(
-            f"{d:<28} {rows[-1]['iter']:>6} {evals[0]['val_loss']:>10.4f} {evals[-1]['val_loss']:>9.4f} {frac:>22} "
-            f"{sorted(speed)[len(speed) // 2] if speed else 0:>8,.0f}"
+        share = 100 * rows[-1]["trainable_params"] / rows[-1]["total_params"]
+        out.append(
+            dict(
+                run=d,
+                iters=str(rows[-1]["iter"]),
+                val_first=f"{evals[0]['val_loss']:.4f}",
+                val_last=f"{evals[-1]['val_loss']:.4f}",
+                trainable=f"{rows[-1]['trainable_params']:,} ({share:.2f}%)",
+                tokens_per_s=f"{sorted(speed)[len(speed) // 2] if speed else 0:,.0f}",
+            )
         )
+    return out
+
+
+def report(out_dirs):
+    """The summary lines (summary), printed, and as a markdown table in the last run's folder
+    (summary.md). Returns its path."""
+    rows = summary(out_dirs)
+    print(f"{'run':<28} {'iters':>6} {'val first':>10} {'val last':>9} {'trainable':>22} {'tok/s':>8}")
+    for r in rows:
+        print(
+            f"{r['run']:<28} {r['iters']:>6} {r['val_first']:>10} {r['val_last']:>9} {r['trainable']:>22} "
+            f"{r['tokens_per_s']:>8}"
+        )
+    table = [
+        "| run | iters | val loss first → last | trainable | tokens/s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    table += [
+        f"| {r['run']} | {r['iters']} | {r['val_first']} → {r['val_last']} | {r['trainable']} | {r['tokens_per_s']} |"
+        for r in rows
+    ]
+    path = os.path.join(out_dirs[-1], "summary.md")
+    atomic_write(path, "\n".join(table) + "\n")
+    return path
 
 
 def save(fig, folder, name):
@@ -346,7 +377,7 @@ def plot_pareto(sweep_dir, results):
 def main(out_dirs):
     """The summary lines, every plot each run's metrics allow, and the runs' losses on one figure when
     there are several."""
-    report(out_dirs)
+    print(f"wrote {report(out_dirs)}")
     for d in out_dirs:
         paths = [plot_losses([d])]
         if any(r.get("effective_rank") for r in read_metrics(d)):

@@ -204,3 +204,24 @@ def test_the_readme_api_line_is_adapters_all():
     named = set(re.findall(r"`(\w+)`", paragraph)) - {"__all__"}
     assert named == set(adapters.__all__)
     assert all(hasattr(adapters, name) for name in adapters.__all__)
+
+
+RESULTS = ("bench", "compare")  # the folders of measured results: tables and JSON that commands wrote
+
+
+def test_every_measured_number_in_the_readme_tables_is_in_a_results_file():
+    """A number in a README table with a decimal point, a thousands separator or a percent sign is a
+    measurement: it must appear, as printed, in a results file that a command wrote (bench/, compare/),
+    so a refreshed run and the text cannot drift apart unnoticed."""
+    text = ""
+    for folder in RESULTS:
+        for name in sorted(os.listdir(os.path.join(HERE, folder))):
+            if name.endswith((".md", ".json")):
+                text += open(os.path.join(HERE, folder, name), encoding="utf-8").read()
+    rows = [line for line in open(os.path.join(HERE, "README.md"), encoding="utf-8") if line.startswith("| ")]
+    numbers = [
+        n for row in rows for n in re.findall(r"\d[\d,]*\.\d+%?|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?%", row)
+    ]
+    assert len(numbers) > 20  # the tables are there and were read
+    missing = [n for n in numbers if n not in text]
+    assert not missing, f"README table numbers found in no results file: {missing}"
