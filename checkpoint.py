@@ -35,7 +35,7 @@ from adapters import (
     merge_adapters,
 )
 from configurator import ConfigError
-from files import atomic_write, lock_folder
+from files import atomic_write, file_sha256, lock_folder
 from model import GPT, MODELS, GPTConfig, gpt2_config_args, is_gpt2_folder
 from prepare import check_vocabulary, read_meta
 
@@ -303,6 +303,29 @@ def load_resumed(c):
             f"top of it with --init_from={c['out_dir']} and another --out_dir"
         )
     return ckpt
+
+
+def data_provenance(c, data_dir, data_range, base, resumed, digest=True):
+    """What a run trains on, as its checkpoints record it: the token file (path and SHA-256; digest=False
+    skips reading it, for processes that do not save), the token range [lo, hi) its batches come from,
+    and the provenance of the base it started from: 'scratch' for a seeded random init, the base run's
+    own record, or 'unrecorded: NAME' (GPT-2, a checkpoint from before runs recorded their data). A
+    resume keeps its checkpoint's."""
+    if resumed is not None and "provenance" in resumed:
+        return resumed["provenance"]
+    if resumed is not None:
+        prior = f"unrecorded: {c['init_from']} (resumed from a checkpoint that records none)"
+    elif c["init_from"] == "scratch":
+        prior = "scratch"
+    else:
+        prior = (base or {}).get("provenance") or f"unrecorded: {c['init_from']}"
+    path = os.path.join(data_dir, "train.bin")
+    return dict(
+        data_dir=os.path.abspath(data_dir),
+        train_sha256=file_sha256(path) if digest else None,
+        range=list(data_range),
+        base=prior,
+    )
 
 
 def base_checkpoint(c):

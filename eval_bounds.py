@@ -44,7 +44,7 @@ from adapters import adapter_state_dict, family_of
 from checkpoint import CheckpointError, build_model, checkpoint_path, initial_model, load_checkpoint
 from configurator import ConfigError, check_device, check_ranges, cli, config_defaults, configure
 from files import atomic_write, file_sha256, read_json
-from prepare import EOT, check_vocabulary, load_tokenizer, read_meta
+from prepare import check_vocabulary, documents, load_tokenizer, read_meta, separator
 
 out_dir = "out"  # a run to bound
 sweep_dir = ""  # or every run below this folder (a sweep.py output), plus the Pareto plot
@@ -339,18 +339,6 @@ def per_token_stats(model, x, y, alphas, ks, vocab):
     return smooth, centre, errors, error_centre
 
 
-def documents(train, separator):
-    """(start, end) of every training document: the spans between separator token sequences."""
-    sep = np.asarray(separator, dtype=train.dtype)
-    hits = np.flatnonzero(
-        np.all([train[i : len(train) - len(sep) + 1 + i] == t for i, t in enumerate(sep)], axis=0)
-    )
-    starts = np.concatenate([[0], hits + len(sep)])
-    ends = np.concatenate([hits, [len(train)]])
-    keep = ends - starts >= 2  # a document needs a token and a next token
-    return starts[keep], ends[keep]
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -424,7 +412,7 @@ def dequantize(state, groups, coded):
 
 
 MEANING = {
-    "token": "the average, over the N training positions, of the expected smoothed loss of the token at that "
+    "token": "the average, over the N training positions scored (the run's part of train.bin), of the expected smoothed loss of the token at that "
     "position given the text before it (Lotfi et al. 2024: tokens as data points); not the loss on unseen "
     "text. No independence is assumed: the positions form a martingale",
     "document": "the expected loss (per-token average within a document) of a new document drawn like the training "
@@ -487,6 +475,7 @@ class Run:
     probe: torch.Tensor  # one block: the logits check's input
     caveats: list
     checkpoint: dict  # what was scored: its iteration and the SHA-256 of ckpt.pt
+    provenance: dict | None  # the data the run and its bases trained on (checkpoint.data_provenance)
 
 
 def open_run(c, run_dir):
@@ -503,6 +492,10 @@ def open_run(c, run_dir):
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
+    provenance = ckpt.get("provenance")
+    notes = prior_data(provenance, file_sha256(os.path.join(data_dir, "train.bin")), run_dir, cfg)
+    if provenance:  # the part the run trained on is the part scored (prepare.py --prior_fraction)
+        train = train[provenance["range"][0] : provenance["range"][1]]
     check_vocabulary(
         ckpt.get("meta"), meta, run_dir, data_dir
     )  # scored on the vocabulary it trained on, or refused
@@ -523,7 +516,7 @@ def open_run(c, run_dir):
         c["device"]
     )  # one block, one forward
     check_rebuild(prior, model, state, probe[:, :-1], probe[:, 1:], run_dir)
-    notes = caveats(cfg, meta)
+    notes += caveats(meta)
     for caveat in notes:
         print(f"  warning: {caveat}")
     return Run(
@@ -541,6 +534,7 @@ def open_run(c, run_dir):
         probe=probe,
         caveats=notes,
         checkpoint=scored,
+        provenance=provenance,
     )
 
 
@@ -565,27 +559,61 @@ def check_earlier_bounds(run_dir, scored, overwrite):
         )
 
 
-def caveats(cfg, meta):
-    """What the bound assumes of the base's data and of the vocabulary, in words."""
-    out = []
-    base = cfg.get("init_from", "scratch")
-    if base != "scratch":
-        where = (
-            "GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may "
-            "be"
-            if base.startswith("gpt2")
-            else f"the base comes from {base!r}"
+def prior_data(provenance, scored_sha, run_dir, cfg):
+    """What the bound assumes of the data its prior saw, from the run's provenance (checkpoint.
+    data_provenance). The prior is the base (with the run's seed): each base in the chain that trained on
+    tokens of this train.bin overlapping the scored ones means no bound (one line naming both ranges); a
+    disjoint part is proven unseen; a base trained on another file, or one that recorded nothing (GPT-2,
+    an older checkpoint), is a caveat in words. The scored file must be the one the run trained on.
+    Returns the caveats."""
+    if not provenance:  # a checkpoint from before runs recorded their data, or an import
+        base = cfg.get("init_from", "scratch")
+        return [] if base == "scratch" else [unrecorded(base)]
+    if provenance["train_sha256"] != scored_sha:
+        raise ConfigError(
+            f"{run_dir}: no bound: {provenance['data_dir']}/train.bin changed since the run trained on it "
+            f"(SHA-256 {provenance['train_sha256'][:12]}..., now {scored_sha[:12]}...): bound the data it trained on"
         )
-        out.append(
-            f"{where}: the bound holds only if that base never saw this training data (a prior must be "
-            "fixed before the data); a base that saw it makes the bound invalid"
-        )
+    lo, hi = provenance["range"]
+    out, base = [], provenance["base"]
+    while isinstance(base, dict):
+        if base["train_sha256"] != scored_sha:
+            out.append(
+                f"a base was trained on another file ({base['data_dir']}/train.bin, SHA-256 "
+                f"{base['train_sha256'][:12]}...): the bound holds only if that file holds none of the scored text"
+            )
+        elif max(lo, base["range"][0]) < min(hi, base["range"][1]):
+            raise ConfigError(
+                f"{run_dir}: no bound: its prior's base trained on tokens [{base['range'][0]:,}, {base['range'][1]:,}) "
+                f"of train.bin, which overlap the scored tokens [{lo:,}, {hi:,}); a prior must never have seen the "
+                "data: pretrain on one part and fine-tune on the other (prepare.py --prior_fraction, train.py "
+                "--data_part=prior / bound)"
+            )
+        base = base["base"]
+    return out + ([unrecorded(base.removeprefix("unrecorded: "))] if base != "scratch" else [])
+
+
+def unrecorded(base):
+    """The caveat for a base whose training data nothing records."""
+    where = (
+        "GPT-2's training data (WebText, pages linked from Reddit) overlaps the web, where this text may be"
+        if base.startswith("gpt2")
+        else f"the base comes from {base!r}, which records no training data"
+    )
+    return (
+        f"{where}: the bound holds only if that base never saw this training data (a prior must be fixed "
+        "before the data); a base that saw it makes the bound invalid"
+    )
+
+
+def caveats(meta):
+    """What the bound assumes of the vocabulary, in words."""
     if meta and meta.get("tokenizer") == "char":
-        out.append(
+        return [
             "the character vocabulary was read from the corpus itself: Δ and the random-guess line "
             "assume no character outside it"
-        )
-    return out
+        ]
+    return []
 
 
 def batches(c, train, block, starts):
@@ -766,11 +794,7 @@ def document_separator(c, meta):
     """The token ids between two training documents."""
     if c["doc_separator"]:
         return load_tokenizer(meta)[0](c["doc_separator"].encode().decode("unicode_escape"))
-    if meta and meta.get("separator"):  # the dataset's own: bytes datasets name theirs (NUL between files)
-        return meta["separator"]
-    if meta and meta.get("tokenizer") == "char":
-        return load_tokenizer(meta)[0]("\n\n")
-    return [EOT]
+    return separator(meta)
 
 
 def top_k_rows(level, errors, ks, vocab, K_bits, N, s, eps, candidates):
@@ -848,6 +872,7 @@ def evaluate(c, run_dir):
         "meaning": MEANING,
         "caveats": r.caveats,
         "checkpoint": r.checkpoint,
+        "provenance": r.provenance,
         "loss_before_quantization_bits": t.before,
         "loss_after_quantization_bits": t.smooth[0],
         "message": t.msg,

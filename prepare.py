@@ -154,7 +154,8 @@ class DataError(FileNotFoundError):
 
 
 def open_data(c):
-    """(data folder, its meta.json or None) for train.py's config c, checked before any model is built."""
+    """(data folder, its meta.json or None, the token range [lo, hi) of train.bin to train on) for
+    train.py's config c, checked before any model is built."""
     path = c["data_dir"] or os.path.join("data", c["dataset"])
     for f in ("train.bin", "val.bin"):
         if not os.path.isfile(os.path.join(path, f)):
@@ -171,8 +172,12 @@ def open_data(c):
                 f"{path}/{split}.bin holds {n:,} tokens, not more than block_size {c['block_size']}: lower "
                 "--block_size" + (" or prepare with a larger --val_fraction" if split == "val" else "")
             )
+    meta = read_meta(path)
+    lo, hi = data_range(meta, c["data_part"], num_tokens(path, "train"), path)
+    if hi - lo <= c["block_size"]:
+        raise DataError(f"{path}'s {c['data_part']} part holds {hi - lo:,} tokens, not more than block_size")
     # memmaps are reopened per batch (nanoGPT: avoids a slow memory leak of a long-lived memmap)
-    return path, read_meta(path)
+    return path, meta, [lo, hi]
 
 
 def check_token_ids(data_dir, vocab_size):
@@ -510,6 +515,63 @@ def prepare_hf(
     )
 
 
+def separator(meta):
+    """The token ids between two documents of a dataset: its meta.json's own (bytes datasets name theirs:
+    NUL between files), a blank line for characters, else GPT-2's <|endoftext|>."""
+    if meta and meta.get("separator"):
+        return meta["separator"]
+    if meta and meta.get("tokenizer") == "char":
+        return load_tokenizer(meta)[0]("\n\n")
+    return [EOT]
+
+
+def documents(train, sep):
+    """(start, end) of every document of a token array: the spans between `sep` token sequences."""
+    sep = np.asarray(sep, dtype=train.dtype)
+    hits = np.flatnonzero(
+        np.all([train[i : len(train) - len(sep) + 1 + i] == t for i, t in enumerate(sep)], axis=0)
+    )
+    starts = np.concatenate([[0], hits + len(sep)])
+    ends = np.concatenate([hits, [len(train)]])
+    keep = ends - starts >= 2  # a document needs a token and a next token
+    return starts[keep], ends[keep]
+
+
+def split_parts(out_dir, prior_fraction):
+    """Split a prepared dataset's training tokens into a prior part (the first documents, about
+    `prior_fraction` of the tokens) and a bound part (the rest), at a document boundary, recorded in
+    meta.json as parts = {"prior": [0, a], "bound": [a, n]}: a model pretrained on the prior part has
+    provably never seen the bound part, so it can be a bound's prior (train.py --data_part)."""
+    if not 0 < prior_fraction < 1:
+        raise ValueError(f"--prior_fraction must be in (0, 1), got {prior_fraction}")
+    meta = read_meta(out_dir) or {"tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT}
+    train = np.memmap(os.path.join(out_dir, "train.bin"), dtype=np.uint16, mode="r")
+    starts, _ = documents(np.asarray(train), separator(meta))
+    later = starts[starts >= prior_fraction * len(train)]
+    if not len(later) or later[0] < 2:
+        raise ValueError(
+            f"{out_dir}/train.bin has no document boundary after {prior_fraction:.0%} of its tokens: choose "
+            "another --prior_fraction"
+        )
+    a = int(later[0])
+    meta["parts"] = {"prior": [0, a], "bound": [a, len(train)]}
+    atomic_write(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1))
+    print(f"parts: prior tokens [0, {a:,}), bound tokens [{a:,}, {len(train):,}) (a document boundary)")
+
+
+def data_range(meta, part, n, data_dir):
+    """The token range [lo, hi) of train.bin that `part` ('' = all of it, 'prior' or 'bound') names."""
+    if not part:
+        return [0, n]
+    parts = (meta or {}).get("parts", {})
+    if part not in parts:
+        raise ValueError(
+            f"data_part={part!r} but {data_dir}/meta.json records no parts: split the data first (python "
+            "prepare.py DATASET --prior_fraction=0.5)"
+        )
+    return list(parts[part])
+
+
 DATASETS = {
     "shakespeare_char": prepare_shakespeare_char,
     "shakespeare": prepare_shakespeare,
@@ -519,10 +581,10 @@ DATASETS = {
 }
 
 
-OPTIONS = ("input", "out_dir", "val_fraction", "num_proc", "overwrite", "vocab_from")
+OPTIONS = ("input", "out_dir", "val_fraction", "num_proc", "overwrite", "vocab_from", "prior_fraction")
 USAGE = (
     "usage: python prepare.py {" + "|".join(DATASETS) + "} [--input=PATH] [--out_dir=DIR] [--val_fraction=F] "
-    "[--num_proc=N] [--overwrite=True] [--vocab_from=DIR (characters)]"
+    "[--num_proc=N] [--overwrite=True] [--vocab_from=DIR (characters)] [--prior_fraction=F]"
 )
 
 
@@ -564,8 +626,17 @@ def main(argv):
         kwargs["num_proc"] = int(opts["num_proc"])
     if "vocab_from" in opts:
         kwargs["vocab_from"] = opts["vocab_from"]
+    prior = opts.get("prior_fraction")
+    try:
+        prior = None if prior is None else float(prior)
+    except ValueError:
+        raise ValueError(f"--prior_fraction must be a number in (0, 1), got {prior!r}") from None
+    if prior is not None and not 0 < prior < 1:
+        raise ValueError(f"--prior_fraction must be in (0, 1), got {prior}")
     os.makedirs(out_dir, exist_ok=True)
     DATASETS[name](out_dir, **kwargs)
+    if prior is not None:
+        split_parts(out_dir, prior)
     print(f"wrote {out_dir}/train.bin, val.bin, meta.json")
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import eval_bounds as eb
 import train
+from checkpoint import load_checkpoint
 from configurator import ConfigError
 from conftest import case_run_keys, run_args
 from model import GPT, GPTConfig
@@ -325,32 +327,90 @@ def test_an_adapter_message_holds_only_what_training_changed(tmp_path):
         assert len(torch.unique(torch.cat([params[n].detach().reshape(-1) for n in names]))) <= 5
 
 
-def test_a_pretrained_or_resumed_base_is_named_and_bounds_json_names_its_checkpoint(
-    char_data, tmp_path, capsys
-):
-    """The caveat names the real base of a resumed fine-tune (not 'resume'). bounds.json records the
-    iteration and SHA-256 of the checkpoint it bounded: bounded at 4, the run resumed to 8, the next
-    evaluation says the old one is stale and replaces it without --overwrite; the same checkpoint again
-    is refused without it."""
-    base, lora = tmp_path / "base", tmp_path / "lora"
-    train.train(run_args(char_data, base, max_iters=4, eval_interval=4), environ={})
-    kw = dict(adapter="lora", lora_rank=2, eval_interval=4)
-    train.train(run_args(char_data, lora, init_from=str(base), max_iters=4, **kw), environ={})
+def test_bounds_json_names_its_checkpoint(char_data, tmp_path, capsys):
+    """bounds.json records the iteration and SHA-256 of the checkpoint it bounded: bounded at 4, the run
+    resumed to 8, the next evaluation says the old one is stale and replaces it without --overwrite; the
+    same checkpoint again is refused without it."""
+    lora = tmp_path / "lora"
+    kw = dict(adapter="lora", lora_rank=2, eval_interval=4, init_from="scratch")
+    train.train(run_args(char_data, lora, max_iters=4, **kw), environ={})
     args = [f"--out_dir={lora}", "--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"]
     first = eb.main(args)[0]
-    assert first["checkpoint"] == dict(
-        iter_num=4, sha256=hashlib.sha256((lora / "ckpt.pt").read_bytes()).hexdigest()
-    )
-    train.train(run_args(char_data, lora, init_from="resume", max_iters=8, **kw), environ={})
+    digest = hashlib.sha256((lora / "ckpt.pt").read_bytes()).hexdigest()
+    assert first["checkpoint"] == dict(iter_num=4, sha256=digest)
+    train.train(run_args(char_data, lora, max_iters=8, **dict(kw, init_from="resume")), environ={})
     capsys.readouterr()
-    r = eb.main(args)[0]
+    eb.main(args)
     assert f"{lora}/bounds.json bounded iteration 4, not the checkpoint now in {lora} (iteration 8)" in (
         capsys.readouterr().out
     )
     assert json.loads((lora / "bounds.json").read_text())["checkpoint"]["iter_num"] == 8
-    assert any(f"the base comes from {str(base)!r}" in c for c in r["caveats"])  # not 'resume'
     with pytest.raises(ConfigError, match=r"already holds bounds.json for this checkpoint \(iteration 8\)"):
         eb.main(args)
+
+
+def test_a_prior_that_saw_the_scored_data_gives_no_bound(char_data, tmp_path, monkeypatch):
+    """Every checkpoint records the data it trained on (train.bin's SHA-256, the token range, its base's
+    record). With the training tokens split at a document boundary (prepare.py --prior_fraction), a
+    base pretrained on the prior part and a LoRA fine-tuned on the bound part (drawing its batches there
+    alone) is bounded on the bound part with no caveat about its base; a base that trained on the whole
+    file overlaps the scored tokens: no bound, one line naming both ranges. A changed train.bin is
+    refused. A base that records nothing (an older checkpoint) keeps the caveat in words."""
+    import shutil
+
+    import prepare
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    prepare.split_parts(str(data), 0.5)
+    a, n = json.loads((data / "meta.json").read_text())["parts"]["bound"]
+    ids = np.fromfile(data / "train.bin", dtype=np.uint16)
+    assert n == len(ids) and 0.5 * n <= a < 0.6 * n and ids[a - 2 : a].tolist() == [0, 0]  # after "\n\n"
+    drawn = []
+    real = train.get_batch
+    monkeypatch.setattr(
+        train, "get_batch", lambda d, split, ix, *rest: drawn.append((split, ix)) or real(d, split, ix, *rest)
+    )
+    kw = dict(max_iters=4, eval_interval=4)
+    train.train(run_args(str(data), tmp_path / "prior_base", data_part="prior", **kw), environ={})
+    assert all(int(ix.max()) + 33 <= a for split, ix in drawn if split == "train")  # steps and evals
+    lora = dict(adapter="lora", lora_rank=2, data_part="bound", **kw)
+    drawn.clear()
+    train.train(
+        run_args(str(data), tmp_path / "ft", init_from=str(tmp_path / "prior_base"), **lora), environ={}
+    )
+    assert drawn and all(int(ix.min()) >= a for split, ix in drawn if split == "train")
+    record = load_checkpoint(str(tmp_path / "ft"))["provenance"]
+    assert (
+        record["range"] == [a, n]
+        and record["base"]["range"] == [0, a]
+        and record["base"]["base"] == "scratch"
+    )
+    args = ["--eval_docs=20", "--eval_blocks=50", "--exact_max_tokens=0", "--device=cpu"]
+    r = eb.main([f"--out_dir={tmp_path / 'ft'}", *args])[0]
+    assert (
+        not any("base" in c for c in r["caveats"]) and r["N_tokens"] == (n - a - 1) // 32 * 32
+    )  # whole blocks
+    train.train(run_args(str(data), tmp_path / "all_base", **kw), environ={})
+    train.train(
+        run_args(str(data), tmp_path / "ft2", init_from=str(tmp_path / "all_base"), **lora), environ={}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=f"trained on tokens \\[0, {n:,}\\) of train.bin, which overlap the scored tokens \\[{a:,}, {n:,}\\)",
+    ):
+        eb.main([f"--out_dir={tmp_path / 'ft2'}", *args])
+    old = load_checkpoint(str(tmp_path / "ft"))
+    old["provenance"]["base"] = "unrecorded: out-old-base"
+    checkpoint.save_checkpoint(old, str(tmp_path / "ft" / "ckpt.pt"))
+    r = eb.main([f"--out_dir={tmp_path / 'ft'}", "--overwrite=True", *args])[0]
+    assert any(
+        "the base comes from 'out-old-base', which records no training data" in c for c in r["caveats"]
+    )
+    ids[a + 5] = (ids[a + 5] + 1) % 65
+    ids.tofile(data / "train.bin")
+    with pytest.raises(ConfigError, match="train.bin changed since the run trained on it"):
+        eb.main([f"--out_dir={tmp_path / 'ft'}", "--overwrite=True", *args])
 
 
 def test_a_sweep_pays_for_its_runs_without_being_asked(char_data, tmp_path, capsys):

@@ -592,7 +592,7 @@ def test_a_long_eval_shows_its_progress(char_data, monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65))
     c = dict(seed=1, block_size=16, eval_iters=4, batch_size=2)
-    args = (model, c, char_data, 65, "cpu", nullcontext(), 0, 1)
+    args = (model, c, (char_data, 65, [0, train.num_tokens(char_data, "train")]), "cpu", nullcontext(), 0, 1)
     silent = train.estimate_loss(*args)
     clock = iter(range(0, 10_000, 10))  # every call to time.time() is 10 seconds later
     monkeypatch.setattr(train.time, "time", lambda: next(clock))

@@ -41,6 +41,7 @@ from checkpoint import (
     auto_base,
     base_args,
     base_checkpoint,
+    data_provenance,
     load_resumed,
     lock_run_folder,
     remove_run_files,
@@ -83,6 +84,9 @@ wandb_run_name = "run"  # wandb run name
 # data
 dataset = "shakespeare_char"  # data/<dataset>/ holds train.bin, val.bin, meta.json (prepare.py)
 data_dir = ""  # '' = data/<dataset>
+data_part = (
+    ""  # '' = all of train.bin | 'prior' | 'bound': a part meta.json records (prepare.py --prior_fraction)
+)
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes
 batch_size = 64  # sequences per micro-batch
 block_size = 256  # context length in tokens
@@ -321,15 +325,18 @@ def get_lr(it, c):
 
 
 @torch.no_grad()
-def estimate_loss(model, c, data_dir, vocab, device, autocast, rank, world, say=None):
-    """Mean loss over eval_iters fixed batches per split (the same ones at every eval), shared among
-    the processes. `say` (process 0's print) gets a progress line every 15 seconds of a long eval."""
+def estimate_loss(model, c, data, device, autocast, rank, world, say=None):
+    """Mean loss over eval_iters fixed batches per split (the same ones at every eval; train's from the
+    run's part of train.bin), shared among the processes. data: (folder, vocabulary size, the train
+    range [lo, hi)). `say` (process 0's print) gets a progress line every 15 seconds of a long eval."""
+    data_dir, vocab, (lo, hi) = data
     model.eval()
     out, start, shown = {}, time.time(), time.time()
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(c["seed"] + 1)
-        ix = torch.randint(
-            num_tokens(data_dir, split) - c["block_size"], (c["eval_iters"], c["batch_size"]), generator=gen
+        first, end = (lo, hi) if split == "train" else (0, num_tokens(data_dir, split))
+        ix = first + torch.randint(
+            end - first - c["block_size"], (c["eval_iters"], c["batch_size"]), generator=gen
         )
         total_loss = torch.zeros(2, device=device)
         for k in range(rank, c["eval_iters"], world):
@@ -486,8 +493,9 @@ class Run:
         """One optimizer step over this process's micro-batches: (summed task loss, the family's last
         extra-loss term or None, whether the step was taken)."""
         c, model, raw_model, accum, scaler = self.c, self.model, self.raw_model, self.accum, self.scaler
-        ix = torch.randint(
-            num_tokens(self.data_dir, "train") - c["block_size"],
+        lo, hi = self.provenance["range"]  # the part of train.bin this run trains on
+        ix = lo + torch.randint(
+            hi - lo - c["block_size"],
             (c["gradient_accumulation_steps"], c["batch_size"]),
             generator=self.batches,
         )
@@ -559,6 +567,7 @@ class Run:
         )
         ckpt.update(iter_num=it, best_val_loss=self.best_val_loss, config=dict(c), adapter=self.info)
         ckpt.update(family=self.family.state_dict(), meta=self.meta, eval_row=row, rng=rng)
+        ckpt.update(provenance=self.provenance)
         save_checkpoint(ckpt, self.ckpt_file)
         self.saved_iter = it
         print(f"saved {self.ckpt_file}")
@@ -591,7 +600,14 @@ class Run:
                 flush=True,
             )
         losses = estimate_loss(
-            self.model, c, self.data_dir, self.vocab, self.device, self.autocast, self.rank, self.world, say
+            self.model,
+            c,
+            (self.data_dir, self.vocab, self.provenance["range"]),
+            self.device,
+            self.autocast,
+            self.rank,
+            self.world,
+            say,
         )
         if not all(map(math.isfinite, losses.values())):  # the same numbers on every process
             self.diverged(f"the eval loss became {losses}", it)
@@ -685,7 +701,7 @@ def _train(c, resumed, base, device, ddp, rank, world):
     master, resuming = rank == 0, resumed is not None
     say = print if master else (lambda *a, **k: None)
     device_type, autocast, scaler = precision(c, device)
-    data_dir, meta = open_data(c)
+    data_dir, meta, data_range = open_data(c)
     held_files(c, resuming)  # every process refuses alike, before any work; process 0 again under the lock
 
     # the model: every process builds the same one (same seed), DDP then checks they agree
@@ -709,6 +725,7 @@ def _train(c, resumed, base, device, ddp, rank, world):
         model, c["learning_rate"], (c["beta1"], c["beta2"]), c["weight_decay"], device_type
     )
     run = Run(c, model, family, info, optimizers, (data_dir, meta), device, (autocast, scaler), rank, world)
+    run.provenance = data_provenance(c, data_dir, data_range, base, resumed, digest=master)
     run.model_type, iter_num, resume_row = model_type, 0, None
     if resuming:
         iter_num, run.best_val_loss, resume_row = restore_training(
