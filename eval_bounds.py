@@ -629,14 +629,21 @@ def batches(c, train, block, starts):
 def score_blocks(c, r, blocks, alpha_grid, ks, desc):
     """Per scored block: for each α the block's mean loss x and mean (loss − centre)² q, and the same for
     each top-k error (the error rate and its centre's)."""
-    xs, qs, exs, eqs = [], [], [], []
+    mine = {}  # batch index -> its blocks' stats; under torchrun each process scores every world-th batch
     t, steps, tty = time.time(), -(-len(blocks) // c["batch_size"]), sys.stdout.isatty()
-    for k, (x, y) in enumerate(batches(c, r.train, r.block, blocks)):
+    rank, world = processes()
+    for k in range(rank, steps, world):
+        x, y = next(batches(c, r.train, r.block, blocks[k * c["batch_size"] : (k + 1) * c["batch_size"]]))
         s, m, e, me = per_token_stats(r.model, x, y, alpha_grid, ks, r.vocab)
-        xs.append(s.double().mean(1).cpu())
-        qs.append((s.double() - m.double()).square().mean(1).cpu())
-        exs.append(e.double().mean(1).cpu())
-        eqs.append((e.double() - me.double()).square().mean(1).cpu())
+        mine[k] = [
+            v.mean(1).cpu()
+            for v in (
+                s.double(),
+                (s.double() - m.double()).square(),
+                e.double(),
+                (e.double() - me.double()).square(),
+            )
+        ]
         done = (k + 1) / steps
         rate = (k + 1) * c["batch_size"] * r.block / (time.time() - t)
         line = (
@@ -647,7 +654,37 @@ def score_blocks(c, r, blocks, alpha_grid, ks, desc):
             print("\r" + line, end="\n" if k + 1 == steps else "", flush=True)
         elif (k + 1) * 10 // steps > k * 10 // steps:
             print(line, flush=True)
-    return tuple(torch.cat(v).numpy() for v in (xs, qs, exs, eqs))
+    every = gathered(mine)  # every batch's, in the order one process scores them: the same numbers
+    return tuple(torch.cat([every[k][i] for k in range(steps)]).numpy() for i in range(4))
+
+
+def processes():
+    """(rank, world size): torchrun's, else (0, 1)."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def gathered(mine):
+    """The union of every process's {batch index: values} (this process's own when alone)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def once(make):
+    """make() computed by process 0 alone and sent to the others (the message is coded once)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return make()
+    box = [make() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def one_bound(x, q, delta, K_bits, N, s, eps, M):
@@ -747,19 +784,23 @@ def token_level(c, r, gen, alpha_grid, ks, level_grid):
     for n_levels in level_grid:  # each group quantised (and optionally tuned) at every level count
         coded = quantize_message(r.state, r.groups, n_levels, c["quant_init"])
         if c["qat_steps"]:
-            coded = quantization_aware_tuning(
-                c,
-                r.model,
-                r.state,
-                r.groups,
-                coded,
-                functools.partial(batches, c, r.train, r.block),
-                qat_gen,
-                n_blocks,
-                r.block,
+            coded = once(
+                lambda coded=coded: quantization_aware_tuning(
+                    c,
+                    r.model,
+                    r.state,
+                    r.groups,
+                    coded,
+                    functools.partial(batches, c, r.train, r.block),
+                    qat_gen,
+                    n_blocks,
+                    r.block,
+                )
             )
-        msg = message_length(
-            [(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits
+        msg = once(
+            lambda: message_length(
+                [(symbols.tolist(), n_levels) for _, symbols in coded.values()], extra_bits=choice_bits
+            )
         )
         K = Payment(msg["total_bits"] - choice_bits, choice_bits, alpha_bits, method_bits)
         coded = send_raw(r.state, r.groups, coded, msg["sent_raw"])
@@ -949,6 +990,8 @@ def evaluate(c, run_dir):
     metrics.update(top_k_rows("document", doc_err, ks, vocab, t.K.bits(), N_doc, s_doc, eps, t.choice_count))
     results["seconds"] = time.time() - t0
     print_table(results)
+    if processes()[0] != 0:  # under torchrun, process 0 writes
+        return results
     atomic_write(os.path.join(run_dir, "bounds.json"), json.dumps(results, indent=1))
     import plots
 
@@ -972,7 +1015,8 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
     sums = torch.zeros(len(starts), len(alpha_grid), device="cpu")  # host-side sums of the batches' stats
     errs = torch.zeros(len(starts), len(ks), device="cpu")
     count = torch.zeros(len(starts), device="cpu")
-    for k in range(0, len(chunks), c["batch_size"]):
+    mine, (rank, world) = {}, processes()
+    for k in range(rank * c["batch_size"], len(chunks), world * c["batch_size"]):  # this process's batches
         part = chunks[k : k + c["batch_size"]]
         x = torch.zeros(
             len(part), block, dtype=torch.long, device="cpu"
@@ -985,10 +1029,11 @@ def doc_level(model, train, starts, ends, block, alpha_grid, ks, vocab, c):
             mask[r, :n] = 1
         s, _, e, _ = per_token_stats(model, x.to(c["device"]), y.to(c["device"]), alpha_grid, ks, vocab)
         s, e = s.cpu() * mask[..., None], e.cpu() * mask[..., None]
-        idx = torch.tensor([i for i, _, _ in part], device="cpu")
-        sums.index_add_(0, idx, s.sum(1))
-        errs.index_add_(0, idx, e.sum(1))
-        count.index_add_(0, idx, mask.sum(1))
+        mine[k] = (torch.tensor([i for i, _, _ in part], device="cpu"), s.sum(1), e.sum(1), mask.sum(1))
+    for _, (idx, s, e, n) in sorted(gathered(mine).items()):  # added in one order: the same sums everywhere
+        sums.index_add_(0, idx, s)
+        errs.index_add_(0, idx, e)
+        count.index_add_(0, idx, n)
     doc_smooth = (sums / count[:, None]).mean(0).tolist()
     doc_err = (errs / count[:, None]).mean(0).tolist()
     return doc_smooth, doc_err
@@ -1054,6 +1099,25 @@ def print_table(r):
 
 
 def main(argv):
+    """The bounds of one run or of a sweep's runs; under torchrun (RANK set) the scoring is shared by the
+    processes, process 0 alone printing and writing."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return bound_runs(argv)
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    quiet = contextlib.redirect_stdout(io.StringIO()) if dist.get_rank() else contextlib.nullcontext()
+    try:
+        with quiet:
+            return bound_runs(argv)
+    finally:
+        dist.destroy_process_group()
+
+
+def bound_runs(argv):
     c = configure(DEFAULTS, argv, {})
     check_ranges(
         c,
@@ -1081,6 +1145,8 @@ def main(argv):
                 f"--choices item {item!r} is not name=count with a count >= 1 (e.g. "
                 "--choices=intrinsic_dim=2,allocation=5,seed=3)"
             )
+    if c["device"] == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process
+        c["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
     check_device(c["device"])
     torch.manual_seed(c["seed"])
     if not c["sweep_dir"]:
@@ -1102,7 +1168,8 @@ def main(argv):
     results = [evaluate(c, r) for r in runs]
     import plots
 
-    print(f"wrote {plots.plot_pareto(c['sweep_dir'], results)}")
+    if processes()[0] == 0:
+        print(f"wrote {plots.plot_pareto(c['sweep_dir'], results)}")
     return results
 
 

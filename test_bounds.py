@@ -8,6 +8,7 @@ to end on Tiny Shakespeare.
 import hashlib
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -762,3 +763,68 @@ def test_fewer_than_two_sampled_blocks_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="eval_blocks"):
         eb.main([f"--out_dir={tmp_path}", "--eval_blocks=1"])
+
+
+def same_numbers(a, b, path=""):
+    """Every number of two bounds.json trees equal to 1e-12 relative (timings apart); their lists of
+    differences."""
+    if isinstance(a, dict):
+        keys = set(a) | set(b)
+        return [
+            d for k in sorted(keys - {"seconds"}) for d in same_numbers(a.get(k), b.get(k), f"{path}.{k}")
+        ]
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in same_numbers(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float):
+        return [] if a == b or abs(a - b) <= 1e-12 * max(abs(a), abs(b)) else [f"{path}: {a} != {b}"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_torchrun_scoring_equals_one_process(char_data, tmp_path, exact):
+    """torchrun --nproc_per_node=2 eval_bounds.py shares the scored blocks and documents between the
+    processes (gloo on the CPU), codes the message once (and tunes it once), and writes the bounds.json
+    one process writes: every number equal to 1e-12 relative, for sampled blocks and for every
+    position."""
+    import subprocess
+    import sys
+
+    from conftest import HERE
+
+    run = tmp_path / "run"
+    kw = dict(adapter="lora", lora_rank=2, max_iters=4, eval_interval=4, init_from="scratch")
+    train.train(run_args(char_data, run, **kw), environ={})
+    args = [f"--out_dir={run}", "--eval_docs=30", "--eval_blocks=40", "--device=cpu", "--batch_size=8"]
+    args += ["--levels_grid=5,7", "--qat_steps=2", f"--exact_max_tokens={10**7 if exact else 0}"]
+    if exact:  # every position: a shorter train.bin keeps it quick
+        ids = np.fromfile(f"{char_data}/train.bin", dtype=np.uint16)[:20000]
+        data = tmp_path / "data"
+        data.mkdir()
+        for f in ("val.bin", "meta.json"):
+            (data / f).write_bytes(open(f"{char_data}/{f}", "rb").read())
+        ids.tofile(data / "train.bin")
+        train.train(run_args(str(data), run, overwrite=True, **kw), environ={})
+    eb.main(args)
+    one = json.loads((run / "bounds.json").read_text())
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "eval_bounds.py"),
+            *args,
+            "--overwrite=True",
+        ],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count(f"wrote {run}/bounds.json") == 1  # process 0 alone prints and writes
+    two = json.loads((run / "bounds.json").read_text())
+    assert two["exact"] is exact and not same_numbers(one, two), same_numbers(one, two)[:5]
