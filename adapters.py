@@ -51,6 +51,7 @@ __all__ = [  # the public API (README's "Python API"); everything else is this f
     "SoRAOptimizer",
     "build_sora_optimizers",
     "AdaLoRALinear",
+    "VeRALinear",
     "AdaDoRALinear",
     "RankAllocator",
     "orthogonal_regularization",
@@ -64,6 +65,7 @@ __all__ = [  # the public API (README's "Python API"); everything else is this f
 import contextlib
 import copy
 import fnmatch
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -2092,6 +2094,96 @@ class SubLoRAFamily(Family):
 
 
 # -----------------------------------------------------------------------------
+# VeRA: one pair of frozen random matrices for every layer, two trained scaling vectors per layer
+
+
+@functools.lru_cache(maxsize=4)
+def vera_projections(rank, n_in, n_out, seed):
+    """VeRA's shared frozen matrices as PEFT draws them (VeraModel, projection_prng_key = seed): A (rank,
+    n_in) then B (n_out, rank), Kaiming-uniform (bound √6 / √fan_in) from one CPU generator; n_in and
+    n_out are the largest among the adapted layers, each of which slices its own. Regenerated from the
+    seed, never stored."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    A = torch.empty(rank, n_in, device="cpu")
+    A.uniform_(-math.sqrt(6 / n_in), math.sqrt(6 / n_in), generator=gen)
+    B = torch.empty(n_out, rank, device="cpu")
+    return A, B.uniform_(-math.sqrt(6 / rank), math.sqrt(6 / rank), generator=gen)
+
+
+class VeRALinear(AdapterLinear):
+    """VeRA (Kopiczko et al. 2024): ΔW = Λ_b B Λ_d A, A and B frozen and shared by every adapted layer
+    (vera_projections, sliced to this layer), the vectors d (rank) and b (out) trained. d starts at
+    d_initial, b at 0, so the layer starts as its base."""
+
+    def __init__(self, base: nn.Linear, rank=64, d_initial=0.1, seed=0, n_in=None, n_out=None, dropout=0.0):
+        super().__init__(base, dropout)
+        A, B = vera_projections(rank, n_in or base.in_features, n_out or base.out_features, seed)
+        w = base.weight
+        own = dict(device=w.device, dtype=w.dtype, copy=True)  # apart from the cache's tensors
+        self.register_buffer("vera_A", A[:, : base.in_features].to(**own), persistent=False)
+        self.register_buffer("vera_B", B[: base.out_features].to(**own), persistent=False)
+        self.vera_d = nn.Parameter(torch.full((rank,), float(d_initial), device=w.device, dtype=w.dtype))
+        self.vera_b = nn.Parameter(torch.zeros(base.out_features, device=w.device, dtype=w.dtype))
+        self.rank = rank
+
+    def factors(self):
+        return self.vera_b[:, None] * self.vera_B * self.vera_d, self.vera_A, 1.0
+
+
+class VeRA(Family):
+    """VeRA: frozen random A and B shared by every adapted layer (seeded, regenerated, never stored), a
+    trained scale per rank (d) and per output (b) in each layer: ΔW = Λ_b B Λ_d A. Its message is only
+    the vectors, so it compresses as SubLoRA does."""
+
+    kind, layer = "vera", VeRALinear
+    keys = {
+        "vera_rank": (
+            64,
+            "[1, inf)",
+            "r: rows of the shared random A (columns of B); at most every layer's size",
+        ),
+        "vera_d_initial": (0.1, "(-inf, inf)", "d's value at the start (b starts at 0)"),
+        "vera_seed": (0, "[0, inf)", "seeds the shared A and B (PEFT's projection_prng_key)"),
+    }
+    default_targets = tuple(t for t in DEFAULT_TARGETS if t != "lm_head")  # PEFT's: no head of 50k rows
+    loraplus, rank_pattern, ranks_from = False, False, "vera_rank"
+    examples = {"": dict(vera_rank=4)}
+
+    def layer_settings(self):
+        c = self.c
+        return dict(
+            rank=c["vera_rank"], d_initial=c["vera_d_initial"], seed=c["vera_seed"], dropout=c["lora_dropout"]
+        )
+
+    def inject(self, model):
+        c = self.c
+        names = find_targets(
+            model, [t for t in c["lora_targets"].split(";") if t.strip()] or None, self.default_targets
+        )
+        if any(":" in n for n in names):
+            raise AdapterError("vera adapts whole Linears: drop the ':q,v' parts from --lora_targets")
+        shapes = {n: model.get_submodule(n) for n in names}
+        small = [n for n, m in shapes.items() if c["vera_rank"] > min(m.in_features, m.out_features)]
+        if small:
+            m = shapes[small[0]]
+            raise AdapterError(
+                f"vera_rank {c['vera_rank']} is larger than {small[0]} ({m.out_features} x {m.in_features}): "
+                f"lower --vera_rank to {min(min(m.in_features, m.out_features) for m in shapes.values())} or less"
+            )
+        n_in, n_out = (
+            max(m.in_features for m in shapes.values()),
+            max(m.out_features for m in shapes.values()),
+        )
+        info = dict(
+            kind=self.kind,
+            targets=names,
+            settings=dict(self.layer_settings(), n_in=n_in, n_out=n_out),
+            train_embeddings=c["train_embeddings"],
+        )
+        return self.rebuild(model, info), info
+
+
+# -----------------------------------------------------------------------------
 # injection by module name
 
 
@@ -2388,7 +2480,7 @@ def register(family):
     return family
 
 
-for _family in (NoAdapter, LoRA, DoRA, SoRA, AdaLoRA, AdaDoRA, PiSSA, SubLoRAFamily):
+for _family in (NoAdapter, LoRA, DoRA, SoRA, AdaLoRA, AdaDoRA, PiSSA, SubLoRAFamily, VeRA):
     register(_family)
 
 

@@ -885,3 +885,57 @@ def test_an_adapter_config_with_bad_numbers_or_another_rank_is_refused(gpt2_dir,
         (folder / "adapter_config.json").write_text(json.dumps(dict(good, **change)))
         with pytest.raises(hf.InteropError, match=words):
             hf.import_peft(str(folder), base=gpt2_dir)
+
+
+def test_vera_equals_peft_vera_on_the_same_seed(gpt2_dir, tmp_path):
+    """VeRA against PEFT's VeraConfig on the same base with the same projection_prng_key: the shared A
+    and B are PEFT's own draws (sliced per layer, never stored), and with the same trained vectors d and
+    b the logits agree in float64. The checkpoint holds d and b alone; the rebuilt model regenerates A
+    and B from the seed. An export leaves as the rank-r LoRA it computes (PEFT LoRA gives the logits):
+    PEFT's own VeRA format would need its projection matrices saved or drawn by PEFT's code, while the
+    LoRA is the same function in the format every LoRA tool reads."""
+    from peft import VeraConfig
+
+    from adapters import VeRA
+
+    torch.manual_seed(0)
+    targets = ["c_attn", "c_proj", "c_fc"]
+    cfg = VeraConfig(r=8, target_modules=targets, projection_prng_key=7, d_initial=0.1, save_projection=False)
+    reference = get_peft_model(GPT2LMHeadModel.from_pretrained(gpt2_dir), cfg).double().eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    c = dict(train.all_keys(), vera_rank=8, vera_seed=7, lora_targets=";".join(targets))
+    model, info = VeRA(c).inject(GPT.from_pretrained(gpt2_dir).double())
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "vera_lambda" in name:
+                module = name.removeprefix(hf.PREFIX).split(".vera_lambda")[0]
+                own[f"{module}.vera_{'d' if '_d.' in name else 'b'}"].copy_(p)
+    idx = ids()
+    want = theirs(reference, idx)
+    assert torch.allclose(ours(model.eval(), idx), want, rtol=0, atol=1e-10)
+    state = adapter_state_dict(model)
+    assert sorted({k.rsplit(".", 1)[1] for k in state}) == ["vera_b", "vera_d"]
+    rebuilt = VeRA.rebuild(GPT.from_pretrained(gpt2_dir).double(), info)
+    load_adapter_state_dict(rebuilt, state)
+    assert torch.equal(ours(rebuilt.eval(), idx), ours(model, idx))
+    hf.export_peft(hf.lora_factors(model.float()), str(tmp_path), gpt2_dir)
+    exported = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(gpt2_dir), str(tmp_path)).eval()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 8
+    assert torch.allclose(theirs(exported, idx), want.float(), rtol=0, atol=1e-4)
+
+
+def test_vera_refuses_a_rank_larger_than_a_layer_and_loraplus(gpt2_dir):
+    from adapters import AdapterError, VeRA
+
+    c = dict(train.all_keys(), vera_rank=40)
+    with pytest.raises(
+        AdapterError,
+        match=r"vera_rank 40 is larger than transformer.h.0.attn.c_attn \(96 x 32\): lower --vera_rank to 32",
+    ):
+        VeRA(c).inject(GPT.from_pretrained(gpt2_dir))
+    with pytest.raises(AdapterError, match="loraplus=True gives B factors their own learning rate, but vera"):
+        VeRA(dict(c, loraplus=True)).check()

@@ -98,7 +98,7 @@ n_embd = 384  # embedding width
 dropout = 0.2  # dropout in the model (adapters have their own lora_dropout); a fine-tune inherits its base's unless set
 bias = False  # biases in Linears and LayerNorms
 # adapter: the family (each family's keys, and those every family reads, follow: adapters.config_keys)
-adapter = "none"  # 'none' | 'lora' | 'dora' | 'sora' | 'adalora' | 'adadora' | 'pissa' | 'sublora'
+adapter = "none"  # 'none' | 'lora' | 'dora' | 'sora' | 'adalora' | 'adadora' | 'pissa' | 'sublora' | 'vera'
 # AdamW
 learning_rate = 1e-3  # peak learning rate
 max_iters = 5000  # training iterations (a shorter or longer value rescales the schedules)
