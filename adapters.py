@@ -1366,6 +1366,25 @@ class Rotation(nn.Module):
         return torch.linalg.matrix_norm(R.T @ R - torch.eye(self.r, dtype=R.dtype, device=R.device))
 
 
+PISSA_COMPONENTS = ("major", "minor", "olora")
+
+
+def principal_part(W, rank, components="major", svd="full", niter=4):
+    """The rank-r part of W (out, in) the adapter starts from, as (U (out, r), S (r,), V (in, r)) with
+    orthonormal U, V: 'major' the top r singular triplets (PiSSA; svd='lowrank' finds them by the
+    randomized SVD), 'minor' the r smallest (MiLoRA, Wang et al. 2024), 'olora' the first r columns of
+    W's QR, Q_r R_r (OLoRA, Büyükakyüz 2024), written through the SVD of R_r. Each reads W alone."""
+    if components == "olora":
+        Q, R = torch.linalg.qr(W)
+        Ur, S, Vh = torch.linalg.svd(R[:rank], full_matrices=False)
+        return Q[:, :rank] @ Ur, S, Vh.T
+    if svd == "lowrank":  # randomized (Halko et al.), q = r as in peft's pissa_niter_N
+        return torch.svd_lowrank(W, q=rank, niter=niter)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    keep = slice(0, rank) if components == "major" else slice(S.shape[0] - rank, S.shape[0])
+    return U[:, keep], S[keep], Vh[keep].T
+
+
 class RotationalPiSSALinear(AdapterLinear):
     """Rotational PiSSA: W = U S Vᵀ (SVD), principal part P(θ) = s · U_r R_U diag(S_r) R_Vᵀ V_rᵀ with
     U_r, V_r frozen and R_U, R_V (and S_r) trained; W' = W_res + P(θ), W_res = W - P(θ₀) frozen.
@@ -1388,6 +1407,7 @@ class RotationalPiSSALinear(AdapterLinear):
         svd="full",
         svd_niter=4,
         skew_rank=4,
+        components="major",
     ):
         super().__init__(base, dropout)
         check_rank(rank, base)
@@ -1395,12 +1415,8 @@ class RotationalPiSSALinear(AdapterLinear):
             raise AdapterError(f"pissa svd must be 'full' or 'lowrank', got {svd!r}")
         self.rank, self.scaling, self.method = rank, alpha / rank, method
         t0 = time.perf_counter()
-        W = base.weight.detach().float()
-        if svd == "full":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            U, S, V = U[:, :rank], S[:rank], Vh[:rank].T
-        else:  # randomized (Halko et al.), q = r as in peft's pissa_niter_N
-            U, S, V = torch.svd_lowrank(W, q=rank, niter=svd_niter)
+        W = base.weight.detach().to(compute_dtype(base.weight))  # fp64 models: an fp64 decomposition
+        U, S, V = principal_part(W, rank, components, svd, svd_niter)
         self.init_seconds = time.perf_counter() - t0
         if quantize_base_components:  # U and V as their NF4 round trip; W_res absorbs the difference
             U, V = (nf4_dequantize(*nf4_quantize(M), M.shape) for M in (U, V))
@@ -1419,7 +1435,7 @@ class RotationalPiSSALinear(AdapterLinear):
         self.register_buffer("A0", A0.detach().clone())
         self.quantized = quantize_residual
         if quantize_residual:
-            codes, absmax = nf4_quantize(W - (B0.float() @ A0.float()))
+            codes, absmax = nf4_quantize(W.float() - (B0.float() @ A0.float()))
             self.register_buffer("residual_codes", codes)
             self.register_buffer("residual_absmax", absmax)
             # deq(codes) as a plain (non-saved) buffer: it moves with .to(), torch.compile sees a tensor
@@ -1575,6 +1591,8 @@ class PiSSA(Family):
             pissa_method="way2", pissa_quantize_residual=True, pissa_quantize_base_components=True
         ),
         "way3_lowrank": dict(pissa_method="way3", pissa_svd="lowrank"),
+        "milora": dict(pissa_method="way3", pissa_components="minor"),
+        "olora": dict(pissa_method="way1", pissa_components="olora"),
     }
     keys = {
         "pissa_method": (
@@ -1603,7 +1621,25 @@ class PiSSA(Family):
             "[0, inf)",
             "> 0: fold the rotations into U, V every N iterations (fresh way1 angles)",
         ),
+        "pissa_components": (
+            "major",
+            None,
+            "'major' (PiSSA) | 'minor' (MiLoRA: the smallest r) | 'olora' (QR)",
+        ),
     }
+
+    def check(self):
+        super().check()
+        c = self.c
+        if c["pissa_components"] not in PISSA_COMPONENTS:
+            raise AdapterError(
+                f"pissa_components must be one of {', '.join(map(repr, PISSA_COMPONENTS))}, got {c['pissa_components']!r}"
+            )
+        if c["pissa_components"] != "major" and c["pissa_svd"] == "lowrank":
+            raise AdapterError(
+                f"pissa_svd='lowrank' finds the major components only; pissa_components={c['pissa_components']!r} "
+                "needs --pissa_svd=full"
+            )
 
     def layer_settings(self):
         c = self.c
@@ -1619,6 +1655,7 @@ class PiSSA(Family):
             svd=c["pissa_svd"],
             svd_niter=c["pissa_svd_niter"],
             skew_rank=c["pissa_skew_rank"],
+            components=c["pissa_components"],
         )
 
     def inject(self, model):
@@ -1626,7 +1663,7 @@ class PiSSA(Family):
         times = {n: m.init_seconds for n, m in adapter_layers(model).items()}
         slowest = max(times, key=times.get)
         self.say(
-            f"pissa: {self.c['pissa_svd']} SVD init of {len(times)} layers in {sum(times.values()):.3f}s "
+            f"pissa: {self.c['pissa_components']} components ({self.c['pissa_svd']} SVD) of {len(times)} layers in {sum(times.values()):.3f}s "
             f"(slowest {slowest}, {1000 * times[slowest]:.1f}ms)"
         )
         return model, info

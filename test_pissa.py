@@ -366,3 +366,50 @@ def test_factors_are_built_in_the_buffers_precision_under_autocast():
         assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got[:2], want[:2]))
         B, A, _ = got
         assert torch.equal(B[:, :4], -B[:, 4:]) and torch.equal(A[:4], A[4:])
+
+
+def test_milora_starts_from_the_smallest_singular_triplets_in_float64():
+    """pissa_components='minor' (MiLoRA): the adapter's part at init is the r smallest singular triplets
+    of W, equal to numpy's float64 SVD reconstruction, and W = residual + that part exactly (the layer
+    computes its base at init)."""
+    import numpy as np
+
+    from adapters import RotationalPiSSALinear
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float64)  # the whole layer in float64, its rotations included
+    try:
+        base = nn.Linear(24, 16)
+        layer = RotationalPiSSALinear(base, rank=4, alpha=4.0, method="way3", components="minor")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    U, S, Vt = np.linalg.svd(base.weight.detach().numpy(), full_matrices=False)
+    minor = (U[:, -4:] * S[-4:]) @ Vt[-4:]
+    part = (layer.B0 @ layer.A0).detach().numpy()
+    assert np.abs(part - minor).max() < 1e-12
+    x = torch.randn(5, 24, dtype=torch.float64)
+    assert torch.allclose(layer(x), base(x), rtol=0, atol=1e-12)
+
+
+def test_olora_equals_peft_olora():
+    """pissa_components='olora': the part the adapter starts from is the first r columns of W's QR, as
+    PEFT's init_lora_weights='olora' computes it (its lora_B lora_A at scale 1), and the residual is
+    PEFT's new base weight."""
+    peft = pytest.importorskip("peft")
+
+    from adapters import RotationalPiSSALinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(24, 16))
+    ours = RotationalPiSSALinear(
+        copy.deepcopy(model.fc), rank=4, alpha=4.0, method="way1", components="olora"
+    )
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc"], init_lora_weights="olora")
+    theirs = peft.get_peft_model(copy.deepcopy(model), config).base_model.model.fc
+    part = theirs.lora_B["default"].weight @ theirs.lora_A["default"].weight
+    assert torch.allclose(ours.B0 @ ours.A0, part, rtol=0, atol=1e-5)
+    residual = model.fc.weight - ours.B0 @ ours.A0
+    assert torch.allclose(residual, theirs.base_layer.weight, rtol=0, atol=1e-5)
+    x = torch.randn(5, 24)
+    assert torch.allclose(ours(x), theirs(x), rtol=0, atol=1e-5)
