@@ -52,6 +52,7 @@ __all__ = [  # the public API (README's "Python API"); everything else is this f
     "build_sora_optimizers",
     "AdaLoRALinear",
     "VeRALinear",
+    "LoRAGALinear",
     "AdaDoRALinear",
     "RankAllocator",
     "orthogonal_regularization",
@@ -412,6 +413,10 @@ class Family:
         """The weighted term the family adds to the loss (a regulariser), or None."""
         return None
 
+    def init_from_data(self, model, batches):
+        """A new run's adapters initialised from training data before the first step (batches: an
+        iterator of (x, y) training batches); by default none is read."""
+
     def before_step(self, model, it):
         """Before iteration `it`'s eval and step (and once at the end, it = max_iters)."""
 
@@ -580,6 +585,78 @@ class DoRA(Family):
     examples = {"": dict(train_embeddings=True)}
     peft_import = ("LORA", True)
     peft_parts = dict(Family.peft_parts, m="magnitude")
+
+
+# -----------------------------------------------------------------------------
+# LoRA-GA: A and B from the SVD of the full fine-tuning gradient, estimated on training batches
+
+
+class LoRAGALinear(LoRALinear):
+    """LoRA-GA (Wang et al. 2024): LoRA whose A and B start from the SVD of the weight's gradient on a
+    few training batches (LoRAGA.init_from_data). The base keeps the residual, W - s B₀ A₀: the layer
+    adds s (B A - B₀ A₀), B₀ and A₀ the factors at init, kept as buffers (so adapter files apply to the
+    original base, as PiSSA's do). Before its init, B = B₀ = 0: the layer is its base."""
+
+    def __init__(self, base: nn.Linear, **settings):
+        super().__init__(base, **settings)
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+
+    def factors(self):
+        return (
+            torch.cat([self.full_B(), -self.lora_B0], 1),
+            torch.cat([self.lora_A, self.lora_A0]),
+            self.scaling,
+        )
+
+    @torch.no_grad()
+    def init_from_gradient(self, grad, gamma):
+        """PEFT's LoRA-GA init (direction ArB2r, stable scale): G ≈ U S Vᵀ over its top 4r triplets (the
+        randomized SVD), A = Vᵀ[:r], B = U[:, r:2r] S[r:2r] · out^¼ / √gamma."""
+        r = self.rank
+        U, S, V = torch.svd_lowrank(grad.float(), q=min(4 * r, *grad.shape), niter=4)
+        A, B = V.T[:r], U[:, r : 2 * r] * S[r : 2 * r] * (self.out_features**0.25 / gamma**0.5)
+        for own, init in ((self.lora_A, A), (self.lora_B, B), (self.lora_A0, A), (self.lora_B0, B)):
+            own.copy_(init.to(own.dtype))
+
+
+class LoRAGA(Family):
+    """LoRA-GA: LoRA initialised from the gradient of `loraga_batches` training batches; the base keeps
+    the residual. The init reads the training data, so no bound can take its model as a prior."""
+
+    kind, layer = "loraga", LoRAGALinear
+    rank_pattern, loraplus = False, True
+    keys = {
+        "loraga_batches": (8, "[1, inf)", "training batches whose mean gradient sets A and B"),
+        "loraga_gamma": (16.0, "(0, inf)", "the stable scale's gamma: B times out^(1/4) / sqrt(gamma)"),
+    }
+    examples = {"": dict(loraga_batches=2)}
+
+    def init_from_data(self, model, batches):
+        layers = adapter_layers(model)
+        if any(layer.out_ranges for layer in layers.values()):
+            raise AdapterError("loraga adapts whole Linears: drop the ':q,v' parts from --lora_targets")
+        for layer in layers.values():
+            layer.base.weight.requires_grad_(True)
+        for _ in range(self.c["loraga_batches"]):  # B = 0: the gradient of the base model's loss
+            x, y = next(batches)
+            model(x, y)[1].backward()
+        for name, layer in layers.items():
+            weight = layer.base.weight
+            layer.init_from_gradient(weight.grad / self.c["loraga_batches"], self.c["loraga_gamma"])
+            weight.grad = None
+            weight.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        self.say(
+            f"loraga: A and B of {len(layers)} layers from the gradient of {self.c['loraga_batches']} batches"
+        )
+
+    @classmethod
+    def unboundable(cls, config):
+        return (
+            "a LoRA-GA init reads training batches (its A, B and the base's residual come from their "
+            "gradient), and a prior must be fixed before the data; bound a run with a data-free init"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -2517,7 +2594,7 @@ def register(family):
     return family
 
 
-for _family in (NoAdapter, LoRA, DoRA, SoRA, AdaLoRA, AdaDoRA, PiSSA, SubLoRAFamily, VeRA):
+for _family in (NoAdapter, LoRA, DoRA, LoRAGA, SoRA, AdaLoRA, AdaDoRA, PiSSA, SubLoRAFamily, VeRA):
     register(_family)
 
 

@@ -939,3 +939,60 @@ def test_vera_refuses_a_rank_larger_than_a_layer_and_loraplus(gpt2_dir):
         VeRA(c).inject(GPT.from_pretrained(gpt2_dir))
     with pytest.raises(AdapterError, match="loraplus=True gives B factors their own learning rate, but vera"):
         VeRA(dict(c, loraplus=True)).check()
+
+
+def test_loraga_equals_peft_loraga_on_the_same_batches(gpt2_dir, monkeypatch):
+    """LoRA-GA against PEFT's init_lora_weights='lora_ga' (LoraGAConfig: ArB2r, stable scale, gamma 16)
+    on copies of the same GPT (nn.Linear layers) and the same training batches: the same A and B, and the
+    base keeps the same residual W - s B A (PEFT writes it into the base, this repo keeps B₀, A₀ and
+    subtracts them), so the logits agree at init and after both adapters move alike. torch.svd_lowrank
+    is randomized; both sides run it through one exact SVD here, so the comparison is deterministic.
+    (PEFT on transformers' GPT-2 scales B by in_features^¼: its Conv1D weight is stored (in, out); the
+    paper's scale, used here, is out_features^¼.)"""
+    from peft import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from adapters import LoRAGA
+
+    def exact(M, q, niter):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :q], S[:q], Vh[:q].T
+
+    monkeypatch.setattr(torch, "svd_lowrank", exact)
+    torch.manual_seed(0)
+    data = [torch.randint(0, V, (4, 17)) for _ in range(3)]
+    batches = [(x[:, :-1].contiguous(), x[:, 1:].contiguous()) for x in data]
+    base = GPT.from_pretrained(gpt2_dir, dict(dropout=0.0))
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_fc"],
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
+    reference = copy.deepcopy(base)
+
+    def train_step():
+        for x, y in batches:
+            reference(x, y)[1].backward()
+
+    preprocess_loraga(reference, cfg, train_step)
+    reference = get_peft_model(reference, cfg).eval()
+    c = dict(train.all_keys(), lora_rank=4, lora_alpha=8.0, lora_targets="c_attn;c_fc", loraga_batches=3)
+    family = LoRAGA(c)
+    model, _ = family.inject(copy.deepcopy(base))
+    family.init_from_data(model.train(), iter(batches))
+    for name, layer in adapter_layers(model).items():
+        theirs_layer = reference.get_submodule(hf.PREFIX + name)
+        assert torch.allclose(layer.lora_A, theirs_layer.lora_A["default"].weight, rtol=0, atol=1e-5)
+        assert torch.allclose(layer.lora_B, theirs_layer.lora_B["default"].weight, rtol=0, atol=1e-5)
+        residual = layer.base.weight - layer.scaling * layer.lora_B0 @ layer.lora_A0
+        assert torch.allclose(residual, theirs_layer.base_layer.weight, rtol=0, atol=1e-5)
+    idx = ids()
+    assert torch.allclose(ours(model.eval(), idx), ours(reference, idx), rtol=0, atol=1e-4)
+    with torch.no_grad():
+        for name, layer in adapter_layers(model).items():
+            step = torch.randn_like(layer.lora_B) * 0.1
+            layer.lora_B.add_(step)
+            reference.get_submodule(hf.PREFIX + name).lora_B["default"].weight.add_(step)
+    assert torch.allclose(ours(model, idx), ours(reference, idx), rtol=0, atol=1e-4)

@@ -98,7 +98,7 @@ n_embd = 384  # embedding width
 dropout = 0.2  # dropout in the model (adapters have their own lora_dropout); a fine-tune inherits its base's unless set
 bias = False  # biases in Linears and LayerNorms
 # adapter: the family (each family's keys, and those every family reads, follow: adapters.config_keys)
-adapter = "none"  # 'none' | 'lora' | 'dora' | 'sora' | 'adalora' | 'adadora' | 'pissa' | 'sublora' | 'vera'
+adapter = "none"  # 'none', or a family: lora dora loraga sora adalora adadora pissa sublora vera
 # AdamW
 learning_rate = 1e-3  # peak learning rate
 max_iters = 5000  # training iterations (a shorter or longer value rescales the schedules)
@@ -683,6 +683,15 @@ def precision(c, device):
     return device_type, autocast, torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
 
+def init_batches(c, data_dir, data_range, vocab, device):
+    """Training batches for a family's init (Family.init_from_data), from their own generator (seed + 2),
+    so the training batches come in the same order with or without it."""
+    gen, (lo, hi) = torch.Generator().manual_seed(c["seed"] + 2), data_range
+    while True:
+        ix = lo + torch.randint(hi - lo - c["block_size"], (c["batch_size"],), generator=gen)
+        yield get_batch(data_dir, "train", ix, c["block_size"], device, vocab)
+
+
 def held_files(c, resuming):
     """The files of an earlier run in out_dir (to replace, with --overwrite=True); refused otherwise. A
     resume's metrics rows are read, so a damaged file is refused before any work."""
@@ -720,6 +729,9 @@ def _train(c, resumed, base, device, ddp, rank, world):
             f"note: one iteration is about {flops / 1e12:,.0f} TFLOP, roughly {format_eta(flops / rate)} per "
             f"iteration on this {device_type}; lower --block_size ({c['block_size']}) or --batch_size for a quick run"
         )
+    if not resuming:  # a family whose init reads training data (LoRA-GA), the same on every process
+        vocab = meta["vocab_size"] if meta else model.config.vocab_size
+        family.init_from_data(model, init_batches(c, data_dir, data_range, vocab, device))
     torch.manual_seed(c["seed"] + rank)  # dropout differs per process; the data does not
     optimizers = family.optimizers(
         model, c["learning_rate"], (c["beta1"], c["beta2"]), c["weight_decay"], device_type
