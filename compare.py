@@ -33,7 +33,7 @@ from prepare import DATASETS, read_meta
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
 size = "cpu"  # 'cpu' (about 27 minutes on 2 cores) | 'gpu' (larger base and budget) | 'tiny' (seconds)
-methods = ""  # ','-separated, of full lora_r1 lora_r1_h8 lora_r2 lora_r4 dora_r4 sora adalora adadora pissa_r4 sublora ('' = all; frozen always)
+methods = ""  # ','-separated names of METHODS below ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
 target_dataset = "python_stdlib"  # every method is fine-tuned on data/<target_dataset>
@@ -44,25 +44,26 @@ overwrite = False  # rerun the runs already in out_dir/runs (the base is kept: d
 DEFAULTS = config_defaults(globals())
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# the model and the budget of each size: base pretraining, then the same fine-tuning budget for every method
+# the model and the budget of each size: base pretraining, the same fine-tuning budget for every method, and
+# the keys whose value depends on the size (`sized`: SubLoRA's intrinsic_dim, VeRA's rank)
 SIZES = {
     "cpu": dict(
         model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
         base=dict(batch_size=32, max_iters=1500, learning_rate=2e-3, warmup_iters=50, min_lr=2e-4),
         tune=dict(batch_size=16, max_iters=300, warmup_iters=20, eval_interval=100, eval_iters=20),
-        intrinsic_dim=2000,
+        sized=dict(sublora=dict(intrinsic_dim=2000), vera=dict(vera_rank=64)),
     ),
     "gpu": dict(
         model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
         base=dict(batch_size=64, max_iters=5000, learning_rate=1e-3, warmup_iters=100, min_lr=1e-4),
         tune=dict(batch_size=64, max_iters=2000, warmup_iters=100, eval_interval=500, eval_iters=100),
-        intrinsic_dim=20000,
+        sized=dict(sublora=dict(intrinsic_dim=20000), vera=dict(vera_rank=256)),
     ),
     "tiny": dict(
         model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
         base=dict(batch_size=8, max_iters=20, learning_rate=3e-3, warmup_iters=2, min_lr=3e-4),
         tune=dict(batch_size=4, max_iters=6, warmup_iters=1, eval_interval=6, eval_iters=2),
-        intrinsic_dim=200,
+        sized=dict(sublora=dict(intrinsic_dim=200), vera=dict(vera_rank=16)),
     ),
 }
 # AdaLoRA's and AdaDoRA's budget schedule over the 300 fine-tuning iterations
@@ -93,11 +94,18 @@ METHODS = {
     ),
     "adalora": (1e-2, dict(ADALORA, adapter="adalora")),
     "adadora": (1e-2, dict(ADALORA, adapter="adadora")),
+    "lora_r4_plus": (3e-3, dict(adapter="lora", lora_rank=4, lora_alpha=8.0, loraplus=True)),  # B at 16x
+    "loraga_r4": (1e-2, dict(adapter="loraga", lora_rank=4, lora_alpha=8.0)),
     "pissa_r4": (1e-2, dict(adapter="pissa", lora_rank=4, lora_alpha=4.0, pissa_method="way0")),
+    "milora_r4": (
+        1e-2,
+        dict(adapter="pissa", lora_rank=4, lora_alpha=4.0, pissa_method="way0", pissa_components="minor"),
+    ),
+    "vera": (3e-2, dict(adapter="vera")),  # vera_rank: the size's
     "sublora": (
         3e-2,
         dict(adapter="sublora", lora_rank=4, lora_alpha=32.0, allocation_mode="fixed", allocation_ratio=0.5),
-    ),  # intrinsic_dim: the size's
+    ),  # intrinsic_dim: the size's (SIZES' `sized`)
 }
 SCHEDULE = (
     "sora_lambda_every",
@@ -280,7 +288,7 @@ def compare(argv=(), environ=None):
     run_one = functools.partial(one_run, c, spec, common, target, base_dir)
     todo = [("frozen", [None], dict(adapter="none", eval_only=True))]
     for m in chosen:
-        keys = dict(METHODS[m][1], **({"intrinsic_dim": spec["intrinsic_dim"]} if m == "sublora" else {}))
+        keys = dict(METHODS[m][1], **spec["sized"].get(m, {}))
         todo.append((m, lr_grid(METHODS[m][0], c["grid"]), keys))
     runs, results = search(c, todo, run_one)
 
