@@ -270,10 +270,13 @@ def resume_settings(c, ckpt, given, shaping, session):
     if refused:
         asked = ", ".join(f"{k}={c[k]!r} ({user[k]})" for k in refused)
         has = ", ".join(f"{k}={saved[k]!r}" for k in refused)
-        drop = ", ".join(f"--{k}" if user[k] == "command line" else f"unset {user[k]}" for k in refused)
+        flags = [f"--{k}" for k in refused if user[k] == "command line"]
+        fixes = ([f"drop {', '.join(flags)}"] if flags else []) + [
+            f"unset {user[k]}" for k in refused if user[k] != "command line"
+        ]
         raise CheckpointError(
             f"{asked} but the checkpoint being resumed has {has}: a resumed run keeps its model; "
-            f"drop {drop}, or start a new run in another --out_dir"
+            f"{', '.join(fixes)}, or start a new run in another --out_dir"
         )
     changed = [k for k in differ if k in user]
     kept = {k: saved[k] for k in differ if k not in user}

@@ -507,6 +507,14 @@ def test_a_resume_keeps_the_adapter_it_trained(pretrained, char_data, tmp_path):
             train.train(
                 run_args(char_data, out, **dict(kw, init_from="resume", max_iters=8, **bad)), environ={}
             )
+    with pytest.raises(
+        CheckpointError,
+        match=r"lora_dropout=0.3 \(LORA_DROPOUT\) but .*keeps its model; unset LORA_DROPOUT, or start",
+    ):
+        train.train(
+            run_args(char_data, out, **dict(kw, init_from="resume", max_iters=8)),
+            environ={"LORA_DROPOUT": "0.3"},
+        )
     plain = [
         a for a in run_args(char_data, out, adapter="lora", init_from="resume", max_iters=8, eval_interval=4)
     ]
