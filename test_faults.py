@@ -55,7 +55,8 @@ def snapshot(folder):
 @pytest.fixture(scope="module")
 def world(char_data, tmp_path_factory):
     """A folder with what a user has: a small dataset (val of 40 tokens), another character set, a
-    trained base, a LoRA run with its bounds, a file where a folder is expected."""
+    base trained on one part of the data, a LoRA run on the other with its bounds, a file where a folder
+    is expected."""
     root = tmp_path_factory.mktemp("world")
     text = root / "small.txt"
     text.write_text("to be, or not to be: that is the question.\n" * 12)
@@ -63,16 +64,20 @@ def world(char_data, tmp_path_factory):
     other = root / "other.txt"
     other.write_text("ZZZ qqq 123 456 789 !!! " * 400)
     prepare.main(["shakespeare_char", f"--input={other}", f"--out_dir={root / 'digits'}"])
-    train.train(run_args(char_data, root / "base", max_iters=4, eval_interval=4), environ={})
+    shutil.copytree(char_data, root / "parts")  # the base on one part, the LoRA on the other: boundable
+    prepare.split_parts(str(root / "parts"), 0.5)
+    parts = str(root / "parts")
+    train.train(run_args(parts, root / "base", max_iters=4, eval_interval=4, data_part="prior"), environ={})
     train.train(
         run_args(
-            char_data,
+            parts,
             root / "lora",
             adapter="lora",
             lora_rank=2,
             init_from=str(root / "base"),
             max_iters=4,
             eval_interval=4,
+            data_part="bound",
         ),
         environ={},
     )
