@@ -84,9 +84,7 @@ wandb_run_name = "run"  # wandb run name
 # data
 dataset = "shakespeare_char"  # data/<dataset>/ holds train.bin, val.bin, meta.json (prepare.py)
 data_dir = ""  # '' = data/<dataset>
-data_part = (
-    ""  # '' = all of train.bin | 'prior' | 'bound': a part meta.json records (prepare.py --prior_fraction)
-)
+data_part = ""  # '' = all of train.bin | 'prior' | 'bound': a part of it (prepare.py --prior_fraction)
 gradient_accumulation_steps = 1  # micro-batches per step, over all processes
 batch_size = 64  # sequences per micro-batch
 block_size = 256  # context length in tokens
@@ -172,8 +170,11 @@ SESSION_KEYS = (
     "compile",
     "compile_mode",
     "backend",
+    "wandb_log",
+    "wandb_project",
+    "wandb_run_name",
+    "test_mode",
 )
-SESSION_KEYS += ("wandb_log", "wandb_project", "wandb_run_name", "test_mode")
 
 
 def all_keys():
@@ -270,9 +271,8 @@ def resolve_config(argv, environ, world):
             say(note)
         # the run keeps its real base (what checkpoints, adapter files and bounds record), not 'resume'
         c["init_from"] = resumed.get("config", {}).get("init_from", "scratch")
-    if c["dtype"] == "float16" and not c["device"].startswith(
-        "cuda"
-    ):  # (a resume's dtype is its checkpoint's)
+    # checked after a resume took its checkpoint's dtype
+    if c["dtype"] == "float16" and not c["device"].startswith("cuda"):
         raise ConfigError(
             f"dtype='float16' needs a CUDA device (its gradient scaler), not {c['device']!r}: use --dtype=bfloat16 "
             "or --dtype=float32"
