@@ -6,7 +6,7 @@ small grid, with full fine-tuning and the frozen base as the two ends. Writes a 
 share of full fine-tuning's gain recovered, trainable parameters, adapter bytes, step time, peak
 memory), compare.json and a plot of val loss against trainable parameters.
 
-    python compare.py                                             # CPU size: about 27 minutes on 2 cores
+    python compare.py                                             # CPU size: about 45 minutes on 2 cores
     python compare.py --methods=full,lora_r1,sora --grid=1        # some methods, one learning rate each
     python compare.py --size=gpu --device=cuda --out_dir=out-compare-gpu   # larger base, longer budget
     python compare.py --base_dataset=python_stdlib --target_dataset=shakespeare_bytes --out_dir=out-compare-rev   # the other way round
@@ -32,7 +32,7 @@ from plots import read_metrics
 from prepare import DATASETS, read_meta
 
 out_dir = "out-compare"  # the base, every run, the table, compare.json and the plot
-size = "cpu"  # 'cpu' (about 27 minutes on 2 cores) | 'gpu' (larger base and budget) | 'tiny' (seconds)
+size = "cpu"  # 'cpu' (about 45 minutes on 2 cores) | 'gpu' (larger base and budget) | 'tiny' (seconds)
 methods = ""  # ','-separated names of METHODS below ('' = all; frozen always)
 grid = 3  # learning rates tried per method, odd: 1 (its centre), 3 (centre / 3, centre, centre x 3), 5...
 base_dataset = "shakespeare_bytes"  # the base is pretrained on data/<base_dataset>
