@@ -644,15 +644,18 @@ def test_folded_pissa_rotations_and_a_changed_base_are_refused(char_data, tiny_b
     with pytest.raises(CheckpointError, match=r"attn\.c_attn\.U.*differ from the prior"):
         eb.check_rebuild(prior, model, message, x, x, "fold")
 
-    base, lora = tmp_path / "base", tmp_path / "lora"
-    train.train(run_args(char_data, base, max_iters=2, eval_interval=2), environ={})
-    train.train(
-        run_args(
-            char_data, lora, adapter="lora", lora_rank=2, init_from=str(base), max_iters=2, eval_interval=2
-        ),
-        environ={},
-    )
-    train.train(run_args(char_data, base, max_iters=2, eval_interval=2, seed=7, overwrite=True), environ={})
+    import shutil
+
+    import prepare
+
+    base, lora, parts = tmp_path / "base", tmp_path / "lora", tmp_path / "parts"
+    shutil.copytree(char_data, parts)  # the base on one part, the LoRA on the other: a valid prior
+    prepare.split_parts(str(parts), 0.5)
+    kw = dict(max_iters=2, eval_interval=2)
+    train.train(run_args(str(parts), base, data_part="prior", **kw), environ={})
+    lora_kw = dict(adapter="lora", lora_rank=2, init_from=str(base), data_part="bound")
+    train.train(run_args(str(parts), lora, **lora_kw, **kw), environ={})
+    train.train(run_args(str(parts), base, data_part="prior", seed=7, overwrite=True, **kw), environ={})
     with pytest.raises(CheckpointError, match=r"transformer\..*differ from the prior.*Check that the base"):
         eb.main([f"--out_dir={lora}", "--device=cpu", "--eval_docs=4"])
 
