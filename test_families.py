@@ -88,20 +88,23 @@ def steps(out_dir):
 
 
 def test_a_family_defined_here_runs_through_every_script(gainlora, char_data, tmp_path):
-    base = tmp_path / "base"
-    train.train(short_run(char_data, base, max_iters=30, eval_interval=30, learning_rate=3e-3), environ={})
-    kw = dict(adapter="gainlora", init_from=str(base), gain_init=0.5, lora_rank=2)
-    train.train(short_run(char_data, tmp_path / "full", **kw), environ={})
+    import prepare
+
+    base, data = tmp_path / "base", str(tmp_path / "parts")  # the base on one part, the runs on the other
+    shutil.copytree(char_data, data)
+    prepare.split_parts(data, 0.5)
+    base_kw = dict(max_iters=30, eval_interval=30, learning_rate=3e-3, data_part="prior")
+    train.train(short_run(data, base, **base_kw), environ={})
+    kw = dict(adapter="gainlora", init_from=str(base), gain_init=0.5, lora_rank=2, data_part="bound")
+    train.train(short_run(data, tmp_path / "full", **kw), environ={})
     full = steps(tmp_path / "full")
     assert full[7]["steps_seen"] == 8 and full[7]["mean_gain"] != 0.5  # its hooks ran; its gain trained
     model = build_model(load_checkpoint(str(tmp_path / "full")))
     assert all(isinstance(m, GainLoRALinear) for m in adapters.adapter_layers(model).values())
 
     # resume: stopped at 4 (its own key, rescaled with max_iters, and its state come back), continued to 8
-    train.train(
-        short_run(char_data, tmp_path / "part", **dict(kw, max_iters=4, lr_decay_iters=8)), environ={}
-    )
-    train.train(short_run(char_data, tmp_path / "part", **dict(kw, init_from="resume")), environ={})
+    train.train(short_run(data, tmp_path / "part", **dict(kw, max_iters=4, lr_decay_iters=8)), environ={})
+    train.train(short_run(data, tmp_path / "part", **dict(kw, init_from="resume")), environ={})
     part = steps(tmp_path / "part")
     assert sorted(part) == list(range(8))
     for it in range(8):
