@@ -184,15 +184,30 @@ def test_after_the_demo_every_config_runs_as_written(char_data, tmp_path, monkey
         if name.endswith(".py") or name in ("config", "testdata"):
             os.symlink(os.path.join(HERE, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    tiny = [f"--{k}={v}" for k, v in TINY.items()] + [f"--data_dir={char_data}"]
+    import shutil
+
+    import prepare
+
+    shutil.copytree(char_data, "parts")  # the character data split into a prior and a bound part
+    prepare.split_parts("parts", 0.5)
+    tiny = [f"--{k}={v}" for k, v in TINY.items()] + ["--data_dir=parts", "--vera_rank=8"]
     train.train(["config/train_shakespeare_char.py", "--out_dir=out-demo-base", *tiny], environ={})
+    train.train(["config/prior_shakespeare_char.py", *tiny], environ={})  # its out_dir is the next one's base
+    done = ("train_shakespeare_char.py", "prior_shakespeare_char.py")
     for config in sorted(os.listdir(os.path.join(HERE, "config"))):
-        if "gpt2" in config or config == "train_shakespeare_char.py":
+        if "gpt2" in config or config in done:
             continue
         last = train.train([f"config/{config}", "--out_dir=out-" + config[:-3], *tiny], environ={})
         assert last["iter"] == TINY["max_iters"] and last["val_loss"] is not None, config
         base = load_checkpoint("out-" + config[:-3])["config"]["init_from"]
-        assert base == ("out-demo-base" if config.startswith("finetune") else "scratch"), config
+        want = (
+            "out-prior-char"
+            if "prior" in config
+            else "out-demo-base"
+            if config.startswith("finetune")
+            else "scratch"
+        )
+        assert base == want, config
 
 
 def test_the_readme_api_line_is_adapters_all():
