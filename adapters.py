@@ -385,6 +385,10 @@ class Family:
 
     peft_import = None  # (peft_type, use_dora) of the PEFT adapters this family reads (hf.py --import_from)
     peft_parts = {"A": "lora_A", "B": "lora_B"}  # a PEFT module's tensors -> this family's layer's
+    # adapter_config.json fields that must be finite numbers > 0 (with PEFT's defaults), and whether each
+    # module's tensors have the rank r / rank_pattern says (AdaLoRA's are sliced by the mask it holds)
+    peft_numbers = {"r": 8, "lora_alpha": 8}
+    peft_ranks_as_configured = True
 
     @classmethod
     def from_peft(cls, config, rank, alpha):
@@ -1259,6 +1263,8 @@ class AdaLoRA(Family):
 
     peft_import = ("ADALORA", False)
     peft_parts = dict(Family.peft_parts, E="lora_E")
+    peft_numbers = dict(Family.peft_numbers, init_r=12)
+    peft_ranks_as_configured = False
 
     @classmethod
     def from_peft(cls, config, rank, alpha):

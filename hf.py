@@ -401,7 +401,8 @@ def read_peft(folder):
             "adapter_model.safetensors (PeftModel.save_pretrained writes both)"
         )
     config = read_json(paths[0])
-    if family_for_peft(config) is None:
+    family = family_for_peft(config)
+    if family is None:
         readable = [
             f"{t}{' with use_dora' if d else ''}"
             for t, d in (f.peft_import for f in FAMILIES.values() if f.peft_import)
@@ -417,16 +418,14 @@ def read_peft(folder):
             f"(it reads LoRA, DoRA and AdaLoRA with every other LoraConfig field at its default, init_lora_weights "
             f"one of {INITS}); merge or convert the adapter in PEFT first"
         )
-    alpha, r = config.setdefault("lora_alpha", 8), config.get("r", 8)  # PEFT's defaults
+    config.setdefault("lora_alpha", family.peft_numbers["lora_alpha"])  # PEFT's default
     for key, value in (
-        ("lora_alpha", alpha),
-        ("r", r),
-        *((("init_r", config.get("init_r", 12)),) if config.get("peft_type") == "ADALORA" else ()),
+        *((k, config.get(k, default)) for k, default in family.peft_numbers.items()),
         *((f"alpha_pattern[{k!r}]", v) for k, v in (config.get("alpha_pattern") or {}).items()),
         *(
-            (f"rank_pattern[{k!r}]", v)  # AdaLoRA's holds masks
+            (f"rank_pattern[{k!r}]", v)
             for k, v in (config.get("rank_pattern") or {}).items()
-            if config.get("peft_type", "LORA") == "LORA"
+            if family.peft_ranks_as_configured
         ),
     ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -506,9 +505,8 @@ def import_peft(folder, base=""):
                 f"use_dora={bool(config.get('use_dora'))} needs {sorted(family.peft_parts)}"
             )
         rank_key = pattern_key(config.get("rank_pattern") or {}, name)
-        said = config["rank_pattern"][rank_key] if rank_key else config.get("r", 8)
-        lora = config.get("peft_type", "LORA") == "LORA"  # AdaLoRA's tensors are sliced by its mask
-        if lora and t["A"].shape[0] != said:
+        said = config["rank_pattern"][rank_key] if rank_key else config.get("r", family.peft_numbers["r"])
+        if family.peft_ranks_as_configured and t["A"].shape[0] != said:
             raise InteropError(
                 f"{folder}: adapter_config.json gives {name} rank {said} but its tensors have rank "
                 f"{t['A'].shape[0]} (PeftModel refuses it too, and the scale alpha / r is ambiguous): correct r "
