@@ -1,7 +1,7 @@
 # The CPU recipe for a generalization bound on Tiny Shakespeare (characters): SubLoRA on the 4 x 128
 # baby GPT at its seeded random init, w in R^2000 split evenly between the A and B factors (fixed 0.5,
-# the best allocation of the sweep), 4,000 iterations (2 CPU cores: ~9 minutes), then
-#   python eval_bounds.py --out_dir=out-bounds-cpu --levels_grid=5,7,11,15 --qat_steps=200   (~4 minutes, exact)
+# the best allocation of the sweep), 4,000 iterations (2 CPU cores: ~10 minutes), then
+#   python eval_bounds.py --out_dir=out-bounds-cpu --levels_grid=5,7,11,15 --qat_steps=200   (~4.5 minutes, exact)
 # (docs/bounds.md: 4.18 bits per character at 95% confidence, token level, empirical Bernstein).
 out_dir = "out-bounds-cpu"
 init_from = "scratch"
