@@ -1,6 +1,7 @@
 """
 The SubLoRA experiment grid: intrinsic dimensions × allocations × seeds, one train.py run each,
-then a summary table, summary.json and the plots (learned γ per block and seed, A/B gradient norms).
+then a summary table, summary.json, summary.md (val loss, mean over seeds) and the plots (learned γ
+per block and seed, A/B gradient norms).
 
     python sweep.py                                   # the CPU grid on Tiny Shakespeare (2 cores: ~25 min)
     python sweep.py --seeds=0 --intrinsic_dims=1000   # a smaller grid
@@ -64,6 +65,31 @@ def finished(out_dir, iters):
     return any(r["iter"] == iters and r["val_loss"] is not None for r in read_metrics(out_dir))
 
 
+def allocation_of(run):
+    """An allocation as --allocations spells it: uniform, learned or fixed:RATIO."""
+    mode = run["allocation_mode"]
+    return f"fixed:{run['allocation_ratio']:g}" if mode == "fixed" else mode
+
+
+def mean_table(summary):
+    """Markdown: the final val loss averaged over seeds, a row per intrinsic dimension and a column per
+    allocation, the best of each row in bold."""
+    allocations = list(dict.fromkeys(allocation_of(s) for s in summary))
+    lines = [
+        "| d | " + " | ".join(allocations) + " | seeds |",
+        "| --- |" + " --- |" * (len(allocations) + 1),
+    ]
+    for d in sorted({s["intrinsic_dim"] for s in summary}):
+        runs = [
+            [s["val_loss"] for s in summary if s["intrinsic_dim"] == d and allocation_of(s) == a]
+            for a in allocations
+        ]
+        means = [sum(r) / len(r) for r in runs]
+        cells = [f"**{m:.3f}**" if m == min(means) else f"{m:.3f}" for m in means]
+        lines.append(f"| {d} | " + " | ".join(cells) + f" | {len(runs[0])} |")
+    return "\n".join(lines) + "\n"
+
+
 def sweep(argv=()):
     import plots
     import train  # noqa: E402  (torch is imported only when a sweep runs)
@@ -110,8 +136,11 @@ def sweep(argv=()):
     print(f"{'run':<24} {'val loss':>9} {'(init)':>8}")
     for s in summary:
         print(f"{s['name']:<24} {s['val_loss']:>9.4f} {s['init_val_loss']:>8.4f}")
+    table = os.path.join(c["sweep_dir"], "summary.md")
+    atomic_write(table, mean_table(summary))
+    print(f"val loss, mean over seeds:\n{mean_table(summary)}", end="")
     print(
-        f"wrote {c['sweep_dir']}/summary.json, {plots.plot_gammas(c['sweep_dir'], summary)}, "
+        f"wrote {c['sweep_dir']}/summary.json, {table}, {plots.plot_gammas(c['sweep_dir'], summary)}, "
         f"{plots.plot_grad_norms(c['sweep_dir'], summary)}"
     )
     return summary

@@ -248,3 +248,27 @@ def test_adapter_file_rebuilds_from_the_seed_in_a_new_process(char_data, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = build_model(load_checkpoint(str(out))).eval()
     assert torch.equal(torch.load(tmp_path / "out.pt"), model(idx, idx)[0])
+
+
+def test_sweep_table_is_the_mean_over_seeds_with_the_best_of_each_dimension_in_bold():
+    import sweep
+
+    def run(d, mode, ratio, seed, loss):
+        return dict(intrinsic_dim=d, allocation_mode=mode, allocation_ratio=ratio, seed=seed, val_loss=loss)
+
+    summary = [
+        run(1000, "uniform", 0.5, 0, 3.0),
+        run(1000, "uniform", 0.5, 1, 3.2),
+        run(1000, "fixed", 0.2, 0, 2.9),
+        run(1000, "fixed", 0.2, 1, 3.0),
+        run(2000, "uniform", 0.5, 0, 2.7),
+        run(2000, "uniform", 0.5, 1, 2.8),
+        run(2000, "fixed", 0.2, 0, 2.8),
+        run(2000, "fixed", 0.2, 1, 2.9),
+    ]
+    assert sweep.mean_table(summary).splitlines() == [
+        "| d | uniform | fixed:0.2 | seeds |",
+        "| --- | --- | --- | --- |",
+        "| 1000 | 3.100 | **2.950** | 2 |",
+        "| 2000 | **2.750** | 2.850 | 2 |",
+    ]
