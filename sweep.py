@@ -3,7 +3,7 @@ The SubLoRA experiment grid: intrinsic dimensions × allocations × seeds, one t
 then a summary table, summary.json, summary.md (val loss, mean over seeds) and the plots (learned γ
 per block and seed, A/B gradient norms).
 
-    python sweep.py                                   # the CPU grid on Tiny Shakespeare (2 cores: ~25 min)
+    python sweep.py                                   # the CPU grid on Tiny Shakespeare (2 cores: ~16 min)
     python sweep.py --seeds=0 --intrinsic_dims=1000   # a smaller grid
     python sweep.py --train_args="--device=cuda --n_layer=6 --n_head=6 --n_embd=384 --max_iters=5000"  # a GPU
     python eval_bounds.py --sweep_dir=out-sublora-sweep                        # then the bounds of every run
