@@ -492,9 +492,8 @@ def open_run(c, run_dir):
     data_dir = cfg.get("data_dir") or os.path.join("data", cfg["dataset"])
     train = np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r")
     meta = read_meta(data_dir)
-    check_vocabulary(
-        ckpt.get("meta"), meta, run_dir, data_dir
-    )  # scored on the vocabulary it trained on, or refused
+    # scored on the vocabulary it trained on, or refused
+    check_vocabulary(ckpt.get("meta"), meta, run_dir, data_dir)
     provenance = ckpt.get("provenance")
     notes = prior_data(provenance, file_sha256(os.path.join(data_dir, "train.bin")), run_dir, cfg)
     if provenance:  # the part the run trained on is the part scored (prepare.py --prior_fraction)
